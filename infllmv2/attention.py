@@ -1,0 +1,328 @@
+"""Public API: ``infllmv2_attention`` (the switch), ``select_blocks`` (stage 1), ``sparse_attention`` (stage 2).
+
+Layouts (as flash-attn): batched ``q (batch, seqlen_q, Hq, d)``, ``k, v (batch, seqlen_k, Hkv, d)``, or
+packed ``(total, heads, d)`` with int32 ``cu_seqlens``. Queries are the LAST ``seqlen_q`` positions of
+their sequence's keys (``seqlen_q <= seqlen_k``: prefill when equal, decoding / chunked prefill with a
+cache otherwise), causal. Everything is validated here, so kernels never see bad input.
+
+Backends: ``"reference"`` (ops/naive.py, materialises masks: tests and small inputs), ``"torch"``
+(ops/torch_chunked.py, memory-bounded, any device), ``"triton"`` (ops/triton, CUDA, fp16/bf16) and
+``"auto"`` (triton when it applies, torch otherwise).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import SparseConfig
+from .ops import naive, torch_chunked
+
+__all__ = ["infllmv2_attention", "select_blocks", "sparse_attention", "BACKENDS", "triton_available"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_HEAD_DIMS = (32, 64, 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, x, ranks) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ranks:
+        raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {tuple(x.shape)}")
+
+
+def _check_qkv(q, k, v, packed: bool) -> None:
+    rank = 3 if packed else 4
+    layout = "(total, heads, head_dim) with cu_seqlens" if packed else "(batch, seqlen, heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, (rank,))
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[-1]} and {k.shape[-1]} (layout {layout})")
+    if q.shape[-1] == 0:
+        raise ValueError("head_dim must be positive")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
+    if not packed:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must share the batch size, got {q.shape[0]} and {k.shape[0]}")
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(f"q has more positions ({q.shape[1]}) than k ({k.shape[1]}): queries are the last "
+                             "seqlen_q positions of the keys")
+
+
+def _check_cu_seqlens(name: str, cu, total: int, device) -> list:
+    _check_tensor(name, cu, (1,))
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device}, got {cu.device}")
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (0)")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
+    return values
+
+
+def _resolve_config(config) -> SparseConfig:
+    if config is None:
+        return SparseConfig()
+    if isinstance(config, SparseConfig):
+        return config
+    if isinstance(config, dict):
+        return SparseConfig.from_dict(config)
+    raise TypeError(f"config must be a SparseConfig, a sparse_config dict or None, got {type(config).__name__}")
+
+
+def triton_available() -> bool:
+    try:
+        from .ops import triton as _  # noqa: F401
+    except Exception:  # pragma: no cover - triton missing or broken
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if q.device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors, got device {q.device}")
+        if q.shape[-1] not in _TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head_dim in {_TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package")
+        return backend
+    if backend == "auto":
+        if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+                and q.shape[-1] in _TRITON_HEAD_DIMS and triton_available()):
+            return "triton"
+        return "torch"
+    return backend
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _scale(softmax_scale, d) -> float:
+    if softmax_scale is None:
+        return d ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing: every backend works on the packed layout
+# --------------------------------------------------------------------------------------------------
+def _to_packed(q, k, v, cu_seqlens, cu_seqlens_k):
+    """Returns packed q, k, v, host lists of q/k offsets, and a function restoring q's layout."""
+    if cu_seqlens is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens (packed layout)")
+        _check_qkv(q, k, v, packed=False)
+        b, sq, hq, d = q.shape
+        sk = k.shape[1]
+        offs_q = [i * sq for i in range(b + 1)]
+        offs_k = [i * sk for i in range(b + 1)]
+        return (q.reshape(b * sq, hq, d), k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]),
+                offs_q, offs_k, lambda x: x.reshape(b, sq, *x.shape[1:]))
+    _check_qkv(q, k, v, packed=True)
+    offs_q = _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k has {k.shape[0]} packed tokens but q has {q.shape[0]}: pass cu_seqlens_k")
+        offs_k = offs_q
+    else:
+        offs_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
+        if len(offs_k) != len(offs_q):
+            raise ValueError(f"cu_seqlens ({len(offs_q)}) and cu_seqlens_k ({len(offs_k)}) must have one length")
+        for i in range(len(offs_q) - 1):
+            if offs_q[i + 1] - offs_q[i] > offs_k[i + 1] - offs_k[i]:
+                raise ValueError(f"sequence {i} has more queries than keys: queries are the last positions of keys")
+    return q, k, v, offs_q, offs_k, lambda x: x
+
+
+def _cu(offs, device):
+    return torch.tensor(offs, dtype=torch.int32, device=device)
+
+
+def _select_packed(q, k, offs_q, offs_k, config, scale, backend):
+    """Stage 1 over a packed batch -> (Hkv, total_q, budget) int32."""
+    if backend == "triton":
+        from .ops.triton import select_blocks_triton
+        return select_blocks_triton(q, k, config, _cu(offs_q, q.device), _cu(offs_k, q.device),
+                                    _max_len(offs_q), _max_len(offs_k), scale)
+    impl = naive.select_blocks if backend == "reference" else torch_chunked.select_blocks
+    out = torch.full((k.shape[1], q.shape[0], config.budget), -1, dtype=torch.int32, device=q.device)
+    for i in range(len(offs_q) - 1):
+        qs, ks = slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1])
+        if qs.stop > qs.start:
+            out[:, qs] = impl(q[qs].detach(), k[ks].detach(), config, scale)
+    return out
+
+
+def _sparse_packed(q, k, v, idx, offs_q, offs_k, block_size, scale, backend):
+    """Stage 2 over a packed batch -> (out (total_q, Hq, d), lse (Hq, total_q))."""
+    if backend == "triton":
+        from .ops.triton import sparse_attention_triton
+        return sparse_attention_triton(q, k, v, idx, block_size, _cu(offs_q, q.device), _cu(offs_k, q.device),
+                                       _max_len(offs_q), _max_len(offs_k), scale)
+    impl = naive.sparse_attention if backend == "reference" else torch_chunked.sparse_attention
+    outs, lses = [], []
+    for i in range(len(offs_q) - 1):
+        qs, ks = slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1])
+        o, l = impl(q[qs], k[ks], v[ks], idx[:, qs], block_size, scale)
+        outs.append(o)
+        lses.append(l.float())
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _max_len(offs) -> int:
+    return max([b - a for a, b in zip(offs, offs[1:])], default=0)
+
+
+def dense_attention_sdpa(q, k, v, scale):
+    """Dense causal attention of one batch of equal-length sequences through SDPA.
+
+    q: (b, sq, Hq, d), k, v: (b, sk, Hkv, d); queries are the last sq positions.
+    """
+    sq, sk = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if sq == sk:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif sq == 1:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
+    else:  # bottom-right aligned causal mask (SDPA's is_causal is top-left aligned)
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seqlens=None, cu_seqlens_k=None,
+                       max_seqlen=None, softmax_scale=None, backend: str = "auto"):
+    """InfLLM-V2 attention with the dense/sparse switch, causal, differentiable in q, k, v.
+
+    q: (batch, seqlen_q, Hq, d), k, v: (batch, seqlen_k, Hkv, d)    -> (batch, seqlen_q, Hq, d)
+    or packed q: (total_q, Hq, d), k, v: (total_k, Hkv, d) with int32 ``cu_seqlens`` (batch+1,)
+    (and ``cu_seqlens_k`` when keys include a cache)                  -> (total_q, Hq, d)
+
+    Per sequence: key length < ``config.dense_len`` runs dense causal attention, otherwise stage 1
+    (block selection) + stage 2 (sparse attention). ``max_seqlen`` is accepted for flash-attn
+    compatibility (the lengths are read from ``cu_seqlens``).
+    """
+    config = _resolve_config(config)
+    if config.use_nope:
+        raise ValueError("config.use_nope=True needs pre-RoPE q/k: score them with select_blocks and call "
+                         "sparse_attention (infllmv2_attention only sees post-RoPE q/k)")
+    packed_in = cu_seqlens is not None
+    qp, kp, vp, offs_q, offs_k, unpack = _to_packed(q, k, v, cu_seqlens, cu_seqlens_k)
+    scale = _scale(softmax_scale, q.shape[-1])
+    backend = _resolve_backend(backend, q)
+    n_seq = len(offs_q) - 1
+    sparse = [config.is_sparse(offs_k[i + 1] - offs_k[i]) for i in range(n_seq)]
+
+    if not any(sparse):  # all dense: straight to SDPA (the short-input fast path)
+        if not packed_in:
+            return dense_attention_sdpa(q, k, v, scale)
+        outs = [dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
+                                     vp[None, offs_k[i]:offs_k[i + 1]], scale)[0] for i in range(n_seq)]
+        return torch.cat(outs) if outs else qp.new_zeros(qp.shape)
+
+    if all(sparse):
+        idx = _select_packed(qp, kp, offs_q, offs_k, config, scale, backend)
+        out, _ = _sparse_packed(qp, kp, vp, idx, offs_q, offs_k, config.block_size, scale, backend)
+        return unpack(out)
+
+    # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA.
+    pieces = []
+    sq_ids = [i for i in range(n_seq) if sparse[i]]
+    q_rows = torch.cat([torch.arange(offs_q[i], offs_q[i + 1]) for i in sq_ids]).to(q.device)
+    k_rows = torch.cat([torch.arange(offs_k[i], offs_k[i + 1]) for i in sq_ids]).to(q.device)
+    sub_q = [0]
+    sub_k = [0]
+    for i in sq_ids:
+        sub_q.append(sub_q[-1] + offs_q[i + 1] - offs_q[i])
+        sub_k.append(sub_k[-1] + offs_k[i + 1] - offs_k[i])
+    qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
+    idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend)
+    sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend)
+    j = 0
+    for i in range(n_seq):
+        if sparse[i]:
+            pieces.append(sparse_out[sub_q[j]:sub_q[j + 1]])
+            j += 1
+        else:
+            pieces.append(dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
+                                               vp[None, offs_k[i]:offs_k[i + 1]], scale)[0])
+    return torch.cat(pieces)
+
+
+def select_blocks(q, k, config: Optional[SparseConfig] = None, *, cu_seqlens=None, cu_seqlens_k=None,
+                  softmax_scale=None, backend: str = "auto"):
+    """Stage 1 alone: which blocks each token sees (no gradients).
+
+    q: (batch, seqlen_q, Hq, d), k: (batch, seqlen_k, Hkv, d) -> (Hkv, batch * seqlen_q, budget) int32
+    or packed q: (total_q, Hq, d), k: (total_k, Hkv, d) + cu_seqlens -> (Hkv, total_q, budget) int32.
+    Indices are relative to each sequence's first key, sorted ascending, padded with -1; all G query
+    heads of a KV head share them. (Pass pre-RoPE q/k here for ``use_nope``.)
+    """
+    config = _resolve_config(config)
+    qp, kp, _, offs_q, offs_k, _ = _to_packed(q, k, k, cu_seqlens, cu_seqlens_k)
+    scale = _scale(softmax_scale, q.shape[-1])
+    backend = _resolve_backend(backend, q)
+    with torch.no_grad():
+        return _select_packed(qp.detach(), kp.detach(), offs_q, offs_k, config, scale, backend)
+
+
+def sparse_attention(q, k, v, block_indices, *, block_size: int = 64, cu_seqlens=None, cu_seqlens_k=None,
+                     softmax_scale=None, backend: str = "auto", return_lse: bool = False):
+    """Stage 2 alone: causal softmax attention of each token over its selected blocks.
+
+    q: (batch, seqlen_q, Hq, d) or packed (total_q, Hq, d); k, v likewise with Hkv heads;
+    block_indices: (Hkv, total_q, budget) int (as ``select_blocks`` returns; -1 = padding).
+    Returns out shaped like q (and lse (Hq, total_q) float32 if ``return_lse``). Differentiable in q, k, v.
+    """
+    qp, kp, vp, offs_q, offs_k, unpack = _to_packed(q, k, v, cu_seqlens, cu_seqlens_k)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    _check_tensor("block_indices", block_indices, (3,))
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_indices must be int32 or int64, got {block_indices.dtype}")
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices must be on {q.device}, got {block_indices.device}")
+    if block_indices.shape[0] != kp.shape[1] or block_indices.shape[1] != qp.shape[0]:
+        raise ValueError(f"block_indices must have shape (Hkv={kp.shape[1]}, total_q={qp.shape[0]}, budget), "
+                         f"got {tuple(block_indices.shape)}")
+    max_blocks = -(-_max_len(offs_k) // block_size)
+    if block_indices.numel() and (int(block_indices.max()) >= max_blocks or int(block_indices.min()) < -1):
+        raise ValueError(f"block_indices must lie in [-1, {max_blocks - 1}] (blocks of the longest sequence)")
+    scale = _scale(softmax_scale, q.shape[-1])
+    backend = _resolve_backend(backend, q)
+    out, lse = _sparse_packed(qp, kp, vp, block_indices.to(torch.int32).contiguous(), offs_q, offs_k, block_size,
+                              scale, backend)
+    return (unpack(out), lse) if return_lse else unpack(out)

@@ -1,0 +1,2 @@
+"""Triton kernels of InfLLM-V2 (GPU; tests run them through the Triton interpreter on the CPU)."""
+from .sparse_attention import sparse_attention_triton  # noqa: F401

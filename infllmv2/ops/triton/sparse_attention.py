@@ -1,0 +1,627 @@
+"""Stage 2 of InfLLM-V2 in Triton: per-token block-sparse attention, forward and backward.
+
+Layout (packed varlen, the only layout): ``q (total_q, Hq, d)``, ``k, v (total_k, Hkv, d)``;
+sequence ``i`` owns queries ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and keys
+``cu_seqlens_k[i]:cu_seqlens_k[i+1]``; its queries are the LAST ``len_q`` positions of its ``len_k``
+keys (token position ``t = len_k - len_q + i``), causal. ``block_indices (Hkv, total_q, budget)``
+int32 holds, per KV head and token, the selected key blocks (relative to the sequence's key start),
+padded with -1. The ``G = Hq / Hkv`` query heads of a group share them.
+
+Design (the reuse that a per-token kernel lacks):
+
+* The queries of a sequence are cut into tiles of ``T`` consecutive tokens; one program owns a
+  (tile, KV head) pair and its ``M = T * G`` rows (the G heads of each of the T tokens).
+* Before the kernels, on the GPU with fixed-size tensors only (no host synchronisation), the
+  per-(head, tile) **union** of the blocks its tokens selected is built (sorted, -1 padded, plus a
+  count) together with, per union entry, an int64 **bitmask** of the tile's tokens that selected
+  it. The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
+  whose token did not select the block (and causality): semantics stay exactly per token.
+* Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``) with the forward's structure; ``dk/dv``
+  per (KV head, key block) over the tiles whose union holds that block. The transposed index is a
+  sort of the union entries by (global block, tile) on the GPU, cut into chunks of at most
+  ``CHUNK`` tiles so that heavily shared blocks (the attention sink) are split over several
+  programs, which accumulate into fp32 buffers with atomics.
+
+Registered as ``torch.ops.infllmv2.sparse_attention_fwd`` / ``..._bwd`` custom ops with a fake
+implementation and autograd, so torch.compile can trace it.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_attention_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_TOKENS_PER_TILE = 64  # bits of the int64 token mask
+_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_PAD_KEY = 2 ** 31 - 1
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    Q, K, V, O, LSE,
+    UB, UBITS, UCNT,
+    TILE_SEQ, TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h, n_tiles,
+    scale_log2,
+    G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(TILE_SEQ + pid_t)
+    if seq < 0:
+        return
+    q0 = tl.load(TILE_Q0 + pid_t)
+    nq = tl.load(TILE_NQ + pid_t)
+    pos0 = tl.load(TILE_POS0 + pid_t)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // G
+    head = h * G + rows % G
+    row_ok = (rows < T * G) & (tok < nq)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    qrow = (q0 + tok).to(tl.int64)
+    q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    pos = pos0 + tok
+    pos_last = pos0 + nq - 1
+    tok64 = tok.to(tl.int64)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    ubase = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
+    cnt = tl.load(UCNT + h * stride_cnt_h + pid_t)
+    for i in range(0, cnt):
+        blk = tl.load(UB + ubase + i)
+        bits = tl.load(UBITS + ubase + i)
+        kpos = blk * BLOCK_N + offs_n
+        kmask = kpos <= pos_last
+        krow = k0 + kpos.to(tl.int64)
+        k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        sel = ((bits >> tok64) & 1) != 0
+        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + head.to(tl.int64) * stride_lse_h + qrow, lse, mask=row_ok)
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    UB, UBITS, UCNT,
+    TILE_SEQ, TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h, n_tiles,
+    scale, scale_log2,
+    G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(TILE_SEQ + pid_t)
+    if seq < 0:
+        return
+    q0 = tl.load(TILE_Q0 + pid_t)
+    nq = tl.load(TILE_NQ + pid_t)
+    pos0 = tl.load(TILE_POS0 + pid_t)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // G
+    head = h * G + rows % G
+    row_ok = (rows < T * G) & (tok < nq)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    qrow = (q0 + tok).to(tl.int64)
+    q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_ptr = head.to(tl.int64) * stride_lse_h + qrow
+    tl.store(DELTA + lse_ptr, delta, mask=row_ok)
+    lse = tl.load(LSE + lse_ptr, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    pos = pos0 + tok
+    pos_last = pos0 + nq - 1
+    tok64 = tok.to(tl.int64)
+
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    ubase = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
+    cnt = tl.load(UCNT + h * stride_cnt_h + pid_t)
+    for i in range(0, cnt):
+        blk = tl.load(UB + ubase + i)
+        bits = tl.load(UBITS + ubase + i)
+        kpos = blk * BLOCK_N + offs_n
+        kmask = kpos <= pos_last
+        krow = k0 + kpos.to(tl.int64)
+        k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        sel = ((bits >> tok64) & 1) != 0
+        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * scale
+    tl.store(DQ + qrow[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    CH_GB, CH_START, CH_END, E_TILE, E_BITS, GB_SEQ, GB_BLK,
+    TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_lse_h, stride_ch_h, stride_e_h,
+    scale, scale_log2,
+    G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    h = tl.program_id(1)
+    chb = h.to(tl.int64) * stride_ch_h + pid_c
+    gb = tl.load(CH_GB + chb)
+    if gb < 0:
+        return
+    start = tl.load(CH_START + chb)
+    end = tl.load(CH_END + chb)
+    seq = tl.load(GB_SEQ + gb)
+    blk = tl.load(GB_BLK + gb)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+    len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = blk * BLOCK_N + offs_n
+    kmask = kpos < len_k
+    krow = k0 + kpos.to(tl.int64)
+    k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // G
+    head = h * G + rows % G
+    tok64 = tok.to(tl.int64)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    ebase = h.to(tl.int64) * stride_e_h
+    for e in range(start, end):
+        tile = tl.load(E_TILE + ebase + e)
+        bits = tl.load(E_BITS + ebase + e)
+        q0 = tl.load(TILE_Q0 + tile)
+        nq = tl.load(TILE_NQ + tile)
+        pos0 = tl.load(TILE_POS0 + tile)
+        row_ok = (rows < T * G) & (tok < nq)
+        qrow = (q0 + tok).to(tl.int64)
+        q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse_ptr = head.to(tl.int64) * stride_lse_h + qrow
+        lse = tl.load(LSE + lse_ptr, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + lse_ptr, mask=row_ok, other=0.0)
+        pos = pos0 + tok
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        sel = ((bits >> tok64) & 1) != 0
+        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * scale
+    tl.atomic_add(DK + krow[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk, mask=kmask[:, None])
+    tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
+
+
+# Launch configurations. The interpreter gets one config (autotune with several fails there);
+# on the GPU the tile shape (BLOCK_M, hence T) is chosen on the host because the union depends on
+# it; warps/stages are autotuned.
+if _INTERPRET:
+    _fwd_launch = _sparse_fwd_kernel
+    _dq_launch = _sparse_bwd_dq_kernel
+    _dkdv_launch = _sparse_bwd_dkdv_kernel
+    _LAUNCH_KW = dict(num_warps=4, num_stages=1)
+    _DKDV_KW = _LAUNCH_KW
+else:
+    _cfgs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    _fwd_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"])(
+        _sparse_fwd_kernel)
+    _dq_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"])(
+        _sparse_bwd_dq_kernel)
+    _dkdv_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"],
+                                   reset_to_zero=["DK", "DV"])(_sparse_bwd_dkdv_kernel)
+    _LAUNCH_KW = {}
+    _DKDV_KW = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Index preparation (GPU, fixed-size tensors, no host synchronisation)
+# --------------------------------------------------------------------------------------------
+
+
+def _tile_shape(G: int, block_m: int | None) -> tuple[int, int]:
+    """(T tokens per tile, BLOCK_M rows) for group size G."""
+    if block_m is None:
+        block_m = 32 if _INTERPRET else 128
+    block_m = max(block_m, _next_pow2(G), 16)
+    T = max(1, min(block_m // G, _MAX_TOKENS_PER_TILE))
+    return T, block_m
+
+
+def _tile_table(cu_q, cu_k, T: int, total_q: int, batch: int):
+    """Per tile of T tokens: sequence id (-1 = no tile), first query row, valid tokens, first position."""
+    dev = cu_q.device
+    n_tiles = total_q // T + batch
+    cu_q64, cu_k64 = cu_q.long(), cu_k.long()
+    len_q = cu_q64[1:] - cu_q64[:-1]
+    len_k = cu_k64[1:] - cu_k64[:-1]
+    ntile = (len_q + T - 1) // T
+    cum = torch.cumsum(ntile, 0)
+    ids = torch.arange(n_tiles, device=dev)
+    seq = torch.searchsorted(cum, ids, right=True)
+    valid = seq < batch
+    seq_c = seq.clamp(max=max(batch - 1, 0))
+    local = ids - (cum[seq_c] - ntile[seq_c])
+    q0 = cu_q64[seq_c] + local * T
+    nq = torch.clamp(len_q[seq_c] - local * T, max=T)
+    pos0 = len_k[seq_c] - len_q[seq_c] + local * T
+    tile_seq = torch.where(valid, seq_c, -1).to(torch.int32)
+    nq = torch.where(valid, nq, 0)
+    q0 = torch.where(valid, q0, 0)
+    pos0 = torch.where(valid, pos0, 0)
+    return tile_seq, q0.to(torch.int32), nq.to(torch.int32), pos0.to(torch.int32)
+
+
+def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size: int, u_cap: int):
+    """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
+    column), int64 bitmask of the tile's tokens selecting each, and the union size."""
+    hkv, total_q, budget = block_indices.shape
+    n_tiles = tile_q0.shape[0]
+    dev = block_indices.device
+    j = torch.arange(T, device=dev, dtype=torch.int32)
+    tok = tile_q0[:, None] + j[None, :]  # (n_tiles, T)
+    tok_ok = j[None, :] < tile_nq[:, None]
+    tok = torch.where(tok_ok, tok, 0).clamp_(max=max(total_q - 1, 0))
+    pos = tile_pos0[:, None] + j[None, :]
+    g = block_indices[:, tok.reshape(-1).long(), :].view(hkv, n_tiles, T, budget)
+    valid = tok_ok[None, :, :, None] & (g >= 0) & (g.to(torch.int64) * block_size <= pos[None, :, :, None])
+    key = torch.where(valid, g * _MAX_TOKENS_PER_TILE + j[None, None, :, None], _PAD_KEY)
+    key = key.view(hkv, n_tiles, T * budget)
+    key = torch.sort(key, dim=-1).values
+    ok = key != _PAD_KEY
+    blk = key // _MAX_TOKENS_PER_TILE
+    tid = (key % _MAX_TOKENS_PER_TILE).to(torch.int64)
+    prev_key = torch.nn.functional.pad(key[..., :-1], (1, 0), value=-1)
+    prev_blk = torch.nn.functional.pad(blk[..., :-1], (1, 0), value=-1)
+    first_key = ok & (key != prev_key)
+    first_blk = ok & (blk != prev_blk)
+    seg = torch.cumsum(first_blk.to(torch.int32), dim=-1) - 1
+    seg = torch.where(ok & (seg < u_cap), seg, u_cap).long()
+    ub = torch.full((hkv, n_tiles, u_cap + 1), -1, dtype=torch.int32, device=dev)
+    ub.scatter_(-1, seg, torch.where(ok, blk, -1))
+    ubits = torch.zeros((hkv, n_tiles, u_cap + 1), dtype=torch.int64, device=dev)
+    bit = torch.where(first_key, torch.ones_like(tid) << tid, 0)
+    ubits.scatter_add_(-1, seg, bit)
+    cnt = first_blk.sum(-1).clamp_(max=u_cap).to(torch.int32)
+    return ub, ubits, cnt
+
+
+def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
+    """Per KV head: entries (tile, bits) sorted by (global key block, tile), cut into chunks of at most
+    `chunk` entries of one block. Returns chunk table (gb, start, end), entries, block table."""
+    hkv, n_tiles, width = ub.shape
+    dev = ub.device
+    cu_k64 = cu_k.long()
+    len_k = cu_k64[1:] - cu_k64[:-1]
+    nbs = (len_k + block_size - 1) // block_size
+    blk_cum = torch.cumsum(nbs, 0)
+    blk_off = blk_cum - nbs
+    ngb = total_k // block_size + batch
+    gids = torch.arange(ngb, device=dev)
+    gb_seq = torch.searchsorted(blk_cum, gids, right=True)
+    gb_ok = gb_seq < batch
+    gb_seq_c = gb_seq.clamp(max=max(batch - 1, 0))
+    gb_blk = torch.where(gb_ok, gids - blk_off[gb_seq_c], 0).to(torch.int32)
+    gb_seq_c = gb_seq_c.to(torch.int32)
+
+    slot = torch.arange(width, device=dev)
+    ok = (slot[None, None, :] < cnt[..., None]) & (tile_seq >= 0)[None, :, None]
+    tseq = tile_seq.long().clamp(min=0)
+    gb = blk_off[tseq][None, :, None] + ub.long()
+    tiles = torch.arange(n_tiles, device=dev)
+    big = ngb * n_tiles
+    key = torch.where(ok, gb * n_tiles + tiles[None, :, None], big).view(hkv, -1)
+    key, order = torch.sort(key, dim=-1)
+    e_tile = (key % n_tiles).to(torch.int32)
+    e_bits = torch.gather(ubits.view(hkv, -1), 1, order)
+    bounds = torch.arange(ngb + 1, device=dev) * n_tiles
+    off = torch.searchsorted(key, bounds[None, :].expand(hkv, -1).contiguous())  # (hkv, ngb+1)
+    count = off[:, 1:] - off[:, :-1]
+    nch = (count + chunk - 1) // chunk
+    cumch = torch.cumsum(nch, -1)
+    n_entries = n_tiles * width
+    nch_max = (n_entries + chunk - 1) // chunk + ngb
+    cid = torch.arange(nch_max, device=dev)
+    cgb = torch.searchsorted(cumch, cid[None, :].expand(hkv, -1).contiguous(), right=True)
+    cvalid = cgb < ngb
+    cgb_c = cgb.clamp(max=ngb - 1)
+    first = torch.gather(cumch - nch, 1, cgb_c)
+    bstart = torch.gather(off[:, :-1], 1, cgb_c)
+    bend = torch.gather(off[:, 1:], 1, cgb_c)
+    cstart = bstart + (cid[None, :] - first) * chunk
+    cend = torch.minimum(cstart + chunk, bend)
+    ch_gb = torch.where(cvalid, cgb_c, -1).to(torch.int32)
+    ch_start = torch.where(cvalid, cstart, 0).to(torch.int32)
+    ch_end = torch.where(cvalid, cend, 0).to(torch.int32)
+    return ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq_c, gb_blk
+
+
+class _Plan:
+    """Everything the kernels need besides the tensors themselves."""
+
+    def __init__(self, q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m):
+        total_q, hq, d = q.shape
+        hkv = k.shape[1]
+        self.G = hq // hkv
+        self.T, self.BLOCK_M = _tile_shape(self.G, block_m)
+        self.batch = cu_q.shape[0] - 1
+        budget = block_indices.shape[-1]
+        nb_max = max(1, -(-max(int(max_seqlen_k), 1) // block_size))
+        self.u_cap = max(1, min(self.T * budget, nb_max))
+        self.tile_seq, self.tile_q0, self.tile_nq, self.tile_pos0 = _tile_table(
+            cu_q, cu_k, self.T, total_q, self.batch)
+        self.n_tiles = self.tile_seq.shape[0]
+        self.ub, self.ubits, self.cnt = _tile_unions(
+            block_indices, self.tile_q0, self.tile_nq, self.tile_pos0, self.T, block_size, self.u_cap)
+
+
+def _prec(dtype):
+    return "ieee" if (_INTERPRET or dtype == torch.float32) else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Forward / backward drivers
+# --------------------------------------------------------------------------------------------
+
+
+def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None):
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0 or cu_q.shape[0] < 2:
+        return out, lse
+    plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
+    grid = (plan.n_tiles, hkv)
+    _fwd_launch[grid](
+        q, k, v, out, lse,
+        plan.ub, plan.ubits, plan.cnt,
+        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
+        scale * _LOG2E,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+              block_m=None, chunk=None):
+    total_q, hq, d = q.shape
+    total_k, hkv, _ = k.shape
+    do = do.contiguous()
+    dq = torch.zeros_like(q)
+    if total_q == 0 or total_k == 0 or cu_q.shape[0] < 2:
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
+    delta = torch.empty_like(lse)
+    _dq_launch[(plan.n_tiles, hkv)](
+        q, k, v, out, do, lse, delta, dq,
+        plan.ub, plan.ubits, plan.cnt,
+        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
+        scale, scale * _LOG2E,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
+    )
+    if chunk is None:
+        chunk = 8 if _INTERPRET else 64
+    ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk = _transpose_index(
+        plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    _dkdv_launch[(ch_gb.shape[1], hkv)](
+        q, k, v, do, lse, delta, dk32, dv32,
+        ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk,
+        plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1),
+        lse.stride(0), ch_gb.stride(0), e_tile.stride(0),
+        scale, scale * _LOG2E,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
+    )
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.compile-traceable) + autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("infllmv2::sparse_attention_fwd", mutates_args=())
+def _sparse_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
+                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale)
+
+
+@_sparse_attention_fwd_op.register_fake
+def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("infllmv2::sparse_attention_bwd", mutates_args=())
+def _sparse_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, block_indices: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
+                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, block_indices, block_size, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+@_sparse_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q, max_seqlen_k,
+      softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, cu_q, cu_k)
+    ctx.meta = (block_size, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+def _backward_fn(ctx, dout, dlse):
+    # The lse output is not differentiable (dlse is ignored), as in FlashAttention.
+    q, k, v, out, lse, block_indices, cu_q, cu_k = ctx.saved_tensors
+    block_size, max_seqlen_q, max_seqlen_k, softmax_scale = ctx.meta
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.infllmv2.sparse_attention_bwd(
+        dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_sparse_attention_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, block_indices, block_size, cu_q, cu_k):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be 3-D (tokens, heads, head_dim); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    total_q, hq, d = q.shape
+    total_k, hkv, dk = k.shape
+    if dk != d:
+        raise ValueError(f"q head_dim {d} != k head_dim {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
+    if d not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} not supported by the Triton sparse attention (supported: "
+                         f"{_SUPPORTED_HEAD_DIMS})")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"q dtype must be bfloat16, float16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (isinstance(block_size, int) and 16 <= block_size <= 256 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
+    if block_indices.dim() != 3 or block_indices.shape[0] != hkv or block_indices.shape[1] != total_q:
+        raise ValueError(f"block_indices must have shape (Hkv={hkv}, total_q={total_q}, budget); "
+                         f"got {tuple(block_indices.shape)}")
+    if block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be int32, got {block_indices.dtype}")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch + 1; got "
+                             f"{cu.dtype} {tuple(cu.shape)}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} differ in length")
+    devs = {t.device for t in (q, k, v, block_indices, cu_q, cu_k)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(str(x) for x in devs)}")
+
+
+def sparse_attention_triton(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, softmax_scale=None):
+    """Per-token block-sparse causal attention (InfLLM-V2 stage 2), packed varlen layout.
+
+    q: (total_q, Hq, d); k, v: (total_k, Hkv, d), bf16/fp16/fp32; block_indices: (Hkv, total_q, budget)
+    int32 (block ids relative to each sequence's key start, -1 padded; entries in the future or
+    beyond the sequence are ignored); cu_seqlens_q/k: (batch+1,) int32 on the device;
+    max_seqlen_k must bound every sequence's key length (sizes the union buffers).
+    Returns out (total_q, Hq, d) in q's dtype and lse (Hq, total_q) float32 (natural log; -inf and a
+    zero output for a token that sees no key). Differentiable in q, k, v.
+    """
+    _check(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
+    return torch.ops.infllmv2.sparse_attention_fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, int(block_size),
+                                                   int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale))

@@ -1,0 +1,182 @@
+"""Public API: layouts, the switch, varlen, decoding, backends, and clear errors on bad input."""
+import pytest
+import torch
+
+import infllmv2
+from infllmv2 import SparseConfig, infllmv2_attention, select_blocks, sparse_attention
+from infllmv2.ops import naive
+
+from helpers import SMALL, mask_from_indices, masked_sdpa, rand_qkv
+
+BACKENDS = ["reference", "torch"]
+
+
+def _cu(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_equals_per_sequence(backend):
+    q, k, v = rand_qkv(150, 6, 2, 16, batch=3)
+    out = infllmv2_attention(q, k, v, SMALL, backend=backend)
+    assert out.shape == q.shape
+    for b in range(3):
+        torch.testing.assert_close(out[b], naive.infllmv2_attention(q[b], k[b], v[b], SMALL)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_equals_separate_sequences_with_per_sequence_switch(backend):
+    cfg = SMALL.replace(dense_len=100)  # lengths below 100 run dense, the others sparse
+    lengths = [130, 0, 40, 7, 211, 100]
+    q, k, v = rand_qkv(sum(lengths), 6, 3, 8, seed=2)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    cu = _cu(lengths)
+    out = infllmv2_attention(q, k, v, cfg, cu_seqlens=cu, backend=backend)
+    pieces = []
+    for i, n in enumerate(lengths):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        pieces.append(naive.infllmv2_attention(q[s], k[s], v[s], cfg)[0])
+    want = torch.cat(pieces)
+    torch.testing.assert_close(out, want)
+    d = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), d), torch.autograd.grad(want, (q, k, v), d)):
+        torch.testing.assert_close(a, b)
+    # The long sequences really are sparse: dense attention differs.
+    s = slice(int(cu[4]), int(cu[5]))
+    assert not torch.allclose(out[s], naive.dense_attention(q[s], k[s], v[s])[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_then_decode_equals_full_forward(backend):
+    n, m = 112, 30
+    q, k, v = rand_qkv(n + m, 4, 2, 16, batch=2, seed=4)
+
+    def decode(cfg):
+        steps = [infllmv2_attention(q[:, :n], k[:, :n], v[:, :n], cfg, backend=backend)]
+        for t in range(n, n + m):
+            steps.append(infllmv2_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], cfg, backend=backend))
+        return torch.cat(steps, dim=1)
+
+    full = infllmv2_attention(q, k, v, SMALL, backend=backend)  # always sparse
+    torch.testing.assert_close(decode(SMALL), full)
+    # Crossing dense_len = 120 while decoding: dense up to key length 119, sparse from the step with 120 keys.
+    crossing = decode(SMALL.replace(dense_len=120))
+    dense = infllmv2_attention(q, k, v, SMALL.replace(dense_len=10_000), backend=backend)
+    torch.testing.assert_close(crossing[:, :119], dense[:, :119])
+    torch.testing.assert_close(crossing[:, 119:], full[:, 119:])
+    assert not torch.allclose(full[:, 119:], dense[:, 119:])
+
+
+def test_chunked_prefill_with_cache_packed():
+    lengths_k, lengths_q = [150, 90], [40, 90]
+    q_full, k, v = rand_qkv(240, 4, 2, 8, seed=9)
+    cu_k = _cu(lengths_k)
+    q = torch.cat([q_full[110:150], q_full[150:240]])
+    out = infllmv2_attention(q, k, v, SMALL, cu_seqlens=_cu(lengths_q), cu_seqlens_k=cu_k, backend="torch")
+    a = naive.infllmv2_attention(q_full[:150], k[:150], v[:150], SMALL)[0][110:]
+    b = naive.infllmv2_attention(q_full[150:], k[150:], v[150:], SMALL)[0]
+    torch.testing.assert_close(out, torch.cat([a, b]))
+
+
+def test_dense_below_dense_len_is_sdpa():
+    q, k, v = rand_qkv(64, 4, 2, 16, batch=2, dtype=torch.float32)
+    out = infllmv2_attention(q, k, v, SparseConfig())  # 64 < 8192: dense
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stage_functions(backend):
+    q, k, v = rand_qkv(200, 6, 2, 16, batch=2)
+    idx = select_blocks(q, k, SMALL, backend=backend)
+    assert idx.shape == (2, 400, SMALL.budget) and idx.dtype == torch.int32
+    out, lse = sparse_attention(q, k, v, idx, block_size=16, backend=backend, return_lse=True)
+    assert lse.shape == (6, 400)
+    m = mask_from_indices(idx[:, 200:], 200, 16)
+    torch.testing.assert_close(out[1], masked_sdpa(q[1], k[1], v[1], m))
+    torch.testing.assert_close(out, infllmv2_attention(q, k, v, SMALL, backend=backend))
+
+
+def test_auto_backend_on_cpu_is_torch_and_matches():
+    q, k, v = rand_qkv(90, 3, 1, 8, batch=1)
+    torch.testing.assert_close(infllmv2_attention(q, k, v, SMALL), infllmv2_attention(q, k, v, SMALL,
+                                                                                       backend="reference"))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_argument():
+    q, k, v = rand_qkv(32, 4, 2, 8, batch=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        infllmv2_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        infllmv2_attention(q[:, :, :3], k, v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        infllmv2_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="k must be float16"):
+        infllmv2_attention(q, k.int(), v)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        infllmv2_attention(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        infllmv2_attention(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="head_dim"):
+        infllmv2_attention(q, k[..., :4], v[..., :4])
+    with pytest.raises(ValueError, match="more positions"):
+        infllmv2_attention(q, k[:, :5], v[:, :5])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        infllmv2_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        if torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("backend='triton' needs CUDA (skipped: triton can run here)")
+        infllmv2_attention(q, k, v, backend="triton")
+    with pytest.raises(TypeError, match="config must be"):
+        infllmv2_attention(q, k, v, config=3)
+    with pytest.raises(ValueError, match="unknown keys"):
+        infllmv2_attention(q, k, v, config={"top_k": 3})
+    with pytest.raises(ValueError, match="softmax_scale"):
+        infllmv2_attention(q, k, v, softmax_scale=-1.0)
+
+
+def test_bad_cu_seqlens():
+    q, k, v = rand_qkv(32, 4, 2, 8, dtype=torch.float32)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        infllmv2_attention(q, k, v, cu_seqlens=torch.tensor([0, 32]))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        infllmv2_attention(q, k, v, cu_seqlens=torch.tensor([1, 32], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        infllmv2_attention(q, k, v, cu_seqlens=torch.tensor([0, 20, 10, 32], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at the number of packed tokens"):
+        infllmv2_attention(q, k, v, cu_seqlens=torch.tensor([0, 30], dtype=torch.int32))
+    with pytest.raises(ValueError, match="q must have rank 3"):
+        infllmv2_attention(q[None], k[None], v[None], cu_seqlens=torch.tensor([0, 32], dtype=torch.int32))
+    with pytest.raises(ValueError, match="more queries than keys"):
+        infllmv2_attention(q, k[:16], v[:16], cu_seqlens=torch.tensor([0, 32], dtype=torch.int32),
+                           cu_seqlens_k=torch.tensor([0, 16], dtype=torch.int32))
+
+
+def test_bad_block_indices():
+    q, k, v = rand_qkv(32, 4, 2, 8, batch=1, dtype=torch.float32)
+    idx = select_blocks(q, k, SMALL)
+    with pytest.raises(ValueError, match="block_indices must have shape"):
+        sparse_attention(q, k, v, idx[:1], block_size=16)
+    with pytest.raises(TypeError, match="block_indices must be int32"):
+        sparse_attention(q, k, v, idx.float(), block_size=16)
+    with pytest.raises(ValueError, match=r"block_indices must lie in"):
+        sparse_attention(q, k, v, idx + 5, block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_attention(q, k, v, idx, block_size=0)
+
+
+def test_no_nan_from_finite_inputs_with_missing_current_block():
+    # A token whose selection excludes every causal key gets 0, never NaN.
+    q, k, v = rand_qkv(40, 2, 1, 8, batch=1, dtype=torch.float32)
+    idx = torch.full((1, 40, 2), -1, dtype=torch.int32)
+    idx[:, 20:, 0] = 1  # tokens 20..31 see block 1 (keys 16..31); tokens 0..19 see nothing
+    out = sparse_attention(q, k, v, idx, block_size=16, backend="torch")
+    assert torch.isfinite(out).all() and (out[0, :20] == 0).all()
+    ref = sparse_attention(q, k, v, idx, block_size=16, backend="reference")
+    torch.testing.assert_close(out, ref)

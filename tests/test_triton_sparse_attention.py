@@ -1,0 +1,192 @@
+"""Triton stage-2 sparse attention (forward + backward) against the naive reference.
+
+Runs through the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1), at small
+sizes: block_size 16, a few hundred tokens. Accuracy rule (SPEC): error against a float64 reference at
+most 2x the error of the PyTorch reference run in the same precision, plus a small absolute slack.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infllmv2.config import SparseConfig
+from infllmv2.ops import naive
+from infllmv2.ops.triton import sparse_attention_triton
+
+CFG = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=4, init_blocks=1,
+                   dense_len=-1, lse_approx=False)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _random_selection(n, nk, hkv, budget, block_size, gen):
+    """Random per-token selections: block 0 always, then random other blocks (past, current, sometimes
+    a future one that the kernel must ignore), sorted, -1 padded."""
+    nb = -(-nk // block_size)
+    out = torch.full((hkv, n, budget), -1, dtype=torch.int32)
+    for h in range(hkv):
+        for i in range(n):
+            t = nk - n + i
+            bq = t // block_size
+            hi = min(nb, bq + 2)  # allow one future block
+            cand = torch.randperm(hi, generator=gen)[: budget - 1]
+            cand = cand[cand != 0][: int(torch.randint(0, budget, (1,), generator=gen))]
+            sel = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), cand]))
+            out[h, i, : sel.numel()] = sel.to(torch.int32)
+    return out
+
+
+def _make_case(lens_q, lens_k, hq, hkv, d, selection, seed=0, cfg=CFG):
+    gen = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, generator=gen)
+    k = torch.randn(tk, hkv, d, generator=gen)
+    v = torch.randn(tk, hkv, d, generator=gen)
+    dout = torch.randn(tq, hq, d, generator=gen)
+    sels = []
+    qo = ko = 0
+    for nq, nk in zip(lens_q, lens_k):
+        if selection == "select" and nq > 0:
+            sels.append(naive.select_blocks(q[qo:qo + nq], k[ko:ko + nk], cfg))
+        elif selection == "all":  # every block: sparse == dense
+            nb = -(-nk // cfg.block_size)
+            idx = torch.full((hkv, nq, cfg.budget), -1, dtype=torch.int32)
+            idx[:, :, :nb] = torch.arange(nb, dtype=torch.int32)
+            sels.append(idx)
+        else:
+            sels.append(_random_selection(nq, nk, hkv, cfg.budget, cfg.block_size, gen))
+        qo += nq
+        ko += nk
+    bi = torch.cat(sels, dim=1) if sels else torch.zeros(hkv, 0, cfg.budget, dtype=torch.int32)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0).tolist()), dtype=torch.int32)
+    return q, k, v, dout, bi, cu_q, cu_k
+
+
+def _reference(q, k, v, dout, bi, lens_q, lens_k, block_size, scale, dtype):
+    """Per-sequence naive reference with inputs in `dtype`: out, lse, dq, dk, dv (float64 copies)."""
+    q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
+    outs, lses = [], []
+    qo = ko = 0
+    for nq, nk in zip(lens_q, lens_k):
+        if nq == 0:
+            ko += nk
+            continue
+        o, l = naive.sparse_attention(q[qo:qo + nq], k[ko:ko + nk], v[ko:ko + nk], bi[:, qo:qo + nq], block_size,
+                                      scale)
+        outs.append(o)
+        lses.append(l)
+        qo += nq
+        ko += nk
+    out = torch.cat(outs, 0)
+    lse = torch.cat(lses, 1)
+    out.backward(dout.to(dtype))
+    return [x.double() for x in (out.detach(), lse.detach(), q.grad, k.grad, v.grad)]
+
+
+def _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, block_size, scale, dtype):
+    qt, kt, vt = (x.to(dtype).to(DEV).requires_grad_(True) for x in (q, k, v))
+    out, lse = sparse_attention_triton(qt, kt, vt, bi.to(DEV), block_size, cu_q.to(DEV), cu_k.to(DEV),
+                                       max(lens_q), max(lens_k), scale)
+    assert out.dtype == dtype and out.shape == qt.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0])
+    out.backward(dout.to(dtype).to(DEV))
+    return [x.detach().double().cpu() for x in (out, lse, qt.grad, kt.grad, vt.grad)]
+
+
+def _check(lens_q, lens_k, hq, hkv, d, dtype, selection, seed=0, slack=None):
+    q, k, v, dout, bi, cu_q, cu_k = _make_case(lens_q, lens_k, hq, hkv, d, selection, seed)
+    scale = d ** -0.5
+    # the reference sees the same low-precision inputs
+    q, k, v, dout = (x.to(dtype).float() for x in (q, k, v, dout))
+    exact = _reference(q, k, v, dout, bi, lens_q, lens_k, CFG.block_size, scale, torch.float64)
+    low = _reference(q, k, v, dout, bi, lens_q, lens_k, CFG.block_size, scale, dtype)
+    got = _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, CFG.block_size, scale, dtype)
+    if slack is None:
+        slack = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, e, lo, g in zip(("out", "lse", "dq", "dk", "dv"), exact, low, got):
+        assert torch.isfinite(g).all(), name
+        err_ref = (lo - e).abs().max().item()
+        err = (g - e).abs().max().item()
+        assert err <= 2 * err_ref + slack * max(1.0, e.abs().max().item()), (name, err, err_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_varlen_g1_selected(dtype):
+    # G = 1, d = 32; an empty sequence; lengths not multiples of the block size
+    _check([37, 0, 150, 211], [37, 0, 150, 211], hq=2, hkv=2, d=32, dtype=dtype, selection="select")
+
+
+def test_chunked_prefill_g3_random_d64():
+    # G = 3, d = 64, len_q < len_k (chunked prefill / decode), random per-token selections
+    _check([5, 0, 70, 1], [100, 0, 170, 33], hq=6, hkv=2, d=64, dtype=torch.bfloat16, selection="random", seed=1)
+
+
+def test_g4_random_fp32():
+    _check([129, 64, 17], [129, 64, 17], hq=4, hkv=1, d=32, dtype=torch.float32, selection="random", seed=2)
+
+
+def test_g16_selected():
+    _check([90], [90], hq=16, hkv=1, d=32, dtype=torch.bfloat16, selection="select", seed=3)
+
+
+def test_full_budget_equals_dense():
+    # budget covering every block: equal to dense causal attention (tight fp32 tolerance)
+    lens = [70, 33]
+    q, k, v, dout, bi, cu_q, cu_k = _make_case(lens, lens, 4, 2, 32, "all", seed=4)
+    got = sparse_attention_triton(q, k, v, bi, 16, cu_q, cu_k, 70, 70)
+    qo = 0
+    for n in lens:
+        o, l = naive.dense_attention(q[qo:qo + n], k[qo:qo + n], v[qo:qo + n])
+        torch.testing.assert_close(got[0][qo:qo + n], o, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got[1][:, qo:qo + n], l, atol=2e-5, rtol=2e-5)
+        qo += n
+
+
+def test_causal_future_tokens_do_not_matter():
+    lens = [80]
+    q, k, v, dout, bi, cu_q, cu_k = _make_case(lens, lens, 2, 1, 32, "random", seed=5)
+    o1, _ = sparse_attention_triton(q, k, v, bi, 16, cu_q, cu_k, 80, 80)
+    k2, v2 = k.clone(), v.clone()
+    k2[50:] += 3.0
+    v2[50:] -= 2.0
+    o2, _ = sparse_attention_triton(q, k2, v2, bi, 16, cu_q, cu_k, 80, 80)
+    torch.testing.assert_close(o1[:50], o2[:50], atol=0, rtol=0)
+
+
+def test_bad_inputs():
+    q = torch.randn(10, 4, 32)
+    k = torch.randn(10, 2, 32)
+    bi = torch.zeros(2, 10, 3, dtype=torch.int32)
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple"):
+        sparse_attention_triton(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), torch.zeros(3, 10, 3,
+                                dtype=torch.int32), 16, cu, cu, 10, 10)
+    with pytest.raises(ValueError, match="head_dim"):
+        sparse_attention_triton(torch.randn(10, 4, 48), torch.randn(10, 2, 48), torch.randn(10, 2, 48), bi, 16, cu,
+                                cu, 10, 10)
+    with pytest.raises(ValueError, match="block_indices"):
+        sparse_attention_triton(q, k, k, bi[:, :5], 16, cu, cu, 10, 10)
+    with pytest.raises(TypeError, match="block_indices"):
+        sparse_attention_triton(q, k, k, bi.long(), 16, cu, cu, 10, 10)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        sparse_attention_triton(q, k, k, bi, 16, cu.long(), cu, 10, 10)
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_attention_triton(q, k, k, bi, 24, cu, cu, 10, 10)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_attention_triton(q, k.half(), k, bi, 16, cu, cu, 10, 10)
+
+
+def test_torch_compile_traces():
+    lens = [40, 23]
+    q, k, v, dout, bi, cu_q, cu_k = _make_case(lens, lens, 4, 2, 32, "random", seed=6)
+    q.requires_grad_(True)
+
+    def f(q, k, v):
+        return sparse_attention_triton(q, k, v, bi, 16, cu_q, cu_k, 40, 40)[0]
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    out.backward(dout)
+    ref = f(q.detach(), k, v)
+    torch.testing.assert_close(out.detach(), ref)
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -64,7 +64,7 @@ def _make_case(lens_q, lens_k, hq, hkv, d, selection, seed=0, cfg=CFG):
 
 def _reference(q, k, v, dout, bi, lens_q, lens_k, block_size, scale, dtype):
     """Per-sequence naive reference with inputs in `dtype`: out, lse, dq, dk, dv (float64 copies)."""
-    q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
+    q, k, v = (x.to(dtype).clone().requires_grad_(True) for x in (q, k, v))
     outs, lses = [], []
     qo = ko = 0
     for nq, nk in zip(lens_q, lens_k):
@@ -84,7 +84,7 @@ def _reference(q, k, v, dout, bi, lens_q, lens_k, block_size, scale, dtype):
 
 
 def _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, block_size, scale, dtype):
-    qt, kt, vt = (x.to(dtype).to(DEV).requires_grad_(True) for x in (q, k, v))
+    qt, kt, vt = (x.to(dtype).to(DEV).clone().requires_grad_(True) for x in (q, k, v))
     out, lse = sparse_attention_triton(qt, kt, vt, bi.to(DEV), block_size, cu_q.to(DEV), cu_k.to(DEV),
                                        max(lens_q), max(lens_k), scale)
     assert out.dtype == dtype and out.shape == qt.shape

@@ -450,10 +450,11 @@ def _prec(dtype):
 def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    out = torch.empty_like(q)
+    # The interpreter's fp32 -> bf16/fp16 store truncates: there, write fp32 and round on the host.
+    out = torch.empty(q.shape, dtype=torch.float32 if _INTERPRET else q.dtype, device=q.device)
     lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0 or cu_q.shape[0] < 2:
-        return out, lse
+        return out.to(q.dtype), lse
     plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
     grid = (plan.n_tiles, hkv)
     _fwd_launch[grid](
@@ -466,7 +467,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
         G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
         UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
     )
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
@@ -474,9 +475,9 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     do = do.contiguous()
-    dq = torch.zeros_like(q)
+    dq = torch.zeros(q.shape, dtype=torch.float32 if _INTERPRET else q.dtype, device=q.device)
     if total_q == 0 or total_k == 0 or cu_q.shape[0] < 2:
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
+        return dq.to(q.dtype), torch.zeros_like(k), torch.zeros_like(v)
     plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
     delta = torch.empty_like(lse)
     _dq_launch[(plan.n_tiles, hkv)](
@@ -507,7 +508,7 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
         UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
     )
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------

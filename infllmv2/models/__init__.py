@@ -1,0 +1,1 @@
+"""Integrations of InfLLM-V2 with model libraries (``transformers``: ``infllmv2.models.transformers``)."""

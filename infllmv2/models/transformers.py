@@ -1,0 +1,326 @@
+"""InfLLM-V2 as a ``transformers`` attention implementation.
+
+``register()`` (run by ``import infllmv2``) adds the implementation ``"infllmv2"`` to transformers'
+``AttentionInterface`` together with a mask function that never materialises an n x n mask: the
+model's 2D padding mask (or ``None`` when nothing is padded) reaches the attention function, which
+handles causality itself and turns padded rows into a packed varlen batch.
+
+``enable(model, config)`` switches a (G)QA causal LM (Llama, Qwen2/Qwen3, Mistral, SmolLM2, ...) to
+InfLLM-V2 in place with zero new parameters: it stores ``model.config.sparse_config`` (a MiniCPM4-style
+dict) and sets the attention implementation. Forward, ``loss.backward()`` and ``generate()`` work;
+each layer decides dense or sparse from its key length (KV cache included), so a sequence that
+grows past ``dense_len`` while decoding switches to sparse at that step. Decoding recomputes the
+compressed keys from the cache at each step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..attention import BACKENDS, infllmv2_attention
+from ..config import SparseConfig
+
+__all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
+           "attention_modules", "sparse_config_of"]
+
+ATTN_IMPLEMENTATION = "infllmv2"
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration stored on the model
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _parse_sparse_config(items: tuple) -> SparseConfig:
+    return SparseConfig.from_dict(dict(items))
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def sparse_config_of(config: Any) -> SparseConfig:
+    """The SparseConfig stored in a transformers config as ``sparse_config`` (dict as MiniCPM4 keeps it).
+
+    Parsed once per distinct dict (cached), so the attention call does not re-validate it every layer.
+    A missing ``sparse_config`` means the MiniCPM4 defaults.
+    """
+    raw = getattr(config, "sparse_config", None)
+    if raw is None:
+        return SparseConfig()
+    if isinstance(raw, SparseConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise TypeError(f"config.sparse_config must be a dict (MiniCPM4 sparse_config) or a SparseConfig, "
+                        f"got {type(raw).__name__}")
+    try:
+        return _parse_sparse_config(tuple(sorted((k, _freeze(v)) for k, v in raw.items())))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"invalid config.sparse_config {raw!r}: {err}") from None
+
+
+def _resolve_config(config) -> SparseConfig:
+    if config is None:
+        return SparseConfig()
+    if isinstance(config, SparseConfig):
+        return config
+    if isinstance(config, dict):
+        return SparseConfig.from_dict(config)
+    raise TypeError(f"config must be None, a SparseConfig or a MiniCPM4 sparse_config dict, got {type(config).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention function transformers calls
+# --------------------------------------------------------------------------------------------------
+def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
+    """Packed sequences in one row (position ids restarting), as transformers detects them.
+
+    Returns int32 cu_seqlens over the flattened (batch * seqlen) tokens, or None when every row is a
+    single sequence.
+    """
+    if position_ids is None or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return None
+    if position_ids.shape[-1] != seqlen:
+        return None
+    pos = position_ids.expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if int(starts.sum()) == batch:  # one sequence per row
+        return None
+    flat = torch.nonzero(starts.reshape(-1)).flatten().tolist()
+    return torch.tensor(flat + [batch * seqlen], dtype=torch.int32, device=position_ids.device)
+
+
+def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                               scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function: query (b, Hq, s, d), key/value (b, Hkv, sk, d) (cache included).
+
+    ``attention_mask`` is ``None`` or the 2D padding mask (b, L) that ``infllmv2_mask`` passes on
+    (L <= sk; ``L < sk`` = unused static-cache slots). Returns ``(out (b, s, Hq, d), None)``.
+    """
+    if dropout:
+        raise ValueError(f"infllmv2 attention does not support attention dropout (got {dropout}); "
+                         "set config.attention_dropout = 0.0 (or model.eval())")
+    if is_causal is False or getattr(module, "is_causal", True) is False:
+        raise ValueError("infllmv2 attention is causal only; this attention layer asked for non-causal attention")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("infllmv2 attention does not support attention logit softcapping")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"infllmv2 attention replaces full attention; this layer uses a sliding window "
+                         f"({kwargs['sliding_window']}): set config.sliding_window = None before enable()")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("infllmv2 attention does not support attention sinks")
+    config = sparse_config_of(module.config)
+    backend = kwargs.get("infllmv2_backend") or getattr(module, "_infllmv2_backend", "auto")
+
+    q = query.transpose(1, 2)  # (b, s, Hq, d)
+    k = key.transpose(1, 2)    # (b, sk, Hkv, d)
+    v = value.transpose(1, 2)
+    b, sq = q.shape[0], q.shape[1]
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"infllmv2 attention takes a 2D padding mask (batch, keys); got a {attention_mask.dim()}D "
+                             f"mask of shape {tuple(attention_mask.shape)} (custom 4D masks are not supported)")
+        mask = attention_mask.to(device=q.device, dtype=torch.bool)
+        length = mask.shape[1]
+        if mask.shape[0] != b or length > k.shape[1] or length < sq:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not fit batch {b}, {sq} queries "
+                             f"and {k.shape[1]} keys")
+        if length < k.shape[1]:  # static cache: slots past the mask are not filled yet
+            k, v = k[:, :length], v[:, :length]
+        if not bool(mask.all()):
+            return _padded_attention(q, k, v, mask, config, scaling, backend, module), None
+
+    observer = getattr(module, "_infllmv2_observer", None)
+    if attention_mask is None and sq == k.shape[1]:
+        cu = _segments_from_position_ids(kwargs.get("position_ids"), b, sq)
+        if cu is not None:  # packed sequences in a row (e.g. DataCollatorWithFlattening)
+            if observer is not None:
+                observer(module, q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sq, *k.shape[2:]), cu, cu)
+            out = infllmv2_attention(q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sq, *k.shape[2:]),
+                                     v.reshape(b * sq, *v.shape[2:]), config, cu_seqlens=cu, softmax_scale=scaling,
+                                     backend=backend)
+            return out.reshape(b, sq, *out.shape[1:]), None
+    if observer is not None:
+        observer(module, q, k, None, None)
+    return infllmv2_attention(q, k, v, config, softmax_scale=scaling, backend=backend), None
+
+
+def _padded_attention(q, k, v, mask, config, scaling, backend, module):
+    """Padded rows -> packed varlen batch of their valid tokens -> scattered back (zeros at padding).
+
+    Row i keeps the keys where ``mask[i]`` is True; its queries (the last ``sq`` positions) that are
+    valid are exactly the last valid keys, so each row runs as if alone (left padding as generate()
+    makes it, right padding as in training).
+    """
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    qmask = mask[:, sk - sq:]
+    k_idx = torch.nonzero(mask.reshape(-1)).flatten()
+    q_idx = torch.nonzero(qmask.reshape(-1)).flatten()
+    k_counts = mask.sum(1).tolist()
+    q_counts = qmask.sum(1).tolist()
+    cu_k, cu_q = [0], [0]
+    for nq, nk in zip(q_counts, k_counts):
+        cu_q.append(cu_q[-1] + nq)
+        cu_k.append(cu_k[-1] + nk)
+    cu_q = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    qp = q.reshape(b * sq, hq, d).index_select(0, q_idx)
+    kp = k.reshape(b * sk, *k.shape[2:]).index_select(0, k_idx)
+    vp = v.reshape(b * sk, *v.shape[2:]).index_select(0, k_idx)
+    observer = getattr(module, "_infllmv2_observer", None)
+    if observer is not None:
+        observer(module, qp, kp, cu_q, cu_k)
+    out = infllmv2_attention(qp, kp, vp, config, cu_seqlens=cu_q, cu_seqlens_k=cu_k, softmax_scale=scaling,
+                             backend=backend)
+    full = out.new_zeros(b * sq, hq, out.shape[-1]).index_copy(0, q_idx, out)
+    return full.reshape(b, sq, hq, -1)
+
+
+def infllmv2_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                  mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
+                  device=None, **kwargs) -> Optional[torch.Tensor]:
+    """Mask function for ``ALL_MASK_ATTENTION_FUNCTIONS``: no n x n mask, ever.
+
+    Returns ``None`` when nothing is padded (causality is the attention function's job), else the 2D
+    boolean padding mask (batch, keys). With a static cache whose slots are not all filled, the mask
+    covers the filled slots only (the attention function drops the rest).
+    """
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -kv_length:]
+        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+            return None
+        return attention_mask.to(torch.bool)
+    used = int(q_offset) + q_length if q_offset is not None else q_length
+    if used < kv_length:  # static cache, no user mask: only the filled slots are keys
+        return torch.ones(batch_size, used, dtype=torch.bool, device=device)
+    return None
+
+
+def register() -> None:
+    """Register the attention implementation (and its mask function) ``"infllmv2"`` with transformers."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, infllmv2_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # older transformers: the raw 2D mask is passed through anyway
+        return
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, infllmv2_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# enable / disable
+# --------------------------------------------------------------------------------------------------
+def _looks_like_attention(name: str, module: torch.nn.Module) -> bool:
+    cls = type(module).__name__
+    return cls.endswith("Attention") or cls.endswith("Attention2") or (
+        name.rsplit(".", 1)[-1] in ("self_attn", "attn", "attention") and not isinstance(module, torch.nn.Linear))
+
+
+def attention_modules(model: torch.nn.Module) -> list:
+    """The (G)QA self-attention modules of ``model``; raises ValueError when a layer is of another kind."""
+    found, bad = [], []
+    for name, module in model.named_modules():
+        if all(isinstance(getattr(module, p, None), torch.nn.Linear) for p in _PROJECTIONS):
+            found.append((name, module))
+        elif _looks_like_attention(name, module) and not any(name.startswith(f + ".") for f, _ in found):
+            bad.append(f"{name} ({type(module).__name__})")
+    if bad:
+        raise ValueError("InfLLM-V2 needs (G)QA self-attention layers with q_proj/k_proj/v_proj/o_proj; these "
+                         f"attention layers are of another kind: {', '.join(bad[:4])}"
+                         + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no (G)QA self-attention layer (modules with q_proj, k_proj, "
+                         "v_proj and o_proj): InfLLM-V2 supports Llama/Qwen2/Qwen3/Mistral-style causal LMs")
+    for name, module in found:
+        cfg = getattr(module, "config", None)
+        hq = getattr(cfg, "num_attention_heads", None)
+        hkv = getattr(cfg, "num_key_value_heads", None) or hq
+        head_dim = getattr(module, "head_dim", None)
+        if cfg is None or hq is None or head_dim is None:
+            raise ValueError(f"attention layer {name} ({type(module).__name__}) lacks config/num_attention_heads/"
+                             "head_dim: not a transformers (G)QA attention layer")
+        if hq % hkv:
+            raise ValueError(f"attention layer {name}: num_attention_heads ({hq}) is not a multiple of "
+                             f"num_key_value_heads ({hkv})")
+        if module.q_proj.out_features != hq * head_dim or module.k_proj.out_features != hkv * head_dim \
+                or module.v_proj.out_features != hkv * head_dim:
+            raise ValueError(f"attention layer {name}: projections do not match (G)QA with {hq} query heads, {hkv} KV "
+                             f"heads of dim {head_dim} (q_proj {module.q_proj.out_features}, k_proj "
+                             f"{module.k_proj.out_features}, v_proj {module.v_proj.out_features})")
+        if getattr(module, "is_causal", True) is False or getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError(f"attention layer {name} is not causal self-attention: InfLLM-V2 is for causal LMs")
+    return [m for _, m in found]
+
+
+def _uses_sliding_window(cfg) -> bool:
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(t) for t in layer_types)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return False
+    return getattr(cfg, "sliding_window", None) is not None
+
+
+def enable(model, config=None, *, backend: str = "auto"):
+    """Switch a transformers causal LM with (G)QA attention to InfLLM-V2, in place; returns ``model``.
+
+    config: ``None`` (MiniCPM4 defaults), a ``SparseConfig`` or a MiniCPM4 ``sparse_config`` dict.
+    Stored as ``model.config.sparse_config`` (a dict, as MiniCPM4 stores it). No parameter is added.
+    backend: "auto" | "reference" | "torch" | "triton", used by every attention layer.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"enable() takes a transformers PreTrainedModel, got {type(model).__name__}")
+    sparse = _resolve_config(config)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("InfLLM-V2 supports decoder-only causal LMs, not encoder-decoder models")
+    modules = attention_modules(model)
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+                         "so InfLLM-V2 cannot be plugged in")
+    configs = {id(model.config): model.config}
+    for m in modules:
+        configs.setdefault(id(m.config), m.config)
+    for cfg in configs.values():
+        if _uses_sliding_window(cfg):
+            raise ValueError(f"{type(model).__name__} uses sliding-window attention (sliding_window="
+                             f"{getattr(cfg, 'sliding_window', None)}); InfLLM-V2 replaces full causal attention: set "
+                             "config.sliding_window = None (and layer_types to full attention) first")
+        dropout = getattr(cfg, "attention_dropout", 0.0) or 0.0
+        if dropout:
+            raise ValueError(f"config.attention_dropout = {dropout}: InfLLM-V2 has no attention dropout, set it to 0.0")
+
+    register()
+    for cfg in configs.values():
+        cfg.sparse_config = sparse.to_dict()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    for cfg in configs.values():  # also sub-configs set_attn_implementation did not reach
+        if getattr(cfg, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            cfg._attn_implementation = ATTN_IMPLEMENTATION
+    for m in modules:
+        m._infllmv2_backend = backend
+        if m.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise RuntimeError(f"could not set the attention implementation of {type(m).__name__} to infllmv2")
+    return model
+
+
+def disable(model, attn_implementation: str = "sdpa"):
+    """Switch an enabled model back to dense attention (``sparse_config`` is kept); returns ``model``."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    for m in attention_modules(model):
+        if m.config._attn_implementation != attn_implementation:
+            m.config._attn_implementation = attn_implementation
+    return model

@@ -1,0 +1,499 @@
+"""Stage 1 of InfLLM-V2 (block selection) in Triton, for packed varlen batches.
+
+Pipeline (SPEC "Stage 1"), no gradients:
+
+1. ``compress_keys_varlen``: one Triton kernel mean-pools every full window of every sequence
+   (fine keys ``lc / sc``, and the coarse keys ``4 lc / 4 sc`` when ``lse_approx``).
+2. ``_lse_kernel``: one program per (query tile, KV head[, key split]); its rows are the G query
+   heads of the tile's tokens. Online log-sum-exp (base 2) of ``scale * q . K`` over the visible
+   coarse keys (``lse_approx``) or fine keys (exact); a row that sees fine keys but no coarse key
+   is normalised exactly over its fine keys (SPEC fallback). Partial results per key split are
+   combined by the next kernel (decoding splits the keys; prefill uses one split).
+3. ``_score_kernel``: same tiling; probabilities over the fine keys (tensor-core ``tl.dot``),
+   summed over the G heads of each token on chip and max-pooled onto key blocks on chip
+   (window j overlaps block b iff ``j*sc < (b+1)*B`` and ``j*sc + lc > b*B``). Only the pooled
+   (token, block) scores of one chunk of query tiles are written, to a fixed-size fp32 workspace
+   (at most ``_WORKSPACE_BYTES``): nothing of size n x n1 is ever stored.
+4. ``_select_kernel``: one program per (token, KV head): forced blocks + exact top-k of the
+   candidate blocks by a 31-step bisection on the fp32 bit patterns (scores are >= 0, so the
+   bits order like the values); ties prefer the lower block index; the output row is written
+   sorted ascending and padded with -1.
+
+Block scores at the same value are tied exactly as in the reference (lower index first); with
+bf16 inputs the scores themselves differ from the fp32 reference at bf16 resolution, so tests
+compare selections by score.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import SparseConfig
+
+__all__ = ["compress_keys_varlen", "select_blocks_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+_WORKSPACE_BYTES = 256 << 20  # fp32 block-score workspace of one chunk of query tiles
+_MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in registers
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------
+# Compression
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr,
+                     stride_kt, stride_kh, stride_ot, stride_oh, total_c, D,
+                     KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < total_c
+    seq = tl.load(row_seq_ptr + rows, mask=rmask, other=0)
+    j = rows - tl.load(c_start_ptr + seq, mask=rmask, other=0)
+    start = (tl.load(k_start_ptr + seq, mask=rmask, other=0) + j * STRIDE).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = rmask[:, None] & (offs_d < D)[None, :]
+    ptrs = k_ptr + start[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for i in range(KERNEL):
+        acc += tl.load(ptrs + i * stride_kt, mask=m2, other=0.0).to(tl.float32)
+    acc = acc / KERNEL
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int):
+    """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
+
+    Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32).
+    """
+    nseq = k_start.shape[0]
+    dev = k_flat.device
+    c_len = torch.where(k_len >= kernel, torch.div(k_len - kernel, stride, rounding_mode="floor") + 1,
+                        torch.zeros_like(k_len)).to(torch.int32)
+    cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.cumsum(c_len, 0)
+    total_c = int(cu[-1].item()) if nseq else 0
+    H, d = k_flat.shape[1], k_flat.shape[2]
+    out = torch.empty((total_c, H, d), dtype=k_flat.dtype, device=dev)
+    if total_c:
+        if k_flat.stride(-1) != 1:
+            k_flat = k_flat.contiguous()
+        row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len,
+                                          output_size=total_c)
+        BLOCK_C = 16 if _INTERPRET else 32
+        grid = (triton.cdiv(total_c, BLOCK_C), H)
+        _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), cu,
+                               k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,
+                               KERNEL=kernel, STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_D=max(16, _next_pow2(d)),
+                               num_warps=4)
+    return out, cu[:-1].clone(), c_len, cu
+
+
+def _check_cu(cu: torch.Tensor, name: str, device) -> None:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D tensor with at least one entry")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device}, got {cu.device}")
+
+
+def compress_keys_varlen(k: torch.Tensor, cu_seqlens_k: torch.Tensor, kernel_size: int, kernel_stride: int):
+    """Mean-pool the full windows of every sequence of a packed batch.
+
+    k: (total_k, H, d); cu_seqlens_k: (nseq + 1,) int32. Returns (k_compressed (total_c, H, d) in
+    k's dtype, cu_seqlens_c (nseq + 1,) int32) with sequence i's
+    ``K[j] = mean(k_i[j*stride : j*stride + kernel])``, ``j < (len_i - kernel) // stride + 1``.
+    """
+    if not isinstance(k, torch.Tensor) or k.dim() != 3:
+        raise ValueError(f"k must be a (total_k, H, d) tensor, got {getattr(k, 'shape', type(k))}")
+    _check_cu(cu_seqlens_k, "cu_seqlens_k", k.device)
+    if kernel_size <= 0 or kernel_stride <= 0:
+        raise ValueError(f"kernel_size and kernel_stride must be positive, got {kernel_size}, {kernel_stride}")
+    cu = cu_seqlens_k
+    out, _, _, cu_c = _compress_core(k, cu[:-1], cu[1:] - cu[:-1], kernel_size, kernel_stride)
+    return out, cu_c
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1 kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
+                    stride_qt, stride_qh, D,
+                    G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TO_F32: tl.constexpr):
+    seq = tl.load(tile_seq_ptr + tile)
+    off = tl.load(tile_off_ptr + tile)
+    qs = tl.load(q_start_ptr + seq)
+    ql = tl.load(q_len_ptr + seq)
+    kl = tl.load(k_len_ptr + seq)
+    rows = tl.arange(0, BLOCK_T * GP)
+    tok = off + rows // GP
+    g = rows % GP
+    rvalid = (tok < ql) & (g < G)
+    t = kl - ql + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qrow = (qs + tok).to(tl.int64)
+    q = tl.load(q_ptr + qrow[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    if TO_F32:
+        q = q.to(tl.float32)
+    t_min = kl - ql + off
+    t_max = kl - ql + tl.minimum(off + BLOCK_T, ql) - 1
+    return seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max
+
+
+@triton.jit
+def _online_lse(q, k_ptr, stride_kt, c_start, j_lo, j_hi, t, qk_scale, offs_d, dmask,
+                KS: tl.constexpr, ST: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TO_F32: tl.constexpr, PREC: tl.constexpr):
+    """Online (max, sum) in base 2 of qk_scale * q . K[j] over visible j in [j_lo, j_hi)."""
+    m = tl.full((M,), float("-inf"), tl.float32)
+    s_acc = tl.zeros((M,), tl.float32)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jm = j < j_hi
+        kt = tl.load(k_ptr + (c_start + j).to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
+                     mask=jm[None, :] & dmask[:, None], other=0.0)
+        if TO_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        vis = (j[None, :] * ST + KS <= t[:, None] + 1) & jm[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    return m, s_acc
+
+
+@triton.jit
+def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
+                tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
+                c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
+                stride_qt, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h,
+                stride_ls, stride_lt, qk_scale, D, keys_per_split,
+                G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
+                ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    M: tl.constexpr = BLOCK_T * GP
+    seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
+        q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
+    c1s = tl.load(c1_start_ptr + seq)
+    c1n = tl.load(c1_len_ptr + seq)
+    # fine keys visible to the last token of the tile
+    n1vis = tl.minimum(c1n, tl.where(t_max + 1 >= KS1, (t_max + 1 - KS1) // ST1 + 1, 0))
+    if LSE_APPROX:
+        c2s = tl.load(c2_start_ptr + seq)
+        c2n = tl.load(c2_len_ptr + seq)
+        n2vis = tl.minimum(c2n, tl.where(t_max + 1 >= KS2, (t_max + 1 - KS2) // ST2 + 1, 0))
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, n2vis)
+        m, s = _online_lse(q, k2_ptr + h * stride_k2h, stride_k2t, c2s, lo, hi, t, qk_scale, offs_d, dmask,
+                           KS2, ST2, M, BLOCK_N, TO_F32, PREC)
+        part = tl.where(s > 0, m + tl.log2(s), float("-inf"))
+        if (t_min + 1 < KS2) & (split == 0):
+            # rows that see no coarse key yet: exact over their fine keys
+            m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, t, qk_scale, offs_d,
+                                 dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
+            part1 = tl.where(s1 > 0, m1 + tl.log2(s1), float("-inf"))
+            part = tl.where(t + 1 < KS2, part1, part)
+        else:
+            part = tl.where(t + 1 < KS2, float("-inf"), part)
+    else:
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, n1vis)
+        m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, t, qk_scale, offs_d, dmask,
+                           KS1, ST1, M, BLOCK_N, TO_F32, PREC)
+        part = tl.where(s > 0, m + tl.log2(s), float("-inf"))
+    tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
+
+
+@triton.jit
+def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
+                  tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
+                  stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
+                  stride_wh, stride_wr, tile_base, n_tiles, n_lse_splits, windows_per_split, nb_ws,
+                  qk_scale, D,
+                  G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
+                  BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
+                  TO_F32: tl.constexpr, PREC: tl.constexpr):
+    lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
+    tile = tile_base + lt
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    M: tl.constexpr = BLOCK_T * GP
+    NBT: tl.constexpr = BLOCK_N // R
+    seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
+        q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
+    c1s = tl.load(c1_start_ptr + seq)
+    c1n = tl.load(c1_len_ptr + seq)
+    # candidate blocks of the tile: [INIT, nbc) with nbc = bq_max - LOCAL; windows j < nbc * R
+    nbc = t_max // BS - LOCAL
+    j_end = tl.minimum(nbc * R, (split + 1) * windows_per_split)
+    j_start = split * windows_per_split
+    if (nbc > INIT) & (j_start < j_end):
+        # per-row log-sum-exp (base 2) from the key-split partials
+        row_l = (qs + tok).to(tl.int64) * stride_lt + h * G + g
+        lm = tl.full((M,), float("-inf"), tl.float32)
+        la = tl.zeros((M,), tl.float32)
+        for sp in range(0, n_lse_splits):
+            p = tl.load(lse_ptr + sp * stride_ls + row_l, mask=rvalid, other=float("-inf"))
+            m_new = tl.maximum(lm, p)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            la = la * tl.exp2(lm - m_safe) + tl.exp2(p - m_safe)
+            lm = m_new
+        lse = tl.where(la > 0, lm + tl.log2(la), 0.0)
+
+        tok_t = tl.arange(0, BLOCK_T)
+        tvalid = (tl.load(tile_off_ptr + tile) + tok_t) < tl.load(q_len_ptr + seq)
+        slot = lt * BLOCK_T + tok_t
+        col = tl.arange(0, NBT)
+        pos_r = tl.arange(0, R)
+        tail_sel = pos_r >= R - (L - 1)
+        shift_idx = tl.maximum(col - 1, 0)[None, :] + tl.zeros((BLOCK_T, NBT), tl.int32)
+        carry = tl.zeros((BLOCK_T,), tl.float32)
+        kbase = k1_ptr + h * stride_k1h
+        j_first = tl.maximum(j_start - BLOCK_N, 0)  # one tile of overlap gives the pooling carry
+        for j0 in range(j_first, j_end, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            jm = j < c1n
+            kt = tl.load(kbase + (c1s + j).to(tl.int64)[None, :] * stride_k1t + offs_d[:, None],
+                         mask=jm[None, :] & dmask[:, None], other=0.0)
+            if TO_F32:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            sg = tl.sum(tl.reshape(p, (BLOCK_T, GP, BLOCK_N)), 1)  # group sum: (BLOCK_T, BLOCK_N)
+            s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
+            pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
+            if L > 1:
+                # windows [bR - L + 1, bR) = the tail of the previous block's R windows
+                tail = tl.max(tl.where(tail_sel[None, None, :], s3, 0.0), 2)
+                prev = tl.gather(tail, shift_idx, 1)
+                prev = tl.where(col[None, :] == 0, carry[:, None], prev)
+                pooled = tl.maximum(pooled, prev)
+                carry = tl.max(tl.where(col[None, :] == NBT - 1, tail, 0.0), 1)
+            b = j0 // R + col
+            wmask = tvalid[:, None] & ((b < nb_ws) & (b * R >= j_start))[None, :]
+            tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[:, None] * stride_wr + b[None, :], pooled,
+                     mask=wmask)
+
+
+@triton.jit
+def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
+                   stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
+                   BLOCK_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
+                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr):
+    slot = tl.program_id(0)
+    h = tl.program_id(1)
+    tile = tile_base + slot // BLOCK_T
+    seq = tl.load(tile_seq_ptr + tile)
+    tok = tl.load(tile_off_ptr + tile) + slot % BLOCK_T
+    ql = tl.load(q_len_ptr + seq)
+    if tok < ql:
+        kl = tl.load(k_len_ptr + seq)
+        qrow = (tl.load(q_start_ptr + seq) + tok).to(tl.int64)
+        t = kl - ql + tok
+        bq = t // BS
+        b = tl.arange(0, BLOCK_NB)
+        forced = ((b < INIT) | (b >= bq - LOCAL)) & (b <= bq)
+        cand = (b >= INIT) & (b < bq - LOCAL)
+        sc = tl.load(ws_ptr + h * stride_wh + slot.to(tl.int64) * stride_wr + b, mask=cand, other=0.0)
+        key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
+        n_forced = tl.sum(forced.to(tl.int32), 0)
+        n_cand = tl.sum(cand.to(tl.int32), 0)
+        need = tl.minimum(budget - n_forced, n_cand)
+        # largest threshold with count(key >= thr) >= need: the need-th largest key
+        thr = tl.sum(tl.zeros((BLOCK_NB,), tl.int32), 0)
+        for bit in tl.static_range(30, -1, -1):
+            c = thr | (1 << bit)
+            cnt = tl.sum((key >= c).to(tl.int32), 0)
+            thr = tl.where(cnt >= need, c, thr)
+        gt = key > thr
+        need_eq = need - tl.sum(gt.to(tl.int32), 0)
+        eq = key == thr
+        rank = tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = gt | (eq & (rank < need_eq)) | forced
+        n_sel = tl.sum(sel.to(tl.int32), 0)
+        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+        obase = out_ptr + h * stride_oh + qrow * stride_ot
+        tl.store(obase + pos, b, mask=sel)
+        o = tl.arange(0, BUDGET_P)
+        tl.store(obase + o, tl.full((BUDGET_P,), -1, tl.int32), mask=(o >= n_sel) & (o < budget))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+def _check_pooling(config: SparseConfig) -> None:
+    R = config.block_size // config.kernel_stride
+    L = config.kernel_size // config.kernel_stride
+    if L - 1 > R:
+        raise NotImplementedError(
+            f"select_blocks_triton needs kernel_size <= block_size + kernel_stride (got kernel_size "
+            f"{config.kernel_size}, block_size {config.block_size}, kernel_stride {config.kernel_stride})")
+
+
+def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
+                 max_seqlen_k: int, config: SparseConfig, scale: float, decode: bool = False,
+                 block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None):
+    """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
+    sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
+    k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
+    Returns (Hkv, total_q, budget) int32."""
+    total_q, hq, d = q.shape
+    hkv = k1.shape[1]
+    g = hq // hkv
+    dev = q.device
+    budget = config.budget
+    out = torch.empty((hkv, total_q, budget), dtype=torch.int32, device=dev)
+    nseq = q_start.shape[0]
+    if total_q == 0 or nseq == 0:
+        return out
+    B, lc, sc = config.block_size, config.kernel_size, config.kernel_stride
+    R, L = B // sc, lc // sc
+    GP = _next_pow2(g)
+    if block_m is None:
+        block_m = 16 if (_INTERPRET or decode) else 128
+    BLOCK_T = max(1, block_m // GP)
+    if decode:
+        BLOCK_T = max(1, 16 // GP)
+    BLOCK_N = block_n or (32 if _INTERPRET else 64)
+    BLOCK_N = max(BLOCK_N, R)
+    BLOCK_D = max(16, _next_pow2(d))
+    to_f32 = _INTERPRET or q.dtype == torch.float32
+    prec = "ieee" if to_f32 else "tf32"
+    nw = num_warps or (4 if decode else 8)
+    ns = num_stages or (2 if decode else 3)
+    kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
+
+    # query tiles (never across sequences)
+    ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
+    tptr = torch.cumsum(ntile_seq, 0)
+    n_tiles = int(tptr[-1].item())
+    if n_tiles == 0:
+        return out
+    tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
+                                       output_size=n_tiles)
+    tile_off = ((torch.arange(n_tiles, device=dev) - (tptr - ntile_seq)[tile_seq.long()]) * BLOCK_T).to(torch.int32)
+    q_start, q_len, k_len = (x.to(torch.int32).contiguous() for x in (q_start, q_len, k_len))
+    c1_start, c1_len, c2_start, c2_len = (x.to(torch.int32).contiguous() for x in (c1_start, c1_len, c2_start, c2_len))
+    qk_scale = float(scale) * _LOG2E
+
+    # 1) log-sum-exp partials
+    nkeys = max(1, k2.shape[0] if config.lse_approx else k1.shape[0])
+    if decode:  # split the keys of each sequence over up to 16 programs
+        n2max = triton.cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
+        kps = triton.cdiv(triton.cdiv(n2max, 16), BLOCK_N) * BLOCK_N
+        n_lse = triton.cdiv(n2max, kps)
+    else:
+        n_lse, kps = 1, 1 << 30
+    lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
+    _lse_kernel[(n_tiles, hkv, n_lse)](
+        q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
+        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
+        lse.stride(0), lse.stride(1), qk_scale, d, kps,
+        G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
+        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, **kw)
+
+    # 2) pooled block scores per chunk of tiles, 3) top-k
+    nb_ws = max(1, triton.cdiv(max_seqlen_k, B))
+    BLOCK_NB = _next_pow2(nb_ws)
+    if BLOCK_NB > _MAX_BLOCKS_PER_ROW:
+        raise NotImplementedError(
+            f"select_blocks_triton supports at most {_MAX_BLOCKS_PER_ROW} key blocks per sequence "
+            f"(max_seqlen_k {max_seqlen_k}, block_size {B})")
+    if decode:
+        n1max = triton.cdiv(max_seqlen_k, sc) + 1
+        wps = max(2 * BLOCK_N, triton.cdiv(triton.cdiv(n1max, 16), BLOCK_N) * BLOCK_N)
+        n_split = triton.cdiv(n1max, wps)
+    else:
+        wps, n_split = 1 << 30, 1
+    tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
+    tpc = min(tpc, n_tiles)
+    ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
+    for c0 in range(0, n_tiles, tpc):
+        nt = min(tpc, n_tiles - c0)
+        _score_kernel[(nt, hkv, n_split)](
+            q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+            q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
+            ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d,
+            G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
+            BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, **kw)
+        _select_kernel[(nt * BLOCK_T, hkv)](
+            ws, out, tile_seq, tile_off, q_start, q_len, k_len,
+            ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
+            BLOCK_T=BLOCK_T, BLOCK_NB=BLOCK_NB, BUDGET_P=_next_pow2(budget), BS=B,
+            LOCAL=config.local_blocks, INIT=config.init_blocks,
+            **({} if _INTERPRET else dict(num_warps=4 if BLOCK_NB <= 4096 else 8)))
+    return out
+
+
+def _check_inputs(q, k, config):
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a (total_q, Hq, d) tensor, got {getattr(q, 'shape', type(q))}")
+    if not isinstance(k, torch.Tensor) or k.dim() != 3:
+        raise ValueError(f"k must be a (total_k, Hkv, d) tensor, got {getattr(k, 'shape', type(k))}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
+    if q.shape[2] < 16 or q.shape[2] > 256:
+        raise ValueError(f"head dim {q.shape[2]} not supported (16..256)")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"Hq ({q.shape[1]}) must be a multiple of Hkv ({k.shape[1]})")
+    _check_pooling(config)
+
+
+def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float | None = None, **tuning) -> torch.Tensor:
+    """Stage 1 for a packed varlen batch.
+
+    q: (total_q, Hq, d), k: (total_k, Hkv, d); sequence i's queries are the last len_q(i) positions of
+    its keys. Returns (Hkv, total_q, budget) int32 block indices relative to the sequence's key start,
+    sorted ascending, padded with -1 (SPEC stage 1). ``max_seqlen_k`` must be >= every key length.
+    """
+    _check_inputs(q, k, config)
+    _check_cu(cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_cu(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    with torch.no_grad():
+        k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride)
+        if config.lse_approx:
+            k2, s2, n2, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.coarse_kernel_size,
+                                           config.coarse_kernel_stride)
+        else:
+            k2, s2, n2 = k1, s1, n1
+        return _select_core(q, k1, k2, cu_seqlens_q[:-1], q_len, k_len, s1, n1, s2, n2, int(max_seqlen_k),
+                            config, scale, **tuning)

@@ -6,12 +6,16 @@ most 2x the error of the PyTorch reference run in the same precision, plus a sma
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from infllmv2.config import SparseConfig
 from infllmv2.ops import naive
 from infllmv2.ops.triton import sparse_attention_triton
+
+SA = importlib.import_module("infllmv2.ops.triton.sparse_attention")  # the module (not a re-exported name)
 
 CFG = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=4, init_blocks=1,
                    dense_len=-1, lse_approx=False)
@@ -83,7 +87,15 @@ def _reference(q, k, v, dout, bi, lens_q, lens_k, block_size, scale, dtype):
     return [x.double() for x in (out.detach(), lse.detach(), q.grad, k.grad, v.grad)]
 
 
-def _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, block_size, scale, dtype):
+def _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, block_size, scale, dtype, variant=None):
+    if variant is not None:  # internal paths: pairing off/on, delta by recomputation or from O
+        qt, kt, vt, do = (x.to(dtype).to(DEV).contiguous() for x in (q, k, v, dout))
+        bi, cu_q, cu_k = bi.to(DEV), cu_q.to(DEV), cu_k.to(DEV)
+        out, lse, _ = SA._forward(qt, kt, vt, bi, block_size, cu_q, cu_k, max(lens_q), max(lens_k), scale,
+                                  pair=variant["pair"])
+        grads = SA._backward(do, qt, kt, vt, out, lse, bi, block_size, cu_q, cu_k, max(lens_q), max(lens_k), scale,
+                             pair=variant["pair"], exact_delta=variant["exact_delta"])
+        return [x.detach().double().cpu() for x in (out, lse) + tuple(grads)]
     qt, kt, vt = (x.to(dtype).to(DEV).clone().requires_grad_(True) for x in (q, k, v))
     out, lse = sparse_attention_triton(qt, kt, vt, bi.to(DEV), block_size, cu_q.to(DEV), cu_k.to(DEV),
                                        max(lens_q), max(lens_k), scale)
@@ -93,14 +105,14 @@ def _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, block_size, scale
     return [x.detach().double().cpu() for x in (out, lse, qt.grad, kt.grad, vt.grad)]
 
 
-def _check(lens_q, lens_k, hq, hkv, d, dtype, selection, seed=0, slack=None):
+def _check(lens_q, lens_k, hq, hkv, d, dtype, selection, seed=0, slack=None, variant=None):
     q, k, v, dout, bi, cu_q, cu_k = _make_case(lens_q, lens_k, hq, hkv, d, selection, seed)
     scale = d ** -0.5
     # the reference sees the same low-precision inputs
     q, k, v, dout = (x.to(dtype).float() for x in (q, k, v, dout))
     exact = _reference(q, k, v, dout, bi, lens_q, lens_k, CFG.block_size, scale, torch.float64)
     low = _reference(q, k, v, dout, bi, lens_q, lens_k, CFG.block_size, scale, dtype)
-    got = _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, CFG.block_size, scale, dtype)
+    got = _run_triton(q, k, v, dout, bi, cu_q, cu_k, lens_q, lens_k, CFG.block_size, scale, dtype, variant)
     if slack is None:
         slack = 1e-5 if dtype == torch.float32 else 1e-3
     for name, e, lo, g in zip(("out", "lse", "dq", "dk", "dv"), exact, low, got):
@@ -127,6 +139,16 @@ def test_g4_random_fp32():
 
 def test_g16_selected():
     _check([90], [90], hq=16, hkv=1, d=32, dtype=torch.bfloat16, selection="select", seed=3)
+
+
+@pytest.mark.parametrize("pair,exact_delta", [(False, True), (True, True), (False, False)])
+def test_internal_variants(pair, exact_delta):
+    # unpaired blocks / tiles (one K/V block and one query tile per step) and the two delta modes
+    # that the autograd path does not take (it keeps the output's rounding residual instead);
+    # the FA-style delta from the rounded O is checked in fp32 only (in bf16 it exceeds the 2x rule).
+    dtype = torch.bfloat16 if exact_delta else torch.float32
+    _check([45, 0, 101], [60, 0, 101], hq=4, hkv=2, d=32, dtype=dtype, selection="random", seed=7,
+           variant=dict(pair=pair, exact_delta=exact_delta))
 
 
 def test_full_budget_equals_dense():

@@ -206,12 +206,12 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         hi = tl.minimum(lo + keys_per_split, n2vis)
         m, s = _online_lse(q, k2_ptr + h * stride_k2h, stride_k2t, c2s, lo, hi, t, qk_scale, offs_d, dmask,
                            KS2, ST2, M, BLOCK_N, TO_F32, PREC)
-        part = tl.where(s > 0, m + tl.log2(s), float("-inf"))
+        part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
         if (t_min + 1 < KS2) & (split == 0):
             # rows that see no coarse key yet: exact over their fine keys
             m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, t, qk_scale, offs_d,
                                  dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
-            part1 = tl.where(s1 > 0, m1 + tl.log2(s1), float("-inf"))
+            part1 = tl.where(s1 > 0, m1 + tl.log2(tl.where(s1 > 0, s1, 1.0)), float("-inf"))
             part = tl.where(t + 1 < KS2, part1, part)
         else:
             part = tl.where(t + 1 < KS2, float("-inf"), part)
@@ -220,7 +220,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         hi = tl.minimum(lo + keys_per_split, n1vis)
         m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, t, qk_scale, offs_d, dmask,
                            KS1, ST1, M, BLOCK_N, TO_F32, PREC)
-        part = tl.where(s > 0, m + tl.log2(s), float("-inf"))
+        part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
 
@@ -233,7 +233,7 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-                  TO_F32: tl.constexpr, PREC: tl.constexpr):
+                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
     lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     tile = tile_base + lt
     h = tl.program_id(1)
@@ -260,7 +260,7 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             la = la * tl.exp2(lm - m_safe) + tl.exp2(p - m_safe)
             lm = m_new
-        lse = tl.where(la > 0, lm + tl.log2(la), 0.0)
+        lse = tl.where(la > 0, lm + tl.log2(tl.where(la > 0, la, 1.0)), 0.0)
 
         tok_t = tl.arange(0, BLOCK_T)
         tvalid = (tl.load(tile_off_ptr + tile) + tok_t) < tl.load(q_len_ptr + seq)
@@ -272,73 +272,100 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
         carry = tl.zeros((BLOCK_T,), tl.float32)
         kbase = k1_ptr + h * stride_k1h
         j_first = tl.maximum(j_start - BLOCK_N, 0)  # one tile of overlap gives the pooling carry
+        if TRANS:
+            qT = tl.trans(q)  # (D, M)
+            shift_idx_t = tl.maximum(col - 1, 0)[:, None] + tl.zeros((NBT, BLOCK_T), tl.int32)
         for j0 in range(j_first, j_end, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             jm = j < c1n
-            kt = tl.load(kbase + (c1s + j).to(tl.int64)[None, :] * stride_k1t + offs_d[:, None],
-                         mask=jm[None, :] & dmask[:, None], other=0.0)
-            if TO_F32:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-            vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            sg = tl.sum(tl.reshape(p, (BLOCK_T, GP, BLOCK_N)), 1)  # group sum: (BLOCK_T, BLOCK_N)
-            s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
-            pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
-            if L > 1:
-                # windows [bR - L + 1, bR) = the tail of the previous block's R windows
-                tail = tl.max(tl.where(tail_sel[None, None, :], s3, 0.0), 2)
-                prev = tl.gather(tail, shift_idx, 1)
-                prev = tl.where(col[None, :] == 0, carry[:, None], prev)
-                pooled = tl.maximum(pooled, prev)
-                carry = tl.max(tl.where(col[None, :] == NBT - 1, tail, 0.0), 1)
             b = j0 // R + col
-            wmask = tvalid[:, None] & ((b < nb_ws) & (b * R >= j_start))[None, :]
-            tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[:, None] * stride_wr + b[None, :], pooled,
-                     mask=wmask)
+            bmask = (b < nb_ws) & (b * R >= j_start)
+            if TRANS:
+                # windows on the rows: logits^T = K (N, D) @ q^T (D, M); the group sum is along columns
+                kn = tl.load(kbase + (c1s + j).to(tl.int64)[:, None] * stride_k1t + offs_d[None, :],
+                             mask=jm[:, None] & dmask[None, :], other=0.0)
+                if TO_F32:
+                    kn = kn.to(tl.float32)
+                st = tl.dot(kn, qT, input_precision=PREC) * qk_scale
+                vis = (j[:, None] * ST1 + KS1 <= t[None, :] + 1) & jm[:, None] & rvalid[None, :]
+                p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+                sg = tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_T, GP)), 2)  # (BLOCK_N, BLOCK_T)
+                s3 = tl.reshape(sg, (NBT, R, BLOCK_T))
+                pooled = tl.max(s3, 1)  # (NBT, BLOCK_T)
+                if L > 1:
+                    tail = tl.max(tl.where(tail_sel[None, :, None], s3, 0.0), 1)
+                    prev = tl.gather(tail, shift_idx_t, 0)
+                    prev = tl.where(col[:, None] == 0, carry[None, :], prev)
+                    pooled = tl.maximum(pooled, prev)
+                    carry = tl.max(tl.where(col[:, None] == NBT - 1, tail, 0.0), 0)
+                tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[None, :] * stride_wr + b[:, None], pooled,
+                         mask=tvalid[None, :] & bmask[:, None])
+            else:
+                kt = tl.load(kbase + (c1s + j).to(tl.int64)[None, :] * stride_k1t + offs_d[:, None],
+                             mask=jm[None, :] & dmask[:, None], other=0.0)
+                if TO_F32:
+                    kt = kt.to(tl.float32)
+                s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+                vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                sg = tl.sum(tl.reshape(p, (BLOCK_T, GP, BLOCK_N)), 1)  # group sum: (BLOCK_T, BLOCK_N)
+                s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
+                pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
+                if L > 1:
+                    # windows [bR - L + 1, bR) = the tail of the previous block's R windows
+                    tail = tl.max(tl.where(tail_sel[None, None, :], s3, 0.0), 2)
+                    prev = tl.gather(tail, shift_idx, 1)
+                    prev = tl.where(col[None, :] == 0, carry[:, None], prev)
+                    pooled = tl.maximum(pooled, prev)
+                    carry = tl.max(tl.where(col[None, :] == NBT - 1, tail, 0.0), 1)
+                tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[:, None] * stride_wr + b[None, :], pooled,
+                         mask=tvalid[:, None] & bmask[None, :])
 
 
 @triton.jit
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
-                   BLOCK_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
+                   BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr):
-    slot = tl.program_id(0)
+    """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
+    slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
-    tile = tile_base + slot // BLOCK_T
+    tile = tile_base + slot0 // BLOCK_T
     seq = tl.load(tile_seq_ptr + tile)
-    tok = tl.load(tile_off_ptr + tile) + slot % BLOCK_T
+    tok = tl.load(tile_off_ptr + tile) + slot0 % BLOCK_T + tl.arange(0, SEL_T)
     ql = tl.load(q_len_ptr + seq)
-    if tok < ql:
-        kl = tl.load(k_len_ptr + seq)
-        qrow = (tl.load(q_start_ptr + seq) + tok).to(tl.int64)
-        t = kl - ql + tok
-        bq = t // BS
-        b = tl.arange(0, BLOCK_NB)
-        forced = ((b < INIT) | (b >= bq - LOCAL)) & (b <= bq)
-        cand = (b >= INIT) & (b < bq - LOCAL)
-        sc = tl.load(ws_ptr + h * stride_wh + slot.to(tl.int64) * stride_wr + b, mask=cand, other=0.0)
-        key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
-        n_forced = tl.sum(forced.to(tl.int32), 0)
-        n_cand = tl.sum(cand.to(tl.int32), 0)
-        need = tl.minimum(budget - n_forced, n_cand)
-        # largest threshold with count(key >= thr) >= need: the need-th largest key
-        thr = tl.sum(tl.zeros((BLOCK_NB,), tl.int32), 0)
-        for bit in tl.static_range(30, -1, -1):
-            c = thr | (1 << bit)
-            cnt = tl.sum((key >= c).to(tl.int32), 0)
-            thr = tl.where(cnt >= need, c, thr)
-        gt = key > thr
-        need_eq = need - tl.sum(gt.to(tl.int32), 0)
-        eq = key == thr
-        rank = tl.cumsum(eq.to(tl.int32), 0) - 1
-        sel = gt | (eq & (rank < need_eq)) | forced
-        n_sel = tl.sum(sel.to(tl.int32), 0)
-        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-        obase = out_ptr + h * stride_oh + qrow * stride_ot
-        tl.store(obase + pos, b, mask=sel)
-        o = tl.arange(0, BUDGET_P)
-        tl.store(obase + o, tl.full((BUDGET_P,), -1, tl.int32), mask=(o >= n_sel) & (o < budget))
+    kl = tl.load(k_len_ptr + seq)
+    tvalid = tok < ql
+    qrow = (tl.load(q_start_ptr + seq) + tok).to(tl.int64)
+    slot = (slot0 + tl.arange(0, SEL_T)).to(tl.int64)
+    bq = ((kl - ql + tok) // BS)[:, None]
+    b = tl.arange(0, BLOCK_NB)[None, :]
+    forced = ((b < INIT) | (b >= bq - LOCAL)) & (b <= bq) & tvalid[:, None]
+    cand = (b >= INIT) & (b < bq - LOCAL) & tvalid[:, None]
+    sc = tl.load(ws_ptr + h * stride_wh + slot[:, None] * stride_wr + b, mask=cand, other=0.0)
+    key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
+    n_forced = tl.sum(forced.to(tl.int32), 1)
+    n_cand = tl.sum(cand.to(tl.int32), 1)
+    need = tl.minimum(budget - n_forced, n_cand)
+    # per row, the largest thr with count(key >= thr) >= need: the need-th largest key (scores >= 0,
+    # so their fp32 bit patterns order like the values)
+    thr = tl.zeros((SEL_T,), tl.int32)
+    for bit in tl.static_range(30, -1, -1):
+        c = thr | (1 << bit)
+        cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
+        thr = tl.where(cnt >= need, c, thr)
+    gt = key > thr[:, None]
+    need_eq = need - tl.sum(gt.to(tl.int32), 1)
+    eq = key == thr[:, None]
+    rank = tl.cumsum(eq.to(tl.int32), 1) - 1  # ties: lower block index first
+    sel = gt | (eq & (rank < need_eq[:, None])) | forced
+    n_sel = tl.sum(sel.to(tl.int32), 1)
+    pos = tl.cumsum(sel.to(tl.int32), 1) - 1
+    obase = out_ptr + h * stride_oh + qrow * stride_ot
+    tl.store(obase[:, None] + pos, b + tl.zeros((SEL_T, BLOCK_NB), tl.int32), mask=sel)
+    o = tl.arange(0, BUDGET_P)[None, :]
+    tl.store(obase[:, None] + o, tl.full((SEL_T, BUDGET_P), -1, tl.int32),
+             mask=(o >= n_sel[:, None]) & (o < budget) & tvalid[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,10 +383,12 @@ def _check_pooling(config: SparseConfig) -> None:
 def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode: bool = False,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None):
+                 num_stages: int | None = None, transposed: bool | None = None, tiles=None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
+    ``tiles`` = (tile_seq, tile_off, n_tiles) skips building the query tiles (and its host sync); it
+    must match the tile height ``BLOCK_T`` chosen here (decoding passes one tile per sequence).
     Returns (Hkv, total_q, budget) int32."""
     total_q, hq, d = q.shape
     hkv = k1.shape[1]
@@ -374,7 +403,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     R, L = B // sc, lc // sc
     GP = _next_pow2(g)
     if block_m is None:
-        block_m = 16 if (_INTERPRET or decode) else 128
+        block_m = 64 if (_INTERPRET or not (transposed is None or transposed) or decode) else 128
     BLOCK_T = max(1, block_m // GP)
     if decode:
         BLOCK_T = max(1, 16 // GP)
@@ -385,23 +414,31 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     prec = "ieee" if to_f32 else "tf32"
     nw = num_warps or (4 if decode else 8)
     ns = num_stages or (2 if decode else 3)
+    # measured on an H200 at 64K/128K (NOTES_selection.md): windows-on-rows (transposed) tiles with
+    # 128 rows (8 tokens x 16 heads), 64 windows, 4 warps are the fastest prefill variant
+    trans = bool(transposed) if transposed is not None else not decode
+    if num_warps is None and trans:
+        nw = 4
     kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
 
     # query tiles (never across sequences)
-    ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
-    tptr = torch.cumsum(ntile_seq, 0)
-    n_tiles = int(tptr[-1].item())
-    if n_tiles == 0:
-        return out
-    tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
-                                       output_size=n_tiles)
-    tile_off = ((torch.arange(n_tiles, device=dev) - (tptr - ntile_seq)[tile_seq.long()]) * BLOCK_T).to(torch.int32)
+    if tiles is not None:
+        tile_seq, tile_off, n_tiles = tiles
+    else:
+        ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
+        tptr = torch.cumsum(ntile_seq, 0)
+        n_tiles = int(tptr[-1].item())
+        if n_tiles == 0:
+            return out
+        tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
+                                           output_size=n_tiles)
+        tile_off = ((torch.arange(n_tiles, device=dev) - (tptr - ntile_seq)[tile_seq.long()]) * BLOCK_T
+                    ).to(torch.int32)
     q_start, q_len, k_len = (x.to(torch.int32).contiguous() for x in (q_start, q_len, k_len))
     c1_start, c1_len, c2_start, c2_len = (x.to(torch.int32).contiguous() for x in (c1_start, c1_len, c2_start, c2_len))
     qk_scale = float(scale) * _LOG2E
 
     # 1) log-sum-exp partials
-    nkeys = max(1, k2.shape[0] if config.lse_approx else k1.shape[0])
     if decode:  # split the keys of each sequence over up to 16 programs
         n2max = triton.cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
         kps = triton.cdiv(triton.cdiv(n2max, 16), BLOCK_N) * BLOCK_N
@@ -431,6 +468,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
+    # rows per select program: keep a (rows, BLOCK_NB) tile at <= 4096 elements (registers)
+    sel_t = max(1, min(BLOCK_T, 4096 // BLOCK_NB))
     ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
     for c0 in range(0, n_tiles, tpc):
         nt = min(tpc, n_tiles - c0)
@@ -439,11 +478,12 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
             ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d,
             G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
-            BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, **kw)
-        _select_kernel[(nt * BLOCK_T, hkv)](
+            BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
+            **kw)
+        _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
-            BLOCK_T=BLOCK_T, BLOCK_NB=BLOCK_NB, BUDGET_P=_next_pow2(budget), BS=B,
+            BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=BLOCK_NB, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks,
             **({} if _INTERPRET else dict(num_warps=4 if BLOCK_NB <= 4096 else 8)))
     return out
@@ -488,6 +528,20 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if q_len.numel() == 0:
+        return torch.empty((k.shape[1], q.shape[0], config.budget), dtype=torch.int32, device=q.device)
+    # one host synchronisation validates the layout
+    cq0, ck0, cqe, cke, dec_q, dec_k, q_gt_k, kmax = torch.stack([
+        cu_seqlens_q[0], cu_seqlens_k[0], cu_seqlens_q[-1], cu_seqlens_k[-1], (q_len < 0).any().int(),
+        (k_len < 0).any().int(), (q_len > k_len).any().int(), k_len.max()]).tolist()
+    if cq0 != 0 or dec_q or cqe != q.shape[0]:
+        raise ValueError(f"cu_seqlens_q must be non-decreasing, start at 0 and end at total_q={q.shape[0]}")
+    if ck0 != 0 or dec_k or cke != k.shape[0]:
+        raise ValueError(f"cu_seqlens_k must be non-decreasing, start at 0 and end at total_k={k.shape[0]}")
+    if q_gt_k:
+        raise ValueError("every sequence needs len_q <= len_k (queries are the last len_q key positions)")
+    if int(max_seqlen_k) < kmax:
+        raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
     with torch.no_grad():
         k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride)
         if config.lse_approx:

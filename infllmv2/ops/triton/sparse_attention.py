@@ -42,6 +42,15 @@ _LN2 = 0.6931471805599453
 _MAX_TOKENS_PER_TILE = 64  # bits of the int64 token mask
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _PAD_KEY = 2 ** 31 - 1
+# delta = rowsum(dO * O) for the backward: True computes it from the unrounded output (one extra
+# pass of two matmuls in the dq kernel); False uses the stored low-precision O as FlashAttention does
+# (faster; its gradient error is a few bf16 ulps of O larger than a reference computed in fp32).
+EXACT_DELTA = True
+# Pair two union blocks per step (K/V tiles of 2*block_size keys) in the forward and dq kernels, and
+# two query tiles per step in the dk/dv kernel: larger matmuls, half the loop trips.
+PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "1") == "1"
+# Rows per program on the GPU (T = BLOCK_M // G tokens share each K/V block load).
+DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
 
 
 def _next_pow2(x: int) -> int:
@@ -54,15 +63,35 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
+def _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within,
+             BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Key positions [NB*BLOCK_N] and per-row selection [BLOCK_M, NB*BLOCK_N] of union entries i (, i+1)."""
+    blk_a = tl.load(UB + ubase + i)
+    sel_a = ((tl.load(UBITS + ubase + i) >> tok64) & 1) != 0
+    if NB == 2:
+        has_b = (i + 1) < cnt
+        blk_b = tl.where(has_b, tl.load(UB + ubase + i + 1), -1)
+        bits_b = tl.where(has_b, tl.load(UBITS + ubase + i + 1), 0)
+        sel_b = ((bits_b >> tok64) & 1) != 0
+        blk_n = tl.where(half == 0, blk_a, blk_b)
+        sel = tl.where(half[None, :] == 0, sel_a[:, None], sel_b[:, None])
+    else:
+        blk_n = blk_a + half * 0
+        sel = sel_a[:, None] & (half[None, :] == 0)
+    kpos = blk_n * BLOCK_N + within
+    return blk_n, kpos, sel
+
+
+@triton.jit
 def _sparse_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, R, LSE,
     UB, UBITS, UCNT,
     TILE_SEQ, TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_rt, stride_rh,
     stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h, n_tiles,
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STORE_RESID: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -79,7 +108,9 @@ def _sparse_fwd_kernel(
     head = h * G + rows % G
     row_ok = (rows < T * G) & (tok < nq)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, NB * BLOCK_N)
+    half = offs_n // BLOCK_N
+    within = offs_n % BLOCK_N
     qrow = (q0 + tok).to(tl.int64)
     q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -95,11 +126,9 @@ def _sparse_fwd_kernel(
 
     ubase = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
     cnt = tl.load(UCNT + h * stride_cnt_h + pid_t)
-    for i in range(0, cnt):
-        blk = tl.load(UB + ubase + i)
-        bits = tl.load(UBITS + ubase + i)
-        kpos = blk * BLOCK_N + offs_n
-        kmask = kpos <= pos_last
+    for i in range(0, cnt, NB):
+        blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+        kmask = (blk_n >= 0) & (kpos <= pos_last)
         krow = k0 + kpos.to(tl.int64)
         k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -107,8 +136,7 @@ def _sparse_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        sel = ((bits >> tok64) & 1) != 0
-        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+        mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,22 +150,27 @@ def _sparse_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    out_lp = out.to(O.dtype.element_ty)
+    tl.store(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :], out_lp,
+             mask=row_ok[:, None])
+    if STORE_RESID:  # rounding residual of the output, for an exact delta = rowsum(dO * O) in the backward
+        resid = out - out_lp.to(tl.float32)
+        tl.store(R + qrow[:, None] * stride_rt + head[:, None] * stride_rh + offs_d[None, :],
+                 resid.to(R.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head.to(tl.int64) * stride_lse_h + qrow, lse, mask=row_ok)
 
 
 @triton.jit
 def _sparse_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ,
+    Q, K, V, O, R, DO, LSE, DELTA, DQ,
     UB, UBITS, UCNT,
     TILE_SEQ, TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_rt, stride_rh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h, n_tiles,
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_RESID: tl.constexpr, EXACT_DELTA: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -154,17 +187,15 @@ def _sparse_bwd_dq_kernel(
     head = h * G + rows % G
     row_ok = (rows < T * G) & (tok < nq)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, NB * BLOCK_N)
+    half = offs_n // BLOCK_N
+    within = offs_n % BLOCK_N
     qrow = (q0 + tok).to(tl.int64)
     q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    o = tl.load(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_ptr = head.to(tl.int64) * stride_lse_h + qrow
-    tl.store(DELTA + lse_ptr, delta, mask=row_ok)
     lse = tl.load(LSE + lse_ptr, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     if UPCAST:
@@ -173,15 +204,41 @@ def _sparse_bwd_dq_kernel(
     pos = pos0 + tok
     pos_last = pos0 + nq - 1
     tok64 = tok.to(tl.int64)
-
-    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     ubase = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
     cnt = tl.load(UCNT + h * stride_cnt_h + pid_t)
-    for i in range(0, cnt):
-        blk = tl.load(UB + ubase + i)
-        bits = tl.load(UBITS + ubase + i)
-        kpos = blk * BLOCK_N + offs_n
-        kmask = kpos <= pos_last
+
+    if EXACT_DELTA:
+        # delta = rowsum(dO * O) with the unrounded O, recomputed in fp32 by one extra pass.
+        o_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        for i in range(0, cnt, NB):
+            blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+            kmask = (blk_n >= 0) & (kpos <= pos_last)
+            krow = k0 + kpos.to(tl.int64)
+            k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None],
+                        other=0.0)
+            v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None],
+                        other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
+            p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+            o_acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        delta = tl.sum(o_acc * do.to(tl.float32), 1)
+    else:
+        o = tl.load(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_RESID:
+            o += tl.load(R + qrow[:, None] * stride_rt + head[:, None] * stride_rh + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + lse_ptr, delta, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for i in range(0, cnt, NB):
+        blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+        kmask = (blk_n >= 0) & (kpos <= pos_last)
         krow = k0 + kpos.to(tl.int64)
         k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -189,8 +246,7 @@ def _sparse_bwd_dq_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        sel = ((bits >> tok64) & 1) != 0
-        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+        mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
         p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -210,8 +266,10 @@ def _sparse_bwd_dkdv_kernel(
     stride_lse_h, stride_ch_h, stride_e_h,
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    NT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One program per (chunk of query tiles of one key block, KV head); NT tiles per step (rows
+    [0, BLOCK_M) from the first, [BLOCK_M, 2*BLOCK_M) from the second)."""
     pid_c = tl.program_id(0)
     h = tl.program_id(1)
     chb = h.to(tl.int64) * stride_ch_h + pid_c
@@ -236,20 +294,31 @@ def _sparse_bwd_dkdv_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
 
-    rows = tl.arange(0, BLOCK_M)
-    tok = rows // G
-    head = h * G + rows % G
+    rows = tl.arange(0, NT * BLOCK_M)
+    which = rows // BLOCK_M
+    rloc = rows % BLOCK_M
+    tok = rloc // G
+    head = h * G + rloc % G
     tok64 = tok.to(tl.int64)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     ebase = h.to(tl.int64) * stride_e_h
-    for e in range(start, end):
-        tile = tl.load(E_TILE + ebase + e)
-        bits = tl.load(E_BITS + ebase + e)
-        q0 = tl.load(TILE_Q0 + tile)
-        nq = tl.load(TILE_NQ + tile)
-        pos0 = tl.load(TILE_POS0 + tile)
-        row_ok = (rows < T * G) & (tok < nq)
+    for e in range(start, end, NT):
+        tile_a = tl.load(E_TILE + ebase + e)
+        bits_a = tl.load(E_BITS + ebase + e)
+        if NT == 2:
+            has_b = (e + 1) < end
+            tile_b = tl.where(has_b, tl.load(E_TILE + ebase + e + 1), tile_a)
+            bits_b = tl.where(has_b, tl.load(E_BITS + ebase + e + 1), 0)
+            tile_r = tl.where(which == 0, tile_a, tile_b)
+            bits_r = tl.where(which == 0, bits_a, bits_b)
+        else:
+            tile_r = tile_a + rows * 0
+            bits_r = bits_a + rows.to(tl.int64) * 0
+        q0 = tl.load(TILE_Q0 + tile_r)
+        nq = tl.load(TILE_NQ + tile_r)
+        pos0 = tl.load(TILE_POS0 + tile_r)
+        row_ok = (rloc < T * G) & (tok < nq)
         qrow = (q0 + tok).to(tl.int64)
         q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -264,7 +333,7 @@ def _sparse_bwd_dkdv_kernel(
         delta = tl.load(DELTA + lse_ptr, mask=row_ok, other=0.0)
         pos = pos0 + tok
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        sel = ((bits >> tok64) & 1) != 0
+        sel = ((bits_r >> tok64) & 1) != 0
         mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
         p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
@@ -274,7 +343,6 @@ def _sparse_bwd_dkdv_kernel(
     dk = dk * scale
     tl.atomic_add(DK + krow[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk, mask=kmask[:, None])
     tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
-
 
 # Launch configurations. The interpreter gets one config (autotune with several fails there);
 # on the GPU the tile shape (BLOCK_M, hence T) is chosen on the host because the union depends on
@@ -286,13 +354,22 @@ if _INTERPRET:
     _LAUNCH_KW = dict(num_warps=4, num_stages=1)
     _DKDV_KW = _LAUNCH_KW
 else:
-    _cfgs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    _fwd_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"])(
-        _sparse_fwd_kernel)
-    _dq_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"])(
+    _fwd_cfgs = [triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=2)]
+    _dq_cfgs = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
+    _dkdv_cfgs = [triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)]
+
+    def _prune_dkdv(configs, nargs, **kw):
+        """8 warps when the rows x head_dim tile is 128 x 128 or larger, else 4 (halves compile time)."""
+        rows = kw.get("BLOCK_M", 64) * kw.get("NT", 1)
+        warps = 8 if rows * kw.get("D", 128) >= 128 * 128 else 4
+        return [c for c in configs if c.num_warps == warps] or configs
+
+    _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
+    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
+    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
         _sparse_bwd_dq_kernel)
-    _dkdv_launch = triton.autotune(configs=_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"],
-                                   reset_to_zero=["DK", "DV"])(_sparse_bwd_dkdv_kernel)
+    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
+                                   prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
     _LAUNCH_KW = {}
     _DKDV_KW = {}
 
@@ -305,7 +382,7 @@ else:
 def _tile_shape(G: int, block_m: int | None) -> tuple[int, int]:
     """(T tokens per tile, BLOCK_M rows) for group size G."""
     if block_m is None:
-        block_m = 32 if _INTERPRET else 128
+        block_m = 32 if _INTERPRET else DEFAULT_BLOCK_M
     block_m = max(block_m, _next_pow2(G), 16)
     T = max(1, min(block_m // G, _MAX_TOKENS_PER_TILE))
     return T, block_m
@@ -442,36 +519,56 @@ def _prec(dtype):
     return "ieee" if (_INTERPRET or dtype == torch.float32) else "tf32"
 
 
+def _pair_default(pair):
+    return PAIR_BLOCKS if pair is None else bool(pair)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward / backward drivers
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None):
+def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None,
+             need_resid=False, pair=None):
+    """-> out, lse, resid. resid (only when need_resid and q is bf16/fp16, else an empty tensor) is
+    the rounding residual O_fp32 - O, kept for an exact delta in the backward."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
+    low = q.dtype != torch.float32
+    need_resid = need_resid and low
     # The interpreter's fp32 -> bf16/fp16 store truncates: there, write fp32 and round on the host.
     out = torch.empty(q.shape, dtype=torch.float32 if _INTERPRET else q.dtype, device=q.device)
     lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
-    if total_q == 0 or cu_q.shape[0] < 2:
-        return out.to(q.dtype), lse
-    plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
-    grid = (plan.n_tiles, hkv)
-    _fwd_launch[grid](
-        q, k, v, out, lse,
-        plan.ub, plan.ubits, plan.cnt,
-        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
-        scale * _LOG2E,
-        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
-        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
-    )
-    return out.to(q.dtype), lse
+    store_resid = need_resid and not _INTERPRET
+    resid = torch.empty(q.shape if store_resid else (0,), dtype=q.dtype, device=q.device)
+    if total_q > 0 and cu_q.shape[0] >= 2:
+        plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
+        rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
+        _fwd_launch[(plan.n_tiles, hkv)](
+            q, k, v, out, resid, lse,
+            plan.ub, plan.ubits, plan.cnt,
+            plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), rs[0], rs[1],
+            lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
+            scale * _LOG2E,
+            G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=2 if _pair_default(pair) else 1,
+            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, **_LAUNCH_KW,
+        )
+    elif store_resid:
+        resid.zero_()
+    if _INTERPRET:
+        out_lp = out.to(q.dtype)
+        if need_resid:
+            resid = (out - out_lp.float()).to(q.dtype)
+        return out_lp, lse, resid
+    return out, lse, resid
 
 
 def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-              block_m=None, chunk=None):
+              resid=None, block_m=None, chunk=None, exact_delta=None, pair=None):
+    """-> dq, dk, dv. delta = rowsum(dO * O) uses O + resid when resid is given (exact), else either a
+    recomputation pass (exact_delta, default EXACT_DELTA) or the stored O as FlashAttention does."""
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     do = do.contiguous()
@@ -480,16 +577,23 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         return dq.to(q.dtype), torch.zeros_like(k), torch.zeros_like(v)
     plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
     delta = torch.empty_like(lse)
+    has_resid = resid is not None and resid.numel() == out.numel() and out.dtype != torch.float32
+    if exact_delta is None:
+        exact_delta = EXACT_DELTA and out.dtype != torch.float32
+    exact_delta = bool(exact_delta) and not has_resid
+    r = resid if has_resid else out
+    pair = _pair_default(pair)
     _dq_launch[(plan.n_tiles, hkv)](
-        q, k, v, out, do, lse, delta, dq,
+        q, k, v, out, r, do, lse, delta, dq,
         plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        r.stride(0), r.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
         scale, scale * _LOG2E,
-        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
-        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=2 if pair else 1,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), HAS_RESID=has_resid, EXACT_DELTA=exact_delta, **_LAUNCH_KW,
     )
     if chunk is None:
         chunk = 8 if _INTERPRET else 64
@@ -505,7 +609,7 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         do.stride(0), do.stride(1), dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1),
         lse.stride(0), ch_gb.stride(0), e_tile.stride(0),
         scale, scale * _LOG2E,
-        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NT=2 if pair else 1,
         UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
     )
     return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
@@ -519,49 +623,53 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
 @torch.library.custom_op("infllmv2::sparse_attention_fwd", mutates_args=())
 def _sparse_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
-                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, need_resid: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale)
+                    softmax_scale, need_resid=need_resid)
 
 
 @_sparse_attention_fwd_op.register_fake
-def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale,
+      need_resid):
+    resid_shape = q.shape if (need_resid and q.dtype != torch.float32) else (0,)
+    return (torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
+            q.new_empty(resid_shape))
 
 
 @torch.library.custom_op("infllmv2::sparse_attention_bwd", mutates_args=())
 def _sparse_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, block_indices: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, resid: torch.Tensor, block_indices: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
                              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, out, lse, block_indices, block_size, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, softmax_scale)
+                     max_seqlen_q, max_seqlen_k, softmax_scale, resid=resid)
 
 
 @_sparse_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q, max_seqlen_k,
-      softmax_scale):
+def _(do, q, k, v, out, lse, resid, block_indices, cu_seqlens_q, cu_seqlens_k, block_size, max_seqlen_q,
+      max_seqlen_k, softmax_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, cu_q, cu_k)
+    q, k, v, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale, _ = inputs
+    out, lse, resid = output
+    ctx.save_for_backward(q, k, v, out, lse, resid, block_indices, cu_q, cu_k)
     ctx.meta = (block_size, max_seqlen_q, max_seqlen_k, softmax_scale)
 
 
-def _backward_fn(ctx, dout, dlse):
+def _backward_fn(ctx, dout, dlse, dresid):
     # The lse output is not differentiable (dlse is ignored), as in FlashAttention.
-    q, k, v, out, lse, block_indices, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, resid, block_indices, cu_q, cu_k = ctx.saved_tensors
     block_size, max_seqlen_q, max_seqlen_k, softmax_scale = ctx.meta
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.infllmv2.sparse_attention_bwd(
-        dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k, softmax_scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        dout, q, k, v, out, lse, resid, block_indices, cu_q, cu_k, block_size, max_seqlen_q, max_seqlen_k,
+        softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _sparse_attention_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -624,5 +732,8 @@ def sparse_attention_triton(q, k, v, block_indices, block_size, cu_seqlens_q, cu
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
-    return torch.ops.infllmv2.sparse_attention_fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, int(block_size),
-                                                   int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale))
+    need_resid = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, lse, _ = torch.ops.infllmv2.sparse_attention_fwd(
+        q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, int(block_size), int(max_seqlen_q), int(max_seqlen_k),
+        float(softmax_scale), bool(need_resid))
+    return out, lse

@@ -1,0 +1,296 @@
+"""Development check + timing of the Triton stage-1 selection and the decode kernel (one GPU run).
+
+    python benchmarks/dev_selection.py [--quick] [--variants]
+
+Prints correctness against infllmv2.ops.naive (bf16 compared by score, fp32 exactly), then
+selection time / peak extra memory at 32K/64K/128K (standard shape, `random` pattern) and one
+decode step at a 128K cache, batch 8, against dense SDPA decode, all in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, ".")
+from infllmv2.config import SparseConfig  # noqa: E402
+from infllmv2.ops import naive  # noqa: E402
+from infllmv2.ops.triton.decode import infllmv2_decode_triton  # noqa: E402
+from infllmv2.ops.triton.selection import compress_keys_varlen, select_blocks_triton  # noqa: E402
+
+DEV = "cuda"
+VARIANTS = [(True, 128, 64, 4, 3), (True, 64, 64, 4, 3), (True, 256, 64, 8, 3), (True, 256, 64, 4, 3),
+            (True, 128, 32, 4, 3), (True, 256, 32, 8, 3), (False, 128, 64, 8, 3)]
+RESULTS = {}
+
+
+def section(name):
+    def deco(fn):
+        def run(*a, **k):
+            print(f"\n=== {name} ===", flush=True)
+            t0 = time.time()
+            try:
+                fn(*a, **k)
+            except Exception:  # keep going: one GPU run must report everything
+                traceback.print_exc()
+                RESULTS[name] = "FAILED"
+            print(f"--- {name}: {time.time() - t0:.1f}s", flush=True)
+        return run
+    return deco
+
+
+def score_check(q, k, cfg, got, scale):
+    """got (Hkv, n, budget) vs the fp32 reference: same sizes, forced present, no future, score sums."""
+    ref = naive.select_blocks(q.float(), k.float(), cfg, scale)
+    sc = naive.block_scores(q.float(), k.float(), cfg, scale)  # (Hkv, n, nb)
+    nb = sc.shape[-1]
+    exact = (ref == got).all(-1).float().mean().item()
+    size_ok = ((ref >= 0).sum(-1) == (got >= 0).sum(-1)).all().item()
+    g = torch.where(got < 0, nb, got.long())
+    r = torch.where(ref < 0, nb, ref.long())
+    scp = torch.cat([sc, sc.new_zeros(sc.shape[:-1] + (1,))], -1)
+    sg = torch.gather(scp, -1, g).sum(-1)
+    sr = torch.gather(scp, -1, r).sum(-1)
+    rel = ((sg - sr).abs() / sr.abs().clamp_min(1e-6)).max().item()
+    n, nk = q.shape[0], k.shape[0]
+    bq = (torch.arange(nk - n, nk, device=q.device) // cfg.block_size)[None, :, None]
+    future = (got > bq).any().item()
+    # forced present
+    mask = torch.zeros(got.shape[0], n, nb + 1, dtype=torch.bool, device=q.device)
+    mask.scatter_(-1, g, True)
+    b = torch.arange(nb, device=q.device)[None, None, :]
+    forced = ((b < cfg.init_blocks) | (b >= bq - cfg.local_blocks)) & (b <= bq)
+    forced_ok = (~forced | mask[..., :nb]).all().item()
+    return dict(exact_rows=round(exact, 4), sizes_equal=size_ok, no_future=not future, forced_ok=forced_ok,
+                max_rel_score_sum_diff=rel)
+
+
+@section("correctness: selection vs naive")
+def check_selection():
+    torch.manual_seed(0)
+    out = {}
+    for dtype, lens_k, lens_q, G, hkv, d, approx in [
+        (torch.float32, [3000, 0, 700, 2100], [3000, 0, 100, 33], 16, 2, 128, True),
+        (torch.float32, [2500, 513], [2500, 513], 4, 2, 64, False),
+        (torch.bfloat16, [6000, 1500], [6000, 700], 16, 2, 128, True),
+        (torch.bfloat16, [5000], [5000], 4, 4, 64, False),
+    ]:
+        cfg = SparseConfig(dense_len=-1, lse_approx=approx, topk=32, window_size=1024)
+        k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=dtype)
+        q = torch.randn(sum(lens_q), hkv * G, d, device=DEV, dtype=dtype)
+        cuk = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEV)
+        cuq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEV)
+        got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+        kc, cuc = compress_keys_varlen(k, cuk, 32, 16)
+        torch.cuda.synchronize()
+        for i in range(len(lens_k)):
+            if lens_q[i] == 0:
+                continue
+            ks, qs = k[cuk[i]:cuk[i + 1]], q[cuq[i]:cuq[i + 1]]
+            cerr = (kc[cuc[i]:cuc[i + 1]].float() - naive.compress_keys(ks.float(), 32, 16)).abs().max().item()
+            r = score_check(qs, ks, cfg, got[:, cuq[i]:cuq[i + 1]], d ** -0.5)
+            r["compress_max_err"] = cerr
+            key = f"{dtype} G{G} d{d} approx{approx} lk{lens_k[i]} lq{lens_q[i]}"
+            out[key] = r
+            print(key, r, flush=True)
+    RESULTS["selection_correctness"] = out
+
+
+@section("correctness: decode vs naive")
+def check_decode():
+    torch.manual_seed(1)
+    out = {}
+    for dtype, G, d, dl in [(torch.float32, 16, 128, -1), (torch.bfloat16, 16, 128, 3000), (torch.bfloat16, 4, 64, -1)]:
+        cfg = SparseConfig(dense_len=dl, topk=32, window_size=1024)
+        lens = [5000, 1, 2999, 3000, 4100]
+        hkv, ml = 2, 5100
+        kc = torch.randn(len(lens), ml, hkv, d, device=DEV, dtype=dtype)
+        vc = torch.randn(len(lens), ml, hkv, d, device=DEV, dtype=dtype)
+        q = torch.randn(len(lens), hkv * G, d, device=DEV, dtype=dtype)
+        sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        o, idx = infllmv2_decode_triton(q, kc, vc, sl, cfg, return_block_indices=True)
+        for i, n in enumerate(lens):
+            ref, _ = naive.infllmv2_attention(q[i:i + 1].double(), kc[i, :n].double(), vc[i, :n].double(), cfg)
+            low, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg)
+            err = (o[i].double() - ref[0]).abs().max().item()
+            lerr = (low[0].double() - ref[0]).abs().max().item()
+            r = dict(err=err, ref_lowprec_err=lerr)
+            if cfg.is_sparse(n):
+                r.update(score_check(q[i:i + 1], kc[i, :n], cfg, idx[:, i:i + 1], d ** -0.5))
+            key = f"{dtype} G{G} d{d} dense_len{dl} L{n}"
+            out[key] = r
+            print(key, r, flush=True)
+    RESULTS["decode_correctness"] = out
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del res
+    return peak / 2 ** 30
+
+
+@section("selection timing (standard shape, random)")
+def time_selection(lengths, variants):
+    cfg = SparseConfig(dense_len=-1)
+    out = {}
+    for n in lengths:
+        torch.manual_seed(0)
+        q = torch.randn(n, 32, 128, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(n, 2, 128, device=DEV, dtype=torch.bfloat16)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        f = lambda **kw: select_blocks_triton(q, k, cfg, cu, cu, n, n, **kw)  # noqa: E731
+        comp = lambda: (compress_keys_varlen(k, cu, 32, 16), compress_keys_varlen(k, cu, 128, 64))  # noqa: E731
+        row = dict(compress_ms=triton.testing.do_bench(comp, warmup=5, rep=20))
+        row["select_ms"] = triton.testing.do_bench(f, warmup=3, rep=15)
+        row["peak_extra_GiB"] = peak_extra(f)
+        cfg_x = cfg.replace(lse_approx=False)
+        row["select_exact_ms"] = triton.testing.do_bench(
+            lambda: select_blocks_triton(q, k, cfg_x, cu, cu, n, n), warmup=2, rep=10)
+        if variants and n >= 65536:
+            for tr, bm, bn, nw, ns in VARIANTS:
+                name = f"select_ms_T{int(tr)}_bm{bm}_bn{bn}_w{nw}_s{ns}"
+                try:
+                    row[name] = triton.testing.do_bench(
+                        lambda: f(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, transposed=tr), warmup=2, rep=10)
+                except Exception as e:  # noqa: BLE001
+                    row[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        if n == lengths[-1]:  # per-kernel break-down
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    f()
+                torch.cuda.synchronize()
+            tot = {}
+            for ev in prof.key_averages():
+                if ev.device_type.name == "CUDA" or "kernel" in ev.key:
+                    tot[ev.key[:60]] = round(getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0)) / 3e3, 3)
+            row["kernel_ms_per_call"] = dict(sorted(tot.items(), key=lambda x: -x[1])[:10])
+        out[n] = row
+        print(n, json.dumps(row), flush=True)
+        del q, k
+    RESULTS["selection_timing"] = out
+
+
+@section("decode timing: 128K cache, batch 8")
+def time_decode(L=131072, batch=8):
+    torch.manual_seed(0)
+    cfg = SparseConfig()
+    hkv, hq, d = 2, 32, 128
+    kc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(batch, hq, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.full((batch,), L, dtype=torch.int32, device=DEV)
+    kf = torch.stack([naive.compress_keys(kc[b], 32, 16) for b in range(batch)])
+    kco = torch.stack([naive.compress_keys(kc[b], 128, 64) for b in range(batch)])
+    out = {}
+    o, idx = infllmv2_decode_triton(q, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco, return_block_indices=True)
+    # stage-2 check at scale: attention over the returned blocks, in fp32
+    errs = []
+    for b in range(2):
+        mask = naive.selection_mask(idx[:, b:b + 1], L, cfg.block_size)  # (Hkv, 1, L)
+        ref, _ = naive._masked_attention(q[b:b + 1].float(), kc[b].float(), vc[b].float(), mask, d ** -0.5)
+        errs.append((o[b].float() - ref[0]).abs().max().item())
+    out["stage2_err_vs_fp32_given_blocks"] = max(errs)
+    # stage-1 check at scale: the decode selection vs the prefill kernel's selection of the last token
+    cu_q = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, L], dtype=torch.int32, device=DEV)
+    pre = select_blocks_triton(q[:1], kc[0], cfg, cu_q, cu_k, 1, L)
+    out["decode_vs_prefill_selection_equal"] = bool((pre[:, 0] == idx[:, 0]).all().item())
+    ours = lambda: infllmv2_decode_triton(q, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
+    ours_nocache = lambda: infllmv2_decode_triton(q, kc, vc, sl, cfg)  # noqa: E731
+    out["ours_ms"] = triton.testing.do_bench(ours, warmup=10, rep=50)
+    out["ours_compress_from_cache_ms"] = triton.testing.do_bench(ours_nocache, warmup=5, rep=20)
+    def graphed(fn):
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn()
+        return gr.replay
+    try:
+        out["ours_graph_ms"] = triton.testing.do_bench(graphed(ours), warmup=10, rep=50)
+    except Exception as e:  # noqa: BLE001
+        out["ours_graph_ms"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    qq = q[:, :, None, :]
+    kk, vv = kc.transpose(1, 2), vc.transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    for name, be in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        def dense():
+            if be is None:
+                return F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+        try:
+            dense()
+            out[f"sdpa_{name}_ms"] = triton.testing.do_bench(dense, warmup=5, rep=30)
+            out[f"sdpa_{name}_graph_ms"] = triton.testing.do_bench(graphed(dense), warmup=5, rep=30)
+        except Exception as e:  # noqa: BLE001
+            out[f"sdpa_{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:150]}"
+    # contiguous-head layout for SDPA (what a dense decoder would keep)
+    kk2, vv2 = kk.contiguous(), vv.contiguous()
+    for name, be in [("flash_contig", SDPBackend.FLASH_ATTENTION), ("cudnn_contig", SDPBackend.CUDNN_ATTENTION)]:
+        def dense2():
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(qq, kk2, vv2, enable_gqa=True)
+        try:
+            dense2()
+            out[f"sdpa_{name}_ms"] = triton.testing.do_bench(dense2, warmup=5, rep=30)
+        except Exception as e:  # noqa: BLE001
+            out[f"sdpa_{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:150]}"
+    dense_times = [v for kk_, v in out.items() if kk_.startswith("sdpa_") and isinstance(v, float)]
+    if dense_times:
+        out["speedup_eager_vs_fastest_sdpa"] = min(dense_times) / out["ours_ms"]
+        if isinstance(out.get("ours_graph_ms"), float):
+            out["speedup_graph_vs_fastest_sdpa"] = min(dense_times) / out["ours_graph_ms"]
+    # decode break-down
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ours()
+        torch.cuda.synchronize()
+    out["kernel_us_per_step"] = {ev.key[:50]: round(getattr(ev, "device_time_total", 0) / 5, 1)
+                                 for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
+    print(json.dumps(out, indent=1), flush=True)
+    RESULTS["decode_timing"] = out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--skip-correctness", action="store_true")
+    args = ap.parse_args()
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    if not args.skip_correctness:
+        check_selection()
+        check_decode()
+    time_selection([32768] if args.quick else [32768, 65536, 131072], args.variants)
+    time_decode()
+    import os
+    path = os.path.join(os.environ.get("OUT", "."), "dev_selection.json")
+    with open(path, "w") as fh:
+        json.dump(RESULTS, fh, indent=1, default=str)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

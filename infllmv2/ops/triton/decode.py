@@ -1,0 +1,218 @@
+"""One decode step of InfLLM-V2 in Triton: one new query token per sequence against a KV cache.
+
+Stage 1 reuses the selection kernels of ``selection.py`` (one tile per sequence, keys split over
+several programs, flash-decoding style); stage 2 splits the selected blocks of each (sequence,
+KV head) over several programs (``_decode_split_kernel``; the G query heads of the group are the
+rows of one program, since they share the selection) and ``_decode_combine_kernel`` merges the
+partial results by their log-sum-exp. A sequence whose key length is below ``dense_len`` attends
+to all its keys (same kernels, the block list is then 0, 1, 2, ...).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import SparseConfig
+from .selection import _INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _select_core
+
+__all__ = ["infllmv2_decode_triton"]
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, o_ptr, lse_ptr,
+                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                         stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                         qk_scale, D, budget, dense_len, blocks_per_split,
+                         G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TO_F32: tl.constexpr, PREC: tl.constexpr):
+    bid = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    L = tl.load(seqlen_ptr + bid)
+    is_dense = (dense_len >= 0) & (L < dense_len)
+    n_ent = tl.where(is_dense, (L + BS - 1) // BS, budget)
+    e_lo = split * blocks_per_split
+    e_hi = tl.minimum(e_lo + blocks_per_split, n_ent)
+    g = tl.arange(0, BLOCK_M)
+    gmask = g < G
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    bid64 = bid.to(tl.int64)
+    q = tl.load(q_ptr + bid64 * stride_qb + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if TO_F32:
+        q = q.to(tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    offs_u = tl.arange(0, BS)
+    kbase = k_ptr + bid64 * stride_kb + h * stride_kh
+    vbase = v_ptr + bid64 * stride_vb + h * stride_vh
+    for e in range(e_lo, e_hi):
+        blk = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + tl.where(is_dense, 0, e))
+        blk = tl.where(is_dense, e, blk)
+        u = blk * BS + offs_u
+        umask = (u < L) & (u >= 0)  # a -1 entry gives u < 0
+        kt = tl.load(kbase + u.to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
+                     mask=umask[None, :] & dmask[:, None], other=0.0)
+        vv = tl.load(vbase + u.to(tl.int64)[:, None] * stride_vt + offs_d[None, :],
+                     mask=umask[:, None] & dmask[None, :], other=0.0)
+        if TO_F32:
+            kt = kt.to(tl.float32)
+            vv = vv.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(umask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    hq = h * G + g
+    tl.store(o_ptr + bid64 * stride_ob + hq[:, None] * stride_oh + split * stride_os + offs_d[None, :], o,
+             mask=gmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + bid64 * stride_lb + hq * stride_lh + split, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
+                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_xb, stride_xh,
+                           SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    bid = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    s = tl.arange(0, SPLIT_P)
+    smask = s < n_split
+    lse = tl.load(lse_ptr + bid * stride_lb + hq * stride_lh + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    den = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    o = tl.load(o_ptr + bid * stride_ob + hq * stride_oh + s[:, None] * stride_os + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + bid * stride_xb + hq * stride_xh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config):
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a (batch, Hq, d) tensor, got {getattr(q, 'shape', type(q))}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a (batch, max_len, Hkv, d) tensor, got {getattr(x, 'shape', type(x))}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} shapes differ")
+    b, hq, d = q.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
+    hkv = k_cache.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    if d < 16 or d > 256:
+        raise ValueError(f"head dim {d} not supported (16..256)")
+    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (b,)
+            or cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device):
+        raise ValueError("cache_seqlens must be a (batch,) int32 tensor on q's device")
+    _check_pooling(config)
+
+
+def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens: torch.Tensor, config: SparseConfig, softmax_scale: float | None = None,
+                           k_fine: torch.Tensor | None = None, k_coarse: torch.Tensor | None = None,
+                           return_block_indices: bool = False, blocks_per_split: int | None = None):
+    """One decode step.
+
+    q: (batch, Hq, d), the newest token's query (its key/value already written into the cache);
+    k_cache, v_cache: (batch, max_len, Hkv, d); cache_seqlens: (batch,) int32 key lengths including
+    the new token (>= 1). k_fine / k_coarse: optional (batch, max_n, Hkv, d) compressed keys of the
+    cache (the first ``(len - kernel) // stride + 1`` rows of each sequence are used); computed from
+    the cache when not given. Returns out (batch, Hq, d) in q's dtype (and the (Hkv, batch, budget)
+    selection when ``return_block_indices``; rows of dense sequences are then meaningless).
+    """
+    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config)
+    q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    batch, hq, d = q.shape
+    max_len, hkv = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    dev = q.device
+    out = torch.empty_like(q)
+    if batch == 0:
+        return (out, torch.empty((hkv, 0, config.budget), dtype=torch.int32, device=dev)) if return_block_indices else out
+    lens = cache_seqlens
+    B = config.block_size
+    with torch.no_grad():
+        sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
+        if sparse_possible:
+            def compressed(given, kernel, stride):
+                n = torch.where(lens >= kernel, torch.div(lens - kernel, stride, rounding_mode="floor") + 1,
+                                torch.zeros_like(lens)).to(torch.int32)
+                if given is not None:
+                    if given.dim() != 4 or given.shape[0] != batch or given.shape[2:] != k_cache.shape[2:]:
+                        raise ValueError(f"compressed keys must be (batch, max_n, Hkv, d), got {tuple(given.shape)}")
+                    if given.dtype != q.dtype or given.device != dev:
+                        raise ValueError("compressed keys must have q's dtype and device")
+                    mn = given.shape[1]
+                    flat = given.reshape(batch * mn, hkv, d)
+                    start = torch.arange(batch, device=dev, dtype=torch.int32) * mn
+                    return flat, start, torch.minimum(n, torch.full_like(n, mn))
+                flat_k = k_cache.reshape(batch * max_len, hkv, d)
+                kstart = torch.arange(batch, device=dev, dtype=torch.int32) * max_len
+                c, cs, cn, _ = _compress_core(flat_k, kstart, lens, kernel, stride)
+                return c, cs, cn
+
+            k1, s1, n1 = compressed(k_fine, config.kernel_size, config.kernel_stride)
+            if config.lse_approx:
+                k2, s2, n2 = compressed(k_coarse, config.coarse_kernel_size, config.coarse_kernel_stride)
+            else:
+                k2, s2, n2 = k1, s1, n1
+            ar = torch.arange(batch, device=dev, dtype=torch.int32)
+            ones = torch.ones(batch, dtype=torch.int32, device=dev)
+            # one tile per sequence (its single query); no host synchronisation
+            idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
+                               tiles=(ar, torch.zeros_like(ar), batch))
+        else:
+            idx = torch.full((hkv, batch, config.budget), -1, dtype=torch.int32, device=dev)
+
+        # stage 2, split-K over the block list
+        n_ent = config.budget if sparse_possible else 0
+        if config.dense_len > 0:
+            n_ent = max(n_ent, triton.cdiv(min(max_len, config.dense_len - 1), B))
+        n_ent = max(n_ent, 1)
+        bps = blocks_per_split or max(1, triton.cdiv(n_ent, 16))
+        n_split = triton.cdiv(n_ent, bps)
+        o_part = torch.empty((batch, hq, n_split, d), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((batch, hq, n_split), dtype=torch.float32, device=dev)
+        to_f32 = _INTERPRET or q.dtype == torch.float32
+        prec = "ieee" if to_f32 else "tf32"
+        BLOCK_D = max(16, _next_pow2(d))
+        kw = {} if _INTERPRET else dict(num_warps=4, num_stages=2)
+        _decode_split_kernel[(batch, hkv, n_split)](
+            q, k_cache, v_cache, idx, lens, o_part, lse_part,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            idx.stride(0), idx.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1),
+            scale * _LOG2E, d, config.budget, config.dense_len, bps,
+            G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec, **kw)
+        _decode_combine_kernel[(batch, hq)](
+            o_part, lse_part, out, n_split, d,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1), SPLIT_P=max(2, _next_pow2(n_split)), BLOCK_D=BLOCK_D,
+            **({} if _INTERPRET else dict(num_warps=4)))
+    return (out, idx) if return_block_indices else out

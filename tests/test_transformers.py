@@ -1,0 +1,455 @@
+"""transformers integration: ``infllmv2.enable`` on tiny random Llama / Qwen2 models (CPU, float32)."""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import infllmv2  # noqa: E402
+from infllmv2 import SparseConfig  # noqa: E402
+from infllmv2.models.transformers import ATTN_IMPLEMENTATION, disable, enable  # noqa: E402
+from infllmv2.ops import naive  # noqa: E402
+
+# Head dim 16, blocks of 16: a 200-token sequence has 13 blocks, each token sees 3 (topk 2 + 1 local).
+SPARSE = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=16, topk=2,
+                      dense_len=-1)
+FULL = SPARSE.replace(topk=20)  # budget 21 blocks = 336 tokens: covers every sequence below
+VOCAB = 97
+# The KV-cache argument of forward(): ``cache`` in recent transformers, ``past_key_values`` before.
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _llama(layers=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _ids(n, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+@torch.no_grad()
+def _logits(model, ids, **kw):
+    return model(input_ids=ids, use_cache=False, **kw).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration, parameters, dense equivalence
+# --------------------------------------------------------------------------------------------------
+def test_import_registers_attention_and_mask():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
+    assert ATTN_IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert infllmv2.enable is enable
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_enable_adds_no_parameters_and_stores_config(make):
+    model = make()
+    keys = list(model.state_dict())
+    count = sum(p.numel() for p in model.parameters())
+    buffers = sorted(n for n, _ in model.named_buffers())
+    assert enable(model, SPARSE) is model
+    assert list(model.state_dict()) == keys
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert sorted(n for n, _ in model.named_buffers()) == buffers
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert model.config.sparse_config == SPARSE.to_dict()
+    assert isinstance(model.config.sparse_config, dict)
+    assert model.config.to_dict()["sparse_config"] == SPARSE.to_dict()  # serialisable as MiniCPM4 keeps it
+
+
+def test_enable_accepts_minicpm4_dict_and_none():
+    model = enable(_llama(), {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                              "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192})
+    assert model.config.sparse_config["dense_len"] == 8192
+    assert enable(_llama(), None).config.sparse_config == SparseConfig().to_dict()
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_budget_covering_sequence_equals_dense(make):
+    model = make()
+    ids = _ids(200, batch=2)
+    ref = _logits(model, ids)
+    eager = _logits(model.set_attn_implementation("eager") or model, ids)
+    torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+    enable(model, FULL)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_sparse_differs_from_dense(make):
+    model = make()
+    ids = _ids(200)
+    ref = _logits(model, ids)
+    out = _logits(enable(model, SPARSE), ids)
+    budget_tokens = SPARSE.budget * SPARSE.block_size
+    # Positions within the budget see every past key: identical; later ones do not.
+    torch.testing.assert_close(out[:, :budget_tokens], ref[:, :budget_tokens], atol=1e-5, rtol=1e-5)
+    assert (out[:, budget_tokens:] - ref[:, budget_tokens:]).abs().max() > 1e-3
+
+
+def test_dense_len_switch_in_forward():
+    model = _llama()
+    ids = _ids(200)
+    ref = _logits(model, ids)
+    enable(model, SPARSE.replace(dense_len=201))  # 200 keys < 201: dense
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+    enable(model, SPARSE.replace(dense_len=200))  # 200 keys >= 200: sparse
+    assert (_logits(model, ids) - ref).abs().max() > 1e-3
+
+
+def test_disable_restores_dense():
+    model = _llama()
+    ids = _ids(200)
+    ref = _logits(model, ids)
+    enable(model, SPARSE)
+    disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The enabled model is InfLLM-V2 in every layer
+# --------------------------------------------------------------------------------------------------
+def test_torch_backend_equals_reference_backend():
+    ids = _ids(200, batch=2)
+    fast = _logits(enable(_llama(), SPARSE, backend="torch"), ids)
+    ref = _logits(enable(_llama(), SPARSE, backend="reference"), ids)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_equals_hand_computation_with_naive_reference():
+    """Re-run the model layer by layer, with naive.infllmv2_attention in place of the attention."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = _llama()
+    ids = _ids(200)
+    out = _logits(enable(model, SPARSE), ids)
+    with torch.no_grad():
+        inner = model.model
+        h = inner.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        cos, sin = inner.rotary_emb(h, pos)
+        for layer in inner.layers:
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (1, ids.shape[1], -1, attn.head_dim)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            o, _ = naive.infllmv2_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), SPARSE,
+                                            attn.scaling)
+            h = h + attn.o_proj(o.reshape(1, ids.shape[1], -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        hand = model.lm_head(inner.norm(h))
+    torch.testing.assert_close(out, hand, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding with a KV cache
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _decode_logits(model, ids, prefill):
+    """Prefill ``prefill`` tokens, then feed the rest one token at a time; logits of every fed position."""
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    cache, logits = _cache_of(out), [out.logits]
+    for i in range(prefill, ids.shape[1]):
+        out = model(input_ids=ids[:, i:i + 1], **{CACHE: cache}, use_cache=True)
+        cache = _cache_of(out)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+def test_prefill_then_decode_equals_full_forward_sparse(make):
+    model = enable(make(), SPARSE)
+    ids = _ids(200, batch=2)
+    full = _logits(model, ids)
+    stepped = _decode_logits(model, ids, prefill=180)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_matches_stepwise_full_forwards_sparse():
+    model = enable(_llama(), SPARSE)
+    prompt = _ids(190)
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    seq = gen.sequences
+    assert seq.shape[1] == 198
+    full = _logits(model, seq)
+    for i, step_logits in enumerate(gen.logits):
+        torch.testing.assert_close(step_logits, full[:, 189 + i], atol=1e-5, rtol=1e-5)
+
+
+def test_switch_to_sparse_while_decoding_one_layer():
+    """One layer: each step's logits equal a full forward of the prefix (dense below dense_len, sparse from it)."""
+    dense_len = 128
+    model = _llama(layers=1)
+    dense_model = copy.deepcopy(model)
+    enable(model, SPARSE.replace(dense_len=dense_len))
+    prompt = _ids(dense_len - 3)
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    seq = gen.sequences
+    switched = False
+    for i, step_logits in enumerate(gen.logits):
+        n = prompt.shape[1] + i  # keys seen by this step (the query included)
+        prefix = seq[:, :n]
+        torch.testing.assert_close(step_logits, _logits(model, prefix)[:, -1], atol=1e-5, rtol=1e-5)
+        dense_step = _logits(dense_model, prefix)[:, -1]
+        if n < dense_len:
+            torch.testing.assert_close(step_logits, dense_step, atol=1e-5, rtol=1e-5)
+        else:
+            switched = True
+            assert (step_logits - dense_step).abs().max() > 1e-4
+    assert switched
+
+
+def test_switch_to_sparse_while_decoding_decides_by_cache_length():
+    """Two layers: from the same cache, a step runs dense below dense_len and sparse from it on."""
+    dense_len = 128
+    model = enable(_llama(), SPARSE.replace(dense_len=dense_len))
+    prompt = _ids(dense_len - 3)
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=1e-5, rtol=1e-5)
+        for i in range(1, 8):
+            assert int(token) == int(gen.sequences[0, prompt.shape[1] + i - 1])
+            n = prompt.shape[1] + i
+            results = {}
+            for name, dl in (("switch", dense_len), ("sparse", -1), ("dense", 10 ** 9)):
+                model.config.sparse_config = SPARSE.replace(dense_len=dl).to_dict()
+                results[name] = model(input_ids=token, **{CACHE: copy.deepcopy(cache)}, use_cache=True).logits[:, -1]
+            model.config.sparse_config = SPARSE.replace(dense_len=dense_len).to_dict()
+            step = model(input_ids=token, **{CACHE: cache}, use_cache=True)
+            cache = _cache_of(step)
+            torch.testing.assert_close(step.logits[:, -1], results["switch"], atol=0, rtol=0)
+            torch.testing.assert_close(step.logits[:, -1], gen.logits[i], atol=1e-5, rtol=1e-5)
+            expected = results["dense"] if n < dense_len else results["sparse"]
+            torch.testing.assert_close(results["switch"], expected, atol=1e-6, rtol=1e-6)
+            if n >= dense_len:
+                assert (results["sparse"] - results["dense"]).abs().max() > 1e-4
+            token = step.logits[:, -1:].argmax(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def test_training_backward_gives_finite_gradients():
+    model = enable(_llama(), SPARSE).train()
+    ids = _ids(200, batch=2)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            grad = getattr(layer.self_attn, name).weight.grad
+            assert grad is not None, f"layer {i} {name} has no gradient"
+            assert torch.isfinite(grad).all() and grad.abs().sum() > 0, f"layer {i} {name}"
+
+
+def test_training_gradients_equal_dense_when_budget_covers():
+    ids = _ids(120)
+    grads = []
+    for sparse in (None, FULL):
+        model = _llama().train()
+        if sparse is not None:
+            enable(model, sparse)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_dropout_is_rejected():
+    with pytest.raises(ValueError, match="attention_dropout"):
+        enable(_llama(attention_dropout=0.1), SPARSE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding and packing
+# --------------------------------------------------------------------------------------------------
+def _left_padded(seqs, pad=0):
+    n = max(s.shape[1] for s in seqs)
+    ids = torch.full((len(seqs), n), pad)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - s.shape[1]:] = s[0]
+        mask[i, n - s.shape[1]:] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_each_sequence_alone():
+    model = enable(_llama(), SPARSE)
+    seqs = [_ids(200, seed=3), _ids(150, seed=4), _ids(40, seed=5)]
+    ids, mask = _left_padded(seqs)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batched = _logits(model, ids, attention_mask=mask, position_ids=position_ids)
+    for i, s in enumerate(seqs):
+        alone = _logits(model, s)
+        torch.testing.assert_close(batched[i, ids.shape[1] - s.shape[1]:], alone[0], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(batched[i]).all()
+
+
+def test_right_padded_batch_equals_each_sequence_alone():
+    model = enable(_llama(), SPARSE)
+    seqs = [_ids(200, seed=3), _ids(150, seed=4)]
+    ids = torch.zeros(2, 200, dtype=torch.long)
+    mask = torch.zeros(2, 200, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :s.shape[1]], mask[i, :s.shape[1]] = s[0], 1
+    batched = _logits(model, ids, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(batched[i, :s.shape[1]], _logits(model, s)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batch_full_budget_equals_sdpa():
+    model = _llama()
+    seqs = [_ids(200, seed=3), _ids(150, seed=4)]
+    ids, mask = _left_padded(seqs)
+    ref = _logits(model, ids, attention_mask=mask)
+    out = _logits(enable(model, FULL), ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_generate_equals_each_sequence_alone():
+    model = enable(_llama(), SPARSE.replace(dense_len=150))  # the short prompt crosses dense_len while decoding
+    seqs = [_ids(200, seed=3), _ids(146, seed=4)]
+    ids, mask = _left_padded(seqs)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+        for i, s in enumerate(seqs):
+            alone = model.generate(s, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+            assert torch.equal(batched.sequences[i, ids.shape[1]:], alone.sequences[0, s.shape[1]:])
+            for a, b in zip(batched.logits, alone.logits):
+                torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_sequences_by_position_ids_equal_each_alone():
+    model = enable(_llama(), SPARSE)
+    seqs = [_ids(120, seed=6), _ids(90, seed=7)]
+    ids = torch.cat(seqs, dim=1)
+    position_ids = torch.cat([torch.arange(120), torch.arange(90)])[None]
+    packed = _logits(model, ids, position_ids=position_ids)
+    torch.testing.assert_close(packed[:, :120], _logits(model, seqs[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 120:], _logits(model, seqs[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_no_square_mask_is_built():
+    """The mask function hands the attention None (no padding) or the 2D padding mask, never n x n."""
+    model = enable(_llama(), SPARSE)
+    seen = []
+    attn = model.model.layers[0].self_attn
+    from transformers import AttentionInterface
+
+    fn = AttentionInterface._global_mapping[ATTN_IMPLEMENTATION]
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        seen.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return fn(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, spy)
+    try:
+        ids = _ids(200, batch=2)
+        _logits(model, ids)
+        _logits(model, ids, attention_mask=torch.ones_like(ids))
+        mask = torch.ones_like(ids)
+        mask[1, :10] = 0
+        _logits(model, ids, attention_mask=mask)
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, fn)
+    assert attn is model.model.layers[0].self_attn
+    assert seen[:2] == [None, None] and seen[-1] == (2, 200)
+    assert all(s is None or len(s) == 2 for s in seen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+def test_bad_config_dict_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown keys.*block_sz"):
+        enable(_llama(), {"block_sz": 64})
+
+
+def test_inconsistent_config_is_rejected():
+    with pytest.raises(ValueError, match="block_size"):
+        enable(_llama(), {"block_size": 60})
+    with pytest.raises(TypeError, match="SparseConfig"):
+        enable(_llama(), 3)
+
+
+def test_invalid_sparse_config_on_model_is_reported_at_run_time():
+    model = enable(_llama(), SPARSE)
+    model.config.sparse_config = {"block_size": 0}
+    with pytest.raises(ValueError, match="sparse_config.*block_size"):
+        _logits(model, _ids(40))
+
+
+def test_non_gqa_model_is_rejected():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    with pytest.raises(ValueError, match=r"\(G\)QA"):
+        enable(transformers.GPT2LMHeadModel(cfg), SPARSE)
+
+
+def test_non_model_is_rejected():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        enable(torch.nn.Linear(2, 2), SPARSE)
+
+
+def test_sliding_window_model_is_rejected():
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64)
+    with pytest.raises(ValueError, match="sliding"):
+        enable(transformers.MistralForCausalLM(cfg), SPARSE)
+    cfg.sliding_window = None
+    model = transformers.MistralForCausalLM(cfg).eval()
+    ids = _ids(150)
+    ref = _logits(model, ids)
+    torch.testing.assert_close(_logits(enable(model, FULL), ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_4d_mask_is_rejected():
+    model = enable(_llama(), SPARSE)
+    ids = _ids(40)
+    mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="2D padding mask"):
+        _logits(model, ids, attention_mask=mask)

@@ -1,0 +1,166 @@
+"""Triton stage-1 selection (infllmv2.ops.triton.selection) against the reference, per sequence.
+
+Runs through the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1), at small
+sizes: fp32 selections must equal ``naive.select_blocks`` exactly; bf16 selections are compared by
+score (the reference block scores of the chosen set vs of the reference set), plus the structural
+invariants (sizes, forced blocks present, no future block, sorted, -1 padding).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infllmv2.config import SparseConfig
+from infllmv2.ops import naive
+from infllmv2.ops.triton.selection import compress_keys_varlen, select_blocks_triton
+
+SMALL = dict(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=3, init_blocks=1, dense_len=-1)
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _pack(lens_q, lens_k, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to(dtype)
+    q = torch.randn(sum(lens_q), hq, d, generator=g).to(dtype)
+    return q, k, _cu(lens_q), _cu(lens_k)
+
+
+def _structure(got, nk, cfg):
+    """(Hkv, n, budget) for one sequence whose queries are the last n of nk keys."""
+    hkv, n, budget = got.shape
+    t = torch.arange(nk - n, nk)
+    bq = t // cfg.block_size
+    size = (got >= 0).sum(-1)
+    assert torch.equal(size, torch.minimum(bq + 1, torch.tensor(budget)).expand(hkv, n)), "selection size"
+    valid = got >= 0
+    assert (got[valid] >= 0).all()
+    assert (got <= bq[None, :, None]).all(), "future block selected"
+    # sorted ascending, padding at the end
+    first_pad = size[..., None]
+    pos = torch.arange(budget)
+    assert torch.equal(valid, pos[None, None, :] < first_pad)
+    assert ((got[..., 1:] > got[..., :-1]) | ~valid[..., 1:]).all(), "not strictly ascending"
+    for h in range(hkv):
+        for i in range(n):
+            sel = set(got[h, i][got[h, i] >= 0].tolist())
+            b = bq[i].item()
+            forced = {x for x in range(min(cfg.init_blocks, b + 1))} | set(range(max(0, b - cfg.local_blocks), b + 1))
+            assert forced <= sel, f"forced blocks missing at token {i}"
+
+
+def _by_score(q, k, cfg, got, scale, rtol):
+    ref = naive.select_blocks(q.float(), k.float(), cfg, scale)
+    sc = naive.block_scores(q.float(), k.float(), cfg, scale)
+    nb = sc.shape[-1]
+    scp = torch.cat([sc, sc.new_zeros(sc.shape[:-1] + (1,))], -1)
+    sg = torch.gather(scp, -1, torch.where(got < 0, nb, got.long())).sum(-1)
+    sr = torch.gather(scp, -1, torch.where(ref < 0, nb, ref.long())).sum(-1)
+    torch.testing.assert_close(sg, sr, rtol=rtol, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride", [(16, 8), (32, 16), (64, 16)])
+def test_compress_keys_varlen(kernel, stride):
+    lens = [0, 5, 16, 100, 33]
+    k = torch.randn(sum(lens), 3, 32)
+    cu = _cu(lens)
+    out, cuc = compress_keys_varlen(k, cu, kernel, stride)
+    assert cuc.dtype == torch.int32 and cuc.shape == (len(lens) + 1,)
+    for i in range(len(lens)):
+        ref = naive.compress_keys(k[cu[i]:cu[i + 1]], kernel, stride)
+        got = out[cuc[i]:cuc[i + 1]]
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compress_keys_varlen_bf16():
+    lens = [70, 0, 40]
+    k = torch.randn(sum(lens), 2, 64).to(torch.bfloat16)
+    out, cuc = compress_keys_varlen(k, _cu(lens), 16, 8)
+    assert out.dtype == torch.bfloat16
+    cu = _cu(lens)
+    for i in range(len(lens)):
+        ref = naive.compress_keys(k[cu[i]:cu[i + 1]].float(), 16, 8)
+        torch.testing.assert_close(out[cuc[i]:cuc[i + 1]].float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("lse_approx", [True, False])
+@pytest.mark.parametrize("g,hkv,d", [(1, 2, 32), (3, 1, 32), (4, 2, 64)])
+def test_select_fp32_exact(lse_approx, g, hkv, d):
+    cfg = SparseConfig(lse_approx=lse_approx, **SMALL)
+    # varlen: a long one, an empty one, one shorter than a window, len_q < len_k, awkward lengths
+    lens_k = [261, 0, 11, 150, 97]
+    lens_q = [261, 0, 11, 37, 1]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, g * hkv, hkv, d, torch.float32, seed=g + d)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    assert got.shape == (hkv, sum(lens_q), cfg.budget) and got.dtype == torch.int32
+    for i in range(len(lens_k)):
+        qs, ks = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]]
+        gi = got[:, cuq[i]:cuq[i + 1]]
+        ref = naive.select_blocks(qs, ks, cfg, d ** -0.5)
+        assert torch.equal(gi, ref), f"sequence {i}"
+        _structure(gi, lens_k[i], cfg)
+
+
+def test_select_default_pooling_geometry():
+    """kernel 32 / stride 16 / block 64 (windows 4b-1 .. 4b+3), two init blocks, scale given."""
+    cfg = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, window_size=64, topk=4, init_blocks=2,
+                       dense_len=-1)
+    lens = [700, 300]
+    q, k, cuq, cuk = _pack([200, 300], lens, 4, 2, 32, torch.float32, seed=7)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, 300, 700, softmax_scale=0.3)
+    for i in range(2):
+        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 0.3)
+        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_select_bf16_by_score(transposed):
+    cfg = SparseConfig(**SMALL)
+    lens_k = [300, 64]
+    lens_q = [300, 20]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 8, 2, 32, torch.bfloat16, seed=3)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, 300, 300, transposed=transposed)
+    for i in range(2):
+        qs, ks = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]]
+        gi = got[:, cuq[i]:cuq[i + 1]]
+        _structure(gi, lens_k[i], cfg)
+        _by_score(qs, ks, cfg, gi, 32 ** -0.5, rtol=2e-2)
+
+
+def test_budget_covers_everything():
+    """n <= budget * B: every past block selected."""
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=32, topk=8, dense_len=-1)
+    n = 150
+    q, k, cuq, cuk = _pack([n], [n], 2, 1, 32, torch.float32)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, n, n)
+    bq = torch.arange(n) // 16
+    for i in range(n):
+        assert got[0, i][got[0, i] >= 0].tolist() == list(range(bq[i].item() + 1))
+
+
+def test_bad_inputs():
+    cfg = SparseConfig(**SMALL)
+    q, k, cuq, cuk = _pack([20], [20], 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="Hq"):
+        select_blocks_triton(q[:, :3], k, cfg, cuq, cuk, 20, 20)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        select_blocks_triton(q, k, cfg, cuq.long(), cuk, 20, 20)
+    with pytest.raises(TypeError, match="k must have"):
+        select_blocks_triton(q, k.double(), cfg, cuq, cuk, 20, 20)
+    with pytest.raises(ValueError, match="head dim"):
+        select_blocks_triton(q[..., :8], k[..., :8], cfg, cuq, cuk, 20, 20)
+    with pytest.raises(ValueError, match="q must be"):
+        select_blocks_triton(q[0], k, cfg, cuq, cuk, 20, 20)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        select_blocks_triton(q, k, cfg, cuq, cuk, 20, 10)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        select_blocks_triton(q, k, cfg, cuq, torch.tensor([0, 19], dtype=torch.int32), 20, 20)
+    with pytest.raises(ValueError, match="len_q <= len_k"):
+        select_blocks_triton(q, k[:10], cfg, cuq, torch.tensor([0, 10], dtype=torch.int32), 20, 20)
+    # an empty batch is valid
+    out = select_blocks_triton(q[:0], k[:0], cfg, torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                               0, 0)
+    assert out.shape == (2, 0, cfg.budget)

@@ -145,7 +145,8 @@ def check_case(name, lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dt
     v = torch.randn(tk, hkv, d, device=DEV, dtype=dtype)
     do = torch.randn(tq, hq, d, device=DEV, dtype=dtype)
     sels = [make_selection(nq, nk, hkv, B, budget, init, local, rho, seed=i) if nq else
-            torch.zeros(hkv, 0, budget, dtype=torch.int32, device=DEV) for i, (nq, nk) in enumerate(zip(lens_q, lens_k))]
+            torch.zeros(hkv, 0, budget, dtype=torch.int32, device=DEV)
+            for i, (nq, nk) in enumerate(zip(lens_q, lens_k))]
     bi = torch.cat(sels, 1).contiguous()
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
@@ -160,7 +161,6 @@ def check_case(name, lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dt
             r = reference_chunked(q[qo:qo + nq], k[ko:ko + nk], v[ko:ko + nk], bi[:, qo:qo + nq], B, scale,
                                   do[qo:qo + nq])
         else:
-            z = torch.zeros(0, device=DEV)
             r = (torch.zeros(0, hq, d, device=DEV), torch.zeros(hq, 0, device=DEV), torch.zeros(0, hq, d, device=DEV),
                  torch.zeros(nk, hkv, d, device=DEV), torch.zeros(nk, hkv, d, device=DEV))
         for lst, x in zip(refs, r):
@@ -240,7 +240,8 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
     F = torch.nn.functional.scaled_dot_product_attention
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            row["cudnn_fwd_ms"] = bench(lambda: F(qT.detach(), kT.detach(), vT.detach(), is_causal=True, enable_gqa=True))
+            row["cudnn_fwd_ms"] = bench(
+                lambda: F(qT.detach(), kT.detach(), vT.detach(), is_causal=True, enable_gqa=True))
 
             def dfb():
                 o = F(qT, kT, vT, is_causal=True, enable_gqa=True)
@@ -317,8 +318,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,65536,131072")
     ap.add_argument("--patterns", default="local,random")
-    ap.add_argument("--block-ms", default="64,128")
-    ap.add_argument("--pairs", default="1,0")
+    ap.add_argument("--block-ms", default="64", help="tile rows to compare, e.g. 64,128")
+    ap.add_argument("--pairs", default="0", help="paired-block variants to compare, e.g. 0,1")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")
     ap.add_argument("--no-check", action="store_true")

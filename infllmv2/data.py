@@ -15,7 +15,6 @@ sees exactly the rows an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -415,7 +414,3 @@ class TrainingStream:
     def describe(self) -> dict:
         return {"seq_len": self.seq_len, "seed": self.seed, "tokens": int(len(self.tokens)),
                 "buckets": self.buckets.to_spec() if self.buckets else None, "ruler_ratio": self.ruler_ratio}
-
-
-def dataclass_dict(obj) -> dict:
-    return dataclasses.asdict(obj)

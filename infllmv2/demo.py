@@ -267,6 +267,7 @@ def _run_mode(model, tokenizer, ids, doc_start, opts, progress, label):
         "answer": answer,
         "correct": opts.passkey in answer.replace(" ", ""),
         "perplexity": math.exp(nll / max(count, 1)),
+        "perplexity_tokens": count,
         "prefill_s": round(prefill_s, 3),
         "generate_s": round(generate_s, 3),
         "total_s": round(prefill_s + generate_s, 3),

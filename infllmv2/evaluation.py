@@ -22,7 +22,7 @@ score) and ``exact_match`` (the prediction's first line equals the answers joine
 
 Modes: ``dense`` (transformers SDPA), ``sparse`` (InfLLM-V2 via ``infllmv2.enable``),
 ``infllmv2_dense`` (InfLLM-V2 with ``dense_len`` huge: the same code path, always dense) and ``nsa``
-(not available: raises NotImplementedError). Outputs ``results.json``, ``results.md`` and ``results.png``.
+(a model trained with ``infllmv2 train --attention nsa``, run as is). Outputs ``results.json``, ``results.md`` and ``results.png``.
 """
 from __future__ import annotations
 
@@ -393,6 +393,15 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_to
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    if getattr(model.config, "nsa_config", None):  # the NSA baseline has no KV cache: recompute each step
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float().argmax())
+            if eos_token_id is not None and nxt == eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+        return new
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     new: List[int] = []
     for _ in range(max_new_tokens):
@@ -415,7 +424,7 @@ def perplexity(model, input_ids: Sequence[int], chunk: int = 4096) -> dict:
     """
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
     nll = []
     for s in range(0, ids.shape[1] - 1, chunk):
@@ -428,10 +437,14 @@ def perplexity(model, input_ids: Sequence[int], chunk: int = 4096) -> dict:
 
 
 def set_attention_mode(model, mode: str, sparse_config: Optional[SparseConfig] = None, backend: str = "auto"):
-    """dense (SDPA) | sparse (InfLLM-V2) | infllmv2_dense (InfLLM-V2, dense_len huge) | nsa (not available)."""
+    """dense (SDPA) | sparse (InfLLM-V2) | infllmv2_dense (InfLLM-V2, dense_len huge) | nsa (an NSA model as is)."""
     from .models.transformers import disable, enable
 
+    from .train import is_nsa
+
     cfg = sparse_config or SparseConfig()
+    if is_nsa(model) and mode != "nsa":
+        raise ValueError(f"an NSA model runs in mode nsa only (asked for {mode!r})")
     if mode == "dense":
         if getattr(model.config, "_attn_implementation", None) == "infllmv2":
             disable(model, "sdpa")
@@ -442,8 +455,12 @@ def set_attention_mode(model, mode: str, sparse_config: Optional[SparseConfig] =
     elif mode == "infllmv2_dense":
         enable(model, cfg.replace(dense_len=HUGE_DENSE_LEN), backend=backend)
     elif mode == "nsa":
-        from .train import nsa_not_implemented
-        nsa_not_implemented()
+        from .train import is_nsa
+        if not is_nsa(model):
+            raise ValueError("mode nsa needs an NSA model (trained with `infllmv2 train --attention nsa`)")
+        for m in model.modules():
+            if hasattr(m, "select_config") and hasattr(m, "backend"):  # NSAAttention layers
+                m.backend = backend
     else:
         raise ValueError(f"unknown attention mode {mode!r}; modes are {MODES}")
     return model
@@ -686,11 +703,13 @@ def _device_dtype(device: str, dtype: str):
 
 def load_model_and_tokenizer(path: str, tokenizer: str = "auto", device="cpu", dtype=torch.float32):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    from .train import load_model_folder
+
+    model = load_model_folder(path, dtype).to(device)
     if tokenizer == "byte" or (tokenizer == "auto" and os.path.exists(os.path.join(path, "infllmv2_tokenizer.json"))):
         tok = ByteTokenizer()
     else:

@@ -29,7 +29,8 @@ DDP (``--parallel ddp``) or FSDP2 ``fully_shard`` per decoder layer (``--paralle
 own tools; the InfLLM-V2 kernels are per-sequence, so context parallelism would need the selection to
 see the whole key sequence (gather K per layer), which is not done here.
 
-NSA (``--attention nsa``) is not implemented: see ``nsa_not_implemented``.
+NSA (``--attention nsa``): ``convert_to_nsa`` turns the dense model into NSA (three KV projections copied
+from the dense ones, a mean compressor, a per-head gate; selection and window branches on infllmv2's kernels).
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, 
                    source_roots)
 
 __all__ = ["PRESETS", "TrainConfig", "build_model", "lr_at", "train", "add_train_args", "config_from_args",
-           "run_train", "main", "plot_losses", "read_loss_log", "nsa_not_implemented", "latest_checkpoint",
-           "save_checkpoint", "load_trainer_state"]
+           "run_train", "main", "plot_losses", "read_loss_log", "latest_checkpoint", "save_checkpoint",
+           "load_trainer_state", "NSAAttention", "convert_to_nsa", "is_nsa", "load_model_folder", "plot_switch",
+           "adaptation_summary"]
 
 PRESETS = {
     # name: LlamaConfig fields (vocab from the tokenizer). Head dim 64 for small/base (Triton kernels: 32/64/128).
@@ -65,16 +67,6 @@ PRESETS = {
                  num_key_value_heads=2),
 }
 ATTENTIONS = ("dense", "infllmv2", "nsa")
-
-
-def nsa_not_implemented():
-    raise NotImplementedError(
-        "--attention nsa (the NSA baseline) is not implemented yet. It needs, per attention layer: (1) three KV "
-        "projection pairs (compression, selection, sliding window) initialised by copying k_proj/v_proj; (2) a "
-        "compressor (mean or MLP) over kernel_size windows at kernel_stride; (3) a per-head sigmoid gate over the "
-        "three branches; (4) a forward combining compressed attention, selected-block attention (infllmv2's stage-2 "
-        "kernel can serve) and sliding-window attention; plus checkpoint conversion dense -> NSA. An existing "
-        "implementation (fla-core's NSA ops) is the other route. Use --attention dense or --attention infllmv2.")
 
 
 @dataclass
@@ -115,6 +107,197 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# NSA baseline (Native Sparse Attention, Yuan et al. 2025), built on infllmv2's kernels
+# --------------------------------------------------------------------------------------------------
+NSA_KEY = "nsa_config"
+
+
+def is_nsa(model_or_config) -> bool:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(cfg, NSA_KEY, None))
+
+
+def _mean_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """(n, H, d) -> (m, H, d): means of the full windows [j*stride, j*stride + kernel)."""
+    if x.shape[0] < kernel:
+        return x.new_zeros(0, *x.shape[1:])
+    return x.unfold(0, kernel, stride).mean(-1)
+
+
+class NSAAttention(torch.nn.Module):
+    """NSA on a dense GQA attention layer (the paper's conversion of a dense checkpoint).
+
+    Three branches, each with its own KV projection initialised by copying the dense k_proj/v_proj
+    (the selection branch keeps the dense ones; the compression and sliding-window branches get copies),
+    combined by a per-head sigmoid gate (``gate``: Linear(hidden, 3 * Hq), zero-initialised, so every
+    branch starts at weight 0.5):
+
+    * compression: attention over mean-pooled keys/values of the compression projections (windows
+      ``kernel_size`` at ``kernel_stride``; a token sees a window when it lies in its prefix);
+    * selection: blocks chosen from the compressed scores (infllmv2 stage 1 on the compression keys, exact
+      normalisation: the group-summed compressed attention max-pooled over blocks, initial block and 2
+      local blocks forced, ``topk`` blocks in all) then block-sparse attention (infllmv2 stage 2);
+    * sliding window: the ``window_size // block_size`` previous blocks and the current one (block-granular
+      window, infllmv2 stage 2).
+
+    Visible tokens per query: (topk + window/B + 1) * B plus the compressed keys. No KV cache: decoding
+    recomputes the whole sequence (``infllmv2.evaluation.greedy_generate`` does so for NSA models).
+    Packed rows (position ids restarting) run segment by segment.
+    """
+
+    def __init__(self, attn: torch.nn.Module, sparse: SparseConfig, backend: str = "auto"):
+        super().__init__()
+        import copy
+
+        cfg = attn.config
+        self.config = cfg
+        self.layer_idx = getattr(attn, "layer_idx", None)
+        self.head_dim = attn.head_dim
+        self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
+        self.is_causal = True
+        self.sparse = sparse
+        self.backend = backend
+        self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
+        self.k_proj, self.v_proj = attn.k_proj, attn.v_proj  # selection branch: the dense projections
+        self.k_cmp, self.v_cmp = copy.deepcopy(attn.k_proj), copy.deepcopy(attn.v_proj)
+        self.k_swa, self.v_swa = copy.deepcopy(attn.k_proj), copy.deepcopy(attn.v_proj)
+        w = attn.q_proj.weight
+        self.gate = torch.nn.Linear(cfg.hidden_size, 3 * cfg.num_attention_heads, bias=True, device=w.device,
+                                    dtype=w.dtype)
+        torch.nn.init.zeros_(self.gate.weight)
+        torch.nn.init.zeros_(self.gate.bias)
+        self.select_config = SparseConfig(block_size=sparse.block_size, kernel_size=sparse.kernel_size,
+                                          kernel_stride=sparse.kernel_stride, init_blocks=sparse.init_blocks,
+                                          window_size=sparse.block_size, topk=sparse.topk, dense_len=-1,
+                                          lse_approx=False)
+
+    def _rope(self, x, cos, sin):  # x (b, n, H, d); cos/sin (b, n, d)
+        from transformers.models.llama.modeling_llama import rotate_half
+        cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    def _window_indices(self, n: int, hkv: int, device) -> torch.Tensor:
+        nw = self.sparse.window_size // self.sparse.block_size
+        bq = torch.arange(n, device=device) // self.sparse.block_size
+        vals = bq[:, None] - nw + torch.arange(nw + 1, device=device)[None]
+        big = torch.iinfo(torch.int32).max
+        vals = torch.where(vals < 0, torch.full_like(vals, big), vals).sort(dim=1).values
+        vals = torch.where(vals == big, torch.full_like(vals, -1), vals)
+        return vals.to(torch.int32)[None].expand(hkv, -1, -1).contiguous()
+
+    def _compressed(self, q, kc, vc):
+        """Compression branch of one sequence: q (n, Hq, d), kc/vc (n, Hkv, d) -> (n, Hq, d)."""
+        n = q.shape[0]
+        sp = self.sparse
+        k1, v1 = _mean_pool(kc, sp.kernel_size, sp.kernel_stride), _mean_pool(vc, sp.kernel_size, sp.kernel_stride)
+        if k1.shape[0] == 0:
+            return torch.zeros_like(q)
+        t = torch.arange(n, device=q.device)
+        j = torch.arange(k1.shape[0], device=q.device)
+        vis = (j[None] * sp.kernel_stride + sp.kernel_size) <= (t[:, None] + 1)
+        seen = vis.any(1)
+        mask = vis.clone()
+        mask[:, 0] |= ~seen  # rows that see nothing: any finite row, zeroed below
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k1.transpose(0, 1)[None], v1.transpose(0, 1)[None], attn_mask=mask,
+            scale=self.scaling, enable_gqa=q.shape[1] != k1.shape[1])[0].transpose(0, 1)
+        return o * seen[:, None, None].to(o.dtype)
+
+    def _packed(self, offs, q, kc, vc, ks, vs, kw, vw, g):
+        """All three branches over a packed batch (sequences at ``offs``): selection and window run varlen."""
+        from .attention import select_blocks, sparse_attention
+
+        sp = self.sparse
+        cu = torch.tensor(offs, dtype=torch.int32, device=q.device)
+        pairs = [(s, e) for s, e in zip(offs, offs[1:])]
+        o_cmp = torch.cat([self._compressed(q[s:e], kc[s:e], vc[s:e]) for s, e in pairs])
+        idx = select_blocks(q, kc, self.select_config, cu_seqlens=cu, softmax_scale=self.scaling, backend=self.backend)
+        o_slc = sparse_attention(q, ks, vs, idx, block_size=sp.block_size, cu_seqlens=cu, softmax_scale=self.scaling,
+                                 backend=self.backend)
+        widx = torch.cat([self._window_indices(e - s, kw.shape[1], q.device) for s, e in pairs], dim=1)
+        o_swa = sparse_attention(q, kw, vw, widx, block_size=sp.block_size, cu_seqlens=cu, softmax_scale=self.scaling,
+                                 backend=self.backend)
+        g = g.to(q.dtype)
+        return g[:, 0, :, None] * o_cmp + g[:, 1, :, None] * o_slc + g[:, 2, :, None] * o_swa
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        from .models.transformers import _segments_from_position_ids
+
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if cache is not None and self.layer_idx is not None:
+            try:
+                cached = cache.get_seq_length(self.layer_idx)
+            except Exception:  # pragma: no cover - cache kinds without per-layer lengths
+                cached = 0
+            if cached:
+                raise NotImplementedError("the NSA baseline has no KV cache: run with use_cache=False")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise NotImplementedError("the NSA baseline does not support padding; use packed rows or batch 1")
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, self.head_dim)
+        cos, sin = position_embeddings
+        q = self._rope(self.q_proj(hidden_states).view(shape), cos, sin)
+        kc = self._rope(self.k_cmp(hidden_states).view(shape), cos, sin)
+        ks = self._rope(self.k_proj(hidden_states).view(shape), cos, sin)
+        kw = self._rope(self.k_swa(hidden_states).view(shape), cos, sin)
+        vc, vs, vw = (p(hidden_states).view(shape) for p in (self.v_cmp, self.v_proj, self.v_swa))
+        g = torch.sigmoid(self.gate(hidden_states)).view(b * n, 3, -1)
+        flat = [x.reshape(b * n, *x.shape[2:]) for x in (q, kc, vc, ks, vs, kw, vw)]
+        cu = _segments_from_position_ids(kwargs.get("position_ids"), b, n)
+        offs = cu.tolist() if cu is not None else [i * n for i in range(b + 1)]
+        out = self._packed(offs, *flat, g).reshape(b, n, -1)
+        return self.o_proj(out), None
+
+
+def convert_to_nsa(model, sparse: SparseConfig, backend: str = "auto"):
+    """Dense (G)QA causal LM -> NSA in place (adds 2 KV projection pairs + a gate per layer); returns model.
+
+    The model's attention implementation becomes "infllmv2" only so that transformers builds no n x n
+    mask (the NSA layers do not call the attention interface).
+    """
+    from .models.transformers import attention_modules, enable
+
+    if is_nsa(model):
+        return model
+    enable(model, sparse, backend=backend)
+    targets = {id(m) for m in attention_modules(model)}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in targets:
+                setattr(parent, name, NSAAttention(child, sparse, backend))
+    setattr(model.config, NSA_KEY, sparse.to_dict())
+    return model
+
+
+def load_model_folder(path: str, dtype=torch.float32):
+    """A model folder written by ``infllmv2 train`` (dense, InfLLM-V2 or NSA) or any transformers causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    config = AutoConfig.from_pretrained(path)
+    if not is_nsa(config):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from safetensors.torch import load_file
+
+    nsa = SparseConfig.from_dict(getattr(config, NSA_KEY))
+    delattr(config, NSA_KEY)
+    model = AutoModelForCausalLM.from_config(config)
+    convert_to_nsa(model, nsa)
+    state = {}
+    for fn in sorted(os.listdir(path)):
+        if fn.endswith(".safetensors") and fn != "trainer.safetensors":
+            state.update(load_file(os.path.join(path, fn)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"NSA checkpoint {path} does not match: missing {sorted(set(missing) - tied)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
+    model.tie_weights()
+    return model.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
 def build_model(preset: str = "small", vocab_size: int = ByteTokenizer.padded_vocab_size, max_position: int = 4096,
@@ -147,7 +330,7 @@ def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "a
         from .models.transformers import enable
         enable(model, sparse, backend=backend)
     elif attention == "nsa":
-        nsa_not_implemented()
+        convert_to_nsa(model, sparse, backend)
     else:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     return model
@@ -225,7 +408,10 @@ def _wrap(model, cfg: TrainConfig, d: _Dist):
         return ddp, model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers:
             fully_shard(layer)
         fully_shard(model)
         return model, model
@@ -353,6 +539,85 @@ def plot_losses(logs: dict, png: str, title: str = "training loss", first_steps:
     return png
 
 
+def plot_switch(pretrain_log: str, arms: dict, png: str, tail: int = 100, first_steps: Optional[int] = None) -> str:
+    """The paper's Figure 5: the last ``tail`` pretraining steps (x < 0) and each fine-tuning arm (x >= 1).
+
+    arms: label -> loss.jsonl of the fine-tuning run started from the pretraining's final weights.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    pre = read_loss_log(pretrain_log)[-tail:] if pretrain_log else []
+    if pre:
+        last = pre[-1]["step"]
+        ax.plot([r["step"] - last for r in pre], [r["loss"] for r in pre], color="gray", lw=1.2,
+                label="pretraining (dense, short)")
+    for label, path in arms.items():
+        recs = read_loss_log(path)
+        if first_steps:
+            recs = recs[:first_steps]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2, label=label)
+    ax.axvline(0.5, color="k", ls=":", lw=0.8)
+    ax.set(xlabel="steps since the switch to long fine-tuning", ylabel="loss", title="short-to-long adaptation")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def adaptation_summary(out_json: str, command, model: dict, pretrain_dir: str, finetune_dirs: dict, evals: dict,
+                       first_steps: int = 50, png: Optional[str] = None) -> dict:
+    """Assemble ``results/adaptation/summary.json`` (issue 5) from the runs' folders and eval results.
+
+    finetune_dirs: arm ("full", "infllmv2", "nsa") -> ``infllmv2 train`` output folder.
+    evals: row ("full", "infllmv2_sparse", "infllmv2_dense", "nsa") -> (results.json of ``infllmv2 eval``, mode
+    in it). Also checks the issue's bars: InfLLM-V2 sparse keeps >= 95% of full attention's RULER-style average,
+    and its mean loss over the first 20 fine-tuning steps is within 3% of full attention's.
+    """
+    def run_info(folder):
+        path = os.path.join(folder, "run.json")
+        return json.load(open(path)) if os.path.exists(path) else {"folder": folder}
+
+    losses = {arm: [r["loss"] for r in read_loss_log(os.path.join(d, "loss.jsonl"))][:first_steps]
+              for arm, d in finetune_dirs.items()}
+    ruler, long_ppl = {}, {}
+    for row, (path, mode) in evals.items():
+        res = json.load(open(path))
+        per_len = res["summary"][mode]
+        entry = {"avg": res["ruler"][mode]["avg"]}
+        for L, scores in per_len.items():
+            entry[L] = {k: v for k, v in scores.items() if not k.endswith("_exact")}
+        ruler[row] = entry
+        if res.get("long_ppl", {}).get(mode):
+            long_ppl[row] = res["long_ppl"][mode]
+    bars = {}
+    if "full" in ruler and "infllmv2_sparse" in ruler and ruler["full"]["avg"]:
+        ratio = ruler["infllmv2_sparse"]["avg"] / ruler["full"]["avg"]
+        bars["ruler_infllmv2_sparse_over_full"] = ratio
+        bars["ruler_bar_95pct"] = bool(ratio >= 0.95)
+    if losses.get("full") and losses.get("infllmv2"):
+        full20, v2_20 = np.mean(losses["full"][:20]), np.mean(losses["infllmv2"][:20])
+        bars["loss_first20"] = {"full": float(full20), "infllmv2": float(v2_20),
+                                **({"nsa": float(np.mean(losses["nsa"][:20]))} if losses.get("nsa") else {})}
+        bars["loss_first20_rel_diff"] = float(v2_20 / full20 - 1)
+        bars["loss_bar_3pct"] = bool(abs(v2_20 / full20 - 1) <= 0.03)
+    summary = {"command": command, "model": model, "pretrain": run_info(pretrain_dir),
+               "finetune": {arm: run_info(d) for arm, d in finetune_dirs.items()}, "loss_first_steps": losses,
+               "ruler": ruler, "long_ppl": long_ppl, "bars": bars}
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, "w") as fh:
+        json.dump(summary, fh, indent=1)
+    if png:
+        plot_switch(os.path.join(pretrain_dir, "loss.jsonl"),
+                    {arm: os.path.join(d, "loss.jsonl") for arm, d in finetune_dirs.items()}, png,
+                    first_steps=first_steps)
+    return summary
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -387,8 +652,6 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     """
     if cfg.attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}")
-    if cfg.attention == "nsa":
-        nsa_not_implemented()
     sparse = SparseConfig.from_dict(cfg.sparse)
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(cfg, name) <= 0:
@@ -416,17 +679,18 @@ def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optiona
 
     # model (resume > init > preset)
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
-    from transformers import AutoModelForCausalLM
     max_pos = cfg.max_position or cfg.seq_len
     if resume_from:
-        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+        model = load_model_folder(resume_from)
     elif cfg.init:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        model = load_model_folder(cfg.init)
     else:
         model = build_model(cfg.preset, max_position=max_pos, rope_theta=cfg.rope_theta, seed=cfg.seed)
     if getattr(model.config, "max_position_embeddings", max_pos) < max_pos:
         model.config.max_position_embeddings = max_pos  # RoPE has no table limit; keep the config honest
     model.config.use_cache = False
+    if is_nsa(model) and cfg.attention != "nsa":
+        raise ValueError("this model is an NSA model (it has NSA's extra parameters): use --attention nsa")
     set_attention(model, cfg.attention, sparse, cfg.backend)
     model.to(d.device)
     if cfg.grad_checkpointing:
@@ -442,7 +706,7 @@ def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optiona
     no_decay = [p for n, p in inner.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                                  eps=1e-8, foreach=False)
+                                  eps=1e-8)
     start = 0
     log_path = os.path.join(cfg.out, "loss.jsonl")
     if resume_from:
@@ -472,7 +736,7 @@ def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optiona
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{stage} {cfg.attention}", dynamic_ncols=True)
     info = {"stage": stage, "attention": cfg.attention, "params": n_params, "world": d.world,
             "global_batch_rows": global_rows, "tokens_per_step": global_rows * cfg.seq_len,
-            "data": stream.describe(), "sparse_config": sparse.to_dict() if cfg.attention == "infllmv2" else None}
+            "data": stream.describe(), "sparse_config": sparse.to_dict() if cfg.attention != "dense" else None}
     if d.main:
         with open(os.path.join(cfg.out, "run.json"), "w") as fh:
             json.dump({"command": " ".join(sys.argv), "config": asdict(cfg), **info}, fh, indent=1)
@@ -558,7 +822,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--init", default=None, help="start from this model folder (e.g. <pretrain out>/final)")
     g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
     g.add_argument("--attention", default=c.attention, choices=ATTENTIONS,
-                   help="dense (SDPA), infllmv2 (sparse, flags below) or nsa (not implemented: raises)")
+                   help="dense (SDPA), infllmv2 (sparse, flags below) or nsa (the NSA baseline: converts the "
+                        "model, adding 2 KV projection pairs + a gate per layer; uses --topk/--window/--block-size/"
+                        "--kernel-size/--kernel-stride: (topk + window/B + 1) blocks + compressed keys per token)")
     g.add_argument("--stage", default=None, choices=["pretrain", "finetune"],
                    help="label in the logs (default: finetune with --init, else pretrain)")
     g.add_argument("--rope-theta", type=float, default=c.rope_theta, help="RoPE base of a new model")

@@ -1,7 +1,6 @@
 """`infllmv2 train` on CPU with a tiny model: loss decreases, resume is exact, sparse fine-tuning runs."""
 import argparse
 import dataclasses
-import json
 import math
 import os
 
@@ -10,8 +9,11 @@ import torch
 
 from infllmv2 import SparseConfig
 from infllmv2.data import ByteTokenizer, TrainingStream, build_documents, encode_documents
-from infllmv2.train import (PRESETS, TrainConfig, add_train_args, build_model, config_from_args, latest_checkpoint,
-                            load_trainer_state, lr_at, main, read_loss_log, set_attention, train)
+from infllmv2.evaluation import greedy_generate
+from infllmv2.train import (PRESETS, TrainConfig, _save_model_folder, adaptation_summary, add_train_args, build_model,
+                            config_from_args,
+                            convert_to_nsa, is_nsa, latest_checkpoint, load_model_folder, load_trainer_state, lr_at,
+                            main, read_loss_log, set_attention, train)
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infllmv2")
 SMALL = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
@@ -97,7 +99,7 @@ def test_sparse_finetune_finite_grads(tmp_path):
     assert ft["params"] == pre["params"]
 
 
-def test_cli_args_and_nsa(tmp_path, capsys):
+def test_cli_args(tmp_path, capsys):
     parser = add_train_args(argparse.ArgumentParser())
     args = parser.parse_args(["--out", str(tmp_path), "--preset", "tiny", "--attention", "infllmv2", "--topk", "4",
                               "--block-size", "16", "--kernel-size", "16", "--kernel-stride", "8", "--window", "32",
@@ -105,7 +107,86 @@ def test_cli_args_and_nsa(tmp_path, capsys):
     cfg = config_from_args(args)
     assert cfg.attention == "infllmv2" and cfg.sparse["topk"] == 4 and cfg.sparse["window_size"] == 32
     assert cfg.buckets == "paper" and cfg.steps == 5
-    with pytest.raises(NotImplementedError, match="NSA"):
-        train(_cfg(tmp_path / "nsa", attention="nsa"))
-    assert main(["--out", str(tmp_path / "nsa2"), "--attention", "nsa", "--preset", "tiny"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "bad"), "--preset", "tiny", "--topk", "0"]) == 2  # clear config error
+    assert "topk" in capsys.readouterr().err
+
+
+def test_nsa_baseline(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", max_position=512).eval()
+    x = torch.randint(0, 256, (2, 200))
+    with torch.no_grad():
+        dense = model(x).logits
+    n_dense = sum(p.numel() for p in model.parameters())
+    convert_to_nsa(model, SMALL.replace(topk=64), backend="torch")
+    assert is_nsa(model) and sum(p.numel() for p in model.parameters()) > n_dense  # NSA adds parameters
+    attn = model.model.layers[0].self_attn
+    assert torch.equal(attn.k_cmp.weight, attn.k_proj.weight) and torch.equal(attn.v_swa.weight, attn.v_proj.weight)
+    with torch.no_grad():
+        for layer in model.model.layers:  # gate -> selection branch only; its budget covers 200 tokens
+            layer.self_attn.gate.bias.view(3, -1)[:] = torch.tensor([-1e4, 1e4, -1e4])[:, None]
+        assert (model(x).logits - dense).abs().max() < 1e-4
+
+    torch.manual_seed(1)
+    nsa = convert_to_nsa(build_model("tiny", max_position=512), SMALL, backend="torch").eval()
+    a, b = torch.randint(0, 256, (1, 100)), torch.randint(0, 256, (1, 60))
+    with torch.no_grad():  # packed rows = sequences alone; causal
+        packed = nsa(torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(100), torch.arange(60)])[None]).logits
+        assert (packed[0, :100] - nsa(a).logits[0]).abs().max() < 1e-5
+        assert (packed[0, 100:] - nsa(b).logits[0]).abs().max() < 1e-5
+        y = x.clone()
+        y[:, 150:] = 7
+        assert torch.equal(nsa(x).logits[:, :150], nsa(y).logits[:, :150])
+    nsa.train()
+    nsa(input_ids=x, labels=x).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in nsa.parameters())
+    assert nsa.model.layers[0].self_attn.gate.weight.grad.abs().sum() > 0
+    # saved and loaded back as NSA; generation without a KV cache
+    nsa.eval()
+    _save_model_folder(nsa, nsa.state_dict(), str(tmp_path / "nsa"))
+    back = load_model_folder(str(tmp_path / "nsa"))
+    assert is_nsa(back)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, nsa(x).logits)
+    assert len(greedy_generate(back, x[0, :50].tolist(), 3)) <= 3
+    # through the loop: one NSA fine-tuning step from a dense checkpoint
+    folder = tmp_path / "dense"
+    _save_model_folder(build_model("tiny"), build_model("tiny").state_dict(), str(folder))
+    ft = train(_cfg(tmp_path / "ft", init=str(folder), attention="nsa", sparse=SMALL.to_dict(), backend="torch",
+                    steps=1))
+    assert math.isfinite(ft["loss_first_steps"][0]) and is_nsa(load_model_folder(str(tmp_path / "ft" / "final")))
+    with pytest.raises(ValueError, match="NSA"):
+        train(_cfg(tmp_path / "ft2", init=str(tmp_path / "ft" / "final"), attention="dense"))
+
+
+def test_adaptation_summary(tmp_path):
+    import json
+
+    def log(folder, losses):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "loss.jsonl"), "w") as fh:
+            fh.writelines(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses))
+        with open(os.path.join(folder, "run.json"), "w") as fh:
+            json.dump({"command": "infllmv2 train ...", "params": 1}, fh)
+        return str(folder)
+
+    pre = log(tmp_path / "pre", [3.0, 2.5, 2.0])
+    arms = {"full": log(tmp_path / "full", [2.0] * 30), "infllmv2": log(tmp_path / "v2", [2.04] * 30),
+            "nsa": log(tmp_path / "nsa", [2.6] * 30)}
+    res = {"summary": {m: {"4096": {"passkey": a, "passkey_exact": a, "avg": a, "ppl": 3.0}}
+                       for m, a in (("dense", 0.8), ("sparse", 0.78), ("infllmv2_dense", 0.8), ("nsa", 0.5))},
+           "ruler": {m: {"avg": a} for m, a in (("dense", 0.8), ("sparse", 0.78), ("infllmv2_dense", 0.8), ("nsa", 0.5))},
+           "long_ppl": {m: {"4096": {"ppl": 3.0}} for m in ("dense", "sparse", "infllmv2_dense", "nsa")}}
+    (tmp_path / "ev.json").write_text(json.dumps(res))
+    ev = str(tmp_path / "ev.json")
+    out = tmp_path / "results" / "summary.json"
+    s = adaptation_summary(str(out), "cmd", {"preset": "small"}, pre, arms,
+                           {"full": (ev, "dense"), "infllmv2_sparse": (ev, "sparse"),
+                            "infllmv2_dense": (ev, "infllmv2_dense"), "nsa": (ev, "nsa")},
+                           png=str(tmp_path / "results" / "switch.png"))
+    data = json.loads(out.read_text())
+    assert set(data) >= {"command", "model", "pretrain", "finetune", "loss_first_steps", "ruler", "long_ppl"}
+    assert len(data["loss_first_steps"]["nsa"]) == 30 and data["ruler"]["full"]["avg"] == 0.8
+    assert s["bars"]["ruler_bar_95pct"] and s["bars"]["loss_bar_3pct"]
+    assert abs(s["bars"]["loss_first20_rel_diff"] - 0.02) < 1e-9
+    assert (tmp_path / "results" / "switch.png").stat().st_size > 0

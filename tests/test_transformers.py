@@ -268,6 +268,19 @@ def test_switch_to_sparse_while_decoding_decides_by_cache_length():
             token = step.logits[:, -1:].argmax(-1)
 
 
+def test_static_cache_generate_equals_dynamic_cache():
+    """A static cache hands the attention unfilled slots: only the filled ones count as keys."""
+    model = enable(_llama(), SPARSE)
+    prompt = _ids(150)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **kw)
+        static = model.generate(prompt, cache_implementation="static", **kw)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------

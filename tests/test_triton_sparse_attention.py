@@ -212,3 +212,42 @@ def test_torch_compile_traces():
     ref = f(q.detach(), k, v)
     torch.testing.assert_close(out.detach(), ref)
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_decode_batch_and_degenerate_rows():
+    # len_q = 1 per sequence (decode), a key length shorter than one block, a token whose head
+    # selected nothing (zero output, lse -inf, finite zero gradients), indices past the sequence
+    # (ignored), an all-empty batch and a zero budget.
+    lens_k = [1, 17, 40, 100]
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(4, 4, 32, generator=gen, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 32, generator=gen, requires_grad=True)
+    cu_q = torch.arange(5, dtype=torch.int32)
+    cu_k = torch.tensor([0, 1, 18, 58, 158], dtype=torch.int32)
+    bi = torch.full((2, 4, 3), -1, dtype=torch.int32)
+    bi[:, 0, 0] = 0
+    bi[:, 1, :2] = torch.tensor([0, 1])
+    bi[:, 2, :] = torch.tensor([1, 2, 50])
+    bi[0, 3, :] = torch.tensor([0, 5, 6])  # head 1 of token 3: nothing selected
+    out, lse = sparse_attention_triton(q, k, v, bi, 16, cu_q, cu_k, 1, 100)
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert out[3, 2:].abs().max() == 0 and torch.isinf(lse[2:, 3]).all()
+    ko = 0
+    for i, nk in enumerate(lens_k):
+        b = bi[:, i:i + 1]
+        b = torch.where(b >= -(-nk // 16), -1, b)
+        ro, rl = naive.sparse_attention(q[i:i + 1].detach(), k[ko:ko + nk].detach(), v[ko:ko + nk].detach(), b, 16)
+        torch.testing.assert_close(out[i:i + 1].detach(), ro.nan_to_num(), atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lse[:, i:i + 1].detach(), rl, atol=2e-6, rtol=2e-6)
+        ko += nk
+    # all-empty batch and zero budget
+    z = torch.zeros(0, 4, 32)
+    zk = torch.zeros(0, 2, 32)
+    cu0 = torch.zeros(3, dtype=torch.int32)
+    o0, l0 = sparse_attention_triton(z, zk, zk, torch.zeros(2, 0, 3, dtype=torch.int32), 16, cu0, cu0, 0, 0)
+    assert o0.shape == (0, 4, 32) and l0.shape == (4, 0)
+    o1, l1 = sparse_attention_triton(q.detach(), k.detach(), v.detach(), torch.zeros(2, 4, 0, dtype=torch.int32), 16,
+                                     cu_q, cu_k, 1, 100)
+    assert o1.abs().max() == 0 and torch.isinf(l1).all()

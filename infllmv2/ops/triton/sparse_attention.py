@@ -16,7 +16,8 @@ Design (the reuse that a per-token kernel lacks):
   count) together with, per union entry, an int64 **bitmask** of the tile's tokens that selected
   it. The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
   whose token did not select the block (and causality): semantics stay exactly per token.
-* Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``) with the forward's structure; ``dk/dv``
+* Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``, from O plus the forward's saved
+  bf16/fp16 rounding residual, so delta is exact) with the forward's structure; ``dk/dv``
   per (KV head, key block) over the tiles whose union holds that block. The transposed index is a
   sort of the union entries by (global block, tile) on the GPU, cut into chunks of at most
   ``CHUNK`` tiles so that heavily shared blocks (the attention sink) are split over several
@@ -27,7 +28,6 @@ implementation and autograd, so torch.compile can trace it.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -38,17 +38,19 @@ __all__ = ["sparse_attention_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _MAX_TOKENS_PER_TILE = 64  # bits of the int64 token mask
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _PAD_KEY = 2 ** 31 - 1
-# delta = rowsum(dO * O) for the backward: True computes it from the unrounded output (one extra
-# pass of two matmuls in the dq kernel); False uses the stored low-precision O as FlashAttention does
-# (faster; its gradient error is a few bf16 ulps of O larger than a reference computed in fp32).
+# delta = rowsum(dO * O) for the backward. The autograd path keeps the output's bf16/fp16 rounding
+# residual (O_fp32 - O, one extra tensor of O's size saved for backward) and uses O + residual:
+# exact at no extra matmul. Without a residual (direct _backward calls): True recomputes O in fp32
+# (one extra pass of two matmuls in the dq kernel, ~25% slower backward); False uses the rounded O as
+# FlashAttention does (its gradient error then exceeds the SPEC 2x rule against an fp32 reference).
 EXACT_DELTA = True
 # Pair two union blocks per step (K/V tiles of 2*block_size keys) in the forward and dq kernels, and
-# two query tiles per step in the dk/dv kernel: larger matmuls, half the loop trips.
-PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "1") == "1"
+# two query tiles per step in the dk/dv kernel. Measured slower on the H200 (fwd 75 vs 48 ms, bwd 193
+# vs 171 ms at 128K), so off by default; kept as an option (tested in the interpreter).
+PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "0") == "1"
 # Rows per program on the GPU (T = BLOCK_M // G tokens share each K/V block load).
 DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
 

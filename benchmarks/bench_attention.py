@@ -137,6 +137,8 @@ def run(args):
     from infllmv2.ops import triton as tri
     rows = []
     errors = []
+    if args.decode_only:
+        args.lengths, args.patterns, args.flex_lengths = [max(args.lengths)], [], []
 
     def add(**row):
         row.setdefault("batch", 1)
@@ -157,7 +159,7 @@ def run(args):
         torch.cuda.empty_cache()
 
     shapes = [(32, 2, 128)] + ([(32, 8, 64)] if not args.quick else [])
-    for (hq, hkv, d) in shapes:
+    for (hq, hkv, d) in (shapes if not args.decode_only else []):
         std = (hq, hkv, d) == (32, 2, 128)
         lengths = args.lengths if std else [max(args.lengths)]
         for n in lengths:
@@ -233,7 +235,8 @@ def run(args):
         f2 = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
         add(path="infllmv2_dense_switch_fwd", n=n, hq=32, hkv=2, d=128, ms=bench(f1), peak_extra_mib=None)
         add(path="sdpa_direct_fwd", n=n, hq=32, hkv=2, d=128, ms=bench(f2), peak_extra_mib=None)
-    attempt("short", short_rows)
+    if not args.decode_only:
+        attempt("short", short_rows)
     # ---------------- decode
     if hasattr(tri, "infllmv2_decode_triton") and not args.quick:
         def decode_rows():
@@ -245,15 +248,38 @@ def run(args):
             qd = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16, generator=g)
             lens = torch.full((b,), n, dtype=torch.int32, device=DEV)
             cfg = SparseConfig(dense_len=-1)
-            f = lambda: tri.infllmv2_decode_triton(qd, kc, vc, lens, cfg, d ** -0.5)
             tag = dict(n=n, hq=hq, hkv=hkv, d=d, batch=b)
-            add(path="decode_step", ms=bench(f), peak_extra_mib=peak_extra_mib(f), visible_blocks=96,
-                pattern="random", **tag)
+            # A serving cache keeps the compressed keys (SPEC "Decoding"); recomputing them is measured too.
+            k_fine = kc.unfold(1, cfg.kernel_size, cfg.kernel_stride).mean(-1).contiguous()
+            k_coarse = kc.unfold(1, cfg.coarse_kernel_size, cfg.coarse_kernel_stride).mean(-1).contiguous()
+            f = lambda: tri.infllmv2_decode_triton(qd, kc, vc, lens, cfg, d ** -0.5, k_fine=k_fine, k_coarse=k_coarse)
+            f_recompress = lambda: tri.infllmv2_decode_triton(qd, kc, vc, lens, cfg, d ** -0.5)
             qt, kt, vt = qd[:, :, None], kc.transpose(1, 2), vc.transpose(1, 2)
             fd = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-            add(path="dense_decode_step", ms=bench(fd), peak_extra_mib=None, **tag)
+            add(path="decode_step", ms=bench(f), peak_extra_mib=peak_extra_mib(f), visible_blocks=96, pattern="random",
+                mode="eager", **tag)
+            add(path="dense_decode_step", ms=bench(fd), peak_extra_mib=None, mode="eager", **tag)
+            add(path="decode_step_recompress", ms=bench(f_recompress), peak_extra_mib=None, visible_blocks=96,
+                pattern="random", mode="eager", **tag)
+            add(path="decode_step", ms=bench(graphed(f)), peak_extra_mib=None, visible_blocks=96,
+                pattern="random", mode="cuda_graph", **tag)
+            add(path="dense_decode_step", ms=bench(graphed(fd)), peak_extra_mib=None, mode="cuda_graph", **tag)
         attempt("decode", decode_rows)
     return rows, errors
+
+
+def graphed(fn):
+    """Capture fn in a CUDA graph (as a serving loop would) and return its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def ratio(rows, num, den, **match):
@@ -339,6 +365,7 @@ def main():
     p.add_argument("--flex-lengths", type=int, nargs="*", default=[32768, 65536, 131072],
                    help="lengths at which FlexAttention is measured (each compiles anew)")
     p.add_argument("--flash-bwd-max", type=int, default=131072, help="longest length for flash fwd+bwd")
+    p.add_argument("--decode-only", action="store_true", help="only the decode step at the longest length")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/results"))
     args = p.parse_args()
     if not torch.cuda.is_available():

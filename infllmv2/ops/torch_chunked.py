@@ -101,7 +101,8 @@ class _SparseAttentionChunked(torch.autograd.Function):
         nb = -(-nk // block_size)
         out = torch.empty(n, hq, d, dtype=ctype, device=q.device)
         lse = torch.empty(hkv, g, n, dtype=ctype, device=q.device)
-        chunk = _chunk_size(hq, min(nk, block_size * block_indices.shape[-1] * 4), lo=16, hi=512)
+        # Small chunks keep the union of the chunk's blocks close to one token's selection.
+        chunk = _chunk_size(hq, min(nk, block_size * block_indices.shape[-1] * 4), lo=16, hi=128)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             pos = torch.arange(nk - n + start, nk - n + stop, device=q.device)

@@ -9,8 +9,9 @@ handles causality itself and turns padded rows into a packed varlen batch.
 InfLLM-V2 in place with zero new parameters: it stores ``model.config.sparse_config`` (a MiniCPM4-style
 dict) and sets the attention implementation. Forward, ``loss.backward()`` and ``generate()`` work;
 each layer decides dense or sparse from its key length (KV cache included), so a sequence that
-grows past ``dense_len`` while decoding switches to sparse at that step. Decoding recomputes the
-compressed keys from the cache at each step.
+grows past ``dense_len`` while decoding switches to sparse at that step. With a plain transformers
+cache, decoding recomputes the compressed keys from the cache at each step; with an
+``infllmv2.cache.InfLLMv2Cache`` it keeps them and extends them incrementally (``_cached_attention``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import BACKENDS, infllmv2_attention
+from ..attention import BACKENDS, _resolve_backend, infllmv2_attention
+from ..cache import lookup_layer
 from ..config import SparseConfig
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
@@ -132,10 +134,23 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                              f"and {k.shape[1]} keys")
         if length < k.shape[1]:  # static cache: slots past the mask are not filled yet
             k, v = k[:, :length], v[:, :length]
-        if not bool(mask.all()):
-            return _padded_attention(q, k, v, mask, config, scaling, backend, module), None
+        if bool(mask.all()):
+            mask = None
+    else:
+        mask = None
 
     observer = getattr(module, "_infllmv2_observer", None)
+    cache_layer = lookup_layer(key, kwargs) if observer is None else None
+    if cache_layer is not None and attention_mask is None and sq == k.shape[1] \
+            and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:
+        cache_layer = None  # packed sequences in a row: one sequence per row is what the cache tracks
+    if cache_layer is not None:  # an InfLLMv2Cache: use (and extend) its compressed keys
+        out = _cached_attention(cache_layer, q, k, v, mask, config, scaling, backend)
+        if out is not None:
+            return out, None
+    if mask is not None:
+        return _padded_attention(q, k, v, mask, config, scaling, backend, module), None
+
     if attention_mask is None and sq == k.shape[1]:
         cu = _segments_from_position_ids(kwargs.get("position_ids"), b, sq)
         if cu is not None:  # packed sequences in a row (e.g. DataCollatorWithFlattening)
@@ -148,6 +163,53 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if observer is not None:
         observer(module, q, k, None, None)
     return infllmv2_attention(q, k, v, config, softmax_scale=scaling, backend=backend), None
+
+
+def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
+    """Attention with the compressed keys an ``InfLLMv2Cache`` layer keeps (None: not applicable here).
+
+    q (b, sq, Hq, d), k/v (b, sk, Hkv, d) with the cache included; mask None or (b, sk) padding mask.
+    CUDA decode steps without padding run the Triton decode kernel given the cached compressed keys;
+    the torch backend runs each row through ``ops.torch_decode`` (decode and chunked prefill alike).
+    Other cases (Triton prefill, padded CUDA decode) return None after updating the compressed keys,
+    and the caller's path (which pools from scratch) runs.
+    """
+    resolved = _resolve_backend(backend, q)
+    if resolved == "reference" or config.use_nope:
+        return None
+    state = layer.infllmv2_compressed(mask, config, length=k.shape[1])
+    if state is None:  # no row sparse yet (lazy): the plain path (dense) runs
+        return None
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    scale = d ** -0.5 if scaling is None else float(scaling)
+    if resolved == "triton":
+        if sq != 1 or mask is not None:
+            return None
+        from ..ops.triton import infllmv2_decode_triton
+        lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=state.fine.data,
+                                     k_coarse=state.coarse.data if state.coarse is not None else None)
+        return out[:, None]
+    from ..ops.torch_decode import attention_compressed
+    out = q.new_zeros(q.shape)
+    for i in range(b):
+        if mask is None:
+            qi, ki, vi, qsel = q[i], k[i], v[i], None
+        else:
+            pos = torch.nonzero(mask[i]).flatten()
+            qsel = mask[i, sk - sq:]
+            qi, ki, vi = q[i][qsel], k[i].index_select(0, pos), v[i].index_select(0, pos)
+        if qi.shape[0] == 0:
+            continue
+        k1 = state.fine.rows(i)
+        k2 = state.coarse.rows(i) if state.coarse is not None else None
+        oi = attention_compressed(qi, ki, vi, k1, k2, config, scale)
+        if qsel is None:
+            out[i] = oi
+        else:
+            out[i, qsel] = oi
+    return out
 
 
 def _padded_attention(q, k, v, mask, config, scaling, backend, module):

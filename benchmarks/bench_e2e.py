@@ -1,0 +1,463 @@
+"""End-to-end benchmark (issue 4): a MiniCPM4-8B-shaped Llama, dense SDPA vs InfLLM-V2 (default config).
+
+Model: hidden 4096, 32 layers, 32 query / 2 KV heads, head dim 128, intermediate 16384, vocab 73448,
+random bf16 weights (std 1/sqrt(fan_in)); a self-contained Llama block (RMSNorm, RoPE, GQA attention,
+SwiGLU MLP) so the device needs no transformers. Measured, in one process:
+
+* prefill (time to first token: the whole prompt through all layers + the last token's logits), batch 1,
+  at 32K/64K/96K/128K: ``dense_prefill`` (SDPA, cuDNN backend) and ``infllmv2_prefill``
+  (``infllmv2_attention`` with the Triton selection + sparse attention), each from random token ids
+  (``pattern: random``) and from input embeddings following the BENCHMARKS.md ``local`` random walk
+  (``pattern: local``);
+* one decode step (all layers + logits + argmax) with a filled KV cache of n tokens, batch 1 and 8,
+  captured in a CUDA graph: ``dense_decode`` (SDPA over the static cache) and ``infllmv2_decode``
+  (incremental compressed-key update of ``infllmv2.cache.StaticCompressedKeys`` + the Triton decode
+  kernel given the cached fine/coarse keys). The cache holds random keys/values (``pattern: random``).
+
+Writes e2e_h200.json (layout of attention_h200.json), e2e_h200.md and e2e_h200.png to --out-dir
+(rows are also appended to e2e_rows.jsonl as they come, so a timeout keeps them).
+``--tiny`` runs a miniature model on the CPU (Triton interpreter for the decode kernel) as a smoke
+test, and checks that the sparse decode step with a budget covering the cache equals the dense one.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if "--tiny" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from infllmv2 import SparseConfig, infllmv2_attention  # noqa: E402
+from infllmv2.attention import dense_attention_sdpa  # noqa: E402
+from infllmv2.cache import StaticCompressedKeys  # noqa: E402
+
+FULL_SHAPE = dict(hidden=4096, layers=32, hq=32, hkv=2, d=128, inter=16384, vocab=73448)
+TINY_SHAPE = dict(hidden=128, layers=2, hq=8, hkv=2, d=32, inter=256, vocab=101)
+
+
+# --------------------------------------------------------------------------------------------------
+# A minimal Llama
+# --------------------------------------------------------------------------------------------------
+class Llama:
+    def __init__(self, shape, device, dtype, seed=0):
+        self.s = shape
+        self.device, self.dtype = device, dtype
+        g = torch.Generator(device=device).manual_seed(seed)
+        h, hq, hkv, d, inter = shape["hidden"], shape["hq"], shape["hkv"], shape["d"], shape["inter"]
+
+        def lin(out_f, in_f):
+            return (torch.randn(out_f, in_f, device=device, dtype=dtype, generator=g) * in_f ** -0.5)
+
+        self.embed = torch.randn(shape["vocab"], h, device=device, dtype=dtype, generator=g)
+        self.head = lin(shape["vocab"], h)
+        self.layers = []
+        for _ in range(shape["layers"]):
+            self.layers.append(dict(wqkv=lin((hq + 2 * hkv) * d, h), wo=lin(h, hq * d), w13=lin(2 * inter, h),
+                                    w2=lin(h, inter), n1=torch.ones(h, device=device, dtype=dtype),
+                                    n2=torch.ones(h, device=device, dtype=dtype)))
+        self.norm = torch.ones(h, device=device, dtype=dtype)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+        self.inv_freq = inv
+
+    def rope_table(self, n):
+        t = torch.arange(n, device=self.device, dtype=torch.float32)
+        f = torch.outer(t, self.inv_freq)
+        emb = torch.cat([f, f], -1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @staticmethod
+    def rms(x, w, eps=1e-6):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+    @staticmethod
+    def rope(x, cos, sin):  # x (..., n, H, d), cos/sin (n, d)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos[..., None, :] + rot * sin[..., None, :]
+
+    def qkv(self, L, h):
+        s = self.s
+        qkv = h @ L["wqkv"].t()
+        q, k, v = qkv.split([s["hq"] * s["d"], s["hkv"] * s["d"], s["hkv"] * s["d"]], -1)
+        return (q.unflatten(-1, (s["hq"], s["d"])), k.unflatten(-1, (s["hkv"], s["d"])),
+                v.unflatten(-1, (s["hkv"], s["d"])))
+
+    def mlp(self, L, x, chunk):
+        out = torch.empty_like(x)
+        for a in range(0, x.shape[0], chunk):
+            h = self.rms(x[a:a + chunk], L["n2"])
+            gu = h @ L["w13"].t()
+            g_, u = gu.chunk(2, -1)
+            out[a:a + chunk] = x[a:a + chunk] + (F.silu(g_) * u) @ L["w2"].t()
+        return out
+
+    @torch.no_grad()
+    def prefill(self, x, attn, mlp_chunk=16384):
+        """x: (n, hidden) input embeddings of one sequence -> logits of the last token (vocab,)."""
+        n = x.shape[0]
+        cos, sin = self.rope_table(n)
+        for L in self.layers:
+            q, k, v = self.qkv(L, self.rms(x, L["n1"]))
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            o = attn(q[None], k[None], v[None])[0]
+            x = x + o.reshape(n, -1) @ L["wo"].t()
+            del q, k, v, o
+            x = self.mlp(L, x, mlp_chunk)
+        return self.rms(x[-1:], self.norm) @ self.head.t()
+
+
+class DecodeState:
+    """Static KV cache (batch, max_len, Hkv, d) per layer plus the InfLLM-V2 compressed keys."""
+
+    def __init__(self, model, batch, max_len, config, fill_seed=3):
+        s = model.s
+        g = torch.Generator(device=model.device).manual_seed(fill_seed)
+        self.k = [torch.randn(batch, max_len, s["hkv"], s["d"], device=model.device, dtype=model.dtype, generator=g)
+                  for _ in model.layers]
+        self.v = [torch.randn(k.shape, device=k.device, dtype=k.dtype, generator=g) for k in self.k]
+        lens = torch.full((batch,), max_len, dtype=torch.int32, device=model.device)
+        self.comp = []
+        for k in self.k:
+            c = StaticCompressedKeys(batch, max_len, s["hkv"], s["d"], config, model.dtype, model.device)
+            c.prefill(k, lens)
+            self.comp.append(c)
+        self.cos, self.sin = model.rope_table(max_len)
+
+    def narrow(self, b):
+        new = object.__new__(DecodeState)
+        new.k, new.v = [k[:b] for k in self.k], [v[:b] for v in self.v]
+        new.comp = [c.narrow_batch(b) for c in self.comp]
+        new.cos, new.sin = self.cos, self.sin
+        return new
+
+
+@torch.no_grad()
+def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=False):
+    """One token per row at position ``pos`` (b,) long (its key/value are written there); attention over
+    the ``n_ctx`` = pos + 1 first cache slots (equal lengths, static shapes). Returns the argmax ids."""
+    from infllmv2.ops.triton import infllmv2_decode_triton
+    b = tokens.shape[0]
+    rows = torch.arange(b, device=tokens.device)
+    x = model.embed[tokens]  # (b, hidden)
+    cos, sin = st.cos[pos], st.sin[pos]  # (b, d)
+    lens = (pos + 1).to(torch.int32)
+    scale = model.s["d"] ** -0.5
+    for li, L in enumerate(model.layers):
+        q, k, v = model.qkv(L, model.rms(x, L["n1"]))  # (b, H, d)
+        q = q * cos[:, None] + torch.cat([-q[..., q.shape[-1] // 2:], q[..., :q.shape[-1] // 2]], -1) * sin[:, None]
+        k = k * cos[:, None] + torch.cat([-k[..., k.shape[-1] // 2:], k[..., :k.shape[-1] // 2]], -1) * sin[:, None]
+        kc, vc = st.k[li], st.v[li]
+        kc[rows, pos] = k
+        vc[rows, pos] = v
+        if sparse:
+            c = st.comp[li]
+            c.append(kc, lens, fused=fused_append)
+            o = infllmv2_decode_triton(q, kc, vc, lens, config, scale, k_fine=c.fine, k_coarse=c.coarse)
+        else:
+            o = F.scaled_dot_product_attention(q[:, :, None], kc[:, :n_ctx].transpose(1, 2),
+                                               vc[:, :n_ctx].transpose(1, 2), scale=scale, enable_gqa=True)[:, :, 0]
+        x = x + o.reshape(b, -1) @ L["wo"].t()
+        x = model.mlp(L, x, b)
+    return (model.rms(x, model.norm) @ model.head.t()).argmax(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+def random_walk(n, dim, device, rho=0.97, chunk=256, seed=0):
+    """BENCHMARKS.md `local`: x[t] = rho x[t-1] + sqrt(1 - rho^2) e[t] per coordinate, in chunks."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    e = torch.randn(n, dim, device=device, generator=g)
+    b = math.sqrt(1 - rho ** 2)
+    i = torch.arange(chunk, device=device)
+    A = torch.where(i[:, None] >= i[None, :], rho ** (i[:, None] - i[None, :]).clamp_min(0).float(), 0.0) * b
+    pad = (-n) % chunk
+    ep = torch.cat([e, e.new_zeros(pad, dim)]).view(-1, chunk, dim)
+    within = torch.matmul(A, ep)
+    decay = rho ** (i.float() + 1)
+    out = torch.empty_like(within)
+    prev = torch.zeros(dim, device=device)
+    for c in range(within.shape[0]):
+        out[c] = within[c] + decay[:, None] * prev
+        prev = out[c, -1]
+    return out.view(-1, dim)[:n]
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device, reps=1):
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def graphed(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def run(args):
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = TINY_SHAPE if args.tiny else FULL_SHAPE
+    lengths = args.lengths or ([256, 384] if args.tiny else [32768, 65536, 98304, 131072])
+    batches = args.batches or ([1, 2] if args.tiny else [1, 8])
+    config = SparseConfig() if not args.tiny else SparseConfig(block_size=16, kernel_size=16, kernel_stride=8,
+                                                               window_size=32, topk=4, dense_len=128)
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows, errors = [], []
+    jsonl = os.path.join(args.out_dir, "e2e_rows.jsonl")
+    with open(os.path.join(args.out_dir, "e2e_meta.json"), "w") as f:
+        json.dump(_meta(), f)
+
+    def add(**row):
+        row.setdefault("hq", shape["hq"])
+        row.setdefault("hkv", shape["hkv"])
+        row.setdefault("d", shape["d"])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def attempt(label, fn):
+        try:
+            fn()
+        except Exception as e:  # keep going: a failure of one row is reported, not fatal
+            traceback.print_exc()
+            errors.append(f"{label}: {type(e).__name__}: {e}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    t_start = time.perf_counter()
+    model = Llama(shape, device, dtype)
+    print(f"model built in {time.perf_counter() - t_start:.1f}s", flush=True)
+    scale = shape["d"] ** -0.5
+
+    def dense_attn(q, k, v):
+        if device == "cuda":
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                return dense_attention_sdpa(q, k, v, scale)
+        return dense_attention_sdpa(q, k, v, scale)
+
+    def sparse_attn(q, k, v):
+        return infllmv2_attention(q, k, v, config, softmax_scale=scale, backend="auto")
+
+    # ---------------- decode
+    if not args.prefill_only:
+        def decode_rows():
+            max_len = max(lengths) + 1
+            full = DecodeState(model, max(batches), max_len, config)
+            print(f"decode cache built at {time.perf_counter() - t_start:.1f}s", flush=True)
+            for b in batches:
+                st = full.narrow(b)
+                tokens = torch.randint(0, shape["vocab"], (b,), device=device)
+                for n in lengths:
+                    pos = torch.full((b,), n, dtype=torch.long, device=device)  # the new token is number n+1
+                    outs = {}
+                    for name, sparse in (("infllmv2", True), ("dense", False)):
+                        def one(name=name, sparse=sparse):
+                            fn = lambda: decode_step(model, st, tokens, pos, n + 1, config, sparse, args.fused_append)
+                            if device == "cuda":
+                                g = graphed(fn)
+                                from triton.testing import do_bench
+                                ms = do_bench(g.replay, warmup=5, rep=args.decode_rep_ms, return_mode="median")
+                                del g
+                            else:
+                                outs[name] = fn()
+                                ms = time_once(fn, device)
+                            add(path=f"{name}_decode", n=n, batch=b, pattern="random" if sparse else None, ms=ms,
+                                visible_blocks=config.budget if sparse else None, mode="cuda_graph"
+                                if device == "cuda" else "eager")
+                        attempt(f"{name}_decode n={n} b={b}", one)
+                print(f"decode b={b} done at {time.perf_counter() - t_start:.1f}s", flush=True)
+            del full, st
+        attempt("decode", decode_rows)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---------------- prefill
+    if not args.decode_only:
+        warm = lengths[0] if args.tiny else 16384
+        for name, fn in (("dense", dense_attn), ("infllmv2", sparse_attn)):
+            x = model.embed[torch.randint(0, shape["vocab"], (warm,), device=device)]
+            model.prefill(x, fn)
+        sync(device)
+        print(f"warm-up done at {time.perf_counter() - t_start:.1f}s", flush=True)
+        for n in lengths:
+            ids = torch.randint(0, shape["vocab"], (n,), device=device,
+                                generator=torch.Generator(device=device).manual_seed(n))
+            inputs = {"random": lambda: model.embed[ids],
+                      "local": lambda: random_walk(n, shape["hidden"], device, seed=n).to(dtype)}
+            for pattern in args.patterns:
+                x = inputs[pattern]()
+                for name, fn in (("infllmv2", sparse_attn), ("dense", dense_attn)):
+                    if name == "dense" and pattern != args.patterns[0] and not args.dense_each_pattern:
+                        continue  # dense time does not depend on the input: measured once per length
+
+                    def one(name=name, fn=fn, x=x, pattern=pattern):
+                        ms = time_once(lambda: model.prefill(x, fn), device, reps=args.prefill_reps)
+                        add(path=f"{name}_prefill", n=n, batch=1, pattern=pattern if name == "infllmv2" else None,
+                            ms=ms, visible_blocks=config.budget if name == "infllmv2" else None)
+                    attempt(f"{name}_prefill n={n} {pattern}", one)
+                del x
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            print(f"prefill n={n} done at {time.perf_counter() - t_start:.1f}s", flush=True)
+
+    # ---------------- tiny: correctness of the two decode paths against each other
+    if args.tiny:
+        def check():
+            cover = config.replace(topk=64)  # the budget covers every cache: sparse == dense
+            st = DecodeState(model, 2, max(lengths) + 1, cover)
+            tokens = torch.tensor([5, 7])
+            pos = torch.full((2,), max(lengths), dtype=torch.long)
+            st2 = DecodeState(model, 2, max(lengths) + 1, cover)
+            a = decode_step(model, st, tokens, pos, max(lengths) + 1, cover, True)
+            b = decode_step(model, st2, tokens, pos, max(lengths) + 1, cover, False)
+            assert torch.equal(a, b), (a, b)
+            print("tiny check: sparse decode step (covering budget) == dense decode step", flush=True)
+        attempt("tiny check", check)
+    return rows, errors, config
+
+
+def _meta():
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (tiny smoke test)",
+            "torch": torch.__version__, "triton": tv, "date": datetime.date.today().isoformat(),
+            "command": "python3 benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])}
+
+
+def write_outputs(rows, errors, args, config, meta=None):
+    os.makedirs(args.out_dir, exist_ok=True)
+    if meta is None:
+        meta = _meta()
+    res = dict(meta)
+    res.update(model="Llama, MiniCPM4-8B shape (hidden 4096, 32 layers, 32/2 heads, d 128, inter 16384), "
+                     "random bf16 weights" if not args.tiny else "tiny", sparse_config=config.to_dict(),
+               rows=rows, errors=errors)
+    with open(os.path.join(args.out_dir, "e2e_h200.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    def pick(path, **m):
+        for r in rows:
+            if r["path"] == path and all(r.get(k) == v for k, v in m.items()):
+                return r["ms"]
+        return None
+
+    lines = [f"# End-to-end benchmark ({res['gpu']}, torch {res['torch']}, triton {res['triton']}, {res['date']})",
+             "", f"Command: `{res['command']}`", "",
+             "Llama with the MiniCPM4-8B shape, random bf16 weights; InfLLM-V2 default config "
+             "(96 blocks = 6144 visible tokens, dense_len 8192). Prefill = whole prompt + last logits, batch 1; "
+             "decode = one step (all layers + logits), CUDA graph, random KV cache.", "",
+             "## Prefill (time to first token)", "",
+             "| n | dense SDPA (cuDNN) ms | InfLLM-V2 random ms | speed-up | InfLLM-V2 local ms | speed-up |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n in sorted({r["n"] for r in rows if r["path"].endswith("prefill")}):
+        d = pick("dense_prefill", n=n)
+        cells = [f"{d:.0f}" if d else "-"]
+        for pat in ("random", "local"):
+            s = pick("infllmv2_prefill", n=n, pattern=pat)
+            cells += [f"{s:.0f}" if s else "-", f"{d / s:.2f}x" if s and d else "-"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## Decode step", "", "| n | batch | dense ms | InfLLM-V2 ms | speed-up |",
+              "| --- | --- | --- | --- | --- |"]
+    for n, b in sorted({(r["n"], r["batch"]) for r in rows if r["path"].endswith("decode")}):
+        d, s = pick("dense_decode", n=n, batch=b), pick("infllmv2_decode", n=n, batch=b)
+        lines.append(f"| {n} | {b} | {d:.3f} | {s:.3f} | {d / s:.2f}x |" if d and s else
+                     f"| {n} | {b} | {d} | {s} | - |")
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
+    with open(os.path.join(args.out_dir, "e2e_h200.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for path, pat in (("dense_prefill", None), ("infllmv2_prefill", "random"), ("infllmv2_prefill", "local")):
+            pts = sorted((r["n"], r["ms"]) for r in rows if r["path"] == path and r.get("pattern") == pat)
+            if pts:
+                axes[0].plot(*zip(*pts), marker="o", label=f"{path}" + (f" ({pat})" if pat else ""))
+        for path in ("dense_decode", "infllmv2_decode"):
+            for b in sorted({r["batch"] for r in rows if r["path"] == path}):
+                pts = sorted((r["n"], r["ms"]) for r in rows if r["path"] == path and r["batch"] == b)
+                axes[1].plot(*zip(*pts), marker="o", label=f"{path} batch {b}")
+        for ax, title in zip(axes, ("prefill (batch 1)", "decode step (CUDA graph)")):
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("ms")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out_dir, "e2e_h200.png"), dpi=110)
+    except Exception as e:  # the plot is optional, the numbers are not
+        print("plot failed:", e)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tiny", action="store_true", help="miniature model on the CPU (smoke test)")
+    p.add_argument("--lengths", type=int, nargs="+")
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--patterns", nargs="+", default=["local", "random"], choices=["local", "random"])
+    p.add_argument("--dense-each-pattern", action="store_true", help="time dense prefill for each pattern too")
+    p.add_argument("--prefill-reps", type=int, default=1)
+    p.add_argument("--decode-rep-ms", type=int, default=100)
+    p.add_argument("--prefill-only", action="store_true")
+    p.add_argument("--fused-append", action="store_true",
+                   help="append compressed keys with one Triton kernel per kind (not yet measured on the GPU)")
+    p.add_argument("--decode-only", action="store_true")
+    p.add_argument("--replot", help="rewrite the md/png (and json) in --out-dir from an e2e_h200.json")
+    args = p.parse_args()
+    if args.replot:
+        if args.replot.endswith(".jsonl"):  # rows of an interrupted run + its e2e_meta.json
+            res = json.load(open(os.path.join(os.path.dirname(args.replot), "e2e_meta.json")))
+            res.update(rows=[json.loads(line) for line in open(args.replot)], sparse_config=SparseConfig().to_dict(),
+                       errors=["run interrupted (time limit): rows written before it"])
+        else:
+            res = json.load(open(args.replot))
+        meta = {k: res[k] for k in ("gpu", "torch", "triton", "date", "command")}
+        args.tiny = res.get("model") == "tiny"
+        write_outputs(res["rows"], res.get("errors", []), args, SparseConfig.from_dict(res["sparse_config"]), meta=meta)
+        return
+    rows, errors, config = run(args)
+    write_outputs(rows, errors, args, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""KV cache for InfLLM-V2 decoding: keys/values plus incrementally extended compressed keys.
+
+SPEC "Decoding": per layer, keep the KV cache and the fine (kernel lc, stride sc) and coarse (4 lc, 4 sc)
+compressed keys; keep a tail of raw keys and, whenever the tail holds a full window, append its mean
+and drop one stride from the tail. The tail here is a view of the cache itself (the raw keys from
+``count * stride`` on), so it costs no copy; the result equals compressing from scratch
+(``infllmv2.ops.naive.compress_keys``) window for window.
+
+* ``InfLLMv2Cache`` (a transformers ``DynamicCache``) for models switched by ``infllmv2.enable``:
+  pass it to ``generate(..., past_key_values=InfLLMv2Cache())`` (or ``cache=``) or to ``forward``.
+  Its layers (``InfLLMv2Layer``) build the compressed keys lazily, the first time a sequence of the batch
+  reaches ``dense_len``, then extend them at every call. Rows of a padded batch (left padding as
+  ``generate()`` makes it, or any 2D padding mask) are tracked separately: each row's compressed keys
+  are those of its valid keys alone. The attention function (``models/transformers.py``) uses them: on
+  CUDA a decode step calls the Triton decode kernel with ``k_fine``/``k_coarse``; elsewhere the torch
+  path selects from them (``ops/torch_decode.py``). Chunked prefill (feeding a long prompt in pieces
+  through the cache) gives the outputs of one pass.
+* ``InfLLMv2StaticCache`` (a transformers ``StaticCache``): the same with preallocated keys/values (and
+  compressed keys preallocated for ``max_cache_len``), for ``generate()`` with a static cache.
+* ``StaticCompressedKeys``: the preallocated, CUDA-graph-capturable variant (gpt-fast style) for a
+  static KV cache ``(batch, max_len, Hkv, d)`` with per-row lengths: a decode step appends at most one
+  fine and one coarse key per row with fixed shapes and no host synchronisation.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from .config import SparseConfig
+
+__all__ = ["InfLLMv2Cache", "InfLLMv2StaticCache", "InfLLMv2Layer", "PooledKeys", "StaticCompressedKeys",
+           "compress_from_scratch"]
+
+_LAST = threading.local()  # the layer whose update() ran last (fallback lookup by tensor identity)
+
+
+def _store_dtype(keys: torch.Tensor) -> torch.dtype:
+    """Compressed keys are pooled in fp32 (fp64 for fp64 keys); on CUDA fp16/bf16 they are stored in the
+    keys' dtype, which the Triton kernels read, elsewhere in the pooling dtype (the torch path's)."""
+    if keys.dtype == torch.float64:
+        return torch.float64
+    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
+        return keys.dtype
+    return torch.float32
+
+
+def _pool_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compress_from_scratch(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Mean pooling over full windows of one sequence's keys (nk, H, d) -> (n, H, d), in fp32/fp64."""
+    from .ops.naive import compress_keys
+    return compress_keys(k.to(_pool_dtype(k.dtype)), kernel, stride)
+
+
+class PooledKeys:
+    """Compressed keys of one kind (kernel, stride) for a batch: ``data (batch, capacity, H, d)`` with
+    ``count[i]`` valid rows for sequence i; grown by doubling."""
+
+    def __init__(self, batch: int, heads: int, dim: int, kernel: int, stride: int, dtype, device,
+                 capacity: Optional[int] = None):
+        self.kernel, self.stride = kernel, stride
+        self.data = torch.zeros(batch, max(1, capacity or 16), heads, dim, dtype=dtype, device=device)
+        self.count = [0] * batch
+
+    def extend(self, row: int, tail: torch.Tensor) -> None:
+        """``tail``: the row's raw keys from index ``count * stride`` to its end, (m, H, d). Appends the
+        mean of every full window in it (SPEC: append the mean, drop one stride, repeat)."""
+        if tail.shape[0] < self.kernel:
+            return
+        new = tail.to(_pool_dtype(tail.dtype)).unfold(0, self.kernel, self.stride).mean(-1)  # (nw, H, d)
+        c, nw = self.count[row], new.shape[0]
+        if c + nw > self.data.shape[1]:
+            cap = max(2 * self.data.shape[1], c + nw)
+            grown = self.data.new_zeros((self.data.shape[0], cap) + tuple(self.data.shape[2:]))
+            grown[:, :self.data.shape[1]] = self.data
+            self.data = grown
+        self.data[row, c:c + nw] = new.to(self.data.dtype)
+        self.count[row] = c + nw
+
+    def rows(self, row: int) -> torch.Tensor:
+        return self.data[row, :self.count[row]]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.data = self.data.index_select(0, index.to(self.data.device))
+        self.count = [self.count[i] for i in index.tolist()]
+
+
+class _Compressed:
+    """Per-layer state: fine + coarse pooled keys and, per row, how many valid keys were consumed."""
+
+    def __init__(self, keys: torch.Tensor, config: SparseConfig, capacity: Optional[int] = None):
+        b, h, _, d = keys.shape
+        dt = _store_dtype(keys)
+        self.config = config
+        self.fine = PooledKeys(b, h, d, config.kernel_size, config.kernel_stride, dt, keys.device,
+                               None if capacity is None else capacity // config.kernel_stride)
+        self.coarse = (PooledKeys(b, h, d, config.coarse_kernel_size, config.coarse_kernel_stride, dt, keys.device,
+                                  None if capacity is None else capacity // config.coarse_kernel_stride)
+                       if config.lse_approx else None)
+        self.seen = [0] * b
+
+    def kinds(self):
+        return (self.fine,) if self.coarse is None else (self.fine, self.coarse)
+
+
+def _row_layout(mask: Optional[torch.Tensor], length: int, batch: int):
+    """Per row: (number of valid keys, first valid index if the valid keys are contiguous else None)."""
+    if mask is None:
+        return [(length, 0)] * batch
+    m = mask[:, :length].to(torch.int32)
+    valid = m.sum(1)
+    first = m.argmax(1)
+    last = length - 1 - m.flip(1).argmax(1)
+    contiguous = (valid == 0) | (last - first + 1 == valid)
+    return [(n, f if c else None) for n, f, c in zip(valid.tolist(), first.tolist(), contiguous.tolist())]
+
+
+class InfLLMv2Layer:
+    """Mixin state for a transformers cache layer: the compressed keys of its KV cache."""
+
+    _infllmv2_state: Optional[_Compressed] = None
+
+    def _infllmv2_register(self, kwargs) -> None:
+        inner = kwargs.get("kwargs")
+        if isinstance(inner, dict):  # the model passes the attention call's kwargs: hand it this layer
+            inner["infllmv2_cache_layer"] = self
+        _LAST.layer = self
+
+    def infllmv2_compressed(self, mask: Optional[torch.Tensor], config: SparseConfig, length: Optional[int] = None,
+                            build: bool = False) -> Optional[_Compressed]:
+        """Bring the compressed keys up to date with the cached keys and return them.
+
+        mask: None (every key valid) or the (batch, >= length) boolean padding mask; length: filled
+        slots (default: all). Returns None while no row has reached ``dense_len`` (lazy: nothing is
+        built until a sequence turns sparse) unless ``build``.
+        """
+        keys = self.keys  # (b, Hkv, sk, d)
+        if keys is None or keys.dim() != 4:
+            return None
+        b, _, sk, _ = keys.shape
+        length = sk if length is None else length
+        layout = _row_layout(mask, length, b)
+        st = self._infllmv2_state
+        if st is not None and (st.config != config or len(st.seen) != b
+                               or any(n < s for (n, _), s in zip(layout, st.seen))):
+            st = None  # config changed or the cache was cropped / reshaped: rebuild from scratch
+        if st is None:
+            if not build and not any(config.is_sparse(n) for n, _ in layout):
+                self._infllmv2_state = None
+                return None
+            st = _Compressed(keys, config, getattr(self, "max_cache_len", None))  # static: preallocated
+        for i, (n, first) in enumerate(layout):
+            if n == st.seen[i]:
+                continue
+            pos = None if first is not None else torch.nonzero(mask[i, :length]).flatten()
+            for pk in st.kinds():
+                s = pk.count[i] * pk.stride  # the tail starts here
+                if n - s < pk.kernel:
+                    continue
+                if pos is None:
+                    tail = keys[i, :, first + s:first + n]
+                else:
+                    tail = keys[i].index_select(1, pos[s:n])
+                pk.extend(i, tail.transpose(0, 1))
+            st.seen[i] = n
+        self._infllmv2_state = st
+        return st
+
+    def _infllmv2_drop(self) -> None:
+        self._infllmv2_state = None
+
+
+def _mixed_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class InfLLMv2DynamicLayer(InfLLMv2Layer, DynamicLayer):
+        """transformers ``DynamicLayer`` + InfLLM-V2 compressed keys."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+            self._infllmv2_register(kwargs)
+            return keys, values
+
+        def reset(self):
+            self._infllmv2_drop()
+            DynamicLayer.reset(self)
+
+        def crop(self, tokens_to_remove):
+            self._infllmv2_drop()
+            DynamicLayer.crop(self, tokens_to_remove)
+
+        def batch_repeat_interleave(self, repeats):
+            self._infllmv2_drop()
+            DynamicLayer.batch_repeat_interleave(self, repeats)
+
+        def batch_select_indices(self, indices):
+            self._infllmv2_drop()
+            DynamicLayer.batch_select_indices(self, indices)
+
+        def reorder_cache(self, beam_idx):
+            st = self._infllmv2_state
+            DynamicLayer.reorder_cache(self, beam_idx)
+            if st is not None:
+                for pk in st.kinds():
+                    pk.select(beam_idx)
+                st.seen = [st.seen[i] for i in beam_idx.tolist()]
+
+    InfLLMv2DynamicLayer.__qualname__ = "InfLLMv2DynamicLayer"
+    return InfLLMv2DynamicLayer
+
+
+def _mixed_static_layer_class():
+    from transformers.cache_utils import StaticLayer
+
+    class InfLLMv2StaticLayer(InfLLMv2Layer, StaticLayer):
+        """transformers ``StaticLayer`` + InfLLM-V2 compressed keys (preallocated for max_cache_len)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = StaticLayer.update(self, key_states, value_states, *args, **kwargs)
+            self._infllmv2_register(kwargs)
+            return keys, values
+
+        def reset(self):
+            self._infllmv2_drop()
+            StaticLayer.reset(self)
+
+        def crop(self, tokens_to_remove):
+            self._infllmv2_drop()
+            StaticLayer.crop(self, tokens_to_remove)
+
+        def reorder_cache(self, beam_idx):
+            self._infllmv2_drop()
+            StaticLayer.reorder_cache(self, beam_idx)
+
+    InfLLMv2StaticLayer.__qualname__ = "InfLLMv2StaticLayer"
+    return InfLLMv2StaticLayer
+
+
+_LAYER_CLASS = None
+_STATIC_LAYER_CLASS = None
+
+
+def _static_layer_class():
+    global _STATIC_LAYER_CLASS
+    if _STATIC_LAYER_CLASS is None:
+        _STATIC_LAYER_CLASS = _mixed_static_layer_class()
+    return _STATIC_LAYER_CLASS
+
+
+def _layer_class():
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _mixed_layer_class()
+    return _LAYER_CLASS
+
+
+def lookup_layer(key: torch.Tensor, kwargs: dict):
+    """The InfLLM-V2 cache layer whose keys the attention function got (None without such a cache)."""
+    layer = kwargs.get("infllmv2_cache_layer")
+    if layer is None:
+        last = getattr(_LAST, "layer", None)
+        if last is not None and last.keys is key:
+            layer = last
+    return layer
+
+
+def __getattr__(name):  # InfLLMv2Cache needs transformers: build it on first use
+    if name == "InfLLMv2DynamicLayer":
+        return _layer_class()
+    if name == "InfLLMv2StaticLayer":
+        return _static_layer_class()
+    if name == "InfLLMv2Cache":
+        from transformers.cache_utils import Cache, DynamicCache
+
+        class InfLLMv2Cache(DynamicCache):
+            """A ``DynamicCache`` whose layers also keep InfLLM-V2's compressed keys (see module doc)."""
+
+            def __init__(self, num_layers: Optional[int] = None, **_ignored):
+                if num_layers is None:
+                    Cache.__init__(self, layer_class_to_replicate=_layer_class())
+                else:
+                    Cache.__init__(self, layers=[_layer_class()() for _ in range(num_layers)])
+
+        InfLLMv2Cache.__qualname__ = "InfLLMv2Cache"  # picklable as infllmv2.cache.InfLLMv2Cache
+        globals()["InfLLMv2Cache"] = InfLLMv2Cache
+        return InfLLMv2Cache
+    if name == "InfLLMv2StaticCache":
+        from transformers.cache_utils import Cache, StaticCache
+
+        class InfLLMv2StaticCache(StaticCache):
+            """A ``StaticCache`` (preallocated keys/values) whose layers also keep InfLLM-V2's compressed keys,
+            preallocated for ``max_cache_len`` when first needed."""
+
+            def __init__(self, config, max_cache_len: int, **_ignored):
+                n = config.get_text_config(decoder=True).num_hidden_layers
+                Cache.__init__(self, layers=[_static_layer_class()(max_cache_len=max_cache_len) for _ in range(n)])
+
+        InfLLMv2StaticCache.__qualname__ = "InfLLMv2StaticCache"  # picklable as infllmv2.cache.InfLLMv2StaticCache
+        globals()["InfLLMv2StaticCache"] = InfLLMv2StaticCache
+        return InfLLMv2StaticCache
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static (preallocated, CUDA-graph capturable) variant
+# --------------------------------------------------------------------------------------------------
+class StaticCompressedKeys:
+    """Preallocated fine/coarse compressed keys of a static KV cache ``k_cache (batch, max_len, Hkv, d)``.
+
+    ``fine (batch, max_len // sc, Hkv, d)`` and ``coarse`` hold, for row i with ``lens[i]`` keys, the
+    first ``(lens[i] - lc) // sc + 1`` windows. ``prefill(k_cache, lens)`` fills them from scratch;
+    ``append(k_cache, lens)`` -- call it after writing ONE new key per row, ``lens`` counting it -- adds
+    the window that the new key completes (if any) with fixed shapes and no host synchronisation, so a
+    decode step that includes it can be captured in a CUDA graph or compiled.
+    """
+
+    def __init__(self, batch: int, max_len: int, heads: int, dim: int, config: SparseConfig, dtype, device):
+        self.config = config
+        self.specs = [(config.kernel_size, config.kernel_stride)]
+        if config.lse_approx:
+            self.specs.append((config.coarse_kernel_size, config.coarse_kernel_stride))
+        self.buffers = [torch.zeros(batch, max(1, max_len // s), heads, dim, dtype=dtype, device=device)
+                        for _, s in self.specs]
+
+    def narrow_batch(self, b: int) -> "StaticCompressedKeys":
+        """A view of the first b rows (shares the buffers)."""
+        new = object.__new__(StaticCompressedKeys)
+        new.config, new.specs = self.config, self.specs
+        new.buffers = [buf[:b] for buf in self.buffers]
+        return new
+
+    @property
+    def fine(self) -> torch.Tensor:
+        return self.buffers[0]
+
+    @property
+    def coarse(self) -> Optional[torch.Tensor]:
+        return self.buffers[1] if len(self.buffers) > 1 else None
+
+    def prefill(self, k_cache: torch.Tensor, lens: torch.Tensor) -> None:
+        for (kern, s), buf in zip(self.specs, self.buffers):
+            for i, n in enumerate(lens.tolist()):
+                if n >= kern:
+                    c = k_cache[i, :n].to(_pool_dtype(k_cache.dtype)).unfold(0, kern, s).mean(-1)
+                    buf[i, :c.shape[0]] = c.to(buf.dtype)
+
+    def append(self, k_cache: torch.Tensor, lens: torch.Tensor, fused: bool = False) -> None:
+        if fused:  # one Triton launch per kind instead of ~18 small torch ops
+            _append_triton(self, k_cache, lens)
+            return
+        b = k_cache.shape[0]
+        rows = torch.arange(b, device=k_cache.device)
+        lens = lens.to(torch.long)
+        for (kern, s), buf in zip(self.specs, self.buffers):
+            start = lens - kern                                   # the window ending at the new key
+            done = (start >= 0) & (torch.remainder(start, s) == 0)
+            pos = start.clamp_min(0)[:, None] + torch.arange(kern, device=k_cache.device)[None, :]
+            win = k_cache[rows[:, None], pos.clamp_max(k_cache.shape[1] - 1)]   # (b, kern, H, d)
+            mean = win.to(_pool_dtype(k_cache.dtype)).mean(1).to(buf.dtype)
+            j = torch.div(start.clamp_min(0), s, rounding_mode="floor").clamp_max(buf.shape[1] - 1)
+            old = buf[rows, j]
+            buf[rows, j] = torch.where(done[:, None, None], mean, old)
+
+
+_APPEND_KERNEL = None
+
+
+def _append_kernel():
+    global _APPEND_KERNEL
+    if _APPEND_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _append(k_ptr, buf_ptr, lens_ptr, stride_kb, stride_kt, stride_kh, stride_bb, stride_bj, stride_bh,
+                    n_buf, D, KERN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+            row = tl.program_id(0)
+            h = tl.program_id(1)
+            L = tl.load(lens_ptr + row).to(tl.int64)
+            start = L - KERN
+            ok = (start >= 0) & ((start % STRIDE) == 0) & (start // STRIDE < n_buf)
+            t = tl.arange(0, BLOCK_T)
+            dd = tl.arange(0, BLOCK_D)
+            lim_t = tl.where(ok, KERN, 0)
+            lim_d = tl.where(ok, D, 0)
+            m = (t[:, None] < lim_t) & (dd[None, :] < lim_d)
+            base = k_ptr + row.to(tl.int64) * stride_kb + h * stride_kh
+            x = tl.load(base + (start + t)[:, None] * stride_kt + dd[None, :], mask=m, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 0) / KERN
+            j = tl.where(ok, start // STRIDE, 0)
+            dst = buf_ptr + row.to(tl.int64) * stride_bb + j * stride_bj + h * stride_bh + dd
+            tl.store(dst, mean.to(buf_ptr.dtype.element_ty), mask=dd < lim_d)
+
+        _APPEND_KERNEL = _append
+    return _APPEND_KERNEL
+
+
+def _append_triton(sck: "StaticCompressedKeys", k_cache: torch.Tensor, lens: torch.Tensor) -> None:
+    """Fused ``StaticCompressedKeys.append``: grid (batch, Hkv) per kind, no host synchronisation."""
+    kern_fn = _append_kernel()
+    b, _, h, d = k_cache.shape
+    if k_cache.stride(-1) != 1:
+        raise ValueError("k_cache must be contiguous in its last dimension")
+    lens = lens.to(torch.int32)
+    block_d = 1 << max(4, (d - 1).bit_length())
+    for (kern, stride), buf in zip(sck.specs, sck.buffers):
+        block_t = 1 << max(4, (kern - 1).bit_length())
+        kern_fn[(b, h)](k_cache, buf, lens, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                        buf.stride(0), buf.stride(1), buf.stride(2), buf.shape[1], d,
+                        KERN=kern, STRIDE=stride, BLOCK_T=block_t, BLOCK_D=block_d)

@@ -1,0 +1,202 @@
+"""InfLLM-V2 decoding cache (infllmv2/cache.py): incremental compressed keys, generate(), chunked
+prefill, padded batches, the static variant. CPU, tiny random Llama."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from infllmv2 import SparseConfig  # noqa: E402
+from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys  # noqa: E402
+from infllmv2.models.transformers import enable  # noqa: E402
+from infllmv2.ops import naive, torch_decode  # noqa: E402
+
+SPARSE = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=16, topk=2,
+                      dense_len=-1)
+VOCAB = 97
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _llama(layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _ids(n, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+def _check_compressed(cache, config, rows=None):
+    """Every layer's compressed keys equal compressing the (valid) cached keys from scratch."""
+    for layer in cache.layers:
+        st = layer._infllmv2_state
+        assert st is not None
+        for i in range(layer.keys.shape[0]):
+            keys = layer.keys[i].transpose(0, 1)  # (sk, Hkv, d)
+            if rows is not None:
+                keys = keys[rows[i]]
+            for pk in st.kinds():
+                ref = naive.compress_keys(keys.float(), pk.kernel, pk.stride)
+                assert pk.count[i] == ref.shape[0]
+                torch.testing.assert_close(pk.rows(i), ref, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+def test_incremental_compressed_keys_equal_scratch_across_dense_len_switch():
+    config = SPARSE.replace(dense_len=150)
+    model = enable(_llama(), config)
+    ids = _ids(200)
+    cache = InfLLMv2Cache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :120], **{CACHE: cache}, use_cache=True)
+        assert all(layer._infllmv2_state is None for layer in cache.layers)  # lazy: still dense
+        for t in range(120, 200):
+            model(input_ids=ids[:, t:t + 1], **{CACHE: cache}, use_cache=True)
+            if t + 1 >= 150:
+                assert all(layer._infllmv2_state is not None for layer in cache.layers)
+            if t + 1 in (150, 151, 167, 200):
+                _check_compressed(cache, config)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_static_compressed_keys_equal_scratch(fused):
+    config = SPARSE
+    g = torch.Generator().manual_seed(0)
+    b, n0, steps, h, d = 3, 37, 90, 2, 16
+    k_cache = torch.randn(b, n0 + steps, h, d, generator=g)
+    lens = torch.tensor([n0, n0 - 20, 5])
+    sk = StaticCompressedKeys(b, n0 + steps, h, d, config, torch.float32, "cpu")
+    sk.prefill(k_cache, lens)
+    for _ in range(steps):
+        lens = lens + 1
+        sk.append(k_cache, lens, fused=fused)
+    for i, n in enumerate(lens.tolist()):
+        for (kern, s), buf in zip(sk.specs, sk.buffers):
+            ref = naive.compress_keys(k_cache[i, :n], kern, s)
+            torch.testing.assert_close(buf[i, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+
+
+def test_select_blocks_compressed_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 4, 16, generator=g), torch.randn(180, 2, 16, generator=g)
+    k1 = naive.compress_keys(k, 16, 8)
+    k2 = naive.compress_keys(k, 64, 32)
+    assert torch.equal(torch_decode.select_blocks_compressed(q, 180, k1, k2, SPARSE),
+                       naive.select_blocks(q, k, SPARSE))
+
+
+def test_generate_with_cache_equals_without():
+    model = enable(_llama(), SPARSE.replace(dense_len=170))
+    prompt = _ids(160)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(prompt, **kw)
+        cache = InfLLMv2Cache()
+        cached = model.generate(prompt, **{CACHE: cache}, **kw)
+    assert torch.equal(plain.sequences, cached.sequences)
+    for a, b in zip(plain.logits, cached.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(layer._infllmv2_state is not None for layer in cache.layers)  # built once past dense_len
+
+
+def test_triton_decode_path_with_cache_equals_without():
+    """backend='triton' (the interpreter here): decode steps call the Triton decode kernel with the cached
+    fine/coarse keys; the result equals the plain path that pools the keys from scratch."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    enable(model, SPARSE.replace(dense_len=140), backend="triton")
+    calls = []
+    from infllmv2.ops import triton as tri
+    orig = tri.infllmv2_decode_triton
+
+    def spy(*a, **k):
+        calls.append(k.get("k_fine") is not None)
+        return orig(*a, **k)
+    prompt = _ids(136)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(prompt, **kw)
+        tri.infllmv2_decode_triton = spy
+        try:
+            cached = model.generate(prompt, **{CACHE: InfLLMv2Cache()}, **kw)
+        finally:
+            tri.infllmv2_decode_triton = orig
+    assert calls and all(calls) and len(calls) >= 4  # steps at 140.. keys: the kernel, given the cached keys
+    assert torch.equal(plain.sequences, cached.sequences)
+    for a, b in zip(plain.logits, cached.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_one_pass():
+    model = enable(_llama(), SPARSE)
+    ids = _ids(230)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = InfLLMv2Cache()
+        pieces = []
+        for a, b in ((0, 70), (70, 128), (128, 200), (200, 230)):
+            pieces.append(model(input_ids=ids[:, a:b], **{CACHE: cache}, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    _check_compressed(cache, SPARSE)
+
+
+def test_batched_decoding_different_lengths_equals_each_alone():
+    model = enable(_llama(), SPARSE.replace(dense_len=130))  # rows turn sparse at different steps (or never)
+    model.generation_config.eos_token_id = None  # run every step
+    seqs = [_ids(170, seed=3), _ids(120, seed=4), _ids(40, seed=5)]
+    n = max(s.shape[1] for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):  # left padding, as generate() wants it
+        ids[i, n - s.shape[1]:], mask[i, n - s.shape[1]:] = s[0], 1
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cache = InfLLMv2Cache()
+        batched = model.generate(ids, attention_mask=mask, **{CACHE: cache}, **kw)
+        for i, s in enumerate(seqs):
+            alone = model.generate(s, **{CACHE: InfLLMv2Cache()}, **kw)
+            assert torch.equal(batched.sequences[i, n:], alone.sequences[0, s.shape[1]:])
+            for a, b in zip(batched.logits, alone.logits):
+                torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=1e-4)
+    full_mask = torch.cat([mask, torch.ones(len(seqs), 11, dtype=torch.long)], 1).bool()
+    rows = [torch.nonzero(full_mask[i]).flatten() for i in range(len(seqs))]
+    _check_compressed(cache, SPARSE.replace(dense_len=130), rows=rows)
+
+
+def test_static_cache_equals_dynamic_cache():
+    model = enable(_llama(), SPARSE.replace(dense_len=165))
+    prompt = _ids(160)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **{CACHE: InfLLMv2Cache()}, **kw)
+        cache = InfLLMv2StaticCache(config=model.config, max_cache_len=200)
+        static = model.generate(prompt, **{CACHE: cache}, **kw)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    n = static.sequences.shape[1] - 1  # the last token is not in the cache
+    for layer in cache.layers:
+        st = layer._infllmv2_state
+        assert st is not None and st.seen == [n]
+        keys = layer.keys[0, :, :n].transpose(0, 1)
+        for pk in st.kinds():
+            ref = naive.compress_keys(keys.float(), pk.kernel, pk.stride)
+            torch.testing.assert_close(pk.rows(0), ref, atol=1e-6, rtol=1e-6)

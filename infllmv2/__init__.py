@@ -7,13 +7,17 @@ from .attention import infllmv2_attention, select_blocks, sparse_attention
 from .config import SparseConfig
 
 __version__ = "0.1.0"
-__all__ = ["SparseConfig", "infllmv2_attention", "select_blocks", "sparse_attention", "enable"]
+__all__ = ["SparseConfig", "infllmv2_attention", "select_blocks", "sparse_attention", "enable", "disable",
+           "InfLLMv2Cache", "InfLLMv2StaticCache"]
 
 
-def __getattr__(name):  # keep `import infllmv2` light; transformers loads on first use
-    if name == "enable":
-        from .models.transformers import enable
-        return enable
+def __getattr__(name):  # transformers-dependent names load on first use
+    if name in ("enable", "disable"):
+        from .models import transformers as _tf
+        return getattr(_tf, name)
+    if name in ("InfLLMv2Cache", "InfLLMv2StaticCache"):
+        from . import cache as _cache
+        return getattr(_cache, name)
     raise AttributeError(f"module 'infllmv2' has no attribute {name!r}")
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import SparseConfig
+from .config import SparseConfig, as_sparse_config
 from .ops import naive, torch_chunked
 
 __all__ = ["infllmv2_attention", "select_blocks", "sparse_attention", "BACKENDS", "triton_available"]
@@ -80,16 +80,6 @@ def _check_cu_seqlens(name: str, cu, total: int, device) -> list:
     if values[-1] != total:
         raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
     return values
-
-
-def _resolve_config(config) -> SparseConfig:
-    if config is None:
-        return SparseConfig()
-    if isinstance(config, SparseConfig):
-        return config
-    if isinstance(config, dict):
-        return SparseConfig.from_dict(config)
-    raise TypeError(f"config must be a SparseConfig, a sparse_config dict or None, got {type(config).__name__}")
 
 
 def triton_available() -> bool:
@@ -235,7 +225,7 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     (block selection) + stage 2 (sparse attention). ``max_seqlen`` is accepted for flash-attn
     compatibility (the lengths are read from ``cu_seqlens``).
     """
-    config = _resolve_config(config)
+    config = as_sparse_config(config)
     if config.use_nope:
         raise ValueError("config.use_nope=True needs pre-RoPE q/k: score them with select_blocks and call "
                          "sparse_attention (infllmv2_attention only sees post-RoPE q/k)")
@@ -291,7 +281,7 @@ def select_blocks(q, k, config: Optional[SparseConfig] = None, *, cu_seqlens=Non
     Indices are relative to each sequence's first key, sorted ascending, padded with -1; all G query
     heads of a KV head share them. (Pass pre-RoPE q/k here for ``use_nope``.)
     """
-    config = _resolve_config(config)
+    config = as_sparse_config(config)
     qp, kp, _, offs_q, offs_k, _ = _to_packed(q, k, k, cu_seqlens, cu_seqlens_k)
     scale = _scale(softmax_scale, q.shape[-1])
     backend = _resolve_backend(backend, q)

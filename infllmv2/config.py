@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["SparseConfig"]
+__all__ = ["SparseConfig", "as_sparse_config"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,14 @@ class SparseConfig:
         values = self.to_dict()
         values.update(changes)
         return SparseConfig(**values)
+
+
+def as_sparse_config(config) -> SparseConfig:
+    """None -> the defaults; a SparseConfig as is; a MiniCPM4 ``sparse_config`` dict -> parsed."""
+    if config is None:
+        return SparseConfig()
+    if isinstance(config, SparseConfig):
+        return config
+    if isinstance(config, Mapping):
+        return SparseConfig.from_dict(config)
+    raise TypeError(f"config must be a SparseConfig, a sparse_config dict or None, got {type(config).__name__}")

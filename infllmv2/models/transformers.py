@@ -22,7 +22,7 @@ import torch
 
 from ..attention import BACKENDS, _resolve_backend, infllmv2_attention
 from ..cache import lookup_layer
-from ..config import SparseConfig
+from ..config import SparseConfig, as_sparse_config
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
            "attention_modules", "sparse_config_of"]
@@ -61,16 +61,6 @@ def sparse_config_of(config: Any) -> SparseConfig:
         return _parse_sparse_config(tuple(sorted((k, _freeze(v)) for k, v in raw.items())))
     except (TypeError, ValueError) as err:
         raise type(err)(f"invalid config.sparse_config {raw!r}: {err}") from None
-
-
-def _resolve_config(config) -> SparseConfig:
-    if config is None:
-        return SparseConfig()
-    if isinstance(config, SparseConfig):
-        return config
-    if isinstance(config, dict):
-        return SparseConfig.from_dict(config)
-    raise TypeError(f"config must be None, a SparseConfig or a MiniCPM4 sparse_config dict, got {type(config).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +331,7 @@ def enable(model, config=None, *, backend: str = "auto"):
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"enable() takes a transformers PreTrainedModel, got {type(model).__name__}")
-    sparse = _resolve_config(config)
+    sparse = as_sparse_config(config)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if getattr(model.config, "is_encoder_decoder", False):

@@ -16,7 +16,7 @@ import torch
 from ..config import SparseConfig
 from . import naive
 
-__all__ = ["select_blocks", "sparse_attention"]
+__all__ = ["select_blocks", "select_blocks_compressed", "sparse_attention"]
 
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in float32
 
@@ -35,23 +35,42 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, scale:
 
     q: (n, Hq, d), k: (nk, Hkv, d) -> (Hkv, n, budget) int32, identical to ``naive.select_blocks``.
     """
+    ctype = _compute_dtype(q.dtype)
+    k1 = naive.compress_keys(k.to(ctype), config.kernel_size, config.kernel_stride)
+    k2 = naive.compress_keys(k.to(ctype), config.coarse_kernel_size, config.coarse_kernel_stride)
+    return select_blocks_compressed(q, k.shape[0], k1, k2, config, scale)
+
+
+@torch.no_grad()
+def select_blocks_compressed(q: torch.Tensor, nk: int, k1: torch.Tensor, k2: torch.Tensor | None,
+                             config: SparseConfig, scale: float | None = None) -> torch.Tensor:
+    """Stage 1 from precomputed compressed keys (a decoding cache keeps them), chunked over queries.
+
+    q: (n, Hq, d), the last n of nk positions; k1: (>= n1, Hkv, d) fine compressed keys (rows past
+    ``(nk - lc) // sc + 1`` are ignored); k2: the coarse ones (needed when ``lse_approx``)
+    -> (Hkv, n, budget) int32, as ``naive.select_blocks(q, k)`` over the nk keys.
+    """
     n, hq, d = q.shape
-    nk, hkv, _ = k.shape
+    hkv = k1.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
     ctype = _compute_dtype(q.dtype)
     B, lc, sc = config.block_size, config.kernel_size, config.kernel_stride
     nb = -(-nk // B)
-    k1 = naive.compress_keys(k.to(ctype), lc, sc)  # (n1, Hkv, d)
-    k2 = naive.compress_keys(k.to(ctype), config.coarse_kernel_size, config.coarse_kernel_stride)
-    n1 = k1.shape[0]
+    n1 = max(0, min(k1.shape[0], (nk - lc) // sc + 1)) if nk >= lc else 0
+    k1 = k1[:n1].to(ctype)
+    if config.lse_approx:
+        if k2 is None:
+            raise ValueError("config.lse_approx needs the coarse compressed keys k2")
+        n2 = max(0, min(k2.shape[0], (nk - 4 * lc) // (4 * sc) + 1)) if nk >= 4 * lc else 0
+        k2 = k2[:n2].to(ctype)
     ratio, halo = B // sc, lc // sc - 1  # fine keys per block, extra overlapping keys on the left
     out = torch.full((hkv, n, config.budget), -1, dtype=torch.int32, device=q.device)
     chunk = _chunk_size(hq, max(n1, 1))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         pos = torch.arange(nk - n + start, nk - n + stop, device=q.device)
-        last = int(pos[-1])
+        last = nk - n + stop - 1
         m1 = max(0, min(n1, (last + 1 - lc) // sc + 1))  # fine keys visible to the chunk's last token
         qg = q[start:stop].to(ctype).view(-1, hkv, g, d)
         s = torch.zeros(hkv, stop - start, m1, dtype=ctype, device=q.device)

@@ -101,3 +101,18 @@ def mask_from_indices(idx, nk, B):
                     m[h, i, b * B:min(nk, (b + 1) * B)] = True
             m[h, i, t + 1:] = False
     return m
+
+
+TINY_VOCAB = 97  # the tiny random transformers models of the integration tests
+
+
+def random_ids(n, batch=1, seed=1):
+    """(batch, n) token ids of a tiny model, avoiding the special ids 0-2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, TINY_VOCAB, (batch, n), generator=g)
+
+
+def cache_of(out):
+    """The cache a transformers forward returned (its attribute name changed across versions)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache

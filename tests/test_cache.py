@@ -10,13 +10,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from infllmv2 import SparseConfig  # noqa: E402
+from helpers import TINY_VOCAB, cache_of as _cache_of, random_ids as _ids  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys  # noqa: E402
 from infllmv2.models.transformers import enable  # noqa: E402
 from infllmv2.ops import naive, torch_decode  # noqa: E402
 
 SPARSE = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=16, topk=2,
                       dense_len=-1)
-VOCAB = 97
+VOCAB = TINY_VOCAB
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
@@ -28,16 +29,6 @@ def _llama(layers=2, seed=0):
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
-
-
-def _ids(n, batch=1, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n), generator=g)
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
 
 
 def _check_compressed(cache, config, rows=None):

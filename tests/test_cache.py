@@ -191,3 +191,23 @@ def test_static_cache_equals_dynamic_cache():
         for pk in st.kinds():
             ref = naive.compress_keys(keys.float(), pk.kernel, pk.stride)
             torch.testing.assert_close(pk.rows(0), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_static_compressed_key_update_compiles_fullgraph():
+    """The decode-step update of the static compressed keys traces into one graph (torch.compile,
+    fullgraph: no graph break, no host sync) and still equals compressing from scratch."""
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
+    b, max_len, h, d = 3, 160, 2, 16
+    k = torch.randn(b, max_len, h, d)
+    lens = torch.tensor([40, 77, 120])
+    keys = StaticCompressedKeys(b, max_len, h, d, cfg, torch.float32, "cpu")
+    keys.prefill(k, lens)
+    step = torch.compile(keys.append, fullgraph=True)
+    for _ in range(20):
+        lens = lens + 1
+        step(k, lens)
+    for r in range(b):
+        n = int(lens[r])
+        for buf, (kern, s) in zip(keys.buffers, keys.specs):
+            ref = naive.compress_keys(k[r, :n], kern, s)
+            torch.testing.assert_close(buf[r, :ref.shape[0]], ref)

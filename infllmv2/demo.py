@@ -241,8 +241,12 @@ def _run_mode(model, tokenizer, ids, doc_start, opts, progress, label):
     progress.stage(f"{label}: prefill")
     progress.prefill = True
     t0 = time.perf_counter()
+    cache = {}
+    if label == "infllmv2":  # the InfLLM-V2 cache keeps the compressed keys, so decode steps don't re-pool
+        from .cache import InfLLMv2Cache
+        cache = {_cache_name(model): InfLLMv2Cache()}
     with torch.no_grad():
-        out = model.model(input_ids=input_ids[:, :-1], use_cache=True)
+        out = model.model(input_ids=input_ids[:, :-1], use_cache=True, **cache)
         hidden = out.last_hidden_state[0]
         targets = input_ids[0, 1:]
         nll, count = 0.0, 0
@@ -276,13 +280,16 @@ def _run_mode(model, tokenizer, ids, doc_start, opts, progress, label):
 
 def _cache_kwarg(model, out) -> dict:
     """The prefilled cache as generate() takes it (``cache`` in recent transformers, else ``past_key_values``)."""
-    import inspect
-
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = out.past_key_values
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_name(model): cache}
+
+
+def _cache_name(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sync(device) -> None:

@@ -1,4 +1,4 @@
-"""transformers integration: ``infllmv2.enable`` on tiny random Llama / Qwen2 models (CPU, float32)."""
+"""transformers integration: ``infllmv2.enable`` on tiny random Llama / Qwen2 / Qwen3 / Mistral models (CPU, float32)."""
 from __future__ import annotations
 
 import copy
@@ -46,6 +46,16 @@ def _qwen2(seed=0):
     return model
 
 
+def _qwen3(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
 @torch.no_grad()
 def _logits(model, ids, **kw):
     return model(input_ids=ids, use_cache=False, **kw).logits
@@ -86,7 +96,7 @@ def test_enable_accepts_minicpm4_dict_and_none():
     assert enable(_llama(), None).config.sparse_config == SparseConfig().to_dict()
 
 
-@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("make", [_llama, _qwen2, _qwen3], ids=["llama", "qwen2", "qwen3"])
 def test_budget_covering_sequence_equals_dense(make):
     model = make()
     ids = _ids(200, batch=2)
@@ -97,7 +107,7 @@ def test_budget_covering_sequence_equals_dense(make):
     torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("make", [_llama, _qwen2, _qwen3], ids=["llama", "qwen2", "qwen3"])
 def test_sparse_differs_from_dense(make):
     model = make()
     ids = _ids(200)

@@ -180,3 +180,12 @@ def test_no_nan_from_finite_inputs_with_missing_current_block():
     assert torch.isfinite(out).all() and (out[0, :20] == 0).all()
     ref = sparse_attention(q, k, v, idx, block_size=16, backend="reference")
     torch.testing.assert_close(out, ref)
+
+
+def test_triton_rejects_unsupported_head_dim():
+    import os
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("triton backend not runnable here")
+    q, k, v = rand_qkv(32, 4, 2, 48, batch=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="head_dim in"):
+        infllmv2_attention(q, k, v, SMALL, backend="triton")

@@ -172,20 +172,24 @@ def _select_packed(q, k, offs_q, offs_k, config, scale, backend):
     return out
 
 
-def _sparse_packed(q, k, v, idx, offs_q, offs_k, block_size, scale, backend):
-    """Stage 2 over a packed batch -> (out (total_q, Hq, d), lse (Hq, total_q))."""
+def _sparse_packed(q, k, v, idx, offs_q, offs_k, block_size, scale, backend, need_lse=True):
+    """Stage 2 over a packed batch -> (out (total_q, Hq, d), lse (Hq, total_q) or None when not needed)."""
     if backend == "triton":
         from .ops.triton import sparse_attention_triton
         return sparse_attention_triton(q, k, v, idx, block_size, _cu(offs_q, q.device), _cu(offs_k, q.device),
                                        _max_len(offs_q), _max_len(offs_k), scale)
-    impl = naive.sparse_attention if backend == "reference" else torch_chunked.sparse_attention
     outs, lses = [], []
     for i in range(len(offs_q) - 1):
         qs, ks = slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1])
-        o, l = impl(q[qs], k[ks], v[ks], idx[:, qs], block_size, scale)
+        if backend == "reference":
+            o, l = naive.sparse_attention(q[qs], k[ks], v[ks], idx[:, qs], block_size, scale)
+        else:
+            o, l = torch_chunked.sparse_attention(q[qs], k[ks], v[ks], idx[:, qs], block_size, scale,
+                                                  return_lse=need_lse)
         outs.append(o)
-        lses.append(l.float())
-    return torch.cat(outs), torch.cat(lses, dim=1)
+        lses.append(None if l is None else l.float())
+    lse = torch.cat(lses, dim=1) if lses and all(l is not None for l in lses) else None
+    return torch.cat(outs), lse
 
 
 def _max_len(offs) -> int:
@@ -245,7 +249,7 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
 
     if all(sparse):
         idx = _select_packed(qp, kp, offs_q, offs_k, config, scale, backend)
-        out, _ = _sparse_packed(qp, kp, vp, idx, offs_q, offs_k, config.block_size, scale, backend)
+        out, _ = _sparse_packed(qp, kp, vp, idx, offs_q, offs_k, config.block_size, scale, backend, need_lse=False)
         return unpack(out)
 
     # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA.
@@ -260,7 +264,8 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
         sub_k.append(sub_k[-1] + offs_k[i + 1] - offs_k[i])
     qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend)
-    sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend)
+    sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
+                                   need_lse=False)
     j = 0
     for i in range(n_seq):
         if sparse[i]:

@@ -76,3 +76,26 @@ def test_low_precision_accuracy_rule(dtype):
     err_ref = (naive.sparse_attention(*low, idx, 16)[0].double() - ref).abs().max()
     err_torch = (torch_chunked.sparse_attention(*low, idx, 16)[0].double() - ref).abs().max()
     assert err_torch <= 2 * err_ref + 1e-6
+
+
+@settings(max_examples=20, deadline=None)
+@given(cfg=configs(), n=st.integers(1, 150), extra=st.integers(0, 30), G=st.sampled_from([1, 3]),
+       seed=st.integers(0, 10_000))
+def test_inference_path_equals_reference(cfg, n, extra, G, seed):
+    # No gradient and no lse asked: the SDPA-based inference path runs; same outputs as the reference.
+    q, k, v = rand_qkv(n, 2 * G, 2, 8, nk=n + extra, seed=seed)
+    idx = naive.select_blocks(q, k, cfg)
+    with torch.no_grad():
+        out, lse = torch_chunked.sparse_attention(q, k, v, idx, cfg.block_size, return_lse=False)
+    assert lse is None
+    torch.testing.assert_close(out, naive.sparse_attention(q, k, v, idx, cfg.block_size)[0])
+
+
+def test_inference_path_token_without_keys_gets_zero():
+    q, k, v = rand_qkv(40, 2, 1, 8, dtype=torch.float32)
+    idx = torch.full((1, 40, 2), -1, dtype=torch.int32)
+    idx[:, 20:, 0] = 1  # tokens 0..19 select nothing
+    with torch.no_grad():
+        out, _ = torch_chunked.sparse_attention(q, k, v, idx, 16, return_lse=False)
+    assert torch.isfinite(out).all() and (out[:20] == 0).all()
+    torch.testing.assert_close(out, naive.sparse_attention(q, k, v, idx, 16)[0])

@@ -171,12 +171,40 @@ class _SparseAttentionChunked(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def sparse_attention(q, k, v, block_indices, block_size: int, scale: float | None = None):
+@torch.no_grad()
+def _sparse_attention_inference(q, k, v, block_indices, block_size, scale):
+    """Forward only, no log-sum-exp: each chunk goes through SDPA (a fused CPU/GPU kernel) with the
+    chunk's per-token mask over the union of its blocks. Same result as the autograd path."""
+    n, hq, d = q.shape
+    nk, hkv, _ = k.shape
+    g = hq // hkv
+    ctype = _compute_dtype(q.dtype)
+    nb = -(-nk // block_size)
+    out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+    chunk = _chunk_size(hq, min(nk, block_size * block_indices.shape[-1] * 4), lo=16, hi=128)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        pos = torch.arange(nk - n + start, nk - n + stop, device=q.device)
+        keys, mask = _chunk_union(block_indices[:, start:stop], nb, block_size, nk, pos)
+        qc = q[start:stop].to(ctype).view(-1, hkv, g, d).permute(1, 2, 0, 3)  # (Hkv, G, c, d)
+        kc = k[keys].to(ctype).transpose(0, 1)[:, None]  # (Hkv, 1, U, d)
+        vc = v[keys].to(ctype).transpose(0, 1)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask[:, None], scale=scale)
+        o = o.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)  # a token with no key: 0 (SDPA gives NaN)
+        out[start:stop] = o.permute(2, 0, 1, 3).reshape(-1, hq, d).to(q.dtype)
+    return out
+
+
+def sparse_attention(q, k, v, block_indices, block_size: int, scale: float | None = None, return_lse: bool = True):
     """Stage 2 for one sequence, memory-bounded, differentiable in q, k, v.
 
-    q: (n, Hq, d), k, v: (nk, Hkv, d), block_indices: (Hkv, n, budget) -> out (n, Hq, d), lse (Hq, n).
+    q: (n, Hq, d), k, v: (nk, Hkv, d), block_indices: (Hkv, n, budget) -> out (n, Hq, d), lse (Hq, n)
+    (lse None when ``return_lse`` is False and no gradient is needed: the faster inference path).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not return_lse and not needs_grad:
+        return _sparse_attention_inference(q, k, v, block_indices, block_size, scale), None
     return _SparseAttentionChunked.apply(q, k, v, block_indices, block_size, scale)

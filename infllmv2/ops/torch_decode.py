@@ -28,5 +28,5 @@ def attention_compressed(q, k, v, k1, k2, config: SparseConfig, scale: float | N
         from ..attention import dense_attention_sdpa
         return dense_attention_sdpa(q[None], k[None], v[None], scale)[0]
     idx = select_blocks_compressed(q.detach(), nk, k1, k2, config, scale)
-    out, _ = torch_chunked.sparse_attention(q, k, v, idx, config.block_size, scale)
+    out, _ = torch_chunked.sparse_attention(q, k, v, idx, config.block_size, scale, return_lse=False)
     return out

@@ -467,3 +467,27 @@ def test_4d_mask_is_rejected():
     mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="2D padding mask"):
         _logits(model, ids, attention_mask=mask)
+
+
+def test_generate_defaults_to_the_infllmv2_cache():
+    from infllmv2.cache import InfLLMv2Cache
+
+    model = enable(_llama(), SPARSE)
+    ids = _ids(150)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                         pad_token_id=0)
+    assert isinstance(_cache_of(out), InfLLMv2Cache)
+    explicit = transformers.DynamicCache()
+    plain = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **{CACHE: explicit})
+    torch.testing.assert_close(out.sequences, plain)  # a cache the user passes is kept, and tokens agree
+    disable(model)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert type(_cache_of(out)) is transformers.DynamicCache
+
+
+def test_enabled_model_pickles(tmp_path):
+    model = enable(_llama(), SPARSE)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = _ids(120)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids))

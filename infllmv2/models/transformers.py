@@ -365,11 +365,43 @@ def enable(model, config=None, *, backend: str = "auto"):
         m._infllmv2_backend = backend
         if m.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"could not set the attention implementation of {type(m).__name__} to infllmv2")
+    _generate_with_infllmv2_cache(model)
     return model
+
+
+def _generate_with_infllmv2_cache(model) -> None:
+    """Make ``generate()`` default to an ``InfLLMv2Cache`` (compressed keys kept, not re-pooled each step).
+
+    Only the cache generate() would create itself (a plain DynamicCache) is replaced; a cache the user
+    passes, or another ``cache_implementation``, is left alone. ``disable()`` undoes it.
+    """
+    if hasattr(type(model), "_prepare_cache_for_generation"):  # else: users pass cache=InfLLMv2Cache()
+        model._prepare_cache_for_generation = _PrepareInfLLMv2Cache(model)
+
+
+class _PrepareInfLLMv2Cache:
+    """Instance override of ``_prepare_cache_for_generation`` (a module-level class, so models still pickle)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        result = type(self.model)._prepare_cache_for_generation(self.model, generation_config, model_kwargs, *args,
+                                                                **kwargs)
+        if not user_cache and generation_config.cache_implementation in (None, "dynamic"):
+            from transformers import DynamicCache
+
+            from ..cache import InfLLMv2Cache
+            for name in ("cache", "past_key_values"):
+                if type(model_kwargs.get(name)) is DynamicCache:
+                    model_kwargs[name] = InfLLMv2Cache()
+        return result
 
 
 def disable(model, attn_implementation: str = "sdpa"):
     """Switch an enabled model back to dense attention (``sparse_config`` is kept); returns ``model``."""
+    model.__dict__.pop("_prepare_cache_for_generation", None)  # generate() creates its usual cache again
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     for m in attention_modules(model):

@@ -128,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command in ("train", "eval"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        args.command_line = "infllmv2 " + " ".join(argv if argv is not None else sys.argv[1:])
         if args.command == "train":
             from .train import run_train as run
         else:

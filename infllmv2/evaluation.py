@@ -738,17 +738,11 @@ def run_eval(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m infllmv2.evaluation ...`` = ``infllmv2 eval ...``."""
     import sys
-    parser = add_eval_args(argparse.ArgumentParser(prog="infllmv2 eval", description=__doc__.split("\n")[0],
-                                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = parser.parse_args(argv)
-    args.command_line = "infllmv2 eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        run_eval(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"infllmv2 eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    from .cli import main as cli_main
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

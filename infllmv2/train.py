@@ -509,6 +509,16 @@ def read_loss_log(path: str) -> List[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _save_figure(fig, png: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
 def plot_losses(logs: dict, png: str, title: str = "training loss", first_steps: Optional[int] = None,
                 smooth: float = 0.0) -> str:
     """``logs``: label -> loss.jsonl path (or list of records). One curve per label, loss vs step."""
@@ -532,11 +542,7 @@ def plot_losses(logs: dict, png: str, title: str = "training loss", first_steps:
         ax.plot(steps, loss, label=label, lw=1.2)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
 
 
 def plot_switch(pretrain_log: str, arms: dict, png: str, tail: int = 100, first_steps: Optional[int] = None) -> str:
@@ -562,11 +568,7 @@ def plot_switch(pretrain_log: str, arms: dict, png: str, tail: int = 100, first_
     ax.axvline(0.5, color="k", ls=":", lw=0.8)
     ax.set(xlabel="steps since the switch to long fine-tuning", ylabel="loss", title="short-to-long adaptation")
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
 
 
 def adaptation_summary(out_json: str, command, model: dict, pretrain_dir: str, finetune_dirs: dict, evals: dict,
@@ -889,15 +891,9 @@ def run_train(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = add_train_args(argparse.ArgumentParser(prog="infllmv2 train", description=__doc__.split("\n")[0],
-                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        run_train(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"infllmv2 train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m infllmv2.train ...`` (e.g. under torchrun) = ``infllmv2 train ...``."""
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -116,3 +116,19 @@ def cache_of(out):
     """The cache a transformers forward returned (its attribute name changed across versions)."""
     cache = getattr(out, "cache", None)
     return out.past_key_values if cache is None else cache
+
+
+def assert_selection_matches_by_score(q, k, cfg, got, scale, rtol, atol):
+    """Selections compared by score (bf16 ties may pick other blocks): the reference block scores summed
+    over the chosen blocks equal those of the reference selection. q (n, Hq, d), got (Hkv, n, budget)."""
+    from infllmv2.ops import naive
+
+    ref = naive.select_blocks(q.float(), k.float(), cfg, scale)
+    sc = naive.block_scores(q.float(), k.float(), cfg, scale)
+    nb = sc.shape[-1]
+    scp = torch.cat([sc, sc.new_zeros(sc.shape[:-1] + (1,))], -1)
+    sg = torch.gather(scp, -1, torch.where(got < 0, nb, got.long())).sum(-1)
+    sr = torch.gather(scp, -1, torch.where(ref < 0, nb, ref.long())).sum(-1)
+    torch.testing.assert_close(sg, sr, rtol=rtol, atol=atol)
+    assert torch.equal((got >= 0).sum(-1), (ref >= 0).sum(-1))  # selection sizes agree exactly
+    return ref

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from infllmv2 import SparseConfig  # noqa: E402
-from helpers import TINY_VOCAB, cache_of as _cache_of, random_ids as _ids  # noqa: E402
+from helpers import TINY_VOCAB, random_ids as _ids  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys  # noqa: E402
 from infllmv2.models.transformers import enable  # noqa: E402
 from infllmv2.ops import naive, torch_decode  # noqa: E402

@@ -1,5 +1,4 @@
 """The long-context suite: generators (deterministic, exact length), scorers, a tiny model end to end."""
-import argparse
 import collections
 import glob
 import json
@@ -11,9 +10,8 @@ import torch
 
 from infllmv2 import SparseConfig
 from infllmv2.data import ByteTokenizer, as_tokenizer
-from infllmv2.evaluation import (TASKS, add_eval_args, evaluate, exact_match, generate_sample, generate_task,
-                                 greedy_generate, perplexity, recall_match, run_eval, score_sample, set_attention_mode,
-                                 training_sample)
+from infllmv2.evaluation import (TASKS, evaluate, exact_match, generate_sample, generate_task, greedy_generate,
+                                 perplexity, recall_match, score_sample, set_attention_mode, training_sample)
 from infllmv2.train import build_model
 
 TOK = ByteTokenizer()
@@ -145,11 +143,13 @@ def test_tiny_model_through_suite(tiny, tmp_path):
     folder = tmp_path / "model"
     tiny.save_pretrained(folder)
     (folder / "infllmv2_tokenizer.json").write_text('{"type": "byte"}')
-    args = add_eval_args(argparse.ArgumentParser()).parse_args(
-        ["--model", str(folder), "--lengths", "1024", "--samples", "1", "--modes", "dense", "--out",
-         str(tmp_path / "ev"), "--no-progress", "--ppl-data", PKG, "--device", "cpu", "--max-new-tokens", "6"])
-    run_eval(args)
+    from infllmv2 import cli
+
+    argv = ["eval", "--model", str(folder), "--lengths", "1024", "--samples", "1", "--modes", "dense", "--out",
+            str(tmp_path / "ev"), "--no-progress", "--ppl-data", PKG, "--device", "cpu", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
     data = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert data["command"] == "infllmv2 " + " ".join(argv)  # the result names the command that produced it
     assert set(data["summary"]["dense"]["1024"]) >= set(TASKS) | {"avg", "ppl"}
     assert "dense" in data["ruler"] and data["long_ppl"]["dense"]["1024"]["ppl"] > 1
     assert (tmp_path / "ev" / "results.png").stat().st_size > 0

@@ -26,34 +26,28 @@ VOCAB = TINY_VOCAB
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def _llama(layers=2, seed=0, **kw):
+def _tiny(arch, seed=0, layers=2, **kw):
+    """A tiny random causal LM of a transformers architecture (Llama, Qwen2, Qwen3, ...), 4 / 2 heads of 16."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    cfg = getattr(transformers, f"{arch}Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **kw)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+def _llama(layers=2, seed=0, **kw):
+    return _tiny("Llama", seed, layers, **kw)
 
 
 def _qwen2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return _tiny("Qwen2", seed)
 
 
 def _qwen3(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return _tiny("Qwen3", seed)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from infllmv2.config import SparseConfig
 from infllmv2.ops import naive
 from infllmv2.ops.triton.selection import compress_keys_varlen, select_blocks_triton
 
+from helpers import assert_selection_matches_by_score
+
 SMALL = dict(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=3, init_blocks=1, dense_len=-1)
 
 
@@ -49,16 +51,6 @@ def _structure(got, nk, cfg):
             b = bq[i].item()
             forced = {x for x in range(min(cfg.init_blocks, b + 1))} | set(range(max(0, b - cfg.local_blocks), b + 1))
             assert forced <= sel, f"forced blocks missing at token {i}"
-
-
-def _by_score(q, k, cfg, got, scale, rtol):
-    ref = naive.select_blocks(q.float(), k.float(), cfg, scale)
-    sc = naive.block_scores(q.float(), k.float(), cfg, scale)
-    nb = sc.shape[-1]
-    scp = torch.cat([sc, sc.new_zeros(sc.shape[:-1] + (1,))], -1)
-    sg = torch.gather(scp, -1, torch.where(got < 0, nb, got.long())).sum(-1)
-    sr = torch.gather(scp, -1, torch.where(ref < 0, nb, ref.long())).sum(-1)
-    torch.testing.assert_close(sg, sr, rtol=rtol, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel,stride", [(16, 8), (32, 16), (64, 16)])
@@ -127,7 +119,7 @@ def test_select_bf16_by_score(transposed):
         qs, ks = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]]
         gi = got[:, cuq[i]:cuq[i + 1]]
         _structure(gi, lens_k[i], cfg)
-        _by_score(qs, ks, cfg, gi, 32 ** -0.5, rtol=2e-2)
+        assert_selection_matches_by_score(qs, ks, cfg, gi, 32 ** -0.5, rtol=2e-2, atol=1e-4)
 
 
 def test_budget_covers_everything():

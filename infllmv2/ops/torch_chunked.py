@@ -37,7 +37,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, scale:
     """
     ctype = _compute_dtype(q.dtype)
     k1 = naive.compress_keys(k.to(ctype), config.kernel_size, config.kernel_stride)
-    k2 = naive.compress_keys(k.to(ctype), config.coarse_kernel_size, config.coarse_kernel_stride)
+    k2 = (naive.compress_keys(k.to(ctype), config.coarse_kernel_size, config.coarse_kernel_stride)
+          if config.lse_approx else None)
     return select_blocks_compressed(q, k.shape[0], k1, k2, config, scale)
 
 
@@ -93,6 +94,11 @@ def select_blocks_compressed(q: torch.Tensor, nk: int, k1: torch.Tensor, k2: tor
     return out
 
 
+def _stage2_chunk(hq: int, nk: int, block_size: int, budget: int) -> int:
+    """Queries per stage-2 chunk: small, so the union of the chunk's blocks stays close to one token's selection."""
+    return _chunk_size(hq, min(nk, block_size * budget * 4), lo=16, hi=128)
+
+
 def _chunk_union(idx: torch.Tensor, nb: int, block_size: int, nk: int, pos: torch.Tensor):
     """Union of the blocks a chunk selected (over tokens and heads) and each token's mask onto it.
 
@@ -120,8 +126,7 @@ class _SparseAttentionChunked(torch.autograd.Function):
         nb = -(-nk // block_size)
         out = torch.empty(n, hq, d, dtype=ctype, device=q.device)
         lse = torch.empty(hkv, g, n, dtype=ctype, device=q.device)
-        # Small chunks keep the union of the chunk's blocks close to one token's selection.
-        chunk = _chunk_size(hq, min(nk, block_size * block_indices.shape[-1] * 4), lo=16, hi=128)
+        chunk = _stage2_chunk(hq, nk, block_size, block_indices.shape[-1])
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             pos = torch.arange(nk - n + start, nk - n + stop, device=q.device)
@@ -181,7 +186,7 @@ def _sparse_attention_inference(q, k, v, block_indices, block_size, scale):
     ctype = _compute_dtype(q.dtype)
     nb = -(-nk // block_size)
     out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
-    chunk = _chunk_size(hq, min(nk, block_size * block_indices.shape[-1] * 4), lo=16, hi=128)
+    chunk = _stage2_chunk(hq, nk, block_size, block_indices.shape[-1])
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         pos = torch.arange(nk - n + start, nk - n + stop, device=q.device)

@@ -13,6 +13,8 @@ import torch
 from infllmv2.config import SparseConfig
 from infllmv2.ops import naive
 
+from helpers import assert_selection_matches_by_score
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 DEV = "cuda"
@@ -20,18 +22,6 @@ DEV = "cuda"
 
 def _cu(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-
-
-def _by_score(q, k, cfg, got, scale, rtol=1e-3):
-    ref = naive.select_blocks(q.float(), k.float(), cfg, scale)
-    sc = naive.block_scores(q.float(), k.float(), cfg, scale)
-    nb = sc.shape[-1]
-    scp = torch.cat([sc, sc.new_zeros(sc.shape[:-1] + (1,))], -1)
-    sg = torch.gather(scp, -1, torch.where(got < 0, nb, got.long())).sum(-1)
-    sr = torch.gather(scp, -1, torch.where(ref < 0, nb, ref.long())).sum(-1)
-    torch.testing.assert_close(sg, sr, rtol=rtol, atol=rtol)
-    assert torch.equal((got >= 0).sum(-1), (ref >= 0).sum(-1))
-    return ref
 
 
 @pytest.mark.parametrize("dtype,g,hkv,d,approx", [
@@ -52,7 +42,8 @@ def test_selection_vs_reference(dtype, g, hkv, d, approx):
         if lens_q[i] == 0:
             continue
         qs, ks, gi = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], got[:, cuq[i]:cuq[i + 1]]
-        ref = _by_score(qs, ks, cfg, gi, d ** -0.5, rtol=1e-5 if dtype == torch.float32 else 1e-3)
+        tol = 1e-5 if dtype == torch.float32 else 1e-3
+        ref = assert_selection_matches_by_score(qs, ks, cfg, gi, d ** -0.5, rtol=tol, atol=tol)
         if dtype == torch.float32:
             # fp32 on the GPU: the kernel's dot sums in another order than the reference's matmul,
             # so near-ties (~1e-7 relative) may flip; nearly all rows must still be identical

@@ -11,6 +11,7 @@ Backends: ``"reference"`` (ops/naive.py, materialises masks: tests and small inp
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,6 +35,25 @@ def _check_tensor(name: str, x, ranks) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in ranks:
         raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {tuple(x.shape)}")
+
+
+def _autocast_inputs(fn):
+    """Under autocast: ``fn`` on its floating tensor arguments cast to autocast's dtype, as SDPA does
+    (RoPE leaves q/k in fp32 while v is bf16), with autocast off inside (each path chooses its own
+    precision; autocast would recast their fp32 accumulation)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+        if dev is None or not torch.is_autocast_enabled(dev):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*_autocast_cast(dev, args), **kwargs)
+    return wrapper
+
+
+def _autocast_cast(dev, xs):
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
 
 
 def _check_qkv(q, k, v, packed: bool) -> None:
@@ -217,6 +237,7 @@ def dense_attention_sdpa(q, k, v, scale):
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------
+@_autocast_inputs
 def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seqlens=None, cu_seqlens_k=None,
                        max_seqlen=None, softmax_scale=None, backend: str = "auto"):
     """InfLLM-V2 attention with the dense/sparse switch, causal, differentiable in q, k, v.
@@ -277,6 +298,7 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     return torch.cat(pieces)
 
 
+@_autocast_inputs
 def select_blocks(q, k, config: Optional[SparseConfig] = None, *, cu_seqlens=None, cu_seqlens_k=None,
                   softmax_scale=None, backend: str = "auto"):
     """Stage 1 alone: which blocks each token sees (no gradients).
@@ -294,6 +316,7 @@ def select_blocks(q, k, config: Optional[SparseConfig] = None, *, cu_seqlens=Non
         return _select_packed(qp.detach(), kp.detach(), offs_q, offs_k, config, scale, backend)
 
 
+@_autocast_inputs
 def sparse_attention(q, k, v, block_indices, *, block_size: int = 64, cu_seqlens=None, cu_seqlens_k=None,
                      softmax_scale=None, backend: str = "auto", return_lse: bool = False):
     """Stage 2 alone: causal softmax attention of each token over its selected blocks.

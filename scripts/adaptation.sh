@@ -7,15 +7,16 @@
 #   SCALE=cpu-smoke bash scripts/adaptation.sh  # the same pipeline in miniature, minutes on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# PY: the interpreter (default: the project's .venv, else python3, e.g. on a GPU box with torch installed).
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 OUT=${OUT_DIR:-results/adaptation}
 SCALE=${SCALE:-gpu}
 if [ "$SCALE" = gpu ]; then
-  PRE="--preset small --seq-len 2048 --steps 2000 --micro-batch 8 --lr 1e-3 --warmup 100"
-  FT="--seq-len 16384 --steps 300 --micro-batch 1 --lr 3e-4 --warmup 20 --buckets paper --ruler-ratio 0.1"
+  PRE="--preset small --seq-len 2048 --steps ${PRE_STEPS:-2000} --micro-batch 8 --lr 1e-3 --warmup 100"
+  FT="--seq-len 16384 --steps ${FT_STEPS:-300} --micro-batch 1 --lr 3e-4 --warmup 20 --buckets paper --ruler-ratio 0.1"
   # 3072 visible tokens of 16384 (19%, as the paper's 6K of 32K): 16 local + 32 blocks of 64.
   SPARSE="--block-size 64 --kernel-size 32 --kernel-stride 16 --window 1024 --topk 32 --dense-len -1"
-  EVAL="--lengths 4096,16384 --samples 8"
+  EVAL="--lengths ${EVAL_LENGTHS:-4096,16384} --samples ${EVAL_SAMPLES:-8}"
 else
   PRE="--preset tiny --seq-len 256 --steps 40 --micro-batch 4 --lr 3e-3 --warmup 4 --data-max-chars 400000"
   FT="--seq-len 1024 --steps 12 --micro-batch 1 --lr 1e-3 --warmup 2 --data-max-chars 400000"
@@ -23,7 +24,13 @@ else
   EVAL="--lengths 512,1024 --samples 2 --tasks niah_single,passkey,ppl --depths 0.5"
 fi
 mkdir -p "$OUT"
-run() { echo "+ infllmv2 $*" | tee -a "$OUT/commands.txt"; HF_HUB_OFFLINE=1 "$PY" -m infllmv2.cli "$@"; }
+# Each stage's command goes to commands.txt and its wall time to stage_times.txt.
+run() {
+  echo "+ infllmv2 $*" | tee -a "$OUT/commands.txt"
+  local t0=$SECONDS
+  HF_HUB_OFFLINE=1 "$PY" -m infllmv2.cli "$@"
+  echo "$(( SECONDS - t0 )) s  infllmv2 $1 ${3:-}" | tee -a "$OUT/stage_times.txt"
+}
 run train --out "$OUT/pretrain" $PRE --attention dense --no-progress
 for arm in dense infllmv2 nsa; do
   run train --out "$OUT/ft_$arm" --init "$OUT/pretrain/final" --attention "$arm" $FT $SPARSE --no-progress

@@ -99,6 +99,15 @@ def test_sparse_finetune_finite_grads(tmp_path):
     assert ft["params"] == pre["params"]
 
 
+@pytest.mark.parametrize("attention", ["infllmv2", "nsa"])
+def test_bf16_finetune_runs_on_both_sparse_arms(tmp_path, attention):
+    # bf16 autocast (the GPU recipe): RoPE gives fp32 q/k next to bf16 v, which the attention must take
+    train(_cfg(tmp_path / "pre", steps=1))
+    ft = train(_cfg(tmp_path / "ft", init=str(tmp_path / "pre" / "final"), attention=attention,
+                    sparse=SMALL.to_dict(), backend="torch", seq_len=256, steps=2, precision="bf16"))
+    assert len(ft["loss_first_steps"]) == 2 and all(math.isfinite(x) for x in ft["loss_first_steps"])
+
+
 def test_cli_args(tmp_path, capsys):
     parser = add_train_args(argparse.ArgumentParser())
     args = parser.parse_args(["--out", str(tmp_path), "--preset", "tiny", "--attention", "infllmv2", "--topk", "4",

@@ -304,6 +304,23 @@ def test_training_gradients_equal_dense_when_budget_covers():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+def test_bf16_autocast_training_matches_sdpa_when_budget_covers():
+    # Under autocast RoPE leaves q/k in fp32 while v is bf16: attention must cast them as SDPA does.
+    ids = _ids(120)
+    out = []
+    for sparse in (None, FULL):
+        model = _llama().train()
+        if sparse is not None:
+            enable(model, sparse, backend="torch")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        out.append((loss.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=2e-2, rtol=2e-2)
+    cos = torch.nn.functional.cosine_similarity(out[1][1].flatten(), out[0][1].flatten(), dim=0)
+    assert cos > 0.98, f"q_proj gradient cosine {cos:.4f}"
+
+
 def test_attention_dropout_is_rejected():
     with pytest.raises(ValueError, match="attention_dropout"):
         enable(_llama(attention_dropout=0.1), SPARSE)

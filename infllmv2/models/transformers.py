@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import BACKENDS, _resolve_backend, infllmv2_attention
+from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
 from ..cache import lookup_layer
 from ..config import SparseConfig, as_sparse_config
 
@@ -85,6 +85,7 @@ def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: 
     return torch.tensor(flat + [batch * seqlen], dtype=torch.int32, device=position_ids.device)
 
 
+@_autocast_inputs  # bf16 training: RoPE leaves q/k in fp32 and v in bf16; cast as SDPA does
 def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):

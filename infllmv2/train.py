@@ -576,9 +576,10 @@ def adaptation_summary(out_json: str, command, model: dict, pretrain_dir: str, f
     """Assemble ``results/adaptation/summary.json`` (issue 5) from the runs' folders and eval results.
 
     finetune_dirs: arm ("full", "infllmv2", "nsa") -> ``infllmv2 train`` output folder.
-    evals: row ("full", "infllmv2_sparse", "infllmv2_dense", "nsa") -> (results.json of ``infllmv2 eval``, mode
-    in it). Also checks the issue's bars: InfLLM-V2 sparse keeps >= 95% of full attention's RULER-style average,
-    and its mean loss over the first 20 fine-tuning steps is within 3% of full attention's.
+    evals: row ("full", "infllmv2_sparse", "infllmv2_dense", "nsa") -> (results.json of ``infllmv2 eval``, or a
+    list of them, e.g. one per length; mode in it). Also checks the issue's bars: InfLLM-V2 sparse keeps >= 95%
+    of full attention's RULER-style average, and its mean loss over the first 20 fine-tuning steps is within 3%
+    of full attention's.
     """
     def run_info(folder):
         path = os.path.join(folder, "run.json")
@@ -587,15 +588,18 @@ def adaptation_summary(out_json: str, command, model: dict, pretrain_dir: str, f
     losses = {arm: [r["loss"] for r in read_loss_log(os.path.join(d, "loss.jsonl"))][:first_steps]
               for arm, d in finetune_dirs.items()}
     ruler, long_ppl = {}, {}
-    for row, (path, mode) in evals.items():
-        res = json.load(open(path))
-        per_len = res["summary"][mode]
-        entry = {"avg": res["ruler"][mode]["avg"]}
-        for L, scores in per_len.items():
-            entry[L] = {k: v for k, v in scores.items() if not k.endswith("_exact")}
-        ruler[row] = entry
-        if res.get("long_ppl", {}).get(mode):
-            long_ppl[row] = res["long_ppl"][mode]
+    for row, (paths, mode) in evals.items():
+        entry, ppl = {}, {}
+        for path in [paths] if isinstance(paths, str) else paths:
+            res = json.load(open(path))
+            for L, scores in res["summary"][mode].items():
+                entry[L] = {k: v for k, v in scores.items() if not k.endswith("_exact")}
+            ppl.update(res.get("long_ppl", {}).get(mode) or {})
+        avgs = [v["avg"] for v in entry.values() if v.get("avg") is not None]
+        entry = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
+        ruler[row] = {"avg": float(np.mean(avgs)) if avgs else None, **entry}  # mean over lengths, as eval's
+        if ppl:
+            long_ppl[row] = ppl
     bars = {}
     if "full" in ruler and "infllmv2_sparse" in ruler and ruler["full"]["avg"]:
         ratio = ruler["infllmv2_sparse"]["avg"] / ruler["full"]["avg"]

@@ -12,12 +12,13 @@ if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-pytho
 OUT=${OUT_DIR:-results/adaptation}
 SCALE=${SCALE:-gpu}
 if [ "$SCALE" = gpu ]; then
-  PRE="--preset small --seq-len 2048 --steps ${PRE_STEPS:-1500} --micro-batch 8 --lr 1e-3 --warmup 100"
+  # RULER-style rows in pretraining too: a dense model that can retrieve at 2K, as the paper starts from.
+  PRE="--preset small --seq-len 2048 --steps ${PRE_STEPS:-1500} --micro-batch 8 --lr 1e-3 --warmup 100 --ruler-ratio 0.3"
   FT="--seq-len 16384 --steps ${FT_STEPS:-150} --micro-batch 1 --lr 3e-4 --warmup 15 --buckets paper --ruler-ratio 0.3"
   # 3072 visible tokens of 16384 (19%, as the paper's 6K of 32K): 16 local + 32 blocks of 64.
   SPARSE="--block-size 64 --kernel-size 32 --kernel-stride 16 --window 1024 --topk 32 --dense-len -1"
   LENGTHS=${EVAL_LENGTHS:-4096,16384}
-  EVAL="--samples ${EVAL_SAMPLES:-3} --max-new-tokens 48"
+  EVAL="--samples ${EVAL_SAMPLES:-4} --max-new-tokens 48"
 else
   PRE="--preset tiny --seq-len 256 --steps 40 --micro-batch 4 --lr 3e-3 --warmup 4 --data-max-chars 400000"
   FT="--seq-len 1024 --steps 12 --micro-batch 1 --lr 1e-3 --warmup 2 --data-max-chars 400000"

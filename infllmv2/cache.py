@@ -102,6 +102,7 @@ class _Compressed:
                                   None if capacity is None else capacity // config.coarse_kernel_stride)
                        if config.lse_approx else None)
         self.seen = [0] * b
+        self.layout = [(0, 0)] * b  # per row at the last update: (valid keys, first valid slot or None)
 
     def kinds(self):
         return (self.fine,) if self.coarse is None else (self.fine, self.coarse)
@@ -167,6 +168,7 @@ class InfLLMv2Layer:
                     tail = keys[i].index_select(1, pos[s:n])
                 pk.extend(i, tail.transpose(0, 1))
             st.seen[i] = n
+        st.layout = layout
         self._infllmv2_state = st
         return st
 

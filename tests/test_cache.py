@@ -136,6 +136,44 @@ def test_triton_decode_path_with_cache_equals_without():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
+    """A left-padded batch (generate()'s layout) decodes through the kernel with ``cache_leftpad``, given the
+    cached compressed keys, and each row equals it generated alone."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    enable(model, SPARSE.replace(dense_len=120), backend="triton")
+    seqs = [_ids(150, seed=6), _ids(100, seed=7)]  # the second turns sparse mid-generation
+    n = max(x.shape[1] for x in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    from infllmv2.ops import triton as tri
+    orig, calls = tri.infllmv2_decode_triton, []
+
+    def spy(*a, **k):
+        calls.append((k.get("k_fine") is not None, k.get("cache_leftpad")))
+        return orig(*a, **k)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        tri.infllmv2_decode_triton = spy
+        try:
+            batched = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
+        finally:
+            tri.infllmv2_decode_triton = orig
+        assert len(calls) == 5 and all(given for given, _ in calls)
+        assert calls[0][1].tolist() == [0, 50]
+        for i, x in enumerate(seqs):
+            alone = model.generate(x, **{CACHE: InfLLMv2Cache()}, **kw)
+            assert torch.equal(batched.sequences[i, n:], alone.sequences[0, x.shape[1]:])
+            for a, b in zip(batched.logits, alone.logits):
+                torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=1e-4)
+
+
 def test_chunked_prefill_equals_one_pass():
     model = enable(_llama(), SPARSE)
     ids = _ids(230)

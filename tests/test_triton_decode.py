@@ -59,6 +59,31 @@ def test_decode_given_compressed_keys_and_scale():
     torch.testing.assert_close(out, out2, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_decode_left_padded_cache_equals_each_row_alone(given):
+    # rows right-aligned in the cache (generate()'s left padding), garbage in the pad slots
+    cfg = SparseConfig(dense_len=100, **SMALL)
+    lens, max_len = [260, 77, 16, 130], 280
+    q, kc, vc, sl = _cache(lens, max_len, 6, 2, 32, torch.float32, seed=11)
+    pad = torch.tensor([max_len - n for n in lens], dtype=torch.int32)
+    kw = {}
+    if given:
+        kf, kco = torch.zeros(4, 40, 2, 32), torch.zeros(4, 10, 2, 32)
+        for i, n in enumerate(lens):
+            f = naive.compress_keys(kc[i, max_len - n:], 16, 8)
+            c = naive.compress_keys(kc[i, max_len - n:], 64, 32)
+            kf[i, :f.shape[0]], kco[i, :c.shape[0]] = f, c
+        kw = dict(k_fine=kf, k_coarse=kco)
+    out, idx = infllmv2_decode_triton(q, kc, vc, sl, cfg, cache_leftpad=pad, return_block_indices=True, **kw)
+    for i, n in enumerate(lens):
+        ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, max_len - n:], vc[i, max_len - n:], cfg)
+        torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5)
+        if cfg.is_sparse(n):
+            assert torch.equal(idx[:, i], naive.select_blocks(q[i:i + 1], kc[i, max_len - n:], cfg)[:, 0])
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        infllmv2_decode_triton(q, kc, vc, sl, cfg, cache_leftpad=pad.long())
+
+
 def test_decode_bf16_accuracy_rule():
     """Error vs an fp64 reference at most ~2x that of the reference run on bf16 inputs."""
     cfg = SparseConfig(dense_len=-1, **SMALL)

@@ -160,10 +160,11 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     """Attention with the compressed keys an ``InfLLMv2Cache`` layer keeps (None: not applicable here).
 
     q (b, sq, Hq, d), k/v (b, sk, Hkv, d) with the cache included; mask None or (b, sk) padding mask.
-    CUDA decode steps without padding run the Triton decode kernel given the cached compressed keys;
+    CUDA decode steps run the Triton decode kernel given the cached compressed keys (a padded batch
+    too when each row's keys are contiguous and end at the last slot, as generate()'s left padding);
     the torch backend runs each row through ``ops.torch_decode`` (decode and chunked prefill alike).
-    Other cases (Triton prefill, padded CUDA decode) return None after updating the compressed keys,
-    and the caller's path (which pools from scratch) runs.
+    Other cases (Triton prefill, holes in a padding mask) return None after updating the compressed
+    keys, and the caller's path (which pools from scratch) runs.
     """
     resolved = _resolve_backend(backend, q)
     if resolved == "reference" or config.use_nope:
@@ -175,12 +176,20 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     sk = k.shape[1]
     scale = d ** -0.5 if scaling is None else float(scaling)
     if resolved == "triton":
-        if sq != 1 or mask is not None:
+        if sq != 1:
             return None
         from ..ops.triton import infllmv2_decode_triton
-        lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        leftpad = None
+        if mask is None:
+            lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        else:
+            if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
+                return None
+            lens = torch.tensor([n for n, _ in state.layout], dtype=torch.int32).to(q.device, non_blocking=True)
+            leftpad = torch.tensor([f for _, f in state.layout], dtype=torch.int32).to(q.device, non_blocking=True)
         out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=state.fine.data,
-                                     k_coarse=state.coarse.data if state.coarse is not None else None)
+                                     k_coarse=state.coarse.data if state.coarse is not None else None,
+                                     cache_leftpad=leftpad)
         return out[:, None]
     from ..ops.torch_decode import attention_compressed
     out = q.new_zeros(q.shape)

@@ -22,12 +22,12 @@ __all__ = ["infllmv2_decode_triton"]
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, o_ptr, lse_ptr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, o_ptr, lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          qk_scale, D, budget, dense_len, blocks_per_split,
                          G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TO_F32: tl.constexpr, PREC: tl.constexpr):
+                         TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
     bid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -51,6 +51,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, o_ptr, lse_pt
     offs_u = tl.arange(0, BS)
     kbase = k_ptr + bid64 * stride_kb + h * stride_kh
     vbase = v_ptr + bid64 * stride_vb + h * stride_vh
+    if HAS_LEFTPAD:  # the row's keys start at this slot (left-padded batch)
+        pad = tl.load(leftpad_ptr + bid).to(tl.int64)
+        kbase += pad * stride_kt
+        vbase += pad * stride_vt
     for e in range(e_lo, e_hi):
         blk = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + tl.where(is_dense, 0, e))
         blk = tl.where(is_dense, e, blk)
@@ -101,7 +105,7 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
     tl.store(out_ptr + bid * stride_xb + hq * stride_xh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config):
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
     if not isinstance(config, SparseConfig):
         raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -128,23 +132,30 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config):
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (b,)
             or cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device):
         raise ValueError("cache_seqlens must be a (batch,) int32 tensor on q's device")
+    if cache_leftpad is not None and (not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.shape != (b,)
+                                      or cache_leftpad.dtype != torch.int32 or cache_leftpad.device != q.device):
+        raise ValueError("cache_leftpad must be a (batch,) int32 tensor on q's device")
     _check_pooling(config)
 
 
 def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cache_seqlens: torch.Tensor, config: SparseConfig, softmax_scale: float | None = None,
                            k_fine: torch.Tensor | None = None, k_coarse: torch.Tensor | None = None,
-                           return_block_indices: bool = False, blocks_per_split: int | None = None):
+                           return_block_indices: bool = False, blocks_per_split: int | None = None,
+                           cache_leftpad: torch.Tensor | None = None):
     """One decode step.
 
     q: (batch, Hq, d), the newest token's query (its key/value already written into the cache);
     k_cache, v_cache: (batch, max_len, Hkv, d); cache_seqlens: (batch,) int32 key lengths including
-    the new token (>= 1). k_fine / k_coarse: optional (batch, max_n, Hkv, d) compressed keys of the
-    cache (the first ``(len - kernel) // stride + 1`` rows of each sequence are used); computed from
-    the cache when not given. Returns out (batch, Hq, d) in q's dtype (and the (Hkv, batch, budget)
-    selection when ``return_block_indices``; rows of dense sequences are then meaningless).
+    the new token (>= 1). cache_leftpad: optional (batch,) int32 first slot of each row's keys (a
+    left-padded batch, as flash-attn's ``cache_leftpad``): row i's keys are
+    ``k_cache[i, leftpad[i] : leftpad[i] + cache_seqlens[i]]`` (default: from slot 0).
+    k_fine / k_coarse: optional (batch, max_n, Hkv, d) compressed keys of each row's keys (the first
+    ``(len - kernel) // stride + 1`` rows of each sequence are used); computed from the cache when not
+    given. Returns out (batch, Hq, d) in q's dtype (and the (Hkv, batch, budget) selection when
+    ``return_block_indices``; rows of dense sequences are then meaningless).
     """
-    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config)
+    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     batch, hq, d = q.shape
@@ -173,6 +184,8 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                     return flat, start, torch.minimum(n, torch.full_like(n, mn))
                 flat_k = k_cache.reshape(batch * max_len, hkv, d)
                 kstart = torch.arange(batch, device=dev, dtype=torch.int32) * max_len
+                if cache_leftpad is not None:
+                    kstart = kstart + cache_leftpad
                 c, cs, cn, _ = _compress_core(flat_k, kstart, lens, kernel, stride)
                 return c, cs, cn
 
@@ -203,13 +216,14 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_D = max(16, _next_pow2(d))
         kw = {} if _INTERPRET else dict(num_warps=4, num_stages=2)
         _decode_split_kernel[(batch, hkv, n_split)](
-            q, k_cache, v_cache, idx, lens, o_part, lse_part,
+            q, k_cache, v_cache, idx, lens, lens if cache_leftpad is None else cache_leftpad, o_part, lse_part,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             idx.stride(0), idx.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1),
             scale * _LOG2E, d, config.budget, config.dense_len, bps,
-            G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec, **kw)
+            G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec,
+            HAS_LEFTPAD=cache_leftpad is not None, **kw)
         _decode_combine_kernel[(batch, hq)](
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

@@ -106,3 +106,20 @@ def test_decode_vs_reference_and_prefill():
         if cfg.is_sparse(n):
             pre = select_blocks_triton(q[i:i + 1], kc[i, :n].contiguous(), cfg, _cu([1]), _cu([n]), 1, n)
             assert torch.equal(pre[:, 0], idx[:, i])
+
+
+def test_decode_left_padded_equals_right_aligned_rows_moved_to_slot_0():
+    from infllmv2.ops.triton import infllmv2_decode_triton
+    torch.manual_seed(2)
+    cfg = SparseConfig(dense_len=3000, topk=32, window_size=1024)
+    lens, ml, hkv, d, g = [5000, 2999, 4100, 1], 5100, 2, 128, 16
+    kc = torch.randn(len(lens), ml, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn(len(lens), ml, hkv, d, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(len(lens), hkv * g, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    pad = ml - sl
+    out = infllmv2_decode_triton(q, kc, vc, sl, cfg, cache_leftpad=pad)
+    k0, v0 = torch.zeros_like(kc), torch.zeros_like(vc)
+    for i, n in enumerate(lens):  # the same rows starting at slot 0
+        k0[i, :n], v0[i, :n] = kc[i, ml - n:], vc[i, ml - n:]
+    torch.testing.assert_close(out, infllmv2_decode_triton(q, k0, v0, sl, cfg), atol=0, rtol=0)

@@ -442,8 +442,16 @@ def _full_states(model, optimizer, sharded: bool):
 
 
 def _save_model_folder(model, state_dict, folder: str):
-    model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-                          safe_serialization=True)
+    # A gathered (FSDP) state dict holds tied parameters (lm_head = embeddings) as separate copies, which
+    # save_pretrained would then write twice: keep the first name of each shared parameter only.
+    owner, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owner:
+            tied.add(name)
+        else:
+            owner[id(p)] = name
+    model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                                              if k not in tied}, safe_serialization=True)
     with open(os.path.join(folder, "infllmv2_tokenizer.json"), "w") as fh:
         json.dump({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}, fh)
 

@@ -199,3 +199,40 @@ def test_adaptation_summary(tmp_path):
     assert s["bars"]["ruler_bar_95pct"] and s["bars"]["loss_bar_3pct"]
     assert abs(s["bars"]["loss_first20_rel_diff"] - 0.02) < 1e-9
     assert (tmp_path / "results" / "switch.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, parallel):
+    # the same command under torchrun (2 CPU processes, gloo): rows sharded by rank, the loss and the
+    # final weights equal the single-process run with the same global batch
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    common = ["--preset", "tiny", "--seq-len", "128", "--steps", "3", "--lr", "5e-3", "--warmup", "1",
+              "--data", PKG, "--doc-min-chars", "8192", "--device", "cpu", "--no-progress", "--save-every", "0",
+              "--attention", "infllmv2", "--block-size", "16", "--kernel-size", "16", "--kernel-stride", "8",
+              "--window", "16", "--topk", "2", "--dense-len", "-1", "--backend", "torch"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "infllmv2.train", "--out", str(one), "--micro-batch", "2", *common],
+                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+                    "-m", "infllmv2.train", "--out", str(two), "--micro-batch", "1", "--parallel", parallel, *common],
+                   check=True, env=env, capture_output=True, timeout=600)
+    la = [r["loss"] for r in read_loss_log(str(one / "loss.jsonl"))]
+    lb = [r["loss"] for r in read_loss_log(str(two / "loss.jsonl"))]
+    assert len(la) == len(lb) == 3
+    assert la[-1] < la[0]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), atol=1e-5, rtol=1e-5)
+    wa = load_file(str(one / "final" / "model.safetensors"))
+    wb = load_file(str(two / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)

@@ -170,31 +170,29 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
         if sparse_possible:
+            # few tiny torch ops per call: in a CUDA-graphed decode step each is a launch per layer
+            ar = torch.arange(batch, device=dev, dtype=torch.int32)
+
             def compressed(given, kernel, stride):
-                n = torch.where(lens >= kernel, torch.div(lens - kernel, stride, rounding_mode="floor") + 1,
-                                torch.zeros_like(lens)).to(torch.int32)
-                if given is not None:
-                    if given.dim() != 4 or given.shape[0] != batch or given.shape[2:] != k_cache.shape[2:]:
-                        raise ValueError(f"compressed keys must be (batch, max_n, Hkv, d), got {tuple(given.shape)}")
-                    if given.dtype != q.dtype or given.device != dev:
-                        raise ValueError("compressed keys must have q's dtype and device")
-                    mn = given.shape[1]
-                    flat = given.reshape(batch * mn, hkv, d)
-                    start = torch.arange(batch, device=dev, dtype=torch.int32) * mn
-                    return flat, start, torch.minimum(n, torch.full_like(n, mn))
-                flat_k = k_cache.reshape(batch * max_len, hkv, d)
-                kstart = torch.arange(batch, device=dev, dtype=torch.int32) * max_len
-                if cache_leftpad is not None:
-                    kstart = kstart + cache_leftpad
-                c, cs, cn, _ = _compress_core(flat_k, kstart, lens, kernel, stride)
-                return c, cs, cn
+                if given is None:
+                    kstart = ar * max_len if cache_leftpad is None else ar * max_len + cache_leftpad
+                    c, cs, cn, _ = _compress_core(k_cache.reshape(batch * max_len, hkv, d), kstart, lens, kernel,
+                                                  stride)
+                    return c, cs, cn
+                if given.dim() != 4 or given.shape[0] != batch or given.shape[2:] != k_cache.shape[2:]:
+                    raise ValueError(f"compressed keys must be (batch, max_n, Hkv, d), got {tuple(given.shape)}")
+                if given.dtype != q.dtype or given.device != dev:
+                    raise ValueError("compressed keys must have q's dtype and device")
+                mn = given.shape[1]
+                # windows wholly inside each row's keys: (len - kernel) // stride + 1, or 0 if len < kernel
+                n = torch.div((lens - kernel).clamp_min(-stride), stride, rounding_mode="floor") + 1
+                return given.reshape(batch * mn, hkv, d), ar * mn, n.clamp_max(mn).to(torch.int32)
 
             k1, s1, n1 = compressed(k_fine, config.kernel_size, config.kernel_stride)
             if config.lse_approx:
                 k2, s2, n2 = compressed(k_coarse, config.coarse_kernel_size, config.coarse_kernel_stride)
             else:
                 k2, s2, n2 = k1, s1, n1
-            ar = torch.arange(batch, device=dev, dtype=torch.int32)
             ones = torch.ones(batch, dtype=torch.int32, device=dev)
             # one tile per sequence (its single query); no host synchronisation
             idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,

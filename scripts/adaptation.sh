@@ -5,6 +5,7 @@
 #
 #   SCALE=gpu bash scripts/adaptation.sh        # the experiment (H200: small preset, 2K -> 16K)
 #   SCALE=cpu-smoke bash scripts/adaptation.sh  # the same pipeline in miniature, minutes on a CPU
+#   STAGES=pretrain ... then STAGES=arms ...    # the same in two runs (e.g. two device calls)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # PY: the interpreter (default: the project's .venv, else python3, e.g. on a GPU box with torch installed).
@@ -53,7 +54,12 @@ arm() {
 # The arms are independent; a small model leaves a GPU mostly idle, so on one they run side by side
 # (PARALLEL=1, the GPU default; each arm logs to arm_<name>.log).
 PARALLEL=${PARALLEL:-$([ "$SCALE" = gpu ] && echo 1 || echo 0)}
-run train --out "$OUT/pretrain" $PRE --attention dense --no-progress
+# STAGES: "pretrain arms" (default) or one of them, e.g. to pretrain in one GPU call and run the arms in
+# the next from the same $OUT_DIR (its pretrain/final brought back).
+STAGES=${STAGES:-pretrain arms}
+[[ " $STAGES " == *" pretrain "* ]] && run train --out "$OUT/pretrain" $PRE --attention dense --no-progress
+[[ " $STAGES " == *" arms "* ]] || exit 0
+[ -d "$OUT/pretrain/final" ] || { echo "no $OUT/pretrain/final: run STAGES=pretrain first" >&2; exit 1; }
 pids=()
 for spec in "dense dense" "infllmv2 sparse infllmv2_dense" "nsa nsa"; do
   set -- $spec

@@ -438,24 +438,18 @@ def perplexity(model, input_ids: Sequence[int], chunk: int = 4096) -> dict:
 
 def set_attention_mode(model, mode: str, sparse_config: Optional[SparseConfig] = None, backend: str = "auto"):
     """dense (SDPA) | sparse (InfLLM-V2) | infllmv2_dense (InfLLM-V2, dense_len huge) | nsa (an NSA model as is)."""
-    from .models.transformers import disable, enable
-
-    from .train import is_nsa
+    from .train import is_nsa, set_attention
 
     cfg = sparse_config or SparseConfig()
     if is_nsa(model) and mode != "nsa":
         raise ValueError(f"an NSA model runs in mode nsa only (asked for {mode!r})")
     if mode == "dense":
-        if getattr(model.config, "_attn_implementation", None) == "infllmv2":
-            disable(model, "sdpa")
-        else:
-            model.set_attn_implementation("sdpa")
+        set_attention(model, "dense", cfg)
     elif mode == "sparse":
-        enable(model, cfg, backend=backend)
+        set_attention(model, "infllmv2", cfg, backend)
     elif mode == "infllmv2_dense":
-        enable(model, cfg.replace(dense_len=HUGE_DENSE_LEN), backend=backend)
+        set_attention(model, "infllmv2", cfg.replace(dense_len=HUGE_DENSE_LEN), backend)
     elif mode == "nsa":
-        from .train import is_nsa
         if not is_nsa(model):
             raise ValueError("mode nsa needs an NSA model (trained with `infllmv2 train --attention nsa`)")
         for m in model.modules():

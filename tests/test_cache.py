@@ -2,6 +2,7 @@
 prefill, padded batches, the static variant. CPU, tiny random Llama."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -21,14 +22,30 @@ VOCAB = TINY_VOCAB
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def _llama(layers=2, seed=0):
+def _llama(layers=2, seed=0, head_dim=16):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                    max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+@contextlib.contextmanager
+def _decode_kernel_calls():
+    """Records the keyword arguments of every Triton decode-kernel call made inside the block."""
+    from infllmv2.ops import triton as tri
+    orig, calls = tri.infllmv2_decode_triton, []
+
+    def spy(*a, **k):
+        calls.append(k)
+        return orig(*a, **k)
+    tri.infllmv2_decode_triton = spy
+    try:
+        yield calls
+    finally:
+        tri.infllmv2_decode_triton = orig
 
 
 def _check_compressed(cache, config, rows=None):
@@ -107,30 +124,17 @@ def test_generate_with_cache_equals_without():
 def test_triton_decode_path_with_cache_equals_without():
     """backend='triton' (the interpreter here): decode steps call the Triton decode kernel with the cached
     fine/coarse keys; the result equals the plain path that pools the keys from scratch."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _llama(layers=1, seed=0, head_dim=32)  # head dim 32: the Triton kernels' smallest
     model.generation_config.eos_token_id = None
     enable(model, SPARSE.replace(dense_len=140), backend="triton")
-    calls = []
-    from infllmv2.ops import triton as tri
-    orig = tri.infllmv2_decode_triton
-
-    def spy(*a, **k):
-        calls.append(k.get("k_fine") is not None)
-        return orig(*a, **k)
     prompt = _ids(136)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         plain = model.generate(prompt, **kw)
-        tri.infllmv2_decode_triton = spy
-        try:
+        with _decode_kernel_calls() as calls:
             cached = model.generate(prompt, **{CACHE: InfLLMv2Cache()}, **kw)
-        finally:
-            tri.infllmv2_decode_triton = orig
-    assert calls and all(calls) and len(calls) >= 4  # steps at 140.. keys: the kernel, given the cached keys
+    # steps at 140.. keys: the kernel, given the cached keys
+    assert len(calls) >= 4 and all(k.get("k_fine") is not None for k in calls)
     assert torch.equal(plain.sequences, cached.sequences)
     for a, b in zip(plain.logits, cached.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -139,11 +143,7 @@ def test_triton_decode_path_with_cache_equals_without():
 def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
     """A left-padded batch (generate()'s layout) decodes through the kernel with ``cache_leftpad``, given the
     cached compressed keys, and each row equals it generated alone."""
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _llama(layers=1, seed=1, head_dim=32)
     model.generation_config.eos_token_id = None
     enable(model, SPARSE.replace(dense_len=120), backend="triton")
     seqs = [_ids(150, seed=6), _ids(100, seed=7)]  # the second turns sparse mid-generation
@@ -152,21 +152,12 @@ def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
     for i, x in enumerate(seqs):
         ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
-    from infllmv2.ops import triton as tri
-    orig, calls = tri.infllmv2_decode_triton, []
-
-    def spy(*a, **k):
-        calls.append((k.get("k_fine") is not None, k.get("cache_leftpad")))
-        return orig(*a, **k)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        tri.infllmv2_decode_triton = spy
-        try:
+        with _decode_kernel_calls() as calls:
             batched = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
-        finally:
-            tri.infllmv2_decode_triton = orig
-        assert len(calls) == 5 and all(given for given, _ in calls)
-        assert calls[0][1].tolist() == [0, 50]
+        assert len(calls) == 5 and all(k.get("k_fine") is not None for k in calls)
+        assert calls[0]["cache_leftpad"].tolist() == [0, 50]
         for i, x in enumerate(seqs):
             alone = model.generate(x, **{CACHE: InfLLMv2Cache()}, **kw)
             assert torch.equal(batched.sequences[i, n:], alone.sequences[0, x.shape[1]:])

@@ -185,8 +185,7 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
         else:
             if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
                 return None
-            lens = torch.tensor([n for n, _ in state.layout], dtype=torch.int32).to(q.device, non_blocking=True)
-            leftpad = torch.tensor([f for _, f in state.layout], dtype=torch.int32).to(q.device, non_blocking=True)
+            lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
         out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=state.fine.data,
                                      k_coarse=state.coarse.data if state.coarse is not None else None,
                                      cache_leftpad=leftpad)

@@ -98,6 +98,46 @@ def test_static_compressed_keys_equal_scratch(fused):
             torch.testing.assert_close(buf[i, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
 
 
+def _left_padded_rows(lens, max_len, hq, hkv, d, config, seed=0):
+    """Rows right-aligned in a static cache (garbage in the pad slots) and their compressed keys
+    (garbage past each row's windows too, which must be ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    q = torch.randn(b, hq, d, generator=g)
+    kc, vc = torch.randn(b, max_len, hkv, d, generator=g), torch.randn(b, max_len, hkv, d, generator=g)
+    pad = torch.tensor([max_len - n for n in lens])
+    bufs = []
+    for kern, stride in ((config.kernel_size, config.kernel_stride),
+                         (config.coarse_kernel_size, config.coarse_kernel_stride)):
+        buf = torch.randn(b, max_len // stride, hkv, d, generator=g)
+        for i, n in enumerate(lens):
+            c = naive.compress_keys(kc[i, max_len - n:], kern, stride)
+            buf[i, :c.shape[0]] = c
+        bufs.append(buf)
+    return q, kc, vc, torch.tensor(lens), pad, bufs[0], bufs[1] if config.lse_approx else None
+
+
+@pytest.mark.parametrize("lse_approx", [True, False])
+@pytest.mark.parametrize("dense_len", [-1, 150, 400])
+def test_decode_static_equals_reference(lse_approx, dense_len):
+    config = SPARSE.replace(lse_approx=lse_approx, dense_len=dense_len, topk=3)
+    lens = [300, 1, 45, 200, 150, 149]
+    q, kc, vc, sl, pad, kf, kco = _left_padded_rows(lens, 320, 6, 2, 16, config)
+    out = torch_decode.decode_static(q, kc, vc, sl, pad, kf, kco, config, scale=0.3)
+    for i, n in enumerate(lens):
+        ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, 320 - n:], vc[i, 320 - n:], config, scale=0.3)
+        torch.testing.assert_close(out[i], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_static_compiles_fullgraph():
+    config = SPARSE.replace(dense_len=150)
+    lens = [300, 77, 149]
+    q, kc, vc, sl, pad, kf, kco = _left_padded_rows(lens, 320, 8, 2, 16, config, seed=1)
+    eager = torch_decode.decode_static(q, kc, vc, sl, pad, kf, kco, config)
+    compiled = torch.compile(torch_decode.decode_static, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q, kc, vc, sl, pad, kf, kco, config), eager, atol=1e-5, rtol=1e-5)
+
+
 def test_select_blocks_compressed_equals_reference():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(5, 4, 16, generator=g), torch.randn(180, 2, 16, generator=g)

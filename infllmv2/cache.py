@@ -351,21 +351,34 @@ class StaticCompressedKeys:
                     buf[i, :c.shape[0]] = c.to(buf.dtype)
 
     def append(self, k_cache: torch.Tensor, lens: torch.Tensor, fused: bool = False) -> None:
-        if fused:  # one Triton launch per kind instead of ~18 small torch ops
-            _append_triton(self, k_cache, lens)
-            return
-        b = k_cache.shape[0]
-        rows = torch.arange(b, device=k_cache.device)
-        lens = lens.to(torch.long)
-        for (kern, s), buf in zip(self.specs, self.buffers):
-            start = lens - kern                                   # the window ending at the new key
-            done = (start >= 0) & (torch.remainder(start, s) == 0)
-            pos = start.clamp_min(0)[:, None] + torch.arange(kern, device=k_cache.device)[None, :]
-            win = k_cache[rows[:, None], pos.clamp_max(k_cache.shape[1] - 1)]   # (b, kern, H, d)
-            mean = win.to(_pool_dtype(k_cache.dtype)).mean(1).to(buf.dtype)
-            j = torch.div(start.clamp_min(0), s, rounding_mode="floor").clamp_max(buf.shape[1] - 1)
-            old = buf[rows, j]
-            buf[rows, j] = torch.where(done[:, None, None], mean, old)
+        append_windows([(kern, s, buf) for (kern, s), buf in zip(self.specs, self.buffers)], k_cache, lens,
+                       fused=fused)
+
+
+def append_windows(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor] = None,
+                   fused: bool = False) -> None:
+    """After ONE new key per row: write the window it completes (if any) into each kind's buffer.
+
+    kinds: [(kernel, stride, buf (batch, n_max, H, d))]; k_cache (batch, max_len, H, d); lens (batch,) keys
+    per row, the new one counted; leftpad (batch,) the slot of each row's first key (default 0). Fixed
+    shapes, no host synchronisation (CUDA graphs, torch.compile); ``fused``: one Triton launch per kind.
+    """
+    if fused:
+        _append_triton(kinds, k_cache, lens, leftpad)
+        return
+    b = k_cache.shape[0]
+    rows = torch.arange(b, device=k_cache.device)
+    lens = lens.to(torch.long)
+    first = 0 if leftpad is None else leftpad.to(torch.long)[:, None]
+    for kern, s, buf in kinds:
+        start = lens - kern                                   # the window ending at the new key
+        done = (start >= 0) & (torch.remainder(start, s) == 0)
+        pos = first + start.clamp_min(0)[:, None] + torch.arange(kern, device=k_cache.device)[None, :]
+        win = k_cache[rows[:, None], pos.clamp_max(k_cache.shape[1] - 1)]   # (b, kern, H, d)
+        mean = win.to(_pool_dtype(k_cache.dtype)).mean(1).to(buf.dtype)
+        j = torch.div(start.clamp_min(0), s, rounding_mode="floor").clamp_max(buf.shape[1] - 1)
+        old = buf[rows, j]
+        buf[rows, j] = torch.where(done[:, None, None], mean, old)
 
 
 _APPEND_KERNEL = None
@@ -378,9 +391,9 @@ def _append_kernel():
         import triton.language as tl
 
         @triton.jit
-        def _append(k_ptr, buf_ptr, lens_ptr, stride_kb, stride_kt, stride_kh, stride_bb, stride_bj, stride_bh,
-                    n_buf, D, KERN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+        def _append(k_ptr, buf_ptr, lens_ptr, pad_ptr, stride_kb, stride_kt, stride_kh, stride_bb, stride_bj,
+                    stride_bh, n_buf, D, KERN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr):
             row = tl.program_id(0)
             h = tl.program_id(1)
             L = tl.load(lens_ptr + row).to(tl.int64)
@@ -392,6 +405,8 @@ def _append_kernel():
             lim_d = tl.where(ok, D, 0)
             m = (t[:, None] < lim_t) & (dd[None, :] < lim_d)
             base = k_ptr + row.to(tl.int64) * stride_kb + h * stride_kh
+            if HAS_PAD:  # the row's keys start at this slot
+                base += tl.load(pad_ptr + row).to(tl.int64) * stride_kt
             x = tl.load(base + (start + t)[:, None] * stride_kt + dd[None, :], mask=m, other=0.0).to(tl.float32)
             mean = tl.sum(x, 0) / KERN
             j = tl.where(ok, start // STRIDE, 0)
@@ -402,16 +417,17 @@ def _append_kernel():
     return _APPEND_KERNEL
 
 
-def _append_triton(sck: "StaticCompressedKeys", k_cache: torch.Tensor, lens: torch.Tensor) -> None:
-    """Fused ``StaticCompressedKeys.append``: grid (batch, Hkv) per kind, no host synchronisation."""
+def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor]) -> None:
+    """Fused ``append_windows``: grid (batch, Hkv) per kind."""
     kern_fn = _append_kernel()
     b, _, h, d = k_cache.shape
     if k_cache.stride(-1) != 1:
         raise ValueError("k_cache must be contiguous in its last dimension")
     lens = lens.to(torch.int32)
+    pad = lens if leftpad is None else leftpad.to(torch.int32)
     block_d = 1 << max(4, (d - 1).bit_length())
-    for (kern, stride), buf in zip(sck.specs, sck.buffers):
+    for kern, stride, buf in kinds:
         block_t = 1 << max(4, (kern - 1).bit_length())
-        kern_fn[(b, h)](k_cache, buf, lens, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        kern_fn[(b, h)](k_cache, buf, lens, pad, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                         buf.stride(0), buf.stride(1), buf.stride(2), buf.shape[1], d,
-                        KERN=kern, STRIDE=stride, BLOCK_T=block_t, BLOCK_D=block_d)
+                        KERN=kern, STRIDE=stride, BLOCK_T=block_t, BLOCK_D=block_d, HAS_PAD=leftpad is not None)

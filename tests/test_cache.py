@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from infllmv2 import SparseConfig  # noqa: E402
 from helpers import TINY_VOCAB, random_ids as _ids  # noqa: E402
-from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys  # noqa: E402
+from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys, append_windows  # noqa: E402
 from infllmv2.models.transformers import enable  # noqa: E402
 from infllmv2.ops import naive, torch_decode  # noqa: E402
 
@@ -96,6 +96,28 @@ def test_static_compressed_keys_equal_scratch(fused):
         for (kern, s), buf in zip(sk.specs, sk.buffers):
             ref = naive.compress_keys(k_cache[i, :n], kern, s)
             torch.testing.assert_close(buf[i, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_append_windows_left_padded_equal_scratch(fused):
+    g = torch.Generator().manual_seed(1)
+    b, max_len, h, d = 3, 140, 2, 16
+    k_cache = torch.randn(b, max_len, h, d, generator=g)
+    pad = torch.tensor([0, 20, 35])
+    lens = 40 - pad  # every row's keys end at slot 40, as in a static cache
+    kinds = [(16, 8, torch.zeros(b, max_len // 8, h, d)), (64, 32, torch.zeros(b, max_len // 32, h, d))]
+    for kern, s, buf in kinds:
+        for i in range(b):
+            c = naive.compress_keys(k_cache[i, pad[i]:pad[i] + lens[i]], kern, s)
+            buf[i, :c.shape[0]] = c
+    for _ in range(90):
+        lens = lens + 1
+        append_windows(kinds, k_cache, lens, leftpad=pad, fused=fused)
+    for kern, s, buf in kinds:
+        for i in range(b):
+            ref = naive.compress_keys(k_cache[i, pad[i]:pad[i] + lens[i]], kern, s)
+            torch.testing.assert_close(buf[i, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+            assert not buf[i, ref.shape[0]:].any()  # nothing written past the row's windows
 
 
 def _left_padded_rows(lens, max_len, hq, hkv, d, config, seed=0):

@@ -219,7 +219,10 @@ def _mixed_static_layer_class():
     from transformers.cache_utils import StaticLayer
 
     class InfLLMv2StaticLayer(InfLLMv2Layer, StaticLayer):
-        """transformers ``StaticLayer`` + InfLLM-V2 compressed keys (preallocated for max_cache_len)."""
+        """transformers ``StaticLayer`` + InfLLM-V2 compressed keys (preallocated for max_cache_len; decode
+        steps append to them on the device, see ``models.transformers._static_decode``)."""
+
+        _infllmv2_static = True
 
         def update(self, key_states, value_states, *args, **kwargs):
             keys, values = StaticLayer.update(self, key_states, value_states, *args, **kwargs)

@@ -276,12 +276,43 @@ def test_static_cache_equals_dynamic_cache():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     n = static.sequences.shape[1] - 1  # the last token is not in the cache
     for layer in cache.layers:
-        st = layer._infllmv2_state
-        assert st is not None and st.seen == [n]
+        st = layer._infllmv2_state  # built at prefill, appended on the device at each decode step
+        assert st is not None
         keys = layer.keys[0, :, :n].transpose(0, 1)
         for pk in st.kinds():
             ref = naive.compress_keys(keys.float(), pk.kernel, pk.stride)
-            torch.testing.assert_close(pk.rows(0), ref, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(pk.data[0, :ref.shape[0]], ref, atol=1e-6, rtol=1e-6)
+            assert not pk.data[0, ref.shape[0]:].any()
+
+
+def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache():
+    """gpt-fast style: prefill eagerly into an InfLLMv2StaticCache, then decode with the whole model step under
+    torch.compile(fullgraph=True): no graph break, no host sync, the tokens and logits of the dynamic cache.
+    A left-padded batch whose rows turn sparse at different steps."""
+    config = SPARSE.replace(dense_len=165)
+    model = enable(_llama(), config, backend="torch")
+    seqs, steps, max_len = [_ids(160, seed=8), _ids(130, seed=9)], 8, 192
+    n = max(x.shape[1] for x in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), max_len, dtype=torch.long)  # fixed shape: the prompt's slots + all later ones
+    for i, x in enumerate(seqs):
+        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask[:, :n], **{CACHE: InfLLMv2Cache()}, max_new_tokens=steps + 1,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        cache = InfLLMv2StaticCache(config=model.config, max_cache_len=max_len)
+        pos = (mask[:, :n].cumsum(1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE: cache}).logits[:, -1]
+        step = torch.compile(lambda tok, p: model(input_ids=tok, attention_mask=mask, position_ids=p,
+                                                  **{CACHE: cache}).logits[:, -1], fullgraph=True)
+        pos = pos[:, -1:]
+        for t in range(steps + 1):
+            torch.testing.assert_close(logits, ref.logits[t], atol=1e-4, rtol=1e-4)
+            tok = logits.argmax(-1, keepdim=True)
+            assert torch.equal(tok[:, 0], ref.sequences[:, n + t])
+            pos = pos + 1
+            if t < steps:
+                logits = step(tok, pos)
 
 
 def test_static_compressed_key_update_compiles_fullgraph():

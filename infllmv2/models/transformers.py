@@ -63,6 +63,18 @@ def sparse_config_of(config: Any) -> SparseConfig:
         raise type(err)(f"invalid config.sparse_config {raw!r}: {err}") from None
 
 
+def _layer_sparse_config(module) -> SparseConfig:
+    """``sparse_config_of(module.config)``, remembered on the layer while the dict is unchanged (a plain
+    comparison that torch.compile can trace, unlike the parsing)."""
+    raw = getattr(module.config, "sparse_config", None)
+    hit = module.__dict__.get("_infllmv2_parsed")
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    config = sparse_config_of(module.config)
+    module._infllmv2_parsed = (dict(raw) if isinstance(raw, dict) else raw, config)
+    return config
+
+
 # --------------------------------------------------------------------------------------------------
 # The attention function transformers calls
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +118,7 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                          f"({kwargs['sliding_window']}): set config.sliding_window = None before enable()")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("infllmv2 attention does not support attention sinks")
-    config = sparse_config_of(module.config)
+    config = _layer_sparse_config(module)
     backend = kwargs.get("infllmv2_backend") or getattr(module, "_infllmv2_backend", "auto")
 
     q = query.transpose(1, 2)  # (b, s, Hq, d)
@@ -125,13 +137,21 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                              f"and {k.shape[1]} keys")
         if length < k.shape[1]:  # static cache: slots past the mask are not filled yet
             k, v = k[:, :length], v[:, :length]
-        if bool(mask.all()):
-            mask = None
     else:
         mask = None
 
     observer = getattr(module, "_infllmv2_observer", None)
     cache_layer = lookup_layer(key, kwargs) if observer is None else None
+    if attention_mask is not None and attention_mask.dtype == STATIC_SLOTS_DTYPE:
+        if sq == 1 and getattr(cache_layer, "_infllmv2_static", False):
+            out = _static_decode(cache_layer, q, k, v, mask, config, scaling, backend)
+            if out is not None:
+                return out, None
+        # otherwise keep the filled slots only (a host sync): the queries are the last of them
+        filled = mask.shape[1] - int(mask.any(0).flip(0).to(torch.int8).argmax())
+        k, v, mask = k[:, :filled], v[:, :filled], mask[:, :filled]
+    if mask is not None and bool(mask.all()):
+        mask = None
     if cache_layer is not None and attention_mask is None and sq == k.shape[1] \
             and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:
         cache_layer = None  # packed sequences in a row: one sequence per row is what the cache tracks
@@ -169,7 +189,9 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     resolved = _resolve_backend(backend, q)
     if resolved == "reference" or config.use_nope:
         return None
-    state = layer.infllmv2_compressed(mask, config, length=k.shape[1])
+    # a static cache builds them at once, so that its decode steps never decide on the host
+    state = layer.infllmv2_compressed(mask, config, length=k.shape[1],
+                                      build=getattr(layer, "_infllmv2_static", False))
     if state is None:  # no row sparse yet (lazy): the plain path (dense) runs
         return None
     b, sq, hq, d = q.shape
@@ -211,6 +233,37 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     return out
 
 
+def _static_decode(layer, q, k, v, mask, config, scaling, backend):
+    """A decode step in a static cache with fixed shapes and no host synchronisation (torch.compile,
+    CUDA graphs): the new key's compressed windows are appended on the device, then the Triton decode
+    kernel or ``ops.torch_decode.decode_static`` runs (None: not applicable, the general path runs).
+
+    q (b, 1, Hq, d), k/v (b, L, Hkv, d) the whole static cache, mask (b, L): the filled slots of each row,
+    contiguous (generate()'s left padding). The compressed keys were built at prefill; the state's
+    host-side counts lag behind and catch up at the next eager update (which rewrites the same windows).
+    """
+    st = layer._infllmv2_state
+    resolved = _resolve_backend(backend, q)
+    if st is None or st.config != config or resolved == "reference" or config.use_nope:
+        return None
+    from ..cache import append_windows
+
+    lens = mask.sum(1, dtype=torch.int32)
+    leftpad = mask.to(torch.int8).argmax(1).to(torch.int32)  # first filled slot
+    kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
+    append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")
+    fine, coarse = st.fine.data, st.coarse.data if st.coarse is not None else None
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if resolved == "triton":
+        from ..ops.triton import infllmv2_decode_triton
+        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=fine, k_coarse=coarse,
+                                     cache_leftpad=leftpad)
+    else:
+        from ..ops.torch_decode import decode_static
+        out = decode_static(q[:, 0], k, v, lens, leftpad, fine, coarse, config, scale)
+    return out[:, None]
+
+
 def _padded_attention(q, k, v, mask, config, scaling, backend, module):
     """Padded rows -> packed varlen batch of their valid tokens -> scattered back (zeros at padding).
 
@@ -243,21 +296,34 @@ def _padded_attention(q, k, v, mask, config, scaling, backend, module):
     return full.reshape(b, sq, hq, -1)
 
 
+# The dtype of the mask ``infllmv2_mask`` gives a static cache, which marks it apart from padding masks (bool).
+STATIC_SLOTS_DTYPE = torch.uint8
+
+
 def infllmv2_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                   mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
                   device=None, **kwargs) -> Optional[torch.Tensor]:
     """Mask function for ``ALL_MASK_ATTENTION_FUNCTIONS``: no n x n mask, ever.
 
     Returns ``None`` when nothing is padded (causality is the attention function's job), else the 2D
-    boolean padding mask (batch, keys). With a static cache whose slots are not all filled, the mask
-    covers the filled slots only (the attention function drops the rest).
+    boolean padding mask (batch, keys). A static cache (whose ``q_offset`` is a tensor) gets the fixed-shape
+    mask of its filled slots, (batch, kv_length) in ``STATIC_SLOTS_DTYPE``, built on the device: the
+    queries are then the last filled slots, not the last slots. Older transformers, whose offset is an int,
+    get the mask of the filled slots only (the attention function drops the rest).
     """
+    if isinstance(q_offset, torch.Tensor):  # a static cache: (batch, kv_length) filled slots, no host sync
+        mask = torch.arange(kv_length, device=q_offset.device) < q_offset + q_length
+        mask = mask[None].expand(batch_size, -1)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :kv_length].to(device=mask.device, dtype=torch.bool)
+            mask = mask & torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[1]))
+        return mask.to(STATIC_SLOTS_DTYPE)
+    used = int(q_offset) + q_length if q_offset is not None else q_length  # filled slots (a static cache: < kv_length)
     if attention_mask is not None:
-        attention_mask = attention_mask[:, -kv_length:]
+        attention_mask = attention_mask[:, -kv_length:][:, :used]
         if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
             return None
         return attention_mask.to(torch.bool)
-    used = int(q_offset) + q_length if q_offset is not None else q_length
     if used < kv_length:  # static cache, no user mask: only the filled slots are keys
         return torch.ones(batch_size, used, dtype=torch.bool, device=device)
     return None

@@ -315,6 +315,31 @@ def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache():
                 logits = step(tok, pos)
 
 
+def test_triton_static_cache_decode_equals_dynamic_cache():
+    """backend='triton' (the interpreter here): static-cache decode steps append with the fused kernel and
+    decode with the Triton kernel (given the compressed keys and each row's left padding)."""
+    model = _llama(layers=1, seed=2, head_dim=32)
+    model.generation_config.eos_token_id = None
+    enable(model, SPARSE.replace(dense_len=120), backend="triton")
+    seqs = [_ids(140, seed=10), _ids(110, seed=11)]
+    n = max(x.shape[1] for x in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
+        with _decode_kernel_calls() as calls:
+            static = model.generate(ids, attention_mask=mask, **kw,
+                                    **{CACHE: InfLLMv2StaticCache(config=model.config, max_cache_len=160)})
+    assert len(calls) == 4 and all(k["k_fine"] is not None for k in calls)
+    assert calls[0]["cache_leftpad"].tolist() == [0, 30]
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_static_compressed_key_update_compiles_fullgraph():
     """The decode-step update of the static compressed keys traces into one graph (torch.compile,
     fullgraph: no graph break, no host sync) and still equals compressing from scratch."""

@@ -315,6 +315,22 @@ def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache():
                 logits = step(tok, pos)
 
 
+def test_static_cache_mask_with_holes_equals_dynamic_cache():
+    # a row whose mask has a hole is not a left-padded row: eager decoding takes the general path
+    model = enable(_llama(), SPARSE.replace(dense_len=100))
+    ids = _ids(150, seed=12)
+    mask = torch.ones_like(ids)
+    mask[:, 20:37] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
+        static = model.generate(ids, attention_mask=mask, **kw,
+                                **{CACHE: InfLLMv2StaticCache(config=model.config, max_cache_len=170)})
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_static_cache_decode_equals_dynamic_cache():
     """backend='triton' (the interpreter here): static-cache decode steps append with the fused kernel and
     decode with the Triton kernel (given the compressed keys and each row's left padding)."""

@@ -239,7 +239,7 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
     kernel or ``ops.torch_decode.decode_static`` runs (None: not applicable, the general path runs).
 
     q (b, 1, Hq, d), k/v (b, L, Hkv, d) the whole static cache, mask (b, L): the filled slots of each row,
-    contiguous (generate()'s left padding). The compressed keys were built at prefill; the state's
+    contiguous (generate()'s left padding; checked in eager mode only). The compressed keys were built at prefill; the state's
     host-side counts lag behind and catch up at the next eager update (which rewrites the same windows).
     """
     st = layer._infllmv2_state
@@ -250,6 +250,11 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
 
     lens = mask.sum(1, dtype=torch.int32)
     leftpad = mask.to(torch.int8).argmax(1).to(torch.int32)  # first filled slot
+    if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # eager: rows with holes in their mask take the general path (traced code trusts the layout)
+        last = mask.shape[1] - mask.flip(1).to(torch.int8).argmax(1)
+        if bool((last - leftpad != lens).any()):
+            return None
     kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
     append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")
     fine, coarse = st.fine.data, st.coarse.data if st.coarse is not None else None

@@ -65,6 +65,9 @@ class PooledKeys:
         self.kernel, self.stride = kernel, stride
         self.data = torch.zeros(batch, max(1, capacity or 16), heads, dim, dtype=dtype, device=device)
         self.count = [0] * batch
+        if capacity is not None and not torch.compiler.is_compiling():
+            # preallocated (static cache): a fixed address, so CUDA graphs may capture steps that write it
+            torch._dynamo.mark_static_address(self.data)
 
     def extend(self, row: int, tail: torch.Tensor) -> None:
         """``tail``: the row's raw keys from index ``count * stride`` to its end, (m, H, d). Appends the

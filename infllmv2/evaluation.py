@@ -33,7 +33,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -385,8 +385,11 @@ def score_sample(sample: Sample, prediction: str) -> dict:
 # Running a model
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_token_id: Optional[int] = None) -> List[int]:
-    """Greedy decoding with the KV cache, for any transformers causal LM and attention implementation."""
+def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_token_id: Optional[int] = None,
+                    stop: Optional[Callable[[List[int]], bool]] = None) -> List[int]:
+    """Greedy decoding with the KV cache, for any transformers causal LM and attention implementation.
+
+    Stops after ``max_new_tokens``, at ``eos_token_id`` (not returned) or once ``stop(new_tokens)`` is true."""
     import inspect
 
     device = next(model.parameters()).device
@@ -400,6 +403,8 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_to
             if eos_token_id is not None and nxt == eos_token_id:
                 break
             new.append(nxt)
+            if stop is not None and stop(new):
+                break
             ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
         return new
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -409,7 +414,7 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_to
         if eos_token_id is not None and nxt == eos_token_id:
             break
         new.append(nxt)
-        if len(new) == max_new_tokens:
+        if len(new) == max_new_tokens or (stop is not None and stop(new)):
             break
         past = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         out = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True, **{cache_kw: past})
@@ -481,7 +486,8 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
     """Run the suite: every mode x length x task. Returns the results dict written by ``write_outputs``.
 
     Each answer is generated greedily for ``2 * len(tokens of the reference answer) + 4`` tokens (capped by
-    ``max_new_tokens`` when given), stopping at EOS; the prediction's first line is scored.
+    ``max_new_tokens`` when given), stopping at EOS or at the end of the first non-blank line, the part
+    that is scored.
     """
     tok = as_tokenizer(tokenizer)
     model.eval()
@@ -493,6 +499,10 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
         raise ValueError(f"unknown modes {bad}; modes are {MODES}")
     rows, summary, ppl = [], {}, {}
     ppl_cache: dict = {}
+
+    def line_done(new: List[int]) -> bool:  # only the first line is scored: stop at the end of it
+        return "\n" in tok.decode(new).lstrip()
+
     gen_tasks = [t for t in tasks if t != "ppl"]
     sets = {(t, L): generate_task(t, tok, L, samples, seed, depths if t == "passkey" else None, haystack)
             for L in lengths for t in gen_tasks}
@@ -513,7 +523,7 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
                     budget = 2 * len(_enc(tok, s.answer_text)) + 4
                     if max_new_tokens:
                         budget = min(budget, max_new_tokens)
-                    pred = tok.decode(greedy_generate(model, s.input_ids, budget, tok.eos_token_id))
+                    pred = tok.decode(greedy_generate(model, s.input_ids, budget, tok.eos_token_id, stop=line_done))
                     sc = score_sample(s, pred)
                     rec.append(sc["recall"])
                     ex.append(sc["exact"])

@@ -116,6 +116,13 @@ def test_greedy_generate_matches_recompute(tiny):
     assert fast == slow[len(ids):]
 
 
+def test_greedy_generate_stop_cuts_the_same_tokens(tiny):
+    ids = TOK.encode("def main():\n    return")
+    full = greedy_generate(tiny, ids, 12)
+    cut = greedy_generate(tiny, ids, 12, stop=lambda new: len(new) == 5)
+    assert cut == full[:5]
+
+
 def test_perplexity_modes_agree_when_budget_covers(tiny):
     ids = generate_sample("passkey", TOK, 600, seed=0).input_ids
     set_attention_mode(tiny, "dense")

@@ -1,0 +1,100 @@
+"""Generation on CUDA (issue 4): the InfLLM-V2 caches with the Triton kernels, bf16, a left-padded batch.
+
+* the static cache (fused compressed-key append + decode kernel with ``cache_leftpad``) equals the dynamic
+  cache, token for token;
+* the whole-model decode step under ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs,
+  gpt-fast style) equals it too, with no cudagraph skip;
+* each row's first logits equal that row run alone.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+transformers = pytest.importorskip("transformers")
+
+from infllmv2 import SparseConfig  # noqa: E402
+from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache  # noqa: E402
+from infllmv2.models.transformers import enable  # noqa: E402
+
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CONFIG = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=128, topk=4,
+                      dense_len=1500)
+VOCAB = 1000
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=768, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    return enable(model, CONFIG, backend="triton")
+
+
+def _left_padded(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, m in enumerate(lengths):
+        ids[i, n - m:] = torch.randint(3, VOCAB, (m,), generator=g)
+        mask[i, n - m:] = 1
+    return ids.cuda(), mask.cuda()
+
+
+KW = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+def test_static_cache_equals_dynamic_and_rows_alone():
+    model = _model()
+    lengths = [2000, 1490, 700]  # sparse, turning sparse during decoding, dense
+    ids, mask = _left_padded(lengths)
+    steps = 16
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=steps, **{CACHE: InfLLMv2Cache()}, **KW)
+        static = model.generate(ids, attention_mask=mask, max_new_tokens=steps, **KW,
+                                **{CACHE: InfLLMv2StaticCache(config=model.config, max_cache_len=2048)})
+        assert torch.equal(dynamic.sequences, static.sequences)
+        for a, b in zip(dynamic.logits, static.logits):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        n = ids.shape[1]
+        for i, m in enumerate(lengths):
+            alone = model.generate(ids[i:i + 1, n - m:], max_new_tokens=steps, **{CACHE: InfLLMv2Cache()}, **KW)
+            # bf16 batched vs alone: other GEMM shapes round differently, so the first step's logits only
+            torch.testing.assert_close(dynamic.logits[0][i], alone.logits[0][0], atol=5e-2, rtol=5e-2)
+
+
+def test_compiled_cuda_graph_decode_equals_dynamic_cache():
+    from torch._dynamo.utils import counters
+    model = _model()
+    lengths, steps, max_len = [1800, 1495], 12, 2048
+    ids, mask0 = _left_padded(lengths, seed=1)
+    n = ids.shape[1]
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.long, device="cuda")
+    mask[:, :n] = mask0
+    mask[:, n:] = 1
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask0, max_new_tokens=steps + 1, **{CACHE: InfLLMv2Cache()}, **KW)
+        cache = InfLLMv2StaticCache(config=model.config, max_cache_len=max_len)
+        pos = (mask0.cumsum(1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE: cache}).logits[:, -1]
+        counters.clear()
+        step = torch.compile(lambda tok, p: model(input_ids=tok, attention_mask=mask, position_ids=p,
+                                                  **{CACHE: cache}).logits[:, -1].clone(),
+                             mode="reduce-overhead", fullgraph=True)
+        pos = pos[:, -1:]
+        for t in range(steps + 1):
+            torch.testing.assert_close(logits.float(), ref.logits[t].float(), atol=3e-2, rtol=3e-2)
+            tok = logits.argmax(-1, keepdim=True)
+            assert torch.equal(tok[:, 0], ref.sequences[:, n + t]), t
+            pos = pos + 1
+            if t < steps:
+                logits = step(tok, pos)
+    skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    assert skips == 0, dict(counters["inductor"])

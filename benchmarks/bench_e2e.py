@@ -160,7 +160,9 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
         kc, vc = st.k[li], st.v[li]
         kc[rows, pos] = k
         vc[rows, pos] = v
-        if sparse:
+        if sparse is None:  # no attention at all: the step's floor (weights, norms, RoPE, logits)
+            o = q
+        elif sparse:
             c = st.comp[li]
             c.append(kc, lens, fused=fused_append)
             o = infllmv2_decode_triton(q, kc, vc, lens, config, scale, k_fine=c.fine, k_coarse=c.coarse)
@@ -284,7 +286,8 @@ def run(args):
                 for n in lengths:
                     pos = torch.full((b,), n, dtype=torch.long, device=device)  # the new token is number n+1
                     outs = {}
-                    for name, sparse in (("infllmv2", True), ("dense", False)):
+                    modes = (("infllmv2", True), ("dense", False)) + ((("no_attention", None),) if args.floor else ())
+                    for name, sparse in modes:
                         def one(name=name, sparse=sparse):
                             fn = lambda: decode_step(model, st, tokens, pos, n + 1, config, sparse, args.fused_append)
                             if device == "cuda":
@@ -393,12 +396,15 @@ def write_outputs(rows, errors, args, config, meta=None):
             s = pick("infllmv2_prefill", n=n, pattern=pat)
             cells += [f"{s:.0f}" if s else "-", f"{d / s:.2f}x" if s and d else "-"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Decode step", "", "| n | batch | dense ms | InfLLM-V2 ms | speed-up |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Decode step", "",
+              "| n | batch | dense ms | InfLLM-V2 ms | speed-up | no attention ms (floor) | bound: dense / floor |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for n, b in sorted({(r["n"], r["batch"]) for r in rows if r["path"].endswith("decode")}):
         d, s = pick("dense_decode", n=n, batch=b), pick("infllmv2_decode", n=n, batch=b)
-        lines.append(f"| {n} | {b} | {d:.3f} | {s:.3f} | {d / s:.2f}x |" if d and s else
-                     f"| {n} | {b} | {d} | {s} | - |")
+        f0 = pick("no_attention_decode", n=n, batch=b)
+        fl = [f"{f0:.3f}", f"{d / f0:.2f}x" if d else "-"] if f0 else ["-", "-"]
+        lines.append(" | ".join([f"| {n} | {b} | {d:.3f} | {s:.3f} | {d / s:.2f}x" if d and s else
+                                 f"| {n} | {b} | {d} | {s} | -"] + fl) + " |")
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
     with open(os.path.join(args.out_dir, "e2e_h200.md"), "w") as f:
@@ -442,6 +448,8 @@ def main():
     p.add_argument("--fused-append", action="store_true",
                    help="append compressed keys with one Triton kernel per kind (not yet measured on the GPU)")
     p.add_argument("--decode-only", action="store_true")
+    p.add_argument("--floor", action="store_true", help="also time the decode step without attention "
+                   "(path no_attention_decode: the floor any attention adds to)")
     p.add_argument("--replot", help="rewrite the md/png (and json) in --out-dir from an e2e_h200.json")
     args = p.parse_args()
     if args.replot:

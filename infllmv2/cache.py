@@ -24,7 +24,7 @@ and drop one stride from the tail. The tail here is a view of the cache itself (
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -424,16 +424,28 @@ def _append_kernel():
 
 
 def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor]) -> None:
-    """Fused ``append_windows``: grid (batch, Hkv) per kind."""
-    kern_fn = _append_kernel()
-    b, _, h, d = k_cache.shape
+    """Fused ``append_windows``: grid (batch, Hkv) per kind, as one custom op (opaque to torch.compile)."""
     if k_cache.stride(-1) != 1:
         raise ValueError("k_cache must be contiguous in its last dimension")
-    lens = lens.to(torch.int32)
-    pad = lens if leftpad is None else leftpad.to(torch.int32)
+    _append_windows_op([buf for _, _, buf in kinds], k_cache, lens.to(torch.int32),
+                       None if leftpad is None else leftpad.to(torch.int32),
+                       [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds])
+
+
+@torch.library.custom_op("infllmv2::append_windows", mutates_args=("bufs",))
+def _append_windows_op(bufs: List[torch.Tensor], k_cache: torch.Tensor, lens: torch.Tensor,
+                       leftpad: Optional[torch.Tensor], kernels: List[int], strides: List[int]) -> None:
+    kern_fn = _append_kernel()
+    b, _, h, d = k_cache.shape
+    pad = lens if leftpad is None else leftpad
     block_d = 1 << max(4, (d - 1).bit_length())
-    for kern, stride, buf in kinds:
+    for kern, stride, buf in zip(kernels, strides, bufs):
         block_t = 1 << max(4, (kern - 1).bit_length())
         kern_fn[(b, h)](k_cache, buf, lens, pad, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                         buf.stride(0), buf.stride(1), buf.stride(2), buf.shape[1], d,
                         KERN=kern, STRIDE=stride, BLOCK_T=block_t, BLOCK_D=block_d, HAS_PAD=leftpad is not None)
+
+
+@_append_windows_op.register_fake
+def _(bufs, k_cache, lens, leftpad, kernels, strides) -> None:
+    return None

@@ -285,12 +285,15 @@ def test_static_cache_equals_dynamic_cache():
             assert not pk.data[0, ref.shape[0]:].any()
 
 
-def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache(backend):
     """gpt-fast style: prefill eagerly into an InfLLMv2StaticCache, then decode with the whole model step under
     torch.compile(fullgraph=True): no graph break, no host sync, the tokens and logits of the dynamic cache.
-    A left-padded batch whose rows turn sparse at different steps."""
+    A left-padded batch whose rows turn sparse at different steps. On the Triton backend the fused append and
+    the decode kernel are custom ops (here run by the interpreter inside the compiled step)."""
     config = SPARSE.replace(dense_len=165)
-    model = enable(_llama(), config, backend="torch")
+    model = enable(_llama(head_dim=32 if backend == "triton" else 16), config, backend=backend)
+    model.generation_config.eos_token_id = None  # run every step
     seqs, steps, max_len = [_ids(160, seed=8), _ids(130, seed=9)], 8, 192
     n = max(x.shape[1] for x in seqs)
     ids = torch.zeros(len(seqs), n, dtype=torch.long)

@@ -31,6 +31,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
     bid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     L = tl.load(seqlen_ptr + bid)
     is_dense = (dense_len >= 0) & (L < dense_len)
     n_ent = tl.where(is_dense, (L + BS - 1) // BS, budget)
@@ -156,13 +157,41 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``return_block_indices``; rows of dense sequences are then meaningless).
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
-    q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if return_block_indices or blocks_per_split is not None:
+        return _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
+                       blocks_per_split, cache_leftpad)
+    # the custom op: torch.compile / CUDA graphs see one opaque call (the config travels as its fields)
+    return _decode_op(q, k_cache, v_cache, cache_seqlens, cache_leftpad, k_fine, k_coarse, scale,
+                      config.block_size, config.kernel_size, config.kernel_stride, config.init_blocks,
+                      config.window_size, config.topk, config.dense_len, config.lse_approx, config.use_nope)
+
+
+@torch.library.custom_op("infllmv2::decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               cache_leftpad: torch.Tensor | None, k_fine: torch.Tensor | None, k_coarse: torch.Tensor | None,
+               softmax_scale: float, block_size: int, kernel_size: int, kernel_stride: int, init_blocks: int,
+               window_size: int, topk: int, dense_len: int, lse_approx: bool, use_nope: bool) -> torch.Tensor:
+    config = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
+                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
+                          lse_approx=lse_approx, use_nope=use_nope)
+    return _decode(q, k_cache, v_cache, cache_seqlens, config, softmax_scale, k_fine, k_coarse, False, None,
+                   cache_leftpad)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, k_fine, k_coarse, softmax_scale, *config_fields):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
+            blocks_per_split, cache_leftpad):
+    q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     batch, hq, d = q.shape
     max_len, hkv = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     dev = q.device
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return (out, torch.empty((hkv, 0, config.budget), dtype=torch.int32, device=dev)) if return_block_indices else out
     lens = cache_seqlens

@@ -190,6 +190,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
     seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
@@ -238,6 +239,7 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
     tile = tile_base + lt
     h = tl.program_id(1)
     split = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
     NBT: tl.constexpr = BLOCK_N // R
     seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(

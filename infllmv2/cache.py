@@ -117,8 +117,9 @@ def _row_layout(mask: Optional[torch.Tensor], length: int, batch: int):
         return [(length, 0)] * batch
     m = mask[:, :length].to(torch.int32)
     valid = m.sum(1)
-    first = m.argmax(1)
-    last = length - 1 - m.flip(1).argmax(1)
+    slot = torch.arange(length, device=m.device)
+    first = torch.where(m.bool(), slot, length).amin(1)  # min/max, not argmax: its ties are not ordered when compiled
+    last = torch.where(m.bool(), slot, -1).amax(1)
     contiguous = (valid == 0) | (last - first + 1 == valid)
     return [(n, f if c else None) for n, f, c in zip(valid.tolist(), first.tolist(), contiguous.tolist())]
 

@@ -148,7 +148,7 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             if out is not None:
                 return out, None
         # otherwise keep the filled slots only (a host sync): the queries are the last of them
-        filled = mask.shape[1] - int(mask.any(0).flip(0).to(torch.int8).argmax())
+        filled = int(torch.where(mask.any(0), torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax())
         k, v, mask = k[:, :filled], v[:, :filled], mask[:, :filled]
     if mask is not None and bool(mask.all()):
         mask = None
@@ -249,11 +249,13 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
     from ..cache import append_windows
 
     lens = mask.sum(1, dtype=torch.int32)
-    leftpad = mask.to(torch.int8).argmax(1).to(torch.int32)  # first filled slot
+    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code
+    slot = torch.arange(mask.shape[1], dtype=torch.int32, device=mask.device)
+    leftpad = torch.where(mask.bool(), slot, mask.shape[1]).amin(1).to(torch.int32)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager: rows with holes in their mask take the general path (traced code trusts the layout)
-        last = mask.shape[1] - mask.flip(1).to(torch.int8).argmax(1)
-        if bool((last - leftpad != lens).any()):
+        last = torch.where(mask.bool(), slot, -1).amax(1)
+        if bool((last + 1 - leftpad != lens).any()):
             return None
     kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
     append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")

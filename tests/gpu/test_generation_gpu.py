@@ -3,7 +3,7 @@
 * the static cache (fused compressed-key append + decode kernel with ``cache_leftpad``) equals the dynamic
   cache, token for token;
 * the whole-model decode step under ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs,
-  gpt-fast style) equals it too, with no cudagraph skip;
+  gpt-fast style) gives the dynamic cache's logits, teacher-forced, with no cudagraph skip;
 * each row's first logits equal that row run alone.
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ def test_static_cache_equals_dynamic_and_rows_alone():
     lengths = [2000, 1490, 700]  # sparse, turning sparse during decoding, dense
     ids, mask = _left_padded(lengths)
     steps = 16
+    # eager (transformers would compile the static decode steps; compiled numerics differ slightly, and a random
+    # model's near-tied logits then flip greedy tokens: the compiled step is checked below, teacher-forced)
+    model.generation_config.disable_compile = True
     with torch.no_grad():
         dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=steps, **{CACHE: InfLLMv2Cache()}, **KW)
         static = model.generate(ids, attention_mask=mask, max_new_tokens=steps, **KW,
@@ -90,9 +93,9 @@ def test_compiled_cuda_graph_decode_equals_dynamic_cache():
                              mode="reduce-overhead", fullgraph=True)
         pos = pos[:, -1:]
         for t in range(steps + 1):
+            # bf16: inductor's fused norms/MLP differ from eager by ~1e-2; a wrong left padding gave 0.25-1.0
             torch.testing.assert_close(logits.float(), ref.logits[t].float(), atol=3e-2, rtol=3e-2)
-            tok = logits.argmax(-1, keepdim=True)
-            assert torch.equal(tok[:, 0], ref.sequences[:, n + t]), t
+            tok = ref.sequences[:, n + t:n + t + 1]  # teacher-forced: near-tied logits may flip greedy tokens
             pos = pos + 1
             if t < steps:
                 logits = step(tok, pos)

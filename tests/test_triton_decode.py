@@ -40,18 +40,21 @@ def test_decode_matches_reference_fp32(lse_approx, dense_len, g, hkv, d):
             assert torch.equal(idx[:, i], naive.select_blocks(q[i:i + 1], kc[i, :n], cfg)[:, 0])
 
 
-def test_decode_given_compressed_keys_and_scale():
-    cfg = SparseConfig(dense_len=-1, **SMALL)
-    lens = [260, 77, 16]
+@pytest.mark.parametrize("lse_approx", [True, False])
+def test_decode_given_compressed_keys_and_scale(lse_approx):
+    # given keys: the layout comes from one metadata launch; lengths below and at the window sizes
+    cfg = SparseConfig(dense_len=-1, lse_approx=lse_approx, **SMALL)
+    lens = [260, 77, 16, 5, 64]
     q, kc, vc, sl = _cache(lens, 270, 8, 2, 32, torch.float32, seed=5)
-    kf = torch.zeros(3, 40, 2, 32)
-    kco = torch.zeros(3, 10, 2, 32)
+    kf = torch.zeros(len(lens), 40, 2, 32)
+    kco = torch.zeros(len(lens), 10, 2, 32)
     for i, n in enumerate(lens):
         f = naive.compress_keys(kc[i, :n], 16, 8)
         c = naive.compress_keys(kc[i, :n], 64, 32)
         kf[i, :f.shape[0]] = f
         kco[i, :c.shape[0]] = c
-    out = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2, k_fine=kf, k_coarse=kco)
+    out = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2, k_fine=kf,
+                                 k_coarse=kco if lse_approx else None)
     out2 = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2)
     for i, n in enumerate(lens):
         ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg, scale=0.2)

@@ -106,6 +106,26 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
     tl.store(out_ptr + bid * stride_xb + hq * stride_xh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+@triton.jit
+def _decode_meta_kernel(lens_ptr, meta_ptr, batch, stride_m, rows1, rows2,
+                        KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """The per-sequence int32 layout the selection kernels read, in one launch (a CUDA-graphed decode step
+    pays a node per launch): rows = index, 1, 0, fine start / count, coarse start / count."""
+    i = tl.arange(0, BLOCK)
+    m = i < batch
+    L = tl.load(lens_ptr + i, mask=m, other=0)
+    n1 = tl.where(L >= KS1, (L - KS1) // ST1 + 1, 0)  # windows wholly inside the row's keys
+    n2 = tl.where(L >= KS2, (L - KS2) // ST2 + 1, 0)
+    tl.store(meta_ptr + i, i, mask=m)
+    tl.store(meta_ptr + stride_m + i, i * 0 + 1, mask=m)
+    tl.store(meta_ptr + 2 * stride_m + i, i * 0, mask=m)
+    tl.store(meta_ptr + 3 * stride_m + i, i * rows1, mask=m)
+    tl.store(meta_ptr + 4 * stride_m + i, tl.minimum(n1, rows1), mask=m)
+    tl.store(meta_ptr + 5 * stride_m + i, i * rows2, mask=m)
+    tl.store(meta_ptr + 6 * stride_m + i, tl.minimum(n2, rows2), mask=m)
+
+
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
     if not isinstance(config, SparseConfig):
         raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
@@ -184,6 +204,13 @@ def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, k_fine, k_coarse, softm
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _check_given(given, batch, k_cache, q):
+    if given.dim() != 4 or given.shape[0] != batch or given.shape[2:] != k_cache.shape[2:]:
+        raise ValueError(f"compressed keys must be (batch, max_n, Hkv, d), got {tuple(given.shape)}")
+    if given.dtype != q.dtype or given.device != q.device:
+        raise ValueError("compressed keys must have q's dtype and device")
+
+
 def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
             blocks_per_split, cache_leftpad):
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
@@ -198,8 +225,24 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
     B = config.block_size
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
-        if sparse_possible:
-            # few tiny torch ops per call: in a CUDA-graphed decode step each is a launch per layer
+        given = k_fine is not None and (k_coarse is not None or not config.lse_approx)
+        if sparse_possible and given:
+            _check_given(k_fine, batch, k_cache, q)
+            k2g = k_coarse if config.lse_approx else k_fine
+            _check_given(k2g, batch, k_cache, q)
+            ks2, st2 = ((config.coarse_kernel_size, config.coarse_kernel_stride) if config.lse_approx
+                        else (config.kernel_size, config.kernel_stride))
+            # the cached path (generation): the whole layout in one launch
+            meta = torch.empty((7, batch), dtype=torch.int32, device=dev)
+            _decode_meta_kernel[(1,)](lens, meta, batch, meta.stride(0), k_fine.shape[1], k2g.shape[1],
+                                      KS1=config.kernel_size, ST1=config.kernel_stride, KS2=ks2, ST2=st2,
+                                      BLOCK=max(16, _next_pow2(batch)))
+            ar, ones, zeros, s1, n1, s2, n2 = meta.unbind(0)
+            k1 = k_fine.reshape(batch * k_fine.shape[1], hkv, d)
+            k2 = k2g.reshape(batch * k2g.shape[1], hkv, d)
+            idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
+                               tiles=(ar, zeros, batch))
+        elif sparse_possible:
             ar = torch.arange(batch, device=dev, dtype=torch.int32)
 
             def compressed(given, kernel, stride):
@@ -208,10 +251,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
                     c, cs, cn, _ = _compress_core(k_cache.reshape(batch * max_len, hkv, d), kstart, lens, kernel,
                                                   stride)
                     return c, cs, cn
-                if given.dim() != 4 or given.shape[0] != batch or given.shape[2:] != k_cache.shape[2:]:
-                    raise ValueError(f"compressed keys must be (batch, max_n, Hkv, d), got {tuple(given.shape)}")
-                if given.dtype != q.dtype or given.device != dev:
-                    raise ValueError("compressed keys must have q's dtype and device")
+                _check_given(given, batch, k_cache, q)
                 mn = given.shape[1]
                 # windows wholly inside each row's keys: (len - kernel) // stride + 1, or 0 if len < kernel
                 n = torch.div((lens - kernel).clamp_min(-stride), stride, rounding_mode="floor") + 1

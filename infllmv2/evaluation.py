@@ -396,17 +396,6 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_to
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    if getattr(model.config, "nsa_config", None):  # the NSA baseline has no KV cache: recompute each step
-        new = []
-        for _ in range(max_new_tokens):
-            nxt = int(model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float().argmax())
-            if eos_token_id is not None and nxt == eos_token_id:
-                break
-            new.append(nxt)
-            if stop is not None and stop(new):
-                break
-            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
-        return new
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     new: List[int] = []
     for _ in range(max_new_tokens):

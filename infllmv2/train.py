@@ -140,9 +140,10 @@ class NSAAttention(torch.nn.Module):
     * sliding window: the ``window_size // block_size`` previous blocks and the current one (block-granular
       window, infllmv2 stage 2).
 
-    Visible tokens per query: (topk + window/B + 1) * B plus the compressed keys. No KV cache: decoding
-    recomputes the whole sequence (``infllmv2.evaluation.greedy_generate`` does so for NSA models).
-    Packed rows (position ids restarting) run segment by segment.
+    Visible tokens per query: (topk + window/B + 1) * B plus the compressed keys. With a transformers
+    ``DynamicCache`` the three branches' keys and values share each layer's entry (stacked on the head axis),
+    so ``generate()`` and chunked prefill work; queries are the last tokens of their sequence's keys.
+    Packed rows (position ids restarting) run segment by segment, without a cache.
     """
 
     def __init__(self, attn: torch.nn.Module, sparse: SparseConfig, backend: str = "auto"):
@@ -176,9 +177,10 @@ class NSAAttention(torch.nn.Module):
         cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
-    def _window_indices(self, n: int, hkv: int, device) -> torch.Tensor:
+    def _window_indices(self, nq: int, nk: int, hkv: int, device) -> torch.Tensor:
+        """Block list of the sliding-window branch for the last ``nq`` of ``nk`` tokens: own block + previous."""
         nw = self.sparse.window_size // self.sparse.block_size
-        bq = torch.arange(n, device=device) // self.sparse.block_size
+        bq = torch.arange(nk - nq, nk, device=device) // self.sparse.block_size
         vals = bq[:, None] - nw + torch.arange(nw + 1, device=device)[None]
         big = torch.iinfo(torch.int32).max
         vals = torch.where(vals < 0, torch.full_like(vals, big), vals).sort(dim=1).values
@@ -186,13 +188,14 @@ class NSAAttention(torch.nn.Module):
         return vals.to(torch.int32)[None].expand(hkv, -1, -1).contiguous()
 
     def _compressed(self, q, kc, vc):
-        """Compression branch of one sequence: q (n, Hq, d), kc/vc (n, Hkv, d) -> (n, Hq, d)."""
-        n = q.shape[0]
+        """Compression branch of one sequence: q (nq, Hq, d) the last nq of its tokens, kc/vc (nk, Hkv, d)
+        -> (nq, Hq, d)."""
+        nq, nk = q.shape[0], kc.shape[0]
         sp = self.sparse
         k1, v1 = _mean_pool(kc, sp.kernel_size, sp.kernel_stride), _mean_pool(vc, sp.kernel_size, sp.kernel_stride)
         if k1.shape[0] == 0:
             return torch.zeros_like(q)
-        t = torch.arange(n, device=q.device)
+        t = torch.arange(nk - nq, nk, device=q.device)
         j = torch.arange(k1.shape[0], device=q.device)
         vis = (j[None] * sp.kernel_stride + sp.kernel_size) <= (t[:, None] + 1)
         seen = vis.any(1)
@@ -203,20 +206,21 @@ class NSAAttention(torch.nn.Module):
             scale=self.scaling, enable_gqa=q.shape[1] != k1.shape[1])[0].transpose(0, 1)
         return o * seen[:, None, None].to(o.dtype)
 
-    def _packed(self, offs, q, kc, vc, ks, vs, kw, vw, g):
-        """All three branches over a packed batch (sequences at ``offs``): selection and window run varlen."""
+    def _packed(self, offs_q, offs_k, q, kc, vc, ks, vs, kw, vw, g):
+        """All three branches over a packed batch: sequence i has keys ``offs_k[i]:offs_k[i+1]`` and, as its
+        last tokens, the queries ``offs_q[i]:offs_q[i+1]``; selection and window run varlen."""
         from .attention import select_blocks, sparse_attention
 
         sp = self.sparse
-        cu = torch.tensor(offs, dtype=torch.int32, device=q.device)
-        pairs = [(s, e) for s, e in zip(offs, offs[1:])]
-        o_cmp = torch.cat([self._compressed(q[s:e], kc[s:e], vc[s:e]) for s, e in pairs])
-        idx = select_blocks(q, kc, self.select_config, cu_seqlens=cu, softmax_scale=self.scaling, backend=self.backend)
-        o_slc = sparse_attention(q, ks, vs, idx, block_size=sp.block_size, cu_seqlens=cu, softmax_scale=self.scaling,
-                                 backend=self.backend)
-        widx = torch.cat([self._window_indices(e - s, kw.shape[1], q.device) for s, e in pairs], dim=1)
-        o_swa = sparse_attention(q, kw, vw, widx, block_size=sp.block_size, cu_seqlens=cu, softmax_scale=self.scaling,
-                                 backend=self.backend)
+        cu_q = torch.tensor(offs_q, dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor(offs_k, dtype=torch.int32, device=q.device)
+        spans = list(zip(offs_q, offs_q[1:], offs_k, offs_k[1:]))
+        o_cmp = torch.cat([self._compressed(q[a:b], kc[c:d], vc[c:d]) for a, b, c, d in spans])
+        kw_args = dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k, softmax_scale=self.scaling, backend=self.backend)
+        idx = select_blocks(q, kc, self.select_config, **kw_args)
+        o_slc = sparse_attention(q, ks, vs, idx, block_size=sp.block_size, **kw_args)
+        widx = torch.cat([self._window_indices(b - a, d - c, kw.shape[1], q.device) for a, b, c, d in spans], dim=1)
+        o_swa = sparse_attention(q, kw, vw, widx, block_size=sp.block_size, **kw_args)
         g = g.to(q.dtype)
         return g[:, 0, :, None] * o_cmp + g[:, 1, :, None] * o_slc + g[:, 2, :, None] * o_swa
 
@@ -224,13 +228,6 @@ class NSAAttention(torch.nn.Module):
         from .models.transformers import _segments_from_position_ids
 
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        if cache is not None and self.layer_idx is not None:
-            try:
-                cached = cache.get_seq_length(self.layer_idx)
-            except Exception:  # pragma: no cover - cache kinds without per-layer lengths
-                cached = 0
-            if cached:
-                raise NotImplementedError("the NSA baseline has no KV cache: run with use_cache=False")
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             raise NotImplementedError("the NSA baseline does not support padding; use packed rows or batch 1")
         b, n, _ = hidden_states.shape
@@ -242,10 +239,26 @@ class NSAAttention(torch.nn.Module):
         kw = self._rope(self.k_swa(hidden_states).view(shape), cos, sin)
         vc, vs, vw = (p(hidden_states).view(shape) for p in (self.v_cmp, self.v_proj, self.v_swa))
         g = torch.sigmoid(self.gate(hidden_states)).view(b * n, 3, -1)
-        flat = [x.reshape(b * n, *x.shape[2:]) for x in (q, kc, vc, ks, vs, kw, vw)]
         cu = _segments_from_position_ids(kwargs.get("position_ids"), b, n)
-        offs = cu.tolist() if cu is not None else [i * n for i in range(b + 1)]
-        out = self._packed(offs, *flat, g).reshape(b, n, -1)
+        nk = n
+        if cache is not None and self.layer_idx is not None:
+            # a KV cache: the three branches' keys/values share this layer's entry, stacked on the head axis
+            hkv = kc.shape[2]
+            k_all, v_all = cache.update(torch.cat([kc, ks, kw], 2).transpose(1, 2),
+                                        torch.cat([vc, vs, vw], 2).transpose(1, 2), self.layer_idx)
+            if k_all.shape[1] != 3 * hkv or k_all.shape[2] < n:
+                raise NotImplementedError("the NSA baseline needs a dynamic KV cache (DynamicCache)")
+            nk = k_all.shape[2]
+            if cu is not None and nk != n:
+                raise NotImplementedError("the NSA baseline's KV cache continues one sequence per row, not packed rows")
+            kc, ks, kw = k_all.transpose(1, 2).split(hkv, dim=2)
+            vc, vs, vw = v_all.transpose(1, 2).split(hkv, dim=2)
+        keys = [x.reshape(b * nk, *x.shape[2:]) for x in (kc, vc, ks, vs, kw, vw)]
+        if cu is not None:
+            offs_q = offs_k = cu.tolist()
+        else:
+            offs_q, offs_k = [i * n for i in range(b + 1)], [i * nk for i in range(b + 1)]
+        out = self._packed(offs_q, offs_k, q.reshape(b * n, *q.shape[2:]), *keys, g).reshape(b, n, -1)
         return self.o_proj(out), None
 
 

@@ -180,9 +180,9 @@ def _cu(offs, device):
 def _select_packed(q, k, offs_q, offs_k, config, scale, backend):
     """Stage 1 over a packed batch -> (Hkv, total_q, budget) int32."""
     if backend == "triton":
-        from .ops.triton import select_blocks_triton
-        return select_blocks_triton(q, k, config, _cu(offs_q, q.device), _cu(offs_k, q.device),
-                                    _max_len(offs_q), _max_len(offs_k), scale)
+        from .ops.triton.selection import select_blocks_compilable
+        return select_blocks_compilable(q, k, config, _cu(offs_q, q.device), _cu(offs_k, q.device),
+                                        _max_len(offs_q), _max_len(offs_k), scale)
     impl = naive.select_blocks if backend == "reference" else torch_chunked.select_blocks
     out = torch.full((k.shape[1], q.shape[0], config.budget), -1, dtype=torch.int32, device=q.device)
     for i in range(len(offs_q) - 1):

@@ -192,3 +192,25 @@ def test_triton_backend_needs_cuda_tensors(monkeypatch):
     q, k, v = rand_qkv(32, 4, 2, 64, batch=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         infllmv2_attention(q, k, v, SMALL, backend="triton")
+
+
+def test_triton_forward_backward_compiles_fullgraph():
+    """backend='triton': selection and sparse attention are custom ops, so the whole call (forward and backward)
+    traces into one graph with torch.compile(fullgraph=True) and equals the eager call."""
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 100, h, 32, generator=g) for h in (4, 2, 2))
+    dout = torch.randn(1, 100, 4, 32, generator=g)
+
+    def run(fn):
+        x = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*x)
+        out.backward(dout)
+        return out.detach(), [t.grad for t in x]
+
+    f = lambda q, k, v: infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731
+    ref, ref_grads = run(f)
+    out, grads = run(torch.compile(f, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

@@ -553,3 +553,35 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
             k2, s2, n2 = k1, s1, n1
         return _select_core(q, k1, k2, cu_seqlens_q[:-1], q_len, k_len, s1, n1, s2, n2, int(max_seqlen_k),
                             config, scale, **tuning)
+
+
+# the custom op: torch.compile sees stage 1 as one opaque call (no tracing into the launcher's host logic)
+@torch.library.custom_op("infllmv2::select_blocks", mutates_args=())
+def _select_blocks_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, block_size: int, kernel_size: int,
+                      kernel_stride: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
+                      lse_approx: bool) -> torch.Tensor:
+    config = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
+                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
+                          lse_approx=lse_approx)
+    return select_blocks_triton(q, k, config, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+@_select_blocks_op.register_fake
+def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, block_size, kernel_size,
+      kernel_stride, init_blocks, window_size, topk, dense_len, lse_approx):
+    budget = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
+                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
+                          lse_approx=lse_approx).budget
+    return q.new_empty((k.shape[1], q.shape[0], budget), dtype=torch.int32)
+
+
+def select_blocks_compilable(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                             softmax_scale: float | None = None) -> torch.Tensor:
+    """``select_blocks_triton`` as the custom op ``infllmv2::select_blocks`` (default tuning)."""
+    _check_inputs(q, k, config)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _select_blocks_op(q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                             config.block_size, config.kernel_size, config.kernel_stride, config.init_blocks,
+                             config.window_size, config.topk, config.dense_len, config.lse_approx)

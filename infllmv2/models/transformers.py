@@ -445,6 +445,7 @@ def enable(model, config=None, *, backend: str = "auto"):
             cfg._attn_implementation = ATTN_IMPLEMENTATION
     for m in modules:
         m._infllmv2_backend = backend
+        _layer_sparse_config(m)  # parsed now, so that a compiled first forward does not trace the parsing
         if m.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"could not set the attention implementation of {type(m).__name__} to infllmv2")
     _generate_with_infllmv2_cache(model)

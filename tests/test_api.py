@@ -214,3 +214,11 @@ def test_triton_forward_backward_compiles_fullgraph():
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_custom_op_config_round_trip():
+    # the custom ops pass a config as its fields; rebuilding it must give the same config
+    from infllmv2.ops.triton.selection import config_args
+    cfg = SparseConfig(block_size=32, kernel_size=16, kernel_stride=8, init_blocks=2, window_size=96, topk=5,
+                       dense_len=300, lse_approx=False, use_nope=True)
+    assert SparseConfig(*config_args(cfg)) == cfg

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from .selection import _INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _select_core
+from .selection import _INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _select_core, config_args
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -183,8 +183,7 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                        blocks_per_split, cache_leftpad)
     # the custom op: torch.compile / CUDA graphs see one opaque call (the config travels as its fields)
     return _decode_op(q, k_cache, v_cache, cache_seqlens, cache_leftpad, k_fine, k_coarse, scale,
-                      config.block_size, config.kernel_size, config.kernel_stride, config.init_blocks,
-                      config.window_size, config.topk, config.dense_len, config.lse_approx, config.use_nope)
+                      *config_args(config))
 
 
 @torch.library.custom_op("infllmv2::decode", mutates_args=())
@@ -192,9 +191,8 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                cache_leftpad: torch.Tensor | None, k_fine: torch.Tensor | None, k_coarse: torch.Tensor | None,
                softmax_scale: float, block_size: int, kernel_size: int, kernel_stride: int, init_blocks: int,
                window_size: int, topk: int, dense_len: int, lse_approx: bool, use_nope: bool) -> torch.Tensor:
-    config = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
-                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
-                          lse_approx=lse_approx, use_nope=use_nope)
+    config = SparseConfig(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk, dense_len,
+                          lse_approx, use_nope)
     return _decode(q, k_cache, v_cache, cache_seqlens, config, softmax_scale, k_fine, k_coarse, False, None,
                    cache_leftpad)
 

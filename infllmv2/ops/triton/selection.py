@@ -555,25 +555,26 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
                             config, scale, **tuning)
 
 
+# Custom ops take the config as its fields (their schema has no room for a dataclass), in field order.
+def config_args(config: SparseConfig) -> tuple:
+    return (config.block_size, config.kernel_size, config.kernel_stride, config.init_blocks, config.window_size,
+            config.topk, config.dense_len, config.lse_approx, config.use_nope)
+
+
 # the custom op: torch.compile sees stage 1 as one opaque call (no tracing into the launcher's host logic)
 @torch.library.custom_op("infllmv2::select_blocks", mutates_args=())
 def _select_blocks_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, block_size: int, kernel_size: int,
                       kernel_stride: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
-                      lse_approx: bool) -> torch.Tensor:
-    config = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
-                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
-                          lse_approx=lse_approx)
+                      lse_approx: bool, use_nope: bool) -> torch.Tensor:
+    config = SparseConfig(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk, dense_len,
+                          lse_approx, use_nope)
     return select_blocks_triton(q, k, config, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
 
 
 @_select_blocks_op.register_fake
-def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, block_size, kernel_size,
-      kernel_stride, init_blocks, window_size, topk, dense_len, lse_approx):
-    budget = SparseConfig(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
-                          init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
-                          lse_approx=lse_approx).budget
-    return q.new_empty((k.shape[1], q.shape[0], budget), dtype=torch.int32)
+def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, *config_fields):
+    return q.new_empty((k.shape[1], q.shape[0], SparseConfig(*config_fields).budget), dtype=torch.int32)
 
 
 def select_blocks_compilable(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, cu_seqlens_q: torch.Tensor,
@@ -583,5 +584,4 @@ def select_blocks_compilable(q: torch.Tensor, k: torch.Tensor, config: SparseCon
     _check_inputs(q, k, config)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return _select_blocks_op(q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                             config.block_size, config.kernel_size, config.kernel_stride, config.init_blocks,
-                             config.window_size, config.topk, config.dense_len, config.lse_approx)
+                             *config_args(config))

@@ -32,6 +32,17 @@ def _llama(layers=2, seed=0, head_dim=16):
     return model
 
 
+def _left_padded(seqs, mask_len=None):
+    """generate()'s layout: rows right-aligned in n = the longest prompt; the mask (``mask_len`` >= n columns,
+    default n) marks each row's slots from its first token on, later slots included."""
+    n = max(x.shape[1] for x in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), mask_len or n, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    return ids, mask, n
+
+
 @contextlib.contextmanager
 def _decode_kernel_calls():
     """Records the keyword arguments of every Triton decode-kernel call made inside the block."""
@@ -209,11 +220,7 @@ def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
     model.generation_config.eos_token_id = None
     enable(model, SPARSE.replace(dense_len=120), backend="triton")
     seqs = [_ids(150, seed=6), _ids(100, seed=7)]  # the second turns sparse mid-generation
-    n = max(x.shape[1] for x in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    ids, mask, n = _left_padded(seqs)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         with _decode_kernel_calls() as calls:
@@ -244,11 +251,7 @@ def test_batched_decoding_different_lengths_equals_each_alone():
     model = enable(_llama(), SPARSE.replace(dense_len=130))  # rows turn sparse at different steps (or never)
     model.generation_config.eos_token_id = None  # run every step
     seqs = [_ids(170, seed=3), _ids(120, seed=4), _ids(40, seed=5)]
-    n = max(s.shape[1] for s in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):  # left padding, as generate() wants it
-        ids[i, n - s.shape[1]:], mask[i, n - s.shape[1]:] = s[0], 1
+    ids, mask, n = _left_padded(seqs)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         cache = InfLLMv2Cache()
@@ -295,11 +298,7 @@ def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache(ba
     model = enable(_llama(head_dim=32 if backend == "triton" else 16), config, backend=backend)
     model.generation_config.eos_token_id = None  # run every step
     seqs, steps, max_len = [_ids(160, seed=8), _ids(130, seed=9)], 8, 192
-    n = max(x.shape[1] for x in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), max_len, dtype=torch.long)  # fixed shape: the prompt's slots + all later ones
-    for i, x in enumerate(seqs):
-        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    ids, mask, n = _left_padded(seqs, max_len)  # fixed-shape mask: the prompt's slots + all later ones
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask[:, :n], **{CACHE: InfLLMv2Cache()}, max_new_tokens=steps + 1,
                              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -341,11 +340,7 @@ def test_triton_static_cache_decode_equals_dynamic_cache():
     model.generation_config.eos_token_id = None
     enable(model, SPARSE.replace(dense_len=120), backend="triton")
     seqs = [_ids(140, seed=10), _ids(110, seed=11)]
-    n = max(x.shape[1] for x in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    ids, mask, n = _left_padded(seqs)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         dynamic = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)

@@ -60,6 +60,9 @@ def test_decode_given_compressed_keys_and_scale(lse_approx):
         ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg, scale=0.2)
         torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, out2, rtol=1e-6, atol=1e-6)
+    # fine keys given, coarse ones computed from the cache
+    out3 = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2, k_fine=kf)
+    torch.testing.assert_close(out3, out2, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("given", [False, True])

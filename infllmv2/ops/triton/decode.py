@@ -223,47 +223,34 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
     B = config.block_size
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
-        given = k_fine is not None and (k_coarse is not None or not config.lse_approx)
-        if sparse_possible and given:
-            _check_given(k_fine, batch, k_cache, q)
-            k2g = k_coarse if config.lse_approx else k_fine
-            _check_given(k2g, batch, k_cache, q)
-            ks2, st2 = ((config.coarse_kernel_size, config.coarse_kernel_stride) if config.lse_approx
-                        else (config.kernel_size, config.kernel_stride))
-            # the cached path (generation): the whole layout in one launch
+        if sparse_possible:
+            kinds = [(k_fine, config.kernel_size, config.kernel_stride)]
+            if config.lse_approx:
+                kinds.append((k_coarse, config.coarse_kernel_size, config.coarse_kernel_stride))
+            for given, _, _ in kinds:
+                if given is not None:
+                    _check_given(given, batch, k_cache, q)
+            (_, ks1, st1), (_, ks2, st2) = kinds[0], kinds[-1]
+            rows1, rows2 = (1 if x is None else x.shape[1] for x, _, _ in (kinds[0], kinds[-1]))
+            # the per-sequence layout in one launch (a CUDA-graphed step pays a node per launch): index, 1, 0,
+            # and for given compressed keys their start and count
             meta = torch.empty((7, batch), dtype=torch.int32, device=dev)
-            _decode_meta_kernel[(1,)](lens, meta, batch, meta.stride(0), k_fine.shape[1], k2g.shape[1],
-                                      KS1=config.kernel_size, ST1=config.kernel_stride, KS2=ks2, ST2=st2,
-                                      BLOCK=max(16, _next_pow2(batch)))
-            ar, ones, zeros, s1, n1, s2, n2 = meta.unbind(0)
-            k1 = k_fine.reshape(batch * k_fine.shape[1], hkv, d)
-            k2 = k2g.reshape(batch * k2g.shape[1], hkv, d)
-            idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
-                               tiles=(ar, zeros, batch))
-        elif sparse_possible:
-            ar = torch.arange(batch, device=dev, dtype=torch.int32)
-
-            def compressed(given, kernel, stride):
-                if given is None:
+            _decode_meta_kernel[(1,)](lens, meta, batch, meta.stride(0), rows1, rows2, KS1=ks1, ST1=st1, KS2=ks2,
+                                      ST2=st2, BLOCK=max(16, _next_pow2(batch)))
+            ar, ones, zeros, *starts_counts = meta.unbind(0)
+            keys = []
+            for (given, kernel, stride), start, count in zip(kinds, starts_counts[0::2], starts_counts[1::2]):
+                if given is None:  # compressed from the cache
                     kstart = ar * max_len if cache_leftpad is None else ar * max_len + cache_leftpad
                     c, cs, cn, _ = _compress_core(k_cache.reshape(batch * max_len, hkv, d), kstart, lens, kernel,
                                                   stride)
-                    return c, cs, cn
-                _check_given(given, batch, k_cache, q)
-                mn = given.shape[1]
-                # windows wholly inside each row's keys: (len - kernel) // stride + 1, or 0 if len < kernel
-                n = torch.div((lens - kernel).clamp_min(-stride), stride, rounding_mode="floor") + 1
-                return given.reshape(batch * mn, hkv, d), ar * mn, n.clamp_max(mn).to(torch.int32)
-
-            k1, s1, n1 = compressed(k_fine, config.kernel_size, config.kernel_stride)
-            if config.lse_approx:
-                k2, s2, n2 = compressed(k_coarse, config.coarse_kernel_size, config.coarse_kernel_stride)
-            else:
-                k2, s2, n2 = k1, s1, n1
-            ones = torch.ones(batch, dtype=torch.int32, device=dev)
+                    keys.append((c, cs, cn))
+                else:
+                    keys.append((given.reshape(batch * given.shape[1], hkv, d), start, count))
+            (k1, s1, n1), (k2, s2, n2) = keys[0], keys[-1]
             # one tile per sequence (its single query); no host synchronisation
             idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
-                               tiles=(ar, torch.zeros_like(ar), batch))
+                               tiles=(ar, zeros, batch))
         else:
             idx = torch.full((hkv, batch, config.budget), -1, dtype=torch.int32, device=dev)
 

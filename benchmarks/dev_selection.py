@@ -23,6 +23,7 @@ sys.path.insert(0, ".")
 from infllmv2.config import SparseConfig  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 from infllmv2.ops.triton.decode import infllmv2_decode_triton  # noqa: E402
+from infllmv2.ops.triton import selection as sel_mod  # noqa: E402
 from infllmv2.ops.triton.selection import compress_keys_varlen, select_blocks_triton  # noqa: E402
 
 DEV = "cuda"
@@ -273,18 +274,108 @@ def time_decode(L=131072, batch=8):
     RESULTS["decode_timing"] = out
 
 
+def _graphed(fn):
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(st)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    return gr.replay
+
+
+def _kernel_us(fn, reps=5):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {ev.key[:40]: round(getattr(ev, "device_time_total", 0) / reps, 1)
+            for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
+
+
+@section("tuning: top-k (radix vs bisection) and decode split counts")
+def tune(L=131072, batch=8):
+    out = {}
+    cfg = SparseConfig(dense_len=-1)
+    # prefill selection at 128K: both top-k kernels, identical outputs
+    torch.manual_seed(0)
+    q = torch.randn(L, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(L, 2, 128, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=DEV)
+    f = lambda: select_blocks_triton(q, k, cfg, cu, cu, L, L)  # noqa: E731
+    res = {}
+    for radix in (False, True):
+        sel_mod._TOPK_RADIX = radix
+        res[radix] = f()
+        out[f"prefill_select_ms_radix{int(radix)}"] = triton.testing.do_bench(f, warmup=3, rep=15)
+        out[f"prefill_kernels_ms_radix{int(radix)}"] = {k_: round(v / 1e3, 2) for k_, v in _kernel_us(f, 2).items()}
+    out["prefill_radix_equals_bisection"] = bool((res[False] == res[True]).all().item())
+    del q, k, res
+    # decode at 128K, batch 8, compressed keys given
+    cfg = SparseConfig()
+    hkv, hq, d = 2, 32, 128
+    kc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
+    qd = torch.randn(batch, hq, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.full((batch,), L, dtype=torch.int32, device=DEV)
+    kf = torch.stack([naive.compress_keys(kc[b], 32, 16) for b in range(batch)])
+    kco = torch.stack([naive.compress_keys(kc[b], 128, 64) for b in range(batch)])
+    qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
+    import torch.nn.functional as F
+    dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
+    out["dense_graph_us"] = 1e3 * triton.testing.do_bench(_graphed(dense), warmup=10, rep=50)
+    ref = None
+    table = []
+    for radix in (False, True):
+        for splits in (16, 32, 64):
+            for bps in (None, 4, 3, 2):
+                sel_mod._TOPK_RADIX, sel_mod._DECODE_SPLITS = radix, splits
+                fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco,  # noqa: E731
+                                                    blocks_per_split=bps)
+                try:
+                    o = fn()
+                    if ref is None:
+                        ref = o
+                    same = bool((o == ref).all().item()) or float((o.float() - ref.float()).abs().max())
+                    us = 1e3 * triton.testing.do_bench(_graphed(fn), warmup=10, rep=50)
+                    row = dict(radix=radix, splits=splits, bps=bps, graph_us=round(us, 1), same_as_first=same,
+                               speedup=round(out["dense_graph_us"] / us, 2))
+                    if bps is None:
+                        row["kernels_us"] = _kernel_us(fn)
+                except Exception as e:  # noqa: BLE001
+                    row = dict(radix=radix, splits=splits, bps=bps, error=f"{type(e).__name__}: {str(e)[:300]}")
+                print(json.dumps(row), flush=True)
+                table.append(row)
+    out["decode"] = table
+    sel_mod._TOPK_RADIX, sel_mod._DECODE_SPLITS = True, 16
+    print(f"dense graph {out['dense_graph_us']:.1f} us")
+    print("radix splits bps  us  speedup")
+    for r in table:
+        print(r.get("radix"), r.get("splits"), r.get("bps"), r.get("graph_us"), r.get("speedup"), r.get("error", ""))
+    print({k_: v for k_, v in out.items() if k_ != "decode"})
+    RESULTS["tune"] = out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="only the top-k and decode-split sweep")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if not args.skip_correctness:
-        check_selection()
-        check_decode()
-    time_selection([32768] if args.quick else [32768, 65536, 131072], args.variants)
-    time_decode()
+    if args.tune:
+        tune()
+    else:
+        if not args.skip_correctness:
+            check_selection()
+            check_decode()
+        time_selection([32768] if args.quick else [32768, 65536, 131072], args.variants)
+        time_decode()
     import os
     path = os.path.join(os.environ.get("OUT", "."), "dev_selection.json")
     with open(path, "w") as fh:

@@ -297,7 +297,7 @@ def _kernel_us(fn, reps=5):
             for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
 
 
-@section("tuning: top-k (radix vs bisection) and decode split counts")
+@section("tuning: top-k warps and decode split counts")
 def tune(L=131072, batch=8):
     out = {}
     cfg = SparseConfig(dense_len=-1)
@@ -308,12 +308,13 @@ def tune(L=131072, batch=8):
     cu = torch.tensor([0, L], dtype=torch.int32, device=DEV)
     f = lambda: select_blocks_triton(q, k, cfg, cu, cu, L, L)  # noqa: E731
     res = {}
-    for radix in (False, True):
-        sel_mod._TOPK_RADIX = radix
-        res[radix] = f()
-        out[f"prefill_select_ms_radix{int(radix)}"] = triton.testing.do_bench(f, warmup=3, rep=15)
-        out[f"prefill_kernels_ms_radix{int(radix)}"] = {k_: round(v / 1e3, 2) for k_, v in _kernel_us(f, 2).items()}
-    out["prefill_radix_equals_bisection"] = bool((res[False] == res[True]).all().item())
+    for warps in (None, 8, 16):
+        sel_mod._SELECT_WARPS = warps
+        res[warps] = f()
+        out[f"prefill_select_ms_warps{warps}"] = triton.testing.do_bench(f, warmup=3, rep=15)
+        out[f"prefill_topk_ms_warps{warps}"] = _kernel_us(f, 2).get("_select_kernel", 0) / 1e3
+        out[f"prefill_warps{warps}_same"] = bool((res[None] == res[warps]).all().item())
+    sel_mod._SELECT_WARPS = None
     del q, k, res
     # decode at 128K, batch 8, compressed keys given
     cfg = SparseConfig()
@@ -330,32 +331,36 @@ def tune(L=131072, batch=8):
     out["dense_graph_us"] = 1e3 * triton.testing.do_bench(_graphed(dense), warmup=10, rep=50)
     ref = None
     table = []
-    for radix in (False, True):
-        for splits in (16, 32, 64):
-            for bps in (None, 4, 3, 2):
-                sel_mod._TOPK_RADIX, sel_mod._DECODE_SPLITS = radix, splits
-                fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco,  # noqa: E731
-                                                    blocks_per_split=bps)
-                try:
-                    o = fn()
-                    if ref is None:
-                        ref = o
-                    same = bool((o == ref).all().item()) or float((o.float() - ref.float()).abs().max())
-                    us = 1e3 * triton.testing.do_bench(_graphed(fn), warmup=10, rep=50)
-                    row = dict(radix=radix, splits=splits, bps=bps, graph_us=round(us, 1), same_as_first=same,
-                               speedup=round(out["dense_graph_us"] / us, 2))
-                    if bps is None:
-                        row["kernels_us"] = _kernel_us(fn)
-                except Exception as e:  # noqa: BLE001
-                    row = dict(radix=radix, splits=splits, bps=bps, error=f"{type(e).__name__}: {str(e)[:300]}")
-                print(json.dumps(row), flush=True)
-                table.append(row)
+    import itertools
+    from infllmv2.ops.triton import decode as dec_mod
+    grid = [(None, 16, 6, {})]  # the old default first
+    grid += [(w, 32, None, {}) for w in (None, 8, 16)]
+    grid += [(None, 32, None, dict(transposed=True, num_stages=3))]
+    for warps, splits, bps, opts in grid:
+        sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = warps, splits, opts
+        fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco,  # noqa: E731
+                                            blocks_per_split=bps)
+        try:
+            o = fn()
+            if ref is None:
+                ref = o
+            same = bool((o == ref).all().item()) or float((o.float() - ref.float()).abs().max())
+            us = 1e3 * triton.testing.do_bench(_graphed(fn), warmup=10, rep=50)
+            row = dict(warps=warps, splits=splits, bps=bps, opts=str(opts), graph_us=round(us, 1), same_as_first=same,
+                       speedup=round(out["dense_graph_us"] / us, 2), kernels_us=_kernel_us(fn))
+        except Exception as e:  # noqa: BLE001
+            row = dict(warps=warps, splits=splits, bps=bps, opts=str(opts), error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(json.dumps(row), flush=True)
+        table.append(row)
     out["decode"] = table
-    sel_mod._TOPK_RADIX, sel_mod._DECODE_SPLITS = True, 16
     print(f"dense graph {out['dense_graph_us']:.1f} us")
-    print("radix splits bps  us  speedup")
+    sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = None, 32, {}
+    print("select warps, splits, bps, opts | graph us | speedup | select us | score us | split us")
     for r in table:
-        print(r.get("radix"), r.get("splits"), r.get("bps"), r.get("graph_us"), r.get("speedup"), r.get("error", ""))
+        ku = r.get("kernels_us", {})
+        print(r["warps"], r["splits"], r["bps"], r["opts"], "|", r.get("graph_us"), "|", r.get("speedup"), "|",
+              ku.get("_select_kernel"), "|", ku.get("_score_kernel"), "|", ku.get("_decode_split_kernel"),
+              r.get("error", ""))
     print({k_: v for k_, v in out.items() if k_ != "decode"})
     RESULTS["tune"] = out
 

@@ -126,6 +126,12 @@ def _decode_meta_kernel(lens_ptr, meta_ptr, batch, stride_m, rows1, rows2,
     tl.store(meta_ptr + 6 * stride_m + i, tl.minimum(n2, rows2), mask=m)
 
 
+_DECODE_SELECT_OPTS: dict = {}  # tuning knob: kernel options of the decode selection (dev_selection --tune)
+# stage 2 splits the block list into pieces of this many blocks (H200, 128K, batch 8, 96 blocks: 4 beat 6 by
+# 3 us a call, 3 and 2 were slower; NOTES_selection.md)
+_DECODE_BLOCKS_PER_SPLIT = 4
+
+
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
     if not isinstance(config, SparseConfig):
         raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
@@ -250,7 +256,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             (k1, s1, n1), (k2, s2, n2) = keys[0], keys[-1]
             # one tile per sequence (its single query); no host synchronisation
             idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
-                               tiles=(ar, zeros, batch))
+                               tiles=(ar, zeros, batch), **_DECODE_SELECT_OPTS)
         else:
             idx = torch.full((hkv, batch, config.budget), -1, dtype=torch.int32, device=dev)
 
@@ -259,7 +265,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         if config.dense_len > 0:
             n_ent = max(n_ent, triton.cdiv(min(max_len, config.dense_len - 1), B))
         n_ent = max(n_ent, 1)
-        bps = blocks_per_split or max(1, triton.cdiv(n_ent, 16))
+        bps = blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT, triton.cdiv(n_ent, 64))
         n_split = triton.cdiv(n_ent, bps)
         o_part = torch.empty((batch, hq, n_split, d), dtype=torch.float32, device=dev)
         lse_part = torch.empty((batch, hq, n_split), dtype=torch.float32, device=dev)

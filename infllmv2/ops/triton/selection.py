@@ -39,8 +39,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _WORKSPACE_BYTES = 256 << 20  # fp32 block-score workspace of one chunk of query tiles
 _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in registers
-_TOPK_RADIX = True  # top-k by 8-bit radix passes over one row per program (else a 31-step bisection)
-_DECODE_SPLITS = 16  # decoding: programs per (sequence, KV head) over the compressed keys
+# decoding: programs per (sequence, KV head) over the compressed keys (H200, 128K, batch 8: 32 beat 16 by
+# 3 us a call, 64 gained nothing; NOTES_selection.md)
+_DECODE_SPLITS = 32
+_SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
 
 
 def _next_pow2(x: int) -> int:
@@ -330,7 +332,7 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, RADIX: tl.constexpr):
+                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
@@ -353,31 +355,11 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     need = tl.minimum(budget - n_forced, n_cand)
     # per row, the largest thr with count(key >= thr) >= need: the need-th largest key (scores >= 0,
     # so their fp32 bit patterns order like the values)
-    if RADIX:
-        # one row: four 8-bit radix passes, each a 256-bin histogram of the next digit among the keys
-        # that share the digits found so far (4 passes instead of 31 full-row counts)
-        key1 = tl.reshape(key, (BLOCK_NB,))
-        rem = tl.maximum(tl.sum(need), 1)
-        thr1 = tl.zeros((), tl.int32)
-        bins = tl.arange(0, 256)
-        for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
-            if p == 0:
-                match = key1 >= 0
-            else:
-                match = (key1 >= 0) & ((key1 >> (shift + 8)) == (thr1 >> (shift + 8)))
-            hist = tl.histogram((key1 >> shift) & 255, 256, mask=match)
-            ge = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # matching keys with digit >= bin
-            dsel = tl.max(tl.where(ge >= rem, bins, 0))
-            rem -= tl.sum(tl.where(bins > dsel, hist, 0))
-            thr1 = thr1 | (dsel << shift)
-        thr = tl.zeros((SEL_T,), tl.int32) + thr1
-    else:
-        thr = tl.zeros((SEL_T,), tl.int32)
-        for bit in tl.static_range(30, -1, -1):
-            c = thr | (1 << bit)
-            cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
-            thr = tl.where(cnt >= need, c, thr)
+    thr = tl.zeros((SEL_T,), tl.int32)
+    for bit in tl.static_range(30, -1, -1):
+        c = thr | (1 << bit)
+        cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
+        thr = tl.where(cnt >= need, c, thr)
     gt = key > thr[:, None]
     need_eq = need - tl.sum(gt.to(tl.int32), 1)
     eq = key == thr[:, None]
@@ -463,7 +445,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     qk_scale = float(scale) * _LOG2E
 
     # 1) log-sum-exp partials
-    if decode:  # split the keys of each sequence over up to 16 programs
+    if decode:  # split the keys of each sequence over up to _DECODE_SPLITS programs
         n2max = triton.cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
         kps = triton.cdiv(triton.cdiv(n2max, _DECODE_SPLITS), BLOCK_N) * BLOCK_N
         n_lse = triton.cdiv(n2max, kps)
@@ -493,7 +475,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
     # rows per select program: keep a (rows, BLOCK_NB) tile at <= 4096 elements (registers)
-    sel_t = 1 if _TOPK_RADIX else max(1, min(BLOCK_T, 4096 // BLOCK_NB))
+    sel_t = max(1, min(BLOCK_T, 4096 // BLOCK_NB))
     ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
     for c0 in range(0, n_tiles, tpc):
         nt = min(tpc, n_tiles - c0)
@@ -508,8 +490,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=BLOCK_NB, BUDGET_P=_next_pow2(budget), BS=B,
-            LOCAL=config.local_blocks, INIT=config.init_blocks, RADIX=sel_t == 1,
-            **({} if _INTERPRET else dict(num_warps=4 if BLOCK_NB <= 4096 else 8)))
+            LOCAL=config.local_blocks, INIT=config.init_blocks,
+            **({} if _INTERPRET else dict(num_warps=_SELECT_WARPS or (4 if BLOCK_NB <= 4096 else 8))))
     return out
 
 

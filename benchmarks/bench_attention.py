@@ -368,6 +368,7 @@ def main():
     p.add_argument("--decode-only", action="store_true", help="only the decode step at the longest length")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/results"))
     args = p.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
     t0 = time.time()

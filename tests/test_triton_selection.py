@@ -96,6 +96,22 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
         _structure(gi, lens_k[i], cfg)
 
 
+def test_select_fp32_exact_in_small_chunks(monkeypatch):
+    """Many workspace chunks: each chunk's top-k row is only as wide as its queries' key blocks (bounded
+    by the tile index and the longest key prefix), which must not cut off a sequence whose queries
+    start late in its keys."""
+    from infllmv2.ops.triton import selection
+    monkeypatch.setattr(selection, "_WORKSPACE_BYTES", 2 * 4 * 4 * 20)  # 4 tiles x 4 tokens x 20 blocks x Hkv 2
+    cfg = SparseConfig(**SMALL)
+    lens_k = [130, 300, 7, 260]
+    lens_q = [130, 20, 7, 64]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 4, 2, 16, torch.float32, seed=3)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k), block_m=16)
+    for i in range(len(lens_k)):
+        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 16 ** -0.5)
+        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
+
+
 def test_select_default_pooling_geometry():
     """kernel 32 / stride 16 / block 64 (windows 4b-1 .. 4b+3), two init blocks, scale given."""
     cfg = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, window_size=64, topk=4, init_blocks=2,

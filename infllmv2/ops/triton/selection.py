@@ -418,22 +418,21 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     BLOCK_D = max(16, _next_pow2(d))
     to_f32 = _INTERPRET or q.dtype == torch.float32
     prec = "ieee" if to_f32 else "tf32"
-    nw = num_warps or (4 if decode else 8)
-    ns = num_stages or (2 if decode else 3)
-    # measured on an H200 at 64K/128K (NOTES_selection.md): windows-on-rows (transposed) tiles with
-    # 128 rows (8 tokens x 16 heads), 64 windows, 4 warps are the fastest prefill variant
-    trans = bool(transposed) if transposed is not None else not decode
-    if num_warps is None and trans:
-        nw = 4
+    # measured on an H200 (NOTES_selection.md): windows-on-rows (transposed) tiles, 4 warps, 3 stages are
+    # the fastest variant for prefill (128 rows = 8 tokens x 16 heads, 64 windows) and for decoding
+    trans = True if transposed is None else bool(transposed)
+    nw = num_warps or (4 if trans else 8)
+    ns = num_stages or 3
     kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
 
     # query tiles (never across sequences)
+    max_prefix = max_seqlen_k  # keys before each sequence's first query: no bound known
     if tiles is not None:
         tile_seq, tile_off, n_tiles = tiles
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        n_tiles = int(tptr[-1].item())
+        n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
         if n_tiles == 0:
             return out
         tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
@@ -474,11 +473,15 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
-    # rows per select program: keep a (rows, BLOCK_NB) tile at <= 4096 elements (registers)
-    sel_t = max(1, min(BLOCK_T, 4096 // BLOCK_NB))
     ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
     for c0 in range(0, n_tiles, tpc):
         nt = min(tpc, n_tiles - c0)
+        # the chunk's queries see key blocks up to its last key position (a tile's token offset in its
+        # sequence is at most its global index x BLOCK_T), so early chunks get a narrower top-k row
+        kpos_max = min(max_seqlen_k, max_prefix + (c0 + nt) * BLOCK_T) - 1
+        nb_c = min(BLOCK_NB, _next_pow2(kpos_max // B + 1))
+        # rows per select program: keep a (rows, nb_c) tile at <= 4096 elements (registers)
+        sel_t = max(1, min(BLOCK_T, 4096 // nb_c))
         _score_kernel[(nt, hkv, n_split)](
             q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
             q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
@@ -489,9 +492,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
-            BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=BLOCK_NB, BUDGET_P=_next_pow2(budget), BS=B,
+            BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks,
-            **({} if _INTERPRET else dict(num_warps=_SELECT_WARPS or (4 if BLOCK_NB <= 4096 else 8))))
+            **({} if _INTERPRET else dict(num_warps=_SELECT_WARPS or (4 if nb_c <= 4096 else 8))))
     return out
 
 

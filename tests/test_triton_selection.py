@@ -96,6 +96,17 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
         _structure(gi, lens_k[i], cfg)
 
 
+@pytest.mark.parametrize("lse_approx", [True, False])
+def test_select_fp32_exact_long_rows(lse_approx):
+    """Rows long enough that most key tiles are visible to every token of a query tile (the kernels skip
+    the per-row visibility mask there, for the coarse and the fine keys)."""
+    cfg = SparseConfig(lse_approx=lse_approx, **SMALL)
+    lens_k, lens_q = [1300], [300]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 2, 1, 16, torch.float32, seed=11)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, 300, 1300)
+    assert torch.equal(got, naive.select_blocks(q, k, cfg, 16 ** -0.5))
+
+
 def test_select_fp32_exact_in_small_chunks(monkeypatch):
     """Many workspace chunks: each chunk's top-k row is only as wide as its queries' key blocks (bounded
     by the tile index and the longest key prefix), which must not cut off a sequence whose queries

@@ -159,27 +159,41 @@ def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
 
 
 @triton.jit
-def _online_lse(q, k_ptr, stride_kt, c_start, j_lo, j_hi, t, qk_scale, offs_d, dmask,
+def _online_lse(q, k_ptr, stride_kt, c_start, j_lo, j_hi, j_all, t, qk_scale, offs_d, dmask,
                 KS: tl.constexpr, ST: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
                 TO_F32: tl.constexpr, PREC: tl.constexpr):
-    """Online (max, sum) in base 2 of qk_scale * q . K[j] over visible j in [j_lo, j_hi)."""
+    """Online (max, sum) in base 2 of qk_scale * q . K[j] over visible j in [j_lo, j_hi); keys below j_all
+    are visible to every row (no mask there)."""
     m = tl.full((M,), float("-inf"), tl.float32)
     s_acc = tl.zeros((M,), tl.float32)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jm = j < j_hi
-        kt = tl.load(k_ptr + (c_start + j).to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
-                     mask=jm[None, :] & dmask[:, None], other=0.0)
-        if TO_F32:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    j_mid = tl.minimum(tl.maximum(j_lo + (j_all - j_lo) // BLOCK_N * BLOCK_N, j_lo), j_hi)
+    for j0 in range(j_lo, j_mid, BLOCK_N):
+        m, s_acc = _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
+                             KS, ST, BLOCK_N, TO_F32, PREC, False)
+    for j0 in range(j_mid, j_hi, BLOCK_N):
+        m, s_acc = _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
+                             KS, ST, BLOCK_N, TO_F32, PREC, True)
+    return m, s_acc
+
+
+@triton.jit
+def _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
+              KS: tl.constexpr, ST: tl.constexpr, BLOCK_N: tl.constexpr, TO_F32: tl.constexpr,
+              PREC: tl.constexpr, MASKED: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_N)
+    jm = j < j_hi
+    kt = tl.load(k_ptr + (c_start + j).to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
+                 mask=jm[None, :] & dmask[:, None], other=0.0)
+    if TO_F32:
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    if MASKED:
         vis = (j[None, :] * ST + KS <= t[:, None] + 1) & jm[None, :]
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
-    return m, s_acc
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+    return m_new, s_acc
 
 
 @triton.jit
@@ -201,20 +215,22 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
     c1s = tl.load(c1_start_ptr + seq)
     c1n = tl.load(c1_len_ptr + seq)
-    # fine keys visible to the last token of the tile
+    # fine keys visible to the last token of the tile, and to all its tokens
     n1vis = tl.minimum(c1n, tl.where(t_max + 1 >= KS1, (t_max + 1 - KS1) // ST1 + 1, 0))
+    n1all = tl.minimum(c1n, tl.where(t_min + 1 >= KS1, (t_min + 1 - KS1) // ST1 + 1, 0))
     if LSE_APPROX:
         c2s = tl.load(c2_start_ptr + seq)
         c2n = tl.load(c2_len_ptr + seq)
         n2vis = tl.minimum(c2n, tl.where(t_max + 1 >= KS2, (t_max + 1 - KS2) // ST2 + 1, 0))
+        n2all = tl.minimum(c2n, tl.where(t_min + 1 >= KS2, (t_min + 1 - KS2) // ST2 + 1, 0))
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n2vis)
-        m, s = _online_lse(q, k2_ptr + h * stride_k2h, stride_k2t, c2s, lo, hi, t, qk_scale, offs_d, dmask,
-                           KS2, ST2, M, BLOCK_N, TO_F32, PREC)
+        m, s = _online_lse(q, k2_ptr + h * stride_k2h, stride_k2t, c2s, lo, hi, n2all, t, qk_scale, offs_d,
+                           dmask, KS2, ST2, M, BLOCK_N, TO_F32, PREC)
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
         if (t_min + 1 < KS2) & (split == 0):
             # rows that see no coarse key yet: exact over their fine keys
-            m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, t, qk_scale, offs_d,
+            m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, n1all, t, qk_scale, offs_d,
                                  dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
             part1 = tl.where(s1 > 0, m1 + tl.log2(tl.where(s1 > 0, s1, 1.0)), float("-inf"))
             part = tl.where(t + 1 < KS2, part1, part)
@@ -223,7 +239,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     else:
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n1vis)
-        m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, t, qk_scale, offs_d, dmask,
+        m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, n1all, t, qk_scale, offs_d, dmask,
                            KS1, ST1, M, BLOCK_N, TO_F32, PREC)
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
@@ -245,7 +261,6 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
     split = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
-    NBT: tl.constexpr = BLOCK_N // R
     seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
         stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
@@ -271,61 +286,93 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
         tok_t = tl.arange(0, BLOCK_T)
         tvalid = (tl.load(tile_off_ptr + tile) + tok_t) < tl.load(q_len_ptr + seq)
         slot = lt * BLOCK_T + tok_t
-        col = tl.arange(0, NBT)
-        pos_r = tl.arange(0, R)
-        tail_sel = pos_r >= R - (L - 1)
-        shift_idx = tl.maximum(col - 1, 0)[None, :] + tl.zeros((BLOCK_T, NBT), tl.int32)
         carry = tl.zeros((BLOCK_T,), tl.float32)
         kbase = k1_ptr + h * stride_k1h
+        wsbase = ws_ptr + h * stride_wh
         j_first = tl.maximum(j_start - BLOCK_N, 0)  # one tile of overlap gives the pooling carry
+        # windows every row of the tile sees (the rows' visibility mask is then all true, as for all but
+        # the last tiles of a row: the local window is never scored); padding rows get lse = +inf, so p = 0
+        n_all = tl.minimum(c1n, tl.where(t_min + 1 >= KS1, (t_min + 1 - KS1) // ST1 + 1, 0))
+        j_mid = tl.minimum(tl.maximum(j_first + (n_all - j_first) // BLOCK_N * BLOCK_N, j_first), j_end)
+        lse_rows = tl.where(rvalid, lse, float("inf"))
         if TRANS:
-            qT = tl.trans(q)  # (D, M)
+            q = tl.trans(q)  # (D, M): the dot's right operand
+        for j0 in range(j_first, j_mid, BLOCK_N):
+            carry = _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rvalid, lse_rows,
+                                       qk_scale, offs_d, dmask, carry, wsbase, stride_wr, slot, tvalid,
+                                       GP, BLOCK_T, BLOCK_N, KS1, ST1, R, L, TO_F32, PREC, TRANS, False)
+        for j0 in range(j_mid, j_end, BLOCK_N):
+            carry = _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rvalid, lse_rows,
+                                       qk_scale, offs_d, dmask, carry, wsbase, stride_wr, slot, tvalid,
+                                       GP, BLOCK_T, BLOCK_N, KS1, ST1, R, L, TO_F32, PREC, TRANS, True)
+
+
+@triton.jit
+def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rvalid, lse_rows, qk_scale,
+                       offs_d, dmask, carry, wsbase, stride_wr, slot, tvalid,
+                       GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KS1: tl.constexpr,
+                       ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr, TO_F32: tl.constexpr,
+                       PREC: tl.constexpr, TRANS: tl.constexpr, MASKED: tl.constexpr):
+    """Windows [j0, j0 + BLOCK_N) of one tile (q is (D, M) when TRANS, else (M, D)): probabilities, group sum, max pooling onto blocks (with the
+    previous tile's tail in ``carry``), stored to the workspace; returns the new carry. MASKED applies the
+    per-row visibility of each window (only the last tiles of a row need it)."""
+    NBT: tl.constexpr = BLOCK_N // R
+    col = tl.arange(0, NBT)
+    pos_r = tl.arange(0, R)
+    tail_sel = pos_r >= R - (L - 1)
+    j = j0 + tl.arange(0, BLOCK_N)
+    jm = j < c1n
+    b = j0 // R + col
+    bmask = (b < nb_ws) & (b * R >= j_start)
+    if TRANS:
+        # windows on the rows: logits^T = K (N, D) @ q^T (D, M); the group sum is along columns
+        kn = tl.load(kbase + (c1s + j).to(tl.int64)[:, None] * stride_k1t + offs_d[None, :],
+                     mask=jm[:, None] & dmask[None, :], other=0.0)
+        if TO_F32:
+            kn = kn.to(tl.float32)
+        st = tl.dot(kn, q, input_precision=PREC) * qk_scale
+        if MASKED:
+            vis = (j[:, None] * ST1 + KS1 <= t[None, :] + 1) & jm[:, None] & rvalid[None, :]
+            p = tl.where(vis, tl.exp2(st - lse_rows[None, :]), 0.0)
+        else:
+            p = tl.exp2(st - lse_rows[None, :])
+        sg = tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_T, GP)), 2)  # (BLOCK_N, BLOCK_T)
+        s3 = tl.reshape(sg, (NBT, R, BLOCK_T))
+        pooled = tl.max(s3, 1)  # (NBT, BLOCK_T)
+        if L > 1:
+            tail = tl.max(tl.where(tail_sel[None, :, None], s3, 0.0), 1)
             shift_idx_t = tl.maximum(col - 1, 0)[:, None] + tl.zeros((NBT, BLOCK_T), tl.int32)
-        for j0 in range(j_first, j_end, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            jm = j < c1n
-            b = j0 // R + col
-            bmask = (b < nb_ws) & (b * R >= j_start)
-            if TRANS:
-                # windows on the rows: logits^T = K (N, D) @ q^T (D, M); the group sum is along columns
-                kn = tl.load(kbase + (c1s + j).to(tl.int64)[:, None] * stride_k1t + offs_d[None, :],
-                             mask=jm[:, None] & dmask[None, :], other=0.0)
-                if TO_F32:
-                    kn = kn.to(tl.float32)
-                st = tl.dot(kn, qT, input_precision=PREC) * qk_scale
-                vis = (j[:, None] * ST1 + KS1 <= t[None, :] + 1) & jm[:, None] & rvalid[None, :]
-                p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-                sg = tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_T, GP)), 2)  # (BLOCK_N, BLOCK_T)
-                s3 = tl.reshape(sg, (NBT, R, BLOCK_T))
-                pooled = tl.max(s3, 1)  # (NBT, BLOCK_T)
-                if L > 1:
-                    tail = tl.max(tl.where(tail_sel[None, :, None], s3, 0.0), 1)
-                    prev = tl.gather(tail, shift_idx_t, 0)
-                    prev = tl.where(col[:, None] == 0, carry[None, :], prev)
-                    pooled = tl.maximum(pooled, prev)
-                    carry = tl.max(tl.where(col[:, None] == NBT - 1, tail, 0.0), 0)
-                tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[None, :] * stride_wr + b[:, None], pooled,
-                         mask=tvalid[None, :] & bmask[:, None])
-            else:
-                kt = tl.load(kbase + (c1s + j).to(tl.int64)[None, :] * stride_k1t + offs_d[:, None],
-                             mask=jm[None, :] & dmask[:, None], other=0.0)
-                if TO_F32:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-                vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
-                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                sg = tl.sum(tl.reshape(p, (BLOCK_T, GP, BLOCK_N)), 1)  # group sum: (BLOCK_T, BLOCK_N)
-                s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
-                pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
-                if L > 1:
-                    # windows [bR - L + 1, bR) = the tail of the previous block's R windows
-                    tail = tl.max(tl.where(tail_sel[None, None, :], s3, 0.0), 2)
-                    prev = tl.gather(tail, shift_idx, 1)
-                    prev = tl.where(col[None, :] == 0, carry[:, None], prev)
-                    pooled = tl.maximum(pooled, prev)
-                    carry = tl.max(tl.where(col[None, :] == NBT - 1, tail, 0.0), 1)
-                tl.store(ws_ptr + h * stride_wh + slot.to(tl.int64)[:, None] * stride_wr + b[None, :], pooled,
-                         mask=tvalid[:, None] & bmask[None, :])
+            prev = tl.gather(tail, shift_idx_t, 0)
+            prev = tl.where(col[:, None] == 0, carry[None, :], prev)
+            pooled = tl.maximum(pooled, prev)
+            carry = tl.max(tl.where(col[:, None] == NBT - 1, tail, 0.0), 0)
+        tl.store(wsbase + slot.to(tl.int64)[None, :] * stride_wr + b[:, None], pooled,
+                 mask=tvalid[None, :] & bmask[:, None])
+    else:
+        kt = tl.load(kbase + (c1s + j).to(tl.int64)[None, :] * stride_k1t + offs_d[:, None],
+                     mask=jm[None, :] & dmask[:, None], other=0.0)
+        if TO_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if MASKED:
+            vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
+            p = tl.where(vis, tl.exp2(s - lse_rows[:, None]), 0.0)
+        else:
+            p = tl.exp2(s - lse_rows[:, None])
+        sg = tl.sum(tl.reshape(p, (BLOCK_T, GP, BLOCK_N)), 1)  # group sum: (BLOCK_T, BLOCK_N)
+        s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
+        pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
+        if L > 1:
+            # windows [bR - L + 1, bR) = the tail of the previous block's R windows
+            tail = tl.max(tl.where(tail_sel[None, None, :], s3, 0.0), 2)
+            shift_idx = tl.maximum(col - 1, 0)[None, :] + tl.zeros((BLOCK_T, NBT), tl.int32)
+            prev = tl.gather(tail, shift_idx, 1)
+            prev = tl.where(col[None, :] == 0, carry[:, None], prev)
+            pooled = tl.maximum(pooled, prev)
+            carry = tl.max(tl.where(col[None, :] == NBT - 1, tail, 0.0), 1)
+        tl.store(wsbase + slot.to(tl.int64)[:, None] * stride_wr + b[None, :], pooled,
+                 mask=tvalid[:, None] & bmask[None, :])
+    return carry
 
 
 @triton.jit

@@ -98,8 +98,8 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
 
 @pytest.mark.parametrize("lse_approx", [True, False])
 def test_select_fp32_exact_long_rows(lse_approx):
-    """Rows long enough that most key tiles are visible to every token of a query tile (the kernels skip
-    the per-row visibility mask there, for the coarse and the fine keys)."""
+    """Rows long enough that most key tiles are visible to every token of a query tile (the LSE kernel
+    skips the per-row visibility mask there: coarse keys with lse_approx, fine keys without)."""
     cfg = SparseConfig(lse_approx=lse_approx, **SMALL)
     lens_k, lens_q = [1300], [300]
     q, k, cuq, cuk = _pack(lens_q, lens_k, 2, 1, 16, torch.float32, seed=11)

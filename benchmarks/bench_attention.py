@@ -292,24 +292,26 @@ def ratio(rows, num, den, **match):
     return None if a is None or b is None else b / a
 
 
-def write_outputs(rows, errors, args):
-    import triton
-    os.makedirs(args.out_dir, exist_ok=True)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat(), "command": "python3 benchmarks/bench_attention.py " + " ".join(
-               sys.argv[1:]), "rows": rows, "errors": errors}
-    with open(os.path.join(args.out_dir, "attention_h200.json"), "w") as f:
+def write_outputs(res, out_dir):
+    """attention_h200.{json,md,png} in out_dir from a result dict (gpu, torch, triton, date, command(s), rows,
+    errors)."""
+    rows, errors = res["rows"], res["errors"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention_h200.json"), "w") as f:
         json.dump(res, f, indent=1)
+    cmds = res["command"] if isinstance(res["command"], list) else [res["command"]]
     lines = [f"# Attention benchmark ({res['gpu']}, torch {res['torch']}, triton {res['triton']}, {res['date']})", "",
-             f"Command: `{res['command']}`", "", "| path | n | Hq/Hkv/d | blocks | pattern | ms | peak extra MiB | overlap |",
+             "Command: " + "; ".join(f"`{c}`" for c in cmds), "",
+             "| path | n | Hq/Hkv/d | blocks | pattern | ms | peak extra MiB | overlap |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         pk = "" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.0f}"
         ov = r.get("overlap") or ""
         if ov:
             ov = f"J={ov['next_token_jaccard']}, U16={ov['union16_over_budget']}x"
-        lines.append(f"| {r['path']} | {r['n']} | {r['hq']}/{r['hkv']}/{r['d']} | {r.get('visible_blocks') or ''} | "
-                     f"{r.get('pattern') or ''} | {r['ms']:.2f} | {pk} | {ov} |")
+        path = r["path"] + (f" ({r['mode']})" if r.get("mode") else "")
+        lines.append(f"| {path} | {r['n']} | {r['hq']}/{r['hkv']}/{r['d']} | {r.get('visible_blocks') or ''} | "
+                     f"{r.get('pattern') or ''} | {r['ms']:.{3 if r['ms'] < 1 else 2}f} | {pk} | {ov} |")
     lines += ["", "## Ratios (speed-up = baseline ms / ours ms, same run)", "",
               "| ratio | n | pattern | value |", "| --- | --- | --- | --- |"]
     for n in sorted({r["n"] for r in rows}):
@@ -328,9 +330,15 @@ def write_outputs(rows, errors, args):
                 if a and bb:
                     val = bb[0]["ms"] / a[0]["ms"]
                     lines.append(f"| {label} | {n} | {pat} | {val:.2f}x |")
+    for mode in ("eager", "cuda_graph"):  # one decode step, batch 8
+        a = [r for r in rows if r["path"] == "decode_step" and r.get("mode") == mode]
+        bb = [r for r in rows if r["path"] == "dense_decode_step" and r.get("mode") == mode]
+        if a and bb:
+            lines.append(f"| decode step vs dense SDPA decode, batch {a[0]['batch']}, {mode} | {a[0]['n']} | "
+                         f"{a[0]['pattern']} | {bb[0]['ms'] / a[0]['ms']:.2f}x |")
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
-    with open(os.path.join(args.out_dir, "attention_h200.md"), "w") as f:
+    with open(os.path.join(out_dir, "attention_h200.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -351,7 +359,7 @@ def write_outputs(rows, errors, args):
             ax.set_title(f"Hq=32 Hkv=2 d=128 bf16, 96 blocks, {pat} pattern")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(args.out_dir, "attention_h200.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, "attention_h200.png"), dpi=110)
     except Exception as e:  # the plot is optional, the numbers are not
         print("plot failed:", e)
     print("\n".join(lines[4:]))
@@ -367,13 +375,27 @@ def main():
     p.add_argument("--flash-bwd-max", type=int, default=131072, help="longest length for flash fwd+bwd")
     p.add_argument("--decode-only", action="store_true", help="only the decode step at the longest length")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="no GPU: rewrite json/md/png in --out-dir from earlier attention_h200.json files (several "
+                        "are merged, e.g. a full run and a --decode-only run)")
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.replot:
+        parts = [json.load(open(f)) for f in args.replot]
+        res = dict(parts[0], command=[c for r in parts for c in (r["command"] if isinstance(r["command"], list)
+                                                                  else [r["command"]])],
+                   rows=[row for r in parts for row in r["rows"]], errors=[e for r in parts for e in r["errors"]])
+        write_outputs(res, args.out_dir)
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
+    import triton
     t0 = time.time()
     rows, errors = run(args)
-    write_outputs(rows, errors, args)
+    write_outputs({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "date": datetime.date.today().isoformat(),
+                   "command": "python3 benchmarks/bench_attention.py " + " ".join(sys.argv[1:]),
+                   "rows": rows, "errors": errors}, args.out_dir)
     print(f"total {time.time() - t0:.0f} s")
 
 

@@ -271,6 +271,10 @@ def test_static_cache_generate_equals_dynamic_cache():
     with torch.no_grad():
         dynamic = model.generate(prompt, **kw)
         static = model.generate(prompt, cache_implementation="static", **kw)
+    # generate()'s own caches become InfLLM-V2's (compressed keys kept, not re-pooled at every step)
+    assert type(dynamic.past_key_values).__name__ == "InfLLMv2Cache"
+    assert type(static.past_key_values).__name__ == "InfLLMv2StaticCache"
+    assert static.past_key_values.get_max_length() == 150 + 6 - 1  # what generate() sized its StaticCache to
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.logits, static.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

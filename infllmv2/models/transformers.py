@@ -453,10 +453,11 @@ def enable(model, config=None, *, backend: str = "auto"):
 
 
 def _generate_with_infllmv2_cache(model) -> None:
-    """Make ``generate()`` default to an ``InfLLMv2Cache`` (compressed keys kept, not re-pooled each step).
+    """Make ``generate()`` use InfLLM-V2's caches (compressed keys kept, not re-pooled each step).
 
-    Only the cache generate() would create itself (a plain DynamicCache) is replaced; a cache the user
-    passes, or another ``cache_implementation``, is left alone. ``disable()`` undoes it.
+    Only a cache generate() creates itself is replaced: a plain DynamicCache by an ``InfLLMv2Cache``, and
+    ``cache_implementation="static"``'s StaticCache by an ``InfLLMv2StaticCache`` of the same length. A cache
+    the user passes, or another ``cache_implementation``, is left alone. ``disable()`` undoes it.
     """
     if hasattr(type(model), "_prepare_cache_for_generation"):  # else: users pass cache=InfLLMv2Cache()
         model._prepare_cache_for_generation = _PrepareInfLLMv2Cache(model)
@@ -472,13 +473,21 @@ class _PrepareInfLLMv2Cache:
         user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
         result = type(self.model)._prepare_cache_for_generation(self.model, generation_config, model_kwargs, *args,
                                                                 **kwargs)
-        if not user_cache and generation_config.cache_implementation in (None, "dynamic"):
-            from transformers import DynamicCache
+        if user_cache:
+            return result
+        from transformers import DynamicCache, StaticCache
+        from transformers.cache_utils import StaticLayer
 
-            from ..cache import InfLLMv2Cache
-            for name in ("cache", "past_key_values"):
-                if type(model_kwargs.get(name)) is DynamicCache:
-                    model_kwargs[name] = InfLLMv2Cache()
+        from ..cache import InfLLMv2Cache, InfLLMv2StaticCache
+        for name in ("cache", "past_key_values"):
+            made = model_kwargs.get(name)
+            if type(made) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
+                model_kwargs[name] = InfLLMv2Cache()
+            # full-attention layers only (no sliding ones), and not already initialised (chunked prefill does)
+            elif (type(made) is StaticCache and not made.is_initialized
+                  and all(type(layer) is StaticLayer for layer in made.layers)):
+                model_kwargs[name] = InfLLMv2StaticCache(config=self.model.config.get_text_config(decoder=True),
+                                                         max_cache_len=made.get_max_length())
         return result
 
 

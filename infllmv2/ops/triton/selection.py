@@ -230,8 +230,8 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
         if (t_min + 1 < KS2) & (split == 0):
             # rows that see no coarse key yet: exact over their fine keys
-            m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, n1all, t, qk_scale, offs_d,
-                                 dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
+            m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, n1all, t, qk_scale,
+                                 offs_d, dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
             part1 = tl.where(s1 > 0, m1 + tl.log2(tl.where(s1 > 0, s1, 1.0)), float("-inf"))
             part = tl.where(t + 1 < KS2, part1, part)
         else:
@@ -239,8 +239,8 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     else:
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n1vis)
-        m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, n1all, t, qk_scale, offs_d, dmask,
-                           KS1, ST1, M, BLOCK_N, TO_F32, PREC)
+        m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, n1all, t, qk_scale, offs_d,
+                           dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
@@ -307,8 +307,9 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
                        GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KS1: tl.constexpr,
                        ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr, TO_F32: tl.constexpr,
                        PREC: tl.constexpr, TRANS: tl.constexpr):
-    """Windows [j0, j0 + BLOCK_N) of one tile (q is (D, M) when TRANS, else (M, D)): probabilities, group sum, max pooling onto blocks (with the
-    previous tile's tail in ``carry``), stored to the workspace; returns the new carry."""
+    """Windows [j0, j0 + BLOCK_N) of one tile (q is (D, M) when TRANS, else (M, D)): probabilities, group
+    sum, max pooling onto blocks (with the previous tile's tail in ``carry``), stored to the workspace;
+    returns the new carry."""
     NBT: tl.constexpr = BLOCK_N // R
     col = tl.arange(0, NBT)
     pos_r = tl.arange(0, R)

@@ -216,6 +216,13 @@ def _max_len(offs) -> int:
     return max([b - a for a, b in zip(offs, offs[1:])], default=0)
 
 
+def expand_kv_heads(k, v, hq: int):
+    """(b, Hkv, n, d) keys/values repeated to ``hq`` heads, for SDPA calls with an ``attn_mask``: with a mask,
+    ``enable_gqa=True`` sends CUDA to the math backend, which materialises fp32 scores (b, Hq, nq, nk)."""
+    g = hq // k.shape[1]
+    return (k, v) if g == 1 else (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1))
+
+
 def dense_attention_sdpa(q, k, v, scale):
     """Dense causal attention of one batch of equal-length sequences through SDPA.
 
@@ -230,7 +237,7 @@ def dense_attention_sdpa(q, k, v, scale):
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
     else:  # bottom-right aligned causal mask (SDPA's is_causal is top-left aligned)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qt, *expand_kv_heads(kt, vt, q.shape[2]), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 

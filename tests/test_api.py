@@ -222,3 +222,30 @@ def test_custom_op_config_round_trip():
     cfg = SparseConfig(block_size=32, kernel_size=16, kernel_stride=8, init_blocks=2, window_size=96, topk=5,
                        dense_len=300, lse_approx=False, use_nope=True)
     assert SparseConfig(*config_args(cfg)) == cfg
+
+
+def test_masked_sdpa_calls_never_ask_for_gqa(monkeypatch):
+    """With an attn_mask, SDPA's enable_gqa=True runs CUDA's math backend (fp32 scores of size Hq x nq x nk);
+    the dense path of a chunk against a longer cache and NSA's compression branch repeat the KV heads
+    instead, with the same result."""
+    import torch.nn.functional as F
+
+    from infllmv2.attention import dense_attention_sdpa
+    from infllmv2.train import build_model, convert_to_nsa
+
+    real = F.scaled_dot_product_attention
+    calls = []
+
+    def spy(*args, attn_mask=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa))
+        return real(*args, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = rand_qkv(40, 6, 2, 16)  # 40 queries, the last of 40 keys: take the last 15 queries
+    out = dense_attention_sdpa(q[None, 25:], k[None], v[None], 0.25)[0]
+    torch.testing.assert_close(out, naive.dense_attention(q[25:], k, v, 0.25)[0])
+    torch.manual_seed(0)
+    model = convert_to_nsa(build_model("tiny", max_position=256).eval(), SMALL, backend="torch")
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 120)))
+    assert (True, False) in calls and (True, True) not in calls

@@ -301,7 +301,7 @@ def _kernel_us(fn, reps=5):
 def tune(L=131072, batch=8):
     out = {}
     cfg = SparseConfig(dense_len=-1)
-    # prefill selection at 128K: both top-k kernels, identical outputs
+    # prefill selection at 128K: top-k kernel warps (identical outputs)
     torch.manual_seed(0)
     q = torch.randn(L, 32, 128, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(L, 2, 128, device=DEV, dtype=torch.bfloat16)
@@ -331,11 +331,11 @@ def tune(L=131072, batch=8):
     out["dense_graph_us"] = 1e3 * triton.testing.do_bench(_graphed(dense), warmup=10, rep=50)
     ref = None
     table = []
-    import itertools
     from infllmv2.ops.triton import decode as dec_mod
-    grid = [(None, 16, 6, {})]  # the old default first
-    grid += [(w, 32, None, {}) for w in (None, 8, 16)]
-    grid += [(None, 32, None, dict(transposed=True, num_stages=3))]
+    defaults = sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS
+    old_scoring = dict(transposed=False, num_stages=2)  # the decode scoring tiles before the fourth session
+    grid = [(None, 16, 6, old_scoring), (None, 32, None, old_scoring)]  # the old defaults first
+    grid += [(w, 32, None, {}) for w in (None, 8, 16)]  # {}: today's defaults
     for warps, splits, bps, opts in grid:
         sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = warps, splits, opts
         fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco,  # noqa: E731
@@ -354,7 +354,7 @@ def tune(L=131072, batch=8):
         table.append(row)
     out["decode"] = table
     print(f"dense graph {out['dense_graph_us']:.1f} us")
-    sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = None, 32, {}
+    sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = defaults
     print("select warps, splits, bps, opts | graph us | speedup | select us | score us | split us")
     for r in table:
         ku = r.get("kernels_us", {})

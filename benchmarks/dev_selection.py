@@ -333,7 +333,7 @@ def tune(L=131072, batch=8):
     table = []
     from infllmv2.ops.triton import decode as dec_mod
     defaults = sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS
-    old_scoring = dict(transposed=False, num_stages=2)  # the decode scoring tiles before the fourth session
+    old_scoring = dict(transposed=False, num_stages=2, num_warps=4)  # decode scoring before the fourth session
     grid = [(None, 16, 6, old_scoring), (None, 32, None, old_scoring)]  # the old defaults first
     grid += [(w, 32, None, {}) for w in (None, 8, 16)]  # {}: today's defaults
     for warps, splits, bps, opts in grid:

@@ -20,6 +20,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, ".")
+from bench_attention import graphed  # noqa: E402  (this script's folder is on sys.path)
 from infllmv2.config import SparseConfig  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 from infllmv2.ops.triton.decode import infllmv2_decode_triton  # noqa: E402
@@ -169,20 +170,22 @@ def time_selection(lengths, variants):
                 except Exception as e:  # noqa: BLE001
                     row[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
         if n == lengths[-1]:  # per-kernel break-down
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    f()
-                torch.cuda.synchronize()
-            tot = {}
-            for ev in prof.key_averages():
-                if ev.device_type.name == "CUDA" or "kernel" in ev.key:
-                    tot[ev.key[:60]] = round(getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0)) / 3e3, 3)
+            tot = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(f, 3).items()}
             row["kernel_ms_per_call"] = dict(sorted(tot.items(), key=lambda x: -x[1])[:10])
         out[n] = row
         print(n, json.dumps(row), flush=True)
         del q, k
     RESULTS["selection_timing"] = out
+
+
+def _kernel_us(fn, reps=5):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {ev.key[:40]: round(getattr(ev, "device_time_total", 0) / reps, 1)
+            for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
 
 
 @section("decode timing: 128K cache, batch 8")
@@ -214,17 +217,6 @@ def time_decode(L=131072, batch=8):
     ours_nocache = lambda: infllmv2_decode_triton(q, kc, vc, sl, cfg)  # noqa: E731
     out["ours_ms"] = triton.testing.do_bench(ours, warmup=10, rep=50)
     out["ours_compress_from_cache_ms"] = triton.testing.do_bench(ours_nocache, warmup=5, rep=20)
-    def graphed(fn):
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(st)
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            fn()
-        return gr.replay
     try:
         out["ours_graph_ms"] = triton.testing.do_bench(graphed(ours), warmup=10, rep=50)
     except Exception as e:  # noqa: BLE001
@@ -262,39 +254,9 @@ def time_decode(L=131072, batch=8):
         out["speedup_eager_vs_fastest_sdpa"] = min(dense_times) / out["ours_ms"]
         if isinstance(out.get("ours_graph_ms"), float):
             out["speedup_graph_vs_fastest_sdpa"] = min(dense_times) / out["ours_graph_ms"]
-    # decode break-down
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            ours()
-        torch.cuda.synchronize()
-    out["kernel_us_per_step"] = {ev.key[:50]: round(getattr(ev, "device_time_total", 0) / 5, 1)
-                                 for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
+    out["kernel_us_per_step"] = _kernel_us(ours)  # decode break-down
     print(json.dumps(out, indent=1), flush=True)
     RESULTS["decode_timing"] = out
-
-
-def _graphed(fn):
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(st)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        fn()
-    return gr.replay
-
-
-def _kernel_us(fn, reps=5):
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {ev.key[:40]: round(getattr(ev, "device_time_total", 0) / reps, 1)
-            for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
 
 
 @section("tuning: top-k warps and decode split counts")
@@ -328,7 +290,7 @@ def tune(L=131072, batch=8):
     qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
     import torch.nn.functional as F
     dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
-    out["dense_graph_us"] = 1e3 * triton.testing.do_bench(_graphed(dense), warmup=10, rep=50)
+    out["dense_graph_us"] = 1e3 * triton.testing.do_bench(graphed(dense), warmup=10, rep=50)
     ref = None
     table = []
     from infllmv2.ops.triton import decode as dec_mod
@@ -345,7 +307,7 @@ def tune(L=131072, batch=8):
             if ref is None:
                 ref = o
             same = bool((o == ref).all().item()) or float((o.float() - ref.float()).abs().max())
-            us = 1e3 * triton.testing.do_bench(_graphed(fn), warmup=10, rep=50)
+            us = 1e3 * triton.testing.do_bench(graphed(fn), warmup=10, rep=50)
             row = dict(warps=warps, splits=splits, bps=bps, opts=str(opts), graph_us=round(us, 1), same_as_first=same,
                        speedup=round(out["dense_graph_us"] / us, 2), kernels_us=_kernel_us(fn))
         except Exception as e:  # noqa: BLE001

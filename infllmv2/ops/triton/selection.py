@@ -443,8 +443,11 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     B, lc, sc = config.block_size, config.kernel_size, config.kernel_stride
     R, L = B // sc, lc // sc
     GP = _next_pow2(g)
+    # measured on an H200 (NOTES_selection.md): windows-on-rows (transposed) tiles, 4 warps, 3 stages are
+    # the fastest variant for prefill (128 rows = 8 tokens x 16 heads, 64 windows) and for decoding
+    trans = True if transposed is None else bool(transposed)
     if block_m is None:
-        block_m = 64 if (_INTERPRET or not (transposed is None or transposed) or decode) else 128
+        block_m = 64 if (_INTERPRET or not trans or decode) else 128
     BLOCK_T = max(1, block_m // GP)
     if decode:
         BLOCK_T = max(1, 16 // GP)
@@ -453,9 +456,6 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     BLOCK_D = max(16, _next_pow2(d))
     to_f32 = _INTERPRET or q.dtype == torch.float32
     prec = "ieee" if to_f32 else "tf32"
-    # measured on an H200 (NOTES_selection.md): windows-on-rows (transposed) tiles, 4 warps, 3 stages are
-    # the fastest variant for prefill (128 rows = 8 tokens x 16 heads, 64 windows) and for decoding
-    trans = True if transposed is None else bool(transposed)
     nw = num_warps or (4 if trans else 8)
     ns = num_stages or 3
     kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)

@@ -205,21 +205,35 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
     qd, kd, vd = q.detach(), k.detach(), v.detach()
 
     # plan (union build) alone, per tile shape; kernels per variant (tile rows, paired blocks)
+    defaults = SA.UNION_KERNEL, SA.TMA_LOADS
     for bm in args.block_ms:
-        plan = SA._Plan(qd, kd, bi, B, cu, cu, n, bm)
-        row[f"union_over_budget_T{plan.T}"] = round(plan.cnt.float().mean().item() / budget, 2)
-        row[f"plan_ms_bm{bm}"] = bench(lambda: SA._Plan(qd, kd, bi, B, cu, cu, n, bm), rep=50)
-        del plan
+        for uk in args.union_kernel:  # union build: Triton kernel vs segmented torch.sort (must agree)
+            SA.UNION_KERNEL = uk
+            plan = SA._Plan(qd, kd, bi, B, cu, cu, n, bm)
+            row[f"union_over_budget_T{plan.T}"] = round(plan.cnt.float().mean().item() / budget, 2)
+            row[f"plan_ms_bm{bm}_uk{int(uk)}"] = bench(lambda: SA._Plan(qd, kd, bi, B, cu, cu, n, bm), rep=50)
+            if uk:
+                ref = SA._tile_unions_torch(bi, plan.tile_q0, plan.tile_nq, plan.tile_pos0, plan.T, B, plan.u_cap)
+                live = torch.arange(plan.u_cap, device=DEV)[None, None, :] < ref[2][..., None]
+                row[f"union_kernel_equal_bm{bm}"] = bool(
+                    torch.equal(plan.cnt, ref[2]) and torch.equal(plan.ub[..., :-1][live], ref[0][..., :-1][live])
+                    and torch.equal(plan.ubits[..., :-1][live], ref[1][..., :-1][live]))
+                del ref, live
+            del plan
+        SA.UNION_KERNEL = defaults[0]
         for pair in args.pairs:
-            tag = f"bm{bm}_pair{int(pair)}"
-            row[f"fwd_ms_{tag}"] = bench(lambda: SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm,
-                                                              pair=pair))
-            out, lse, resid = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm, need_resid=True,
-                                          pair=pair)
-            row[f"bwd_ms_{tag}"] = bench(
-                lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid, block_m=bm,
-                                     pair=pair), rep=100)
-            del out, lse, resid
+            for tma in args.tma:
+                SA.TMA_LOADS = tma
+                tag = f"bm{bm}_pair{int(pair)}_tma{int(tma)}"
+                row[f"fwd_ms_{tag}"] = bench(lambda: SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm,
+                                                                  pair=pair))
+                out, lse, resid = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm, need_resid=True,
+                                              pair=pair)
+                row[f"bwd_ms_{tag}"] = bench(
+                    lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
+                                         block_m=bm, pair=pair), rep=100)
+                del out, lse, resid
+        SA.TMA_LOADS = defaults[1]
     torch.cuda.synchronize()
     m0 = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -320,6 +334,8 @@ def main():
     ap.add_argument("--patterns", default="local,random")
     ap.add_argument("--block-ms", default="64", help="tile rows to compare, e.g. 64,128")
     ap.add_argument("--pairs", default="0", help="paired-block variants to compare, e.g. 0,1")
+    ap.add_argument("--tma", default="0", help="TMA K/V load variants to compare, e.g. 0,1")
+    ap.add_argument("--union-kernel", default="1", help="union build variants to compare, e.g. 0,1")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")
     ap.add_argument("--no-check", action="store_true")
@@ -328,6 +344,9 @@ def main():
     args = ap.parse_args()
     args.block_ms = [int(x) for x in args.block_ms.split(",")]
     args.pairs = [x == "1" for x in args.pairs.split(",")]
+    args.tma = [x == "1" for x in args.tma.split(",")]
+    args.union_kernel = [x == "1" for x in args.union_kernel.split(",")]
+    SA.TMA_LOADS = SA.TMA_LOADS or any(args.tma)  # the checks and public-API timings take the new path
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     t0 = time.time()
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

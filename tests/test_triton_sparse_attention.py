@@ -141,14 +141,43 @@ def test_g16_selected():
     _check([90], [90], hq=16, hkv=1, d=32, dtype=torch.bfloat16, selection="select", seed=3)
 
 
-@pytest.mark.parametrize("pair,exact_delta", [(False, True), (True, True), (False, False)])
-def test_internal_variants(pair, exact_delta):
-    # unpaired blocks / tiles (one K/V block and one query tile per step) and the two delta modes
-    # that the autograd path does not take (it keeps the output's rounding residual instead);
-    # the FA-style delta from the rounded O is checked in fp32 only (in bf16 it exceeds the 2x rule).
+@pytest.mark.parametrize("pair,exact_delta,tma", [(False, True, False), (True, True, False), (False, False, False),
+                                                   (False, True, True)])
+def test_internal_variants(pair, exact_delta, tma, monkeypatch):
+    # unpaired blocks / tiles (one K/V block and one query tile per step), TMA box loads of K/V, and the
+    # two delta modes that the autograd path does not take (it keeps the output's rounding residual
+    # instead); the FA-style delta from the rounded O is checked in fp32 only (in bf16 it exceeds the 2x
+    # rule).
+    monkeypatch.setattr(SA, "TMA_LOADS", tma)
+    if tma:  # the descriptor path is taken (a whole box per block: rows of the next sequence get masked)
+        kv = torch.zeros(8, 2, 32, dtype=torch.bfloat16, device=DEV)
+        assert SA._use_tma(kv, kv, 16, 1) and not SA._use_tma(kv[:, :, :16], kv[:, :, :16], 16, 1)
     dtype = torch.bfloat16 if exact_delta else torch.float32
     _check([45, 0, 101], [60, 0, 101], hq=4, hkv=2, d=32, dtype=dtype, selection="random", seed=7,
            variant=dict(pair=pair, exact_delta=exact_delta))
+
+
+@pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40)])
+def test_union_kernel_equals_torch(T, budget, u_cap):
+    # the Triton union build against the segmented torch.sort version: random block lists with -1
+    # padding, repeats, future blocks (dropped), partial last tiles, and u_cap truncation (3, 7, 6)
+    gen = torch.Generator().manual_seed(T * 100 + budget)
+    lens_q, lens_k = [37, 0, 9], [50, 4, 9]
+    cu_q = torch.tensor([0, 37, 37, 46], dtype=torch.int32)
+    cu_k = torch.tensor([0, 50, 54, 63], dtype=torch.int32)
+    hkv, bs = 2, 4
+    bi = torch.randint(-1, 14, (hkv, sum(lens_q), budget), generator=gen, dtype=torch.int32)
+    bi = bi.transpose(1, 2).contiguous().transpose(1, 2)  # strided rows: the kernel reads the strides it gets
+    tiles = SA._tile_table(cu_q, cu_k, T, sum(lens_q), len(lens_q))
+    args = (bi, tiles[1], tiles[2], tiles[3], T, bs, u_cap)
+    ub, ubits, cnt = SA._tile_unions(*args)
+    ub_t, ubits_t, cnt_t = SA._tile_unions_torch(*args)
+    valid = (tiles[0] >= 0)[None, :]
+    assert torch.equal(torch.where(valid, cnt, 0), torch.where(valid, cnt_t, 0))
+    assert int(cnt_t.max()) > 1 and (u_cap > 6 or int(cnt_t.max()) == u_cap)
+    live = (torch.arange(u_cap)[None, None, :] < cnt_t[..., None]) & valid[..., None]
+    assert torch.equal(torch.where(live, ub[..., :u_cap], -9), torch.where(live, ub_t[..., :u_cap], -9))
+    assert torch.equal(torch.where(live, ubits[..., :u_cap], 0), torch.where(live, ubits_t[..., :u_cap], 0))
 
 
 def test_full_budget_equals_dense():

@@ -53,6 +53,12 @@ EXACT_DELTA = True
 PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "0") == "1"
 # Rows per program on the GPU (T = BLOCK_M // G tokens share each K/V block load).
 DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
+# Build the per-tile unions with one Triton kernel (sort in registers) instead of a segmented torch.sort,
+# up to this many candidates (T * budget, rounded up to a power of two) per tile.
+UNION_KERNEL = os.environ.get("INFLLMV2_SPARSE_UNION_KERNEL", "1") == "1"
+UNION_KERNEL_MAX = 4096
+# Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
+TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 
 
 def _next_pow2(x: int) -> int:
@@ -81,7 +87,24 @@ def _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within,
         blk_n = blk_a + half * 0
         sel = sel_a[:, None] & (half[None, :] == 0)
     kpos = blk_n * BLOCK_N + within
-    return blk_n, kpos, sel
+    return blk_a, blk_n, kpos, sel
+
+
+@triton.jit
+def _load_kv(K, V, k0, blk, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+             BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """K and V rows of one key block (TMA: K, V are 2-D descriptors (total_k, Hkv * D) and the box is
+    loaded whole; rows past the block's visible keys hold other finite keys, which the score mask
+    removes) or of the NB * BLOCK_N positions ``kpos`` (pointers, masked rows read as zeros)."""
+    if TMA:
+        r = (k0 + blk * BLOCK_N).to(tl.int32)
+        k = K.load([r, h * D])
+        v = V.load([r, h * D])
+    else:
+        krow = k0 + kpos.to(tl.int64)
+        k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -93,7 +116,7 @@ def _sparse_fwd_kernel(
     stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h, n_tiles,
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STORE_RESID: tl.constexpr,
+    NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STORE_RESID: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,11 +152,10 @@ def _sparse_fwd_kernel(
     ubase = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
     cnt = tl.load(UCNT + h * stride_cnt_h + pid_t)
     for i in range(0, cnt, NB):
-        blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+        blk_a, blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
         kmask = (blk_n >= 0) & (kpos <= pos_last)
-        krow = k0 + kpos.to(tl.int64)
-        k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k, v = _load_kv(K, V, k0, blk_a, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                        BLOCK_N, D, TMA)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -173,6 +195,7 @@ def _sparse_bwd_dq_kernel(
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_RESID: tl.constexpr, EXACT_DELTA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -213,13 +236,10 @@ def _sparse_bwd_dq_kernel(
         # delta = rowsum(dO * O) with the unrounded O, recomputed in fp32 by one extra pass.
         o_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         for i in range(0, cnt, NB):
-            blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+            blk_a, blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
             kmask = (blk_n >= 0) & (kpos <= pos_last)
-            krow = k0 + kpos.to(tl.int64)
-            k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None],
-                        other=0.0)
-            v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None],
-                        other=0.0)
+            k, v = _load_kv(K, V, k0, blk_a, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                            BLOCK_N, D, TMA)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -239,11 +259,10 @@ def _sparse_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for i in range(0, cnt, NB):
-        blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
+        blk_a, blk_n, kpos, sel = _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within, BLOCK_N, NB)
         kmask = (blk_n >= 0) & (kpos <= pos_last)
-        krow = k0 + kpos.to(tl.int64)
-        k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k, v = _load_kv(K, V, k0, blk_a, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                        BLOCK_N, D, TMA)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -346,6 +365,38 @@ def _sparse_bwd_dkdv_kernel(
     tl.atomic_add(DK + krow[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk, mask=kmask[:, None])
     tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
 
+@triton.jit
+def _tile_union_kernel(
+    BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
+    stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
+    T: tl.constexpr, TB: tl.constexpr,
+):
+    """One program per (tile, KV head): the sorted union of the blocks its T tokens selected and, per
+    union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``). UB must be
+    -1 filled and UBITS zeroed; entries past ``u_cap`` are dropped (the count is clamped)."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
+    nq = tl.load(TILE_NQ + pid_t)
+    pos0 = tl.load(TILE_POS0 + pid_t)
+    e = tl.arange(0, TB)
+    j = e // budget
+    in_tile = (e < T * budget) & (j < nq)
+    g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + e % budget, mask=in_tile, other=-1)
+    valid = in_tile & (g >= 0) & (g * block_size <= pos0 + j)
+    key = tl.sort(tl.where(valid, g * 64 + j, 2147483647))  # (block, token), 64 = bits of the token mask
+    ok = key != 2147483647
+    blk = key // 64
+    prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
+    first = ok & ((e == 0) | (prev_blk != blk))
+    seg = tl.cumsum(first.to(tl.int32), 0) - 1
+    keep = ok & (seg < u_cap)
+    base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
+    tl.store(UB + base + seg, blk, mask=first & keep)
+    tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << (key % 64).to(tl.int64), mask=keep)
+    tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(first.to(tl.int32), 0), u_cap))
+
+
 # Launch configurations. The interpreter gets one config (autotune with several fails there);
 # on the GPU the tile shape (BLOCK_M, hence T) is chosen on the host because the union depends on
 # it; warps/stages are autotuned.
@@ -367,8 +418,8 @@ else:
         return [c for c in configs if c.num_warps == warps] or configs
 
     _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
-    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
-    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
+    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID", "TMA"])(_sparse_fwd_kernel)
+    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA", "TMA"])(
         _sparse_bwd_dq_kernel)
     _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
                                    prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
@@ -415,6 +466,31 @@ def _tile_table(cu_q, cu_k, T: int, total_q: int, batch: int):
 
 
 def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size: int, u_cap: int):
+    """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
+    column), int64 bitmask of the tile's tokens selecting each, and the union size. One Triton program
+    per (tile, head) sorts the tile's T * budget candidates in registers; beyond UNION_KERNEL_MAX of them
+    (or with UNION_KERNEL off) a segmented torch.sort does the same."""
+    hkv, total_q, budget = block_indices.shape
+    n_tiles = tile_q0.shape[0]
+    tb = _next_pow2(max(T * budget, 16))
+    if not UNION_KERNEL or tb > UNION_KERNEL_MAX or block_indices.device.type == "cpu" and not _INTERPRET:
+        return _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T, block_size, u_cap)
+    dev = block_indices.device
+    block_indices = block_indices.contiguous()
+    ub = torch.full((hkv, n_tiles, u_cap + 1), -1, dtype=torch.int32, device=dev)
+    ubits = torch.zeros((hkv, n_tiles, u_cap + 1), dtype=torch.int64, device=dev)
+    cnt = torch.empty((hkv, n_tiles), dtype=torch.int32, device=dev)
+    if n_tiles and hkv and budget:
+        _tile_union_kernel[(n_tiles, hkv)](
+            block_indices, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt,
+            block_indices.stride(0), block_indices.stride(1), ub.stride(0), ub.stride(1), cnt.stride(0),
+            budget, u_cap, block_size, T=T, TB=tb, num_warps=4 if tb <= 1024 else 8)
+    else:
+        cnt.zero_()
+    return ub, ubits, cnt
+
+
+def _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size: int, u_cap: int):
     """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
     column), int64 bitmask of the tile's tokens selecting each, and the union size."""
     hkv, total_q, budget = block_indices.shape
@@ -517,6 +593,27 @@ class _Plan:
             block_indices, self.tile_q0, self.tile_nq, self.tile_pos0, self.T, block_size, self.u_cap)
 
 
+def _use_tma(k, v, block_size: int, nb: int) -> bool:
+    """TMA box loads of K/V blocks: Hopper or newer (or the interpreter), one block per step, and a
+    layout a 2-D descriptor (total_k, Hkv * d) can describe (16-byte aligned rows)."""
+    if not TMA_LOADS or nb != 1 or k.shape[0] == 0:
+        return False
+    if not _INTERPRET and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    d = k.shape[-1]
+    return all(x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * x.element_size()) % 16 == 0
+               and x.data_ptr() % 16 == 0 for x in (k, v))
+
+
+def _kv_args(k, v, block_size: int, tma: bool):
+    if not tma:
+        return k, v
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    d = k.shape[-1]
+    return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.stride(0), 1], [block_size, d])
+                 for x in (k, v))
+
+
 def _prec(dtype):
     return "ieee" if (_INTERPRET or dtype == torch.float32) else "tf32"
 
@@ -546,16 +643,18 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
     if total_q > 0 and cu_q.shape[0] >= 2:
         plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
         rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
+        nb = 2 if _pair_default(pair) else 1
+        tma = _use_tma(k, v, block_size, nb)
         _fwd_launch[(plan.n_tiles, hkv)](
-            q, k, v, out, resid, lse,
+            q, *_kv_args(k, v, block_size, tma), out, resid, lse,
             plan.ub, plan.ubits, plan.cnt,
             plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), rs[0], rs[1],
             lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
             scale * _LOG2E,
-            G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=2 if _pair_default(pair) else 1,
-            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, **_LAUNCH_KW,
+            G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=nb,
+            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma, **_LAUNCH_KW,
         )
     elif store_resid:
         resid.zero_()
@@ -585,8 +684,9 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
     exact_delta = bool(exact_delta) and not has_resid
     r = resid if has_resid else out
     pair = _pair_default(pair)
+    tma = _use_tma(k, v, block_size, 2 if pair else 1)
     _dq_launch[(plan.n_tiles, hkv)](
-        q, k, v, out, r, do, lse, delta, dq,
+        q, *_kv_args(k, v, block_size, tma), out, r, do, lse, delta, dq,
         plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -595,7 +695,8 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
         scale, scale * _LOG2E,
         G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=2 if pair else 1,
-        UPCAST=_INTERPRET, PREC=_prec(q.dtype), HAS_RESID=has_resid, EXACT_DELTA=exact_delta, **_LAUNCH_KW,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), HAS_RESID=has_resid, EXACT_DELTA=exact_delta, TMA=tma,
+        **_LAUNCH_KW,
     )
     if chunk is None:
         chunk = 8 if _INTERPRET else 64

@@ -205,7 +205,7 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
     qd, kd, vd = q.detach(), k.detach(), v.detach()
 
     # plan (union build) alone, per tile shape; kernels per variant (tile rows, paired blocks)
-    defaults = SA.UNION_KERNEL, SA.TMA_LOADS
+    defaults = SA.UNION_KERNEL, SA.TMA_LOADS, SA.ROW_MASK
     for bm in args.block_ms:
         for uk in args.union_kernel:  # union build: Triton kernel vs segmented torch.sort (must agree)
             SA.UNION_KERNEL = uk
@@ -221,19 +221,18 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
                 del ref, live
             del plan
         SA.UNION_KERNEL = defaults[0]
-        for pair in args.pairs:
-            for tma in args.tma:
-                SA.TMA_LOADS = tma
-                tag = f"bm{bm}_pair{int(pair)}_tma{int(tma)}"
-                row[f"fwd_ms_{tag}"] = bench(lambda: SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm,
-                                                                  pair=pair))
-                out, lse, resid = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm, need_resid=True,
-                                              pair=pair)
-                row[f"bwd_ms_{tag}"] = bench(
-                    lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
-                                         block_m=bm, pair=pair), rep=100)
-                del out, lse, resid
-        SA.TMA_LOADS = defaults[1]
+        for pair, tma, mskip in [(p, t, m) for p in args.pairs for t in args.tma for m in args.row_mask]:
+            SA.TMA_LOADS, SA.ROW_MASK = tma, mskip
+            tag = f"bm{bm}_pair{int(pair)}_tma{int(tma)}_ms{int(mskip)}"
+            row[f"fwd_ms_{tag}"] = bench(lambda: SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm,
+                                                              pair=pair))
+            out, lse, resid = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm, need_resid=True,
+                                          pair=pair)
+            row[f"bwd_ms_{tag}"] = bench(
+                lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
+                                     block_m=bm, pair=pair), rep=100)
+            del out, lse, resid
+        SA.TMA_LOADS, SA.ROW_MASK = defaults[1:]
     torch.cuda.synchronize()
     m0 = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -335,6 +334,7 @@ def main():
     ap.add_argument("--block-ms", default="64", help="tile rows to compare, e.g. 64,128")
     ap.add_argument("--pairs", default="0", help="paired-block variants to compare, e.g. 0,1")
     ap.add_argument("--tma", default="0", help="TMA K/V load variants to compare, e.g. 0,1")
+    ap.add_argument("--row-mask", default="1", help="row-bias masking variants to compare, e.g. 0,1")
     ap.add_argument("--union-kernel", default="1", help="union build variants to compare, e.g. 0,1")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")
@@ -346,6 +346,7 @@ def main():
     args.pairs = [x == "1" for x in args.pairs.split(",")]
     args.tma = [x == "1" for x in args.tma.split(",")]
     args.union_kernel = [x == "1" for x in args.union_kernel.split(",")]
+    args.row_mask = [x == "1" for x in args.row_mask.split(",")]
     SA.TMA_LOADS = SA.TMA_LOADS or any(args.tma)  # the checks and public-API timings take the new path
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     t0 = time.time()

@@ -424,7 +424,8 @@ def _check_pooling(config: SparseConfig) -> None:
 def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode: bool = False,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, transposed: bool | None = None, tiles=None):
+                 num_stages: int | None = None, transposed: bool | None = None, tiles=None,
+                 select_warps: int | None = None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
@@ -529,7 +530,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks,
-            **({} if _INTERPRET else dict(num_warps=_SELECT_WARPS or (4 if nb_c <= 4096 else 8))))
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))))
     return out
 
 

@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["sparse_attention_triton"]
 
@@ -59,6 +60,9 @@ UNION_KERNEL = os.environ.get("INFLLMV2_SPARSE_UNION_KERNEL", "1") == "1"
 UNION_KERNEL_MAX = 4096
 # Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
 TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
+# Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
+# causal mask runs only on blocks that reach past a tile's first token (else a select per score).
+ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
 
 
 def _next_pow2(x: int) -> int:
@@ -91,6 +95,14 @@ def _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within,
 
 
 @triton.jit
+def _row_bias(UBITS, ubase, i, tok64, base):
+    """Per row: ``base`` where the row's token selected union entry i, else -inf. Added to the scaled scores
+    (one FMA) it removes the rows that did not select the block, which a per-element mask would do at the
+    cost of a select per score; rows past the tile's tokens never have their bit set."""
+    return tl.where(((tl.load(UBITS + ubase + i) >> tok64) & 1) != 0, base, float("-inf"))
+
+
+@triton.jit
 def _load_kv(K, V, k0, blk, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
              BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
     """K and V rows of one key block (TMA: K, V are 2-D descriptors (total_k, Hkv * D) and the box is
@@ -117,6 +129,7 @@ def _sparse_fwd_kernel(
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STORE_RESID: tl.constexpr, TMA: tl.constexpr,
+    ROW_MASK: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -159,9 +172,13 @@ def _sparse_fwd_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
-        s = tl.where(mask, s, float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if ROW_MASK:
+            s = s * scale_log2 + _row_bias(UBITS, ubase, i, tok64, 0.0)[:, None]
+            if (blk_a + 1) * BLOCK_N > pos0 + 1:  # a block reaching past the tile's first token: causal mask
+                s = tl.where(kpos[None, :] <= pos[:, None], s, float("-inf"))
+        else:
+            s = tl.where(sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None]), s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
@@ -195,7 +212,7 @@ def _sparse_bwd_dq_kernel(
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_RESID: tl.constexpr, EXACT_DELTA: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, ROW_MASK: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -266,9 +283,14 @@ def _sparse_bwd_dq_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
-        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if ROW_MASK:
+            p = tl.exp2(s * scale_log2 + _row_bias(UBITS, ubase, i, tok64, -lse2)[:, None])
+            if (blk_a + 1) * BLOCK_N > pos0 + 1:
+                p = tl.where(kpos[None, :] <= pos[:, None], p, 0.0)
+        else:
+            mask = sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None])
+            p = tl.where(mask, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -287,10 +309,12 @@ def _sparse_bwd_dkdv_kernel(
     stride_lse_h, stride_ch_h, stride_e_h,
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    NT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    NT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
 ):
     """One program per (chunk of query tiles of one key block, KV head); NT tiles per step (rows
-    [0, BLOCK_M) from the first, [BLOCK_M, 2*BLOCK_M) from the second)."""
+    [0, BLOCK_M) from the first, [BLOCK_M, 2*BLOCK_M) from the second). TMA: Q and DO are 3-D
+    descriptors (total_q, Hq, D) and a tile's rows (T tokens x G heads = BLOCK_M) load as one box;
+    rows past the tile's tokens hold other finite rows, which row_ok masks out."""
     pid_c = tl.program_id(0)
     h = tl.program_id(1)
     chb = h.to(tl.int64) * stride_ch_h + pid_c
@@ -341,10 +365,15 @@ def _sparse_bwd_dkdv_kernel(
         pos0 = tl.load(TILE_POS0 + tile_r)
         row_ok = (rloc < T * G) & (tok < nq)
         qrow = (q0 + tok).to(tl.int64)
-        q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
+        if TMA:
+            q0a = tl.load(TILE_Q0 + tile_a)
+            q = tl.reshape(Q.load([q0a, h * G, 0]), [BLOCK_M, D])
+            do = tl.reshape(DO.load([q0a, h * G, 0]), [BLOCK_M, D])
+        else:
+            q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -353,10 +382,15 @@ def _sparse_bwd_dkdv_kernel(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + lse_ptr, mask=row_ok, other=0.0)
         pos = pos0 + tok
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         sel = ((bits_r >> tok64) & 1) != 0
-        mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
-        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        if ROW_MASK:  # as in the forward: a per-row bias, and the causal mask only on a diagonal block
+            p = tl.exp2(s * scale_log2 + tl.where(sel & row_ok, -lse2, float("-inf"))[:, None])
+            if (blk + 1) * BLOCK_N > tl.load(TILE_POS0 + tile_a) + 1:
+                p = tl.where(kpos[None, :] <= pos[:, None], p, 0.0)
+        else:
+            mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
+            p = tl.where(mask, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -418,10 +452,10 @@ else:
         return [c for c in configs if c.num_warps == warps] or configs
 
     _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
-    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID", "TMA"])(_sparse_fwd_kernel)
-    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA", "TMA"])(
+    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID", "TMA", "ROW_MASK"])(_sparse_fwd_kernel)
+    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA", "TMA", "ROW_MASK"])(
         _sparse_bwd_dq_kernel)
-    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
+    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT", "TMA", "ROW_MASK"], reset_to_zero=["DK", "DV"],
                                    prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
     _LAUNCH_KW = {}
     _DKDV_KW = {}
@@ -608,7 +642,6 @@ def _use_tma(k, v, block_size: int, nb: int) -> bool:
 def _kv_args(k, v, block_size: int, tma: bool):
     if not tma:
         return k, v
-    from triton.tools.tensor_descriptor import TensorDescriptor
     d = k.shape[-1]
     return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.stride(0), 1], [block_size, d])
                  for x in (k, v))
@@ -654,7 +687,8 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
             lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
             scale * _LOG2E,
             G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=nb,
-            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma, **_LAUNCH_KW,
+            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma, ROW_MASK=ROW_MASK and nb == 1,
+            **_LAUNCH_KW,
         )
     elif store_resid:
         resid.zero_()
@@ -696,7 +730,7 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         scale, scale * _LOG2E,
         G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=2 if pair else 1,
         UPCAST=_INTERPRET, PREC=_prec(q.dtype), HAS_RESID=has_resid, EXACT_DELTA=exact_delta, TMA=tma,
-        **_LAUNCH_KW,
+        ROW_MASK=ROW_MASK and not pair, **_LAUNCH_KW,
     )
     if chunk is None:
         chunk = 8 if _INTERPRET else 64
@@ -704,8 +738,12 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    tma_q = (_use_tma(q, do, block_size, 2 if pair else 1) and plan.T * plan.G == plan.BLOCK_M
+             and (plan.T * plan.G * d * q.element_size()) >= 16)
+    qa, doa = ((TensorDescriptor(x, list(x.shape), list(x.stride()), [plan.T, plan.G, d]) for x in (q, do))
+               if tma_q else (q, do))
     _dkdv_launch[(ch_gb.shape[1], hkv)](
-        q, k, v, do, lse, delta, dk32, dv32,
+        qa, k, v, doa, lse, delta, dk32, dv32,
         ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk,
         plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -713,7 +751,7 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         lse.stride(0), ch_gb.stride(0), e_tile.stride(0),
         scale, scale * _LOG2E,
         G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NT=2 if pair else 1,
-        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), TMA=tma_q, ROW_MASK=ROW_MASK and not pair, **_DKDV_KW,
     )
     return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
 

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             run["max_rel_loss_diff"] = diff
             run["match"] = len(run["losses"]) == len(ref) and diff <= tol
             ok &= run["match"]
-            lines.append(f"| {name} | {key} | {run['losses'][-1]:.4f} | {diff:.2e} | {tol:.0e} | {run['tokens_per_s']} |")
+            lines.append(f"| {name} | {key} | {run['losses'][-1]:.4f} | {diff:.2e} | {tol:.0e} | "
+                         f"{run['tokens_per_s']} |")
         summary["cases"][name] = {"args": common, "global_rows": rows, "tolerance": tol, "runs": runs}
         print(lines[-len(runs):], flush=True)
     summary["all_match"] = ok

@@ -14,8 +14,11 @@ Design (the reuse that a per-token kernel lacks):
 * Before the kernels, on the GPU with fixed-size tensors only (no host synchronisation), the
   per-(head, tile) **union** of the blocks its tokens selected is built (sorted, -1 padded, plus a
   count) together with, per union entry, an int64 **bitmask** of the tile's tokens that selected
-  it. The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
-  whose token did not select the block (and causality): semantics stay exactly per token.
+  it (``_tile_union_kernel``: one program per (tile, head) sorts the candidates in registers).
+  The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
+  whose token did not select the block (a per-row -inf bias folded into the score scaling) and, on
+  blocks that reach past the tile's first token, causality: semantics stay exactly per token. On
+  Hopper K/V blocks (and the dk/dv kernel's Q/dO tiles) load as TMA boxes.
 * Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``, from O plus the forward's saved
   bf16/fp16 rounding residual, so delta is exact) with the forward's structure; ``dk/dv``
   per (KV head, key block) over the tiles whose union holds that block. The transposed index is a
@@ -33,7 +36,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # host-side TMA descriptors (Triton >= 3.4); without them K/V load through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 __all__ = ["sparse_attention_triton"]
 
@@ -452,10 +458,11 @@ else:
         return [c for c in configs if c.num_warps == warps] or configs
 
     _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
-    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID", "TMA", "ROW_MASK"])(_sparse_fwd_kernel)
-    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA", "TMA", "ROW_MASK"])(
+    _key = _key + ["TMA", "ROW_MASK"]
+    _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
+    _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
         _sparse_bwd_dq_kernel)
-    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT", "TMA", "ROW_MASK"], reset_to_zero=["DK", "DV"],
+    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
                                    prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
     _LAUNCH_KW = {}
     _DKDV_KW = {}
@@ -630,7 +637,7 @@ class _Plan:
 def _use_tma(k, v, block_size: int, nb: int) -> bool:
     """TMA box loads of K/V blocks: Hopper or newer (or the interpreter), one block per step, and a
     layout a 2-D descriptor (total_k, Hkv * d) can describe (16-byte aligned rows)."""
-    if not TMA_LOADS or nb != 1 or k.shape[0] == 0:
+    if not TMA_LOADS or TensorDescriptor is None or nb != 1 or k.shape[0] == 0:
         return False
     if not _INTERPRET and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
         return False
@@ -687,8 +694,8 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
             lse.stride(0), plan.ub.stride(0), plan.ub.stride(1), plan.cnt.stride(0), plan.n_tiles,
             scale * _LOG2E,
             G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=nb,
-            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma, ROW_MASK=ROW_MASK and nb == 1,
-            **_LAUNCH_KW,
+            UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma,
+            ROW_MASK=ROW_MASK and nb == 1, **_LAUNCH_KW,
         )
     elif store_resid:
         resid.zero_()

@@ -187,17 +187,23 @@ def _kernel_us(fn, reps=5):
             for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0}
 
 
-@section("decode timing: 128K cache, batch 8")
-def time_decode(L=131072, batch=8):
-    torch.manual_seed(0)
-    cfg = SparseConfig()
-    hkv, hq, d = 2, 32, 128
+def _decode_inputs(L, batch, hkv=2, hq=32, d=128):
+    """A full bf16 cache of L keys per row with its fine and coarse compressed keys (default config)."""
     kc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
     vc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
     q = torch.randn(batch, hq, d, device=DEV, dtype=torch.bfloat16)
     sl = torch.full((batch,), L, dtype=torch.int32, device=DEV)
     kf = torch.stack([naive.compress_keys(kc[b], 32, 16) for b in range(batch)])
     kco = torch.stack([naive.compress_keys(kc[b], 128, 64) for b in range(batch)])
+    return q, kc, vc, sl, kf, kco
+
+
+@section("decode timing: 128K cache, batch 8")
+def time_decode(L=131072, batch=8):
+    torch.manual_seed(0)
+    cfg = SparseConfig()
+    d = 128
+    q, kc, vc, sl, kf, kco = _decode_inputs(L, batch, d=d)
     out = {}
     o, idx = infllmv2_decode_triton(q, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco, return_block_indices=True)
     # stage-2 check at scale: attention over the returned blocks, in fp32
@@ -279,13 +285,7 @@ def tune(L=131072, batch=8):
     del q, k, res
     # decode at 128K, batch 8, compressed keys given
     cfg = SparseConfig()
-    hkv, hq, d = 2, 32, 128
-    kc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
-    vc = torch.randn(batch, L, hkv, d, device=DEV, dtype=torch.bfloat16)
-    qd = torch.randn(batch, hq, d, device=DEV, dtype=torch.bfloat16)
-    sl = torch.full((batch,), L, dtype=torch.int32, device=DEV)
-    kf = torch.stack([naive.compress_keys(kc[b], 32, 16) for b in range(batch)])
-    kco = torch.stack([naive.compress_keys(kc[b], 128, 64) for b in range(batch)])
+    qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
     qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
     import torch.nn.functional as F
     dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731

@@ -636,8 +636,9 @@ class _Plan:
 
 
 def _use_tma(k, v, block_size: int, nb: int) -> bool:
-    """TMA box loads of K/V blocks: Hopper or newer (or the interpreter), one block per step, and a
-    layout a 2-D descriptor (total_k, Hkv * d) can describe (16-byte aligned rows)."""
+    """TMA box loads from two (tokens, heads, d) tensors (K/V, or Q/dO in the dk/dv kernel): Hopper or
+    newer (or the interpreter), one block per step, and a layout a descriptor can describe (heads and d
+    contiguous, 16-byte aligned rows)."""
     if not TMA_LOADS or TensorDescriptor is None or nb != 1 or k.shape[0] == 0:
         return False
     if not _INTERPRET and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
@@ -746,8 +747,7 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    tma_q = (_use_tma(q, do, block_size, 2 if pair else 1) and plan.T * plan.G == plan.BLOCK_M
-             and (plan.T * plan.G * d * q.element_size()) >= 16)
+    tma_q = _use_tma(q, do, block_size, 2 if pair else 1) and plan.T * plan.G == plan.BLOCK_M
     qa, doa = ((TensorDescriptor(x, list(x.shape), list(x.stride()), [plan.T, plan.G, d]) for x in (q, do))
                if tma_q else (q, do))
     _dkdv_launch[(ch_gb.shape[1], hkv)](

@@ -328,15 +328,48 @@ def tune(L=131072, batch=8):
     RESULTS["tune"] = out
 
 
+@section("A/B: decode step with and without programmatic dependent launch (128K, CUDA graph)")
+def decode_pdl_ab(L=131072):
+    import torch.nn.functional as F
+    cfg = SparseConfig()
+    out = {}
+    for batch in (8, 1):
+        torch.manual_seed(0)
+        qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
+        qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
+        dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
+        row = dict(dense_graph_us=1e3 * triton.testing.do_bench(graphed(dense), warmup=10, rep=50))
+        fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
+        ref = None
+        for pdl in (False, True, False, True):  # twice each, interleaved
+            sel_mod.DECODE_PDL = pdl
+            o = fn()
+            ref = o if ref is None else ref
+            us = 1e3 * triton.testing.do_bench(graphed(fn), warmup=10, rep=100)
+            row.setdefault(f"pdl{int(pdl)}_graph_us", []).append(round(us, 1))
+            row[f"pdl{int(pdl)}_same"] = bool(torch.equal(o, ref))
+        row["kernels_us_pdl1"] = _kernel_us(fn)
+        row["speedup_pdl1"] = round(row["dense_graph_us"] / min(row["pdl1_graph_us"]), 2)
+        row["speedup_pdl0"] = round(row["dense_graph_us"] / min(row["pdl0_graph_us"]), 2)
+        out[batch] = row
+        print(batch, json.dumps(row), flush=True)
+        del qd, kc, vc, kf, kco
+    sel_mod.DECODE_PDL = True
+    RESULTS["decode_pdl_ab"] = out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--tune", action="store_true", help="only the top-k and decode-split sweep")
+    ap.add_argument("--decode-pdl", action="store_true", help="only the decode PDL A/B")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if args.tune:
+    if args.decode_pdl:
+        decode_pdl_ab()
+    elif args.tune:
         tune()
     else:
         if not args.skip_correctness:

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from .selection import _INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _select_core, config_args
+from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _pdl_start, _select_core,
+                        _use_pdl, config_args)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -27,7 +28,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
                          stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          qk_scale, D, budget, dense_len, blocks_per_split,
                          G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+                         TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    _pdl_start(PDL)
     bid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -88,7 +91,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
 @triton.jit
 def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_xb, stride_xh,
-                           SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                           SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_start(PDL)
     bid = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     s = tl.arange(0, SPLIT_P)
@@ -109,9 +113,10 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
 @triton.jit
 def _decode_meta_kernel(lens_ptr, meta_ptr, batch, stride_m, rows1, rows2,
                         KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """The per-sequence int32 layout the selection kernels read, in one launch (a CUDA-graphed decode step
     pays a node per launch): rows = index, 1, 0, fine start / count, coarse start / count."""
+    _pdl_start(PDL)
     i = tl.arange(0, BLOCK)
     m = i < batch
     L = tl.load(lens_ptr + i, mask=m, other=0)
@@ -227,6 +232,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         return (out, torch.empty((hkv, 0, config.budget), dtype=torch.int32, device=dev)) if return_block_indices else out
     lens = cache_seqlens
     B = config.block_size
+    pdl = dict(PDL=True, launch_pdl=True) if _use_pdl(dev) else {}
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
         if sparse_possible:
@@ -242,7 +248,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             # and for given compressed keys their start and count
             meta = torch.empty((7, batch), dtype=torch.int32, device=dev)
             _decode_meta_kernel[(1,)](lens, meta, batch, meta.stride(0), rows1, rows2, KS1=ks1, ST1=st1, KS2=ks2,
-                                      ST2=st2, BLOCK=max(16, _next_pow2(batch)))
+                                      ST2=st2, BLOCK=max(16, _next_pow2(batch)), **pdl)
             ar, ones, zeros, *starts_counts = meta.unbind(0)
             keys = []
             for (given, kernel, stride), start, count in zip(kinds, starts_counts[0::2], starts_counts[1::2]):
@@ -281,10 +287,10 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             lse_part.stride(0), lse_part.stride(1),
             scale * _LOG2E, d, config.budget, config.dense_len, bps,
             G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec,
-            HAS_LEFTPAD=cache_leftpad is not None, **kw)
+            HAS_LEFTPAD=cache_leftpad is not None, **kw, **pdl)
         _decode_combine_kernel[(batch, hq)](
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1), SPLIT_P=max(2, _next_pow2(n_split)), BLOCK_D=BLOCK_D,
-            **({} if _INTERPRET else dict(num_warps=4)))
+            **({} if _INTERPRET else dict(num_warps=4)), **pdl)
     return (out, idx) if return_block_indices else out

@@ -36,6 +36,10 @@ from ...config import SparseConfig
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+try:  # grid dependency control (programmatic dependent launch, Hopper+; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 _LOG2E = 1.4426950408889634
 _WORKSPACE_BYTES = 256 << 20  # fp32 block-score workspace of one chunk of query tiles
 _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in registers
@@ -47,6 +51,25 @@ _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 ab
 
 def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# Decoding launches several small kernels back to back; with programmatic dependent launch each one is set
+# up while its predecessor runs and waits on the GPU (``_pdl_start``) for the predecessor's results.
+DECODE_PDL = os.environ.get("INFLLMV2_DECODE_PDL", "1") == "1"
+
+
+def _use_pdl(device: torch.device) -> bool:
+    return (DECODE_PDL and not _INTERPRET and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel in the stream has finished (its writes visible), then let
+    the next one launch. Every kernel of a PDL chain calls this before touching memory."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +230,9 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 stride_ls, stride_lt, qk_scale, D, keys_per_split,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
-                ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr):
+                ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
+                PDL: tl.constexpr = False):
+    _pdl_start(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -257,7 +282,8 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_start(PDL)
     lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     tile = tile_base + lt
     h = tl.program_id(1)
@@ -371,8 +397,9 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr):
+                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
+    _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
     tile = tile_base + slot0 // BLOCK_T
@@ -470,6 +497,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     nw = num_warps or (4 if trans else 8)
     ns = num_stages or 3
     kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
+    pdl = dict(PDL=True, launch_pdl=True) if decode and _use_pdl(dev) else {}
 
     # query tiles (never across sequences)
     max_prefix = max_seqlen_k  # keys before each sequence's first query: no bound known
@@ -502,7 +530,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
         lse.stride(0), lse.stride(1), qk_scale, d, kps,
         G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
-        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, **kw)
+        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
     nb_ws = max(1, triton.cdiv(max_seqlen_k, B))
@@ -534,13 +562,14 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d,
             G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
             BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
-            **kw)
+            **kw, **pdl)
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks,
-            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))))
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
+            **pdl)
     return out
 
 

@@ -107,6 +107,28 @@ def test_select_fp32_exact_long_rows(lse_approx):
     assert torch.equal(got, naive.select_blocks(q, k, cfg, 16 ** -0.5))
 
 
+def test_select_exact_ties_prefer_lower_blocks():
+    """Keys repeating with the block period make every full window's compressed key, hence every candidate
+    block's score, bitwise equal: the top-k must break the ties towards lower block indices, as the
+    reference does. A second head mixes tied and untied scores (one period perturbed)."""
+    cfg = SparseConfig(**SMALL)
+    n, d = 230, 16
+    g = torch.Generator().manual_seed(5)
+    period = torch.randn(cfg.block_size, 2, d, generator=g)
+    k = period.repeat(-(-n // cfg.block_size), 1, 1)[:n].clone()
+    k[5 * cfg.block_size:6 * cfg.block_size, 1] += 0.5 * torch.randn(cfg.block_size, d, generator=g)
+    q = torch.randn(n, 4, d, generator=g)
+    cu = _cu([n])
+    got = select_blocks_triton(q, k, cfg, cu, cu, n, n)
+    ref = naive.select_blocks(q, k, cfg, d ** -0.5)
+    assert torch.equal(got, ref)
+    # head 0, last token: every candidate ties, so the lowest candidate blocks fill the free slots
+    b = (n - 1) // cfg.block_size
+    free = cfg.budget - cfg.init_blocks - (cfg.local_blocks + 1)
+    expect = list(range(cfg.init_blocks + free)) + list(range(b - cfg.local_blocks, b + 1))
+    assert got[0, -1].tolist() == expect
+
+
 def test_select_fp32_exact_in_small_chunks(monkeypatch):
     """Many workspace chunks: each chunk's top-k row is only as wide as its queries' key blocks (bounded
     by the tile index and the longest key prefix), which must not cut off a sequence whose queries

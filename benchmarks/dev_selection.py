@@ -198,6 +198,14 @@ def _decode_inputs(L, batch, hkv=2, hq=32, d=128):
     return q, kc, vc, sl, kf, kco
 
 
+def _dense_decode_graph_us(q, k_cache, v_cache):
+    """One dense SDPA decode step (default backend) under a CUDA graph, in microseconds."""
+    import torch.nn.functional as F
+    qq, kk, vv = q[:, :, None, :], k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
+    return 1e3 * triton.testing.do_bench(graphed(dense), warmup=10, rep=50)
+
+
 @section("decode timing: 128K cache, batch 8")
 def time_decode(L=131072, batch=8):
     torch.manual_seed(0)
@@ -286,10 +294,7 @@ def tune(L=131072, batch=8):
     # decode at 128K, batch 8, compressed keys given
     cfg = SparseConfig()
     qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
-    qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
-    import torch.nn.functional as F
-    dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
-    out["dense_graph_us"] = 1e3 * triton.testing.do_bench(graphed(dense), warmup=10, rep=50)
+    out["dense_graph_us"] = _dense_decode_graph_us(qd, kc, vc)
     ref = None
     table = []
     from infllmv2.ops.triton import decode as dec_mod
@@ -330,15 +335,13 @@ def tune(L=131072, batch=8):
 
 @section("A/B: decode step with and without programmatic dependent launch (128K, CUDA graph)")
 def decode_pdl_ab(L=131072):
-    import torch.nn.functional as F
     cfg = SparseConfig()
     out = {}
+    default = sel_mod.DECODE_PDL
     for batch in (8, 1):
         torch.manual_seed(0)
         qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
-        qq, kk, vv = qd[:, :, None, :], kc.transpose(1, 2), vc.transpose(1, 2)
-        dense = lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)  # noqa: E731
-        row = dict(dense_graph_us=1e3 * triton.testing.do_bench(graphed(dense), warmup=10, rep=50))
+        row = dict(dense_graph_us=_dense_decode_graph_us(qd, kc, vc))
         fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
         ref = None
         for pdl in (False, True, False, True):  # twice each, interleaved
@@ -354,7 +357,7 @@ def decode_pdl_ab(L=131072):
         out[batch] = row
         print(batch, json.dumps(row), flush=True)
         del qd, kc, vc, kf, kco
-    sel_mod.DECODE_PDL = True
+    sel_mod.DECODE_PDL = default
     RESULTS["decode_pdl_ab"] = out
 
 

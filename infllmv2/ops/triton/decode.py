@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _pdl_start, _select_core,
-                        _use_pdl, config_args)
+from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _pdl_launch_args,
+                        _pdl_start, _select_core, config_args)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -232,7 +232,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         return (out, torch.empty((hkv, 0, config.budget), dtype=torch.int32, device=dev)) if return_block_indices else out
     lens = cache_seqlens
     B = config.block_size
-    pdl = dict(PDL=True, launch_pdl=True) if _use_pdl(dev) else {}
+    pdl = _pdl_launch_args(dev)
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
         if sparse_possible:

@@ -58,9 +58,12 @@ def _next_pow2(x: int) -> int:
 DECODE_PDL = os.environ.get("INFLLMV2_DECODE_PDL", "1") == "1"
 
 
-def _use_pdl(device: torch.device) -> bool:
-    return (DECODE_PDL and not _INTERPRET and gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+def _pdl_launch_args(device: torch.device) -> dict:
+    """Launch arguments of a kernel in the decode chain: PDL on Hopper or newer (not in the interpreter)."""
+    if (DECODE_PDL and not _INTERPRET and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9):
+        return dict(PDL=True, launch_pdl=True)
+    return {}
 
 
 @triton.jit
@@ -499,7 +502,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # decoding (measured there in the fourth session)
     ns = num_stages or (3 if decode else 2)
     kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
-    pdl = dict(PDL=True, launch_pdl=True) if decode and _use_pdl(dev) else {}
+    pdl = _pdl_launch_args(dev) if decode else {}
 
     # query tiles (never across sequences)
     max_prefix = max_seqlen_k  # keys before each sequence's first query: no bound known

@@ -410,7 +410,7 @@ def _sparse_bwd_dkdv_kernel(
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
-    T: tl.constexpr, TB: tl.constexpr,
+    T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr,
 ):
     """One program per (tile, KV head): the sorted union of the blocks its T tokens selected and, per
     union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``). UB must be
@@ -425,16 +425,16 @@ def _tile_union_kernel(
     in_tile = (e < T * budget) & (j < nq)
     g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + e % budget, mask=in_tile, other=-1)
     valid = in_tile & (g >= 0) & (g * block_size <= pos0 + j)
-    key = tl.sort(tl.where(valid, g * 64 + j, 2147483647))  # (block, token), 64 = bits of the token mask
-    ok = key != 2147483647
-    blk = key // 64
+    key = tl.sort(tl.where(valid, g * TOK_BITS + j, PAD))  # (block, token)
+    ok = key != PAD
+    blk = key // TOK_BITS
     prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
     first = ok & ((e == 0) | (prev_blk != blk))
     seg = tl.cumsum(first.to(tl.int32), 0) - 1
     keep = ok & (seg < u_cap)
     base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
     tl.store(UB + base + seg, blk, mask=first & keep)
-    tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << (key % 64).to(tl.int64), mask=keep)
+    tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << (key % TOK_BITS).to(tl.int64), mask=keep)
     tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(first.to(tl.int32), 0), u_cap))
 
 
@@ -458,8 +458,7 @@ else:
         warps = 8 if rows * kw.get("D", 128) >= 128 * 128 else 4
         return [c for c in configs if c.num_warps == warps] or configs
 
-    _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
-    _key = _key + ["TMA", "ROW_MASK"]
+    _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST", "TMA", "ROW_MASK"]
     _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
     _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
         _sparse_bwd_dq_kernel)
@@ -515,7 +514,7 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
     hkv, total_q, budget = block_indices.shape
     n_tiles = tile_q0.shape[0]
     tb = _next_pow2(max(T * budget, 16))
-    if not UNION_KERNEL or tb > UNION_KERNEL_MAX or block_indices.device.type == "cpu" and not _INTERPRET:
+    if not UNION_KERNEL or tb > UNION_KERNEL_MAX or (block_indices.device.type == "cpu" and not _INTERPRET):
         return _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T, block_size, u_cap)
     dev = block_indices.device
     block_indices = block_indices.contiguous()
@@ -526,7 +525,8 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
         _tile_union_kernel[(n_tiles, hkv)](
             block_indices, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt,
             block_indices.stride(0), block_indices.stride(1), ub.stride(0), ub.stride(1), cnt.stride(0),
-            budget, u_cap, block_size, T=T, TB=tb, num_warps=4 if tb <= 1024 else 8)
+            budget, u_cap, block_size, T=T, TB=tb, PAD=_PAD_KEY, TOK_BITS=_MAX_TOKENS_PER_TILE,
+            num_warps=4 if tb <= 1024 else 8)
     else:
         cnt.zero_()
     return ub, ubits, cnt

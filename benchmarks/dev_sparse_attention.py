@@ -228,9 +228,17 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
                                                               pair=pair))
             out, lse, resid = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, scale, block_m=bm, need_resid=True,
                                           pair=pair)
-            row[f"bwd_ms_{tag}"] = bench(
-                lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
-                                     block_m=bm, pair=pair), rep=100)
+            for tok in args.dkdv_tokens:  # dk/dv over the token-level index vs over the union tiles
+                row[f"bwd_ms_{tag}_dkdvtok{int(tok)}"] = bench(
+                    lambda: SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
+                                         block_m=bm, pair=pair, dkdv_tokens=tok), rep=100)
+            if len(args.dkdv_tokens) > 1:  # the two dk/dv paths agree (fp32 atomics: not bitwise)
+                g0, g1 = (SA._backward(do, qd, kd, vd, out, lse, bi, B, cu, cu, n, n, scale, resid=resid,
+                                       block_m=bm, pair=pair, dkdv_tokens=t) for t in (False, True))
+                row[f"dkdv_paths_maxdiff_{tag}"] = [round((a.float() - b.float()).abs().max().item(), 5)
+                                                    for a, b in zip(g0[1:], g1[1:])]
+                row[f"dkdv_paths_maxabs_{tag}"] = [round(a.float().abs().max().item(), 3) for a in g0[1:]]
+                del g0, g1
             del out, lse, resid
         SA.TMA_LOADS, SA.ROW_MASK = defaults[1:]
     torch.cuda.synchronize()
@@ -336,6 +344,7 @@ def main():
     ap.add_argument("--tma", default="0", help="TMA K/V load variants to compare, e.g. 0,1")
     ap.add_argument("--row-mask", default="1", help="row-bias masking variants to compare, e.g. 0,1")
     ap.add_argument("--union-kernel", default="1", help="union build variants to compare, e.g. 0,1")
+    ap.add_argument("--dkdv-tokens", default="1", help="dk/dv over the token-level index (1) or union tiles (0)")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")
     ap.add_argument("--no-check", action="store_true")
@@ -347,6 +356,7 @@ def main():
     args.tma = [x == "1" for x in args.tma.split(",")]
     args.union_kernel = [x == "1" for x in args.union_kernel.split(",")]
     args.row_mask = [x == "1" for x in args.row_mask.split(",")]
+    args.dkdv_tokens = [x == "1" for x in args.dkdv_tokens.split(",")]
     SA.TMA_LOADS = SA.TMA_LOADS or any(args.tma)  # the checks and public-API timings take the new path
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     t0 = time.time()

@@ -157,6 +157,37 @@ def test_internal_variants(pair, exact_delta, tma, monkeypatch):
            variant=dict(pair=pair, exact_delta=exact_delta))
 
 
+@pytest.mark.parametrize("dkdv_tokens", [True, False])
+def test_messy_selections_both_dkdv_paths(dkdv_tokens):
+    # block lists as a caller may pass them: unsorted, a block repeated within a row (counts once, as in
+    # the reference's mask), -1 between entries, future blocks (ignored); dk/dv over the token-level
+    # transposed index and over the forward's union tiles
+    gen = torch.Generator().manual_seed(11)
+    lens_q, lens_k = [40, 23], [70, 23]
+    hq, hkv, d, bs, budget = 4, 2, 32, 16, 6
+    q, k, v, dout, _, cu_q, cu_k = _make_case(lens_q, lens_k, hq, hkv, d, "all", seed=11)
+    bi = torch.cat([torch.randint(-1, -(-nk // bs), (hkv, nq, budget), generator=gen, dtype=torch.int32)
+                    for nq, nk in zip(lens_q, lens_k)], 1)
+    bi[:, :, 0] = 0
+    bi[:, ::3, 2] = bi[:, ::3, 1]  # repeats, adjacent and not
+    bi[:, 1::4, 5] = bi[:, 1::4, 1]
+    assert any(torch.unique(r[r >= 0]).numel() < (r >= 0).sum() for r in bi.reshape(-1, budget))
+    q, k, v, dout = (x.to(torch.bfloat16).float() for x in (q, k, v, dout))
+    scale = d ** -0.5
+    exact = _reference(q, k, v, dout, bi, lens_q, lens_k, bs, scale, torch.float64)
+    low = _reference(q, k, v, dout, bi, lens_q, lens_k, bs, scale, torch.bfloat16)
+    qt, kt, vt, do = (x.to(torch.bfloat16).to(DEV).contiguous() for x in (q, k, v, dout))
+    out, lse, resid = SA._forward(qt, kt, vt, bi.to(DEV), bs, cu_q.to(DEV), cu_k.to(DEV), max(lens_q), max(lens_k),
+                                  scale, need_resid=True)
+    grads = SA._backward(do, qt, kt, vt, out, lse, bi.to(DEV), bs, cu_q.to(DEV), cu_k.to(DEV), max(lens_q),
+                         max(lens_k), scale, resid=resid, dkdv_tokens=dkdv_tokens)
+    for name, e, lo, g in zip(("dq", "dk", "dv"), exact[2:], low[2:], grads):
+        g = g.double().cpu()
+        err_ref = (lo - e).abs().max().item()
+        err = (g - e).abs().max().item()
+        assert err <= 2 * err_ref + 1e-3 * max(1.0, e.abs().max().item()), (name, err, err_ref)
+
+
 @pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40)])
 def test_union_kernel_equals_torch(T, budget, u_cap):
     # the Triton union build against the segmented torch.sort version: random block lists with -1

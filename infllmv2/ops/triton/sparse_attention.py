@@ -70,6 +70,9 @@ TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
 # causal mask runs only on blocks that reach past a tile's first token (else a select per score).
 ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
+# dk/dv over the tokens that selected each key block, T of them per step (a token-level transposed index),
+# instead of over the union tiles of the forward, which carry rows that did not select the block.
+DKDV_TOKENS = os.environ.get("INFLLMV2_SPARSE_DKDV_TOKENS", "1") == "1"
 
 
 def _next_pow2(x: int) -> int:
@@ -407,6 +410,86 @@ def _sparse_bwd_dkdv_kernel(
     tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
 
 @triton.jit
+def _sparse_bwd_dkdv_tok_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    CH_GB, CH_START, CH_END, E_TOK, GB_SEQ, GB_BLK, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_lse_h, stride_ch_h, stride_e_h,
+    scale, scale_log2,
+    G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (chunk of the tokens that selected one key block, KV head). Each step takes the
+    next T of those tokens (sorted ascending, from anywhere in the sequence) and their G heads as its
+    BLOCK_M rows: every row selected the block, so no step is spent on rows that did not (the union
+    tiles of the forward carry such rows: 1.25x the selected blocks on `local` inputs, 2.5x on `random`)."""
+    pid_c = tl.program_id(0)
+    h = tl.program_id(1)
+    chb = h.to(tl.int64) * stride_ch_h + pid_c
+    gb = tl.load(CH_GB + chb)
+    if gb < 0:
+        return
+    start = tl.load(CH_START + chb)
+    end = tl.load(CH_END + chb)
+    seq = tl.load(GB_SEQ + gb)
+    blk = tl.load(GB_BLK + gb)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+    len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+    # position of query row r in its sequence: r + pos_shift (the queries are the last len_q of len_k keys)
+    pos_shift = len_k - tl.load(CU_Q + seq + 1)
+
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = blk * BLOCK_N + offs_n
+    kmask = kpos < len_k
+    krow = k0 + kpos.to(tl.int64)
+    k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    rows = tl.arange(0, BLOCK_M)
+    j = rows // G
+    head = h * G + rows % G
+    row_in = rows < T * G
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    ebase = E_TOK + h.to(tl.int64) * stride_e_h
+    for e in range(start, end, T):
+        ej = e + j
+        ok = row_in & (ej < end)
+        tok = tl.load(ebase + ej, mask=ok, other=0)
+        # a block listed twice in a token's row counts once, as in the forward (its entries are adjacent)
+        ok = ok & (tok != tl.load(ebase + ej - 1, mask=ok & (ej > start), other=-1))
+        qrow = tok.to(tl.int64)
+        q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)
+        do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                     mask=ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse_ptr = head.to(tl.int64) * stride_lse_h + qrow
+        lse = tl.load(LSE + lse_ptr, mask=ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + lse_ptr, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.exp2(s * scale_log2 + tl.where(ok, -lse2, float("-inf"))[:, None])
+        # causal mask only where the block reaches past the step's first (smallest) token
+        if (blk + 1) * BLOCK_N > tl.load(ebase + e) + pos_shift + 1:
+            p = tl.where(kpos[None, :] <= (tok + pos_shift)[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * scale
+    tl.atomic_add(DK + krow[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk, mask=kmask[:, None])
+    tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
+
+
+@triton.jit
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
@@ -445,6 +528,7 @@ if _INTERPRET:
     _fwd_launch = _sparse_fwd_kernel
     _dq_launch = _sparse_bwd_dq_kernel
     _dkdv_launch = _sparse_bwd_dkdv_kernel
+    _dkdv_tok_launch = _sparse_bwd_dkdv_tok_kernel
     _LAUNCH_KW = dict(num_warps=4, num_stages=1)
     _DKDV_KW = _LAUNCH_KW
 else:
@@ -464,6 +548,9 @@ else:
         _sparse_bwd_dq_kernel)
     _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
                                    prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
+    _dkdv_tok_launch = triton.autotune(configs=_dkdv_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"],
+                                       reset_to_zero=["DK", "DV"],
+                                       prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_tok_kernel)
     _LAUNCH_KW = {}
     _DKDV_KW = {}
 
@@ -566,11 +653,10 @@ def _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block
     return ub, ubits, cnt
 
 
-def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
-    """Per KV head: entries (tile, bits) sorted by (global key block, tile), cut into chunks of at most
-    `chunk` entries of one block. Returns chunk table (gb, start, end), entries, block table."""
-    hkv, n_tiles, width = ub.shape
-    dev = ub.device
+def _key_block_table(cu_k, block_size: int, total_k: int, batch: int):
+    """Global key blocks (sequence by sequence): first global block of each sequence, an upper bound
+    ``ngb`` on their number, and per global block its sequence and block index in it."""
+    dev = cu_k.device
     cu_k64 = cu_k.long()
     len_k = cu_k64[1:] - cu_k64[:-1]
     nbs = (len_k + block_size - 1) // block_size
@@ -582,24 +668,20 @@ def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: i
     gb_ok = gb_seq < batch
     gb_seq_c = gb_seq.clamp(max=max(batch - 1, 0))
     gb_blk = torch.where(gb_ok, gids - blk_off[gb_seq_c], 0).to(torch.int32)
-    gb_seq_c = gb_seq_c.to(torch.int32)
+    return blk_off, ngb, gb_seq_c.to(torch.int32), gb_blk
 
-    slot = torch.arange(width, device=dev)
-    ok = (slot[None, None, :] < cnt[..., None]) & (tile_seq >= 0)[None, :, None]
-    tseq = tile_seq.long().clamp(min=0)
-    gb = blk_off[tseq][None, :, None] + ub.long()
-    tiles = torch.arange(n_tiles, device=dev)
-    big = ngb * n_tiles
-    key = torch.where(ok, gb * n_tiles + tiles[None, :, None], big).view(hkv, -1)
-    key, order = torch.sort(key, dim=-1)
-    e_tile = (key % n_tiles).to(torch.int32)
-    e_bits = torch.gather(ubits.view(hkv, -1), 1, order)
-    bounds = torch.arange(ngb + 1, device=dev) * n_tiles
+
+def _chunk_table(key, bounds, ngb: int, chunk: int):
+    """Per KV head, entries sorted by ``key`` (``(hkv, n)``), whose global block g owns the keys in
+    ``[bounds[g], bounds[g+1])``, cut into chunks of at most ``chunk`` entries of one block. Returns
+    (gb, start, end) per chunk, ``gb = -1`` past the last one (the number of chunks is bounded from the
+    shapes alone, so no host synchronisation)."""
+    hkv, n_entries = key.shape
+    dev = key.device
     off = torch.searchsorted(key, bounds[None, :].expand(hkv, -1).contiguous())  # (hkv, ngb+1)
     count = off[:, 1:] - off[:, :-1]
     nch = (count + chunk - 1) // chunk
     cumch = torch.cumsum(nch, -1)
-    n_entries = n_tiles * width
     nch_max = (n_entries + chunk - 1) // chunk + ngb
     cid = torch.arange(nch_max, device=dev)
     cgb = torch.searchsorted(cumch, cid[None, :].expand(hkv, -1).contiguous(), right=True)
@@ -613,7 +695,51 @@ def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: i
     ch_gb = torch.where(cvalid, cgb_c, -1).to(torch.int32)
     ch_start = torch.where(cvalid, cstart, 0).to(torch.int32)
     ch_end = torch.where(cvalid, cend, 0).to(torch.int32)
-    return ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq_c, gb_blk
+    return ch_gb, ch_start, ch_end
+
+
+def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
+    """Per KV head: entries (tile, bits) sorted by (global key block, tile), cut into chunks of at most
+    `chunk` entries of one block. Returns chunk table (gb, start, end), entries, block table."""
+    hkv, n_tiles, width = ub.shape
+    dev = ub.device
+    blk_off, ngb, gb_seq, gb_blk = _key_block_table(cu_k, block_size, total_k, batch)
+    slot = torch.arange(width, device=dev)
+    ok = (slot[None, None, :] < cnt[..., None]) & (tile_seq >= 0)[None, :, None]
+    tseq = tile_seq.long().clamp(min=0)
+    gb = blk_off[tseq][None, :, None] + ub.long()
+    tiles = torch.arange(n_tiles, device=dev)
+    big = ngb * n_tiles
+    key = torch.where(ok, gb * n_tiles + tiles[None, :, None], big).view(hkv, -1)
+    key, order = torch.sort(key, dim=-1)
+    e_tile = (key % n_tiles).to(torch.int32)
+    e_bits = torch.gather(ubits.view(hkv, -1), 1, order)
+    bounds = torch.arange(ngb + 1, device=dev) * n_tiles
+    ch_gb, ch_start, ch_end = _chunk_table(key, bounds, ngb, chunk)
+    return ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk
+
+
+def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
+    """Per KV head, the (token, selected block) pairs sorted by global key block, tokens ascending
+    within a block (a stable sort of the token-major selection), cut into chunks of at most `chunk`
+    tokens of one block; blocks a token cannot see (causality) or -1 entries are dropped. Returns
+    chunk table (gb, start, end), the tokens (global query rows), block table."""
+    hkv, total_q, budget = block_indices.shape
+    dev = block_indices.device
+    blk_off, ngb, gb_seq, gb_blk = _key_block_table(cu_k, block_size, total_k, batch)
+    cu_q64, cu_k64 = cu_q.long(), cu_k.long()
+    tok = torch.arange(total_q, device=dev)
+    tseq = torch.searchsorted(cu_q64[1:], tok, right=True).clamp(max=max(batch - 1, 0))
+    pos = tok - cu_q64[1:][tseq] + (cu_k64[1:] - cu_k64[:-1])[tseq]
+    b = block_indices.long()
+    valid = (b >= 0) & (b * block_size <= pos[None, :, None])
+    kdt = torch.int32 if ngb < 2 ** 31 - 1 else torch.int64
+    key = torch.where(valid, blk_off[tseq][None, :, None] + b, ngb).to(kdt).view(hkv, -1)
+    key, order = torch.sort(key, dim=-1, stable=True)
+    e_tok = torch.div(order, budget, rounding_mode="floor").to(torch.int32)
+    bounds = torch.arange(ngb + 1, device=dev, dtype=kdt)
+    ch_gb, ch_start, ch_end = _chunk_table(key, bounds, ngb, chunk)
+    return ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk
 
 
 class _Plan:
@@ -710,7 +836,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
 
 
 def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-              resid=None, block_m=None, chunk=None, exact_delta=None, pair=None):
+              resid=None, block_m=None, chunk=None, exact_delta=None, pair=None, dkdv_tokens=None):
     """-> dq, dk, dv. delta = rowsum(dO * O) uses O + resid when resid is given (exact), else either a
     recomputation pass (exact_delta, default EXACT_DELTA) or the stored O as FlashAttention does."""
     total_q, hq, d = q.shape
@@ -743,10 +869,24 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
     )
     if chunk is None:
         chunk = 8 if _INTERPRET else 64
-    ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk = _transpose_index(
-        plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if DKDV_TOKENS if dkdv_tokens is None else dkdv_tokens:
+        ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk = _token_index(
+            block_indices, cu_q, cu_k, block_size, total_k, plan.batch, chunk * plan.T)
+        _dkdv_tok_launch[(ch_gb.shape[1], hkv)](
+            q, k, v, do, lse, delta, dk32, dv32,
+            ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1),
+            lse.stride(0), ch_gb.stride(0), e_tok.stride(0),
+            scale, scale * _LOG2E,
+            G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+            UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
+        )
+        return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
+    ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk = _transpose_index(
+        plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
     tma_q = _use_tma(q, do, block_size, 2 if pair else 1) and plan.T * plan.G == plan.BLOCK_M
     qa, doa = ((TensorDescriptor(x, list(x.shape), list(x.stride()), [plan.T, plan.G, d]) for x in (q, do))
                if tma_q else (q, do))

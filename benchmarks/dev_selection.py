@@ -283,7 +283,7 @@ def tune(L=131072, batch=8):
     cu = torch.tensor([0, L], dtype=torch.int32, device=DEV)
     f = lambda: select_blocks_triton(q, k, cfg, cu, cu, L, L)  # noqa: E731
     res = {}
-    for warps in (None,):
+    for warps in (None, 2):
         sel_mod._SELECT_WARPS = warps
         res[warps] = f()
         out[f"prefill_select_ms_warps{warps}"] = triton.testing.do_bench(f, warmup=3, rep=15)
@@ -299,10 +299,11 @@ def tune(L=131072, batch=8):
     table = []
     from infllmv2.ops.triton import decode as dec_mod
     defaults = sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS
-    grid = [(None, 32, None, {})]  # {}: today's defaults
-    # the decode top-k has one row per program (16 programs), latency-bound on its reductions: bits decided per
-    # step (1: up to 31 steps, 2: 16, 4: 8) x warps
-    grid += [(w, 32, None, dict(select_bits=b)) for b in (1, 2, 4) for w in (None, 8)]
+    old_scoring = dict(transposed=False, num_stages=2, num_warps=4)  # decode scoring before the fourth session
+    grid = [(None, 16, 6, old_scoring), (None, 32, None, old_scoring)]  # the old defaults first
+    grid += [(w, 32, None, {}) for w in (None, 8)]  # {}: today's defaults
+    # the decode top-k has one row per program (16 programs): fewer warps shorten its 31 reductions
+    grid += [(None, 32, None, dict(select_warps=w)) for w in (1, 2)]
     for warps, splits, bps, opts in grid:
         sel_mod._SELECT_WARPS, sel_mod._DECODE_SPLITS, dec_mod._DECODE_SELECT_OPTS = warps, splits, opts
         fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco,  # noqa: E731

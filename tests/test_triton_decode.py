@@ -40,14 +40,10 @@ def test_decode_matches_reference_fp32(lse_approx, dense_len, g, hkv, d):
             assert torch.equal(idx[:, i], naive.select_blocks(q[i:i + 1], kc[i, :n], cfg)[:, 0])
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_decode_topk_bits_per_step_same_selection(bits, monkeypatch):
-    # the decode top-k decides several threshold bits per step; any width (3 leaves a 1-bit last step)
-    # selects what the reference does with distinct scores, and with bitwise ties (keys repeating with
-    # the block period make every candidate block score equal) keeps the lowest blocks (the float64
-    # reference's own rounding is not tie-consistent there, so row 1 is checked against the rule itself)
-    from infllmv2.ops.triton import selection
-    monkeypatch.setattr(selection, "_DECODE_TOPK_BITS", bits)
+def test_decode_topk_ties_prefer_lower_blocks():
+    # the decode top-k selects what the reference does with distinct scores, and with bitwise ties (keys
+    # repeating with the block period make every candidate block score equal) keeps the lowest blocks (the
+    # float64 reference's own rounding is not tie-consistent there, so row 1 is checked against the rule)
     cfg = SparseConfig(dense_len=-1, **SMALL)
     lens = [300, 230, 151]
     q, kc, vc, sl = _cache(lens, 300, 4, 2, 16, torch.float32, seed=9)

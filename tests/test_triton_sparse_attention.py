@@ -157,11 +157,11 @@ def test_internal_variants(pair, exact_delta, tma, monkeypatch):
            variant=dict(pair=pair, exact_delta=exact_delta))
 
 
-@pytest.mark.parametrize("dkdv_tokens", [True, False])
-def test_messy_selections_both_dkdv_paths(dkdv_tokens):
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_messy_selections(chunk):
     # block lists as a caller may pass them: unsorted, a block repeated within a row (counts once, as in
-    # the reference's mask), -1 between entries, future blocks (ignored); dk/dv over the token-level
-    # transposed index and over the forward's union tiles
+    # the reference's mask: the dk/dv kernel's token index must drop the repeat), -1 between entries,
+    # future blocks (ignored); dk/dv chunks of 1 or 3 steps of T tokens (many programs per key block)
     gen = torch.Generator().manual_seed(11)
     lens_q, lens_k = [40, 23], [70, 23]
     hq, hkv, d, bs, budget = 4, 2, 32, 16, 6
@@ -180,7 +180,7 @@ def test_messy_selections_both_dkdv_paths(dkdv_tokens):
     out, lse, resid = SA._forward(qt, kt, vt, bi.to(DEV), bs, cu_q.to(DEV), cu_k.to(DEV), max(lens_q), max(lens_k),
                                   scale, need_resid=True)
     grads = SA._backward(do, qt, kt, vt, out, lse, bi.to(DEV), bs, cu_q.to(DEV), cu_k.to(DEV), max(lens_q),
-                         max(lens_k), scale, resid=resid, dkdv_tokens=dkdv_tokens)
+                         max(lens_k), scale, resid=resid, chunk=chunk)
     for name, e, lo, g in zip(("dq", "dk", "dv"), exact[2:], low[2:], grads):
         g = g.double().cpu()
         err_ref = (lo - e).abs().max().item()

@@ -47,7 +47,6 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # 3 us a call, 64 gained nothing; NOTES_selection.md)
 _DECODE_SPLITS = 32
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
-_DECODE_TOPK_BITS = 2  # bits the decode top-k decides per step (prefill: 1)
 
 
 def _next_pow2(x: int) -> int:
@@ -401,12 +400,8 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, PDL: tl.constexpr = False,
-                   RADIX_BITS: tl.constexpr = 1):
-    """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k. The threshold search
-    decides RADIX_BITS bits a step (2**RADIX_BITS - 1 thresholds counted in one reduction): 1 for prefill,
-    which is bound by its compare-and-count work, more for decoding, where a few rows wait on the
-    reductions' latency."""
+                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, PDL: tl.constexpr = False):
+    """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
@@ -433,28 +428,13 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     thr = tl.zeros((SEL_T,), tl.int32)
     cnt_thr = n_cand  # count(key >= thr)
     bit = 30
-    if RADIX_BITS == 1:
-        while (bit >= 0) & (tl.max(cnt_thr - need, 0) > 0):
-            c = thr | (1 << bit)
-            cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
-            upd = cnt >= need
-            thr = tl.where(upd, c, thr)
-            cnt_thr = tl.where(upd, cnt, cnt_thr)
-            bit -= 1
-    else:
-        # bits [lo, bit] a step: thresholds thr | m << lo for m = 1 .. 2**RADIX_BITS - 1 (counts fall with m),
-        # keep the largest m whose count still reaches `need` (in a last, narrower step an m past the width
-        # only repeats a threshold already tried or sets a bit already rejected, so it changes nothing)
-        m = tl.arange(0, 1 << RADIX_BITS)[None, :]
-        while (bit >= 0) & (tl.max(cnt_thr - need, 0) > 0):
-            lo = tl.maximum(bit - (RADIX_BITS - 1), 0)
-            c = thr[:, None] | (m << lo)
-            cnt = tl.sum((key[:, None, :] >= c[:, :, None]).to(tl.int32), 2)
-            cnt = tl.where(m == 0, cnt_thr[:, None], cnt)
-            best = tl.max(tl.where(cnt >= need[:, None], m, 0), 1)
-            thr = thr | (best << lo)
-            cnt_thr = tl.sum(tl.where(m == best[:, None], cnt, 0), 1)
-            bit = lo - 1
+    while (bit >= 0) & (tl.max(cnt_thr - need, 0) > 0):
+        c = thr | (1 << bit)
+        cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
+        upd = cnt >= need
+        thr = tl.where(upd, c, thr)
+        cnt_thr = tl.where(upd, cnt, cnt_thr)
+        bit -= 1
     gt = key > thr[:, None]
     need_eq = need - tl.sum(gt.to(tl.int32), 1)
     eq = key == thr[:, None]
@@ -485,7 +465,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode: bool = False,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, transposed: bool | None = None, tiles=None,
-                 select_warps: int | None = None, select_bits: int | None = None):
+                 select_warps: int | None = None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
@@ -593,7 +573,6 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks,
-            RADIX_BITS=select_bits or (_DECODE_TOPK_BITS if decode else 1),
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
             **pdl)
     return out

@@ -21,10 +21,13 @@ Design (the reuse that a per-token kernel lacks):
   Hopper K/V blocks (and the dk/dv kernel's Q/dO tiles) load as TMA boxes.
 * Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``, from O plus the forward's saved
   bf16/fp16 rounding residual, so delta is exact) with the forward's structure; ``dk/dv``
-  per (KV head, key block) over the tiles whose union holds that block. The transposed index is a
-  sort of the union entries by (global block, tile) on the GPU, cut into chunks of at most
-  ``CHUNK`` tiles so that heavily shared blocks (the attention sink) are split over several
-  programs, which accumulate into fp32 buffers with atomics.
+  per (KV head, key block) over exactly the tokens that selected the block, T of them (from anywhere
+  in the sequence) per step: no rows that did not select it, unlike the forward's union tiles (at
+  128K on the H200 this halved the backward on `random` selections, 343 -> 175 ms, and cut it
+  175 -> 132 ms on `local` ones). That token-level transposed index is a stable sort of the
+  (token, block) pairs by global block on the GPU, cut into chunks of at most ``chunk`` steps so that
+  heavily shared blocks (the attention sink) are split over several programs, which accumulate into
+  fp32 buffers with atomics.
 
 Registered as ``torch.ops.infllmv2.sparse_attention_fwd`` / ``..._bwd`` custom ops with a fake
 implementation and autograd, so torch.compile can trace it.
@@ -54,9 +57,9 @@ _PAD_KEY = 2 ** 31 - 1
 # (one extra pass of two matmuls in the dq kernel, ~25% slower backward); False uses the rounded O as
 # FlashAttention does (its gradient error then exceeds the SPEC 2x rule against an fp32 reference).
 EXACT_DELTA = True
-# Pair two union blocks per step (K/V tiles of 2*block_size keys) in the forward and dq kernels, and
-# two query tiles per step in the dk/dv kernel. Measured slower on the H200 (fwd 75 vs 48 ms, bwd 193
-# vs 171 ms at 128K), so off by default; kept as an option (tested in the interpreter).
+# Pair two union blocks per step (K/V tiles of 2*block_size keys) in the forward and dq kernels.
+# Measured slower on the H200 (fwd 75 vs 48 ms at 128K), so off by default; kept as an option (tested in
+# the interpreter).
 PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "0") == "1"
 # Rows per program on the GPU (T = BLOCK_M // G tokens share each K/V block load).
 DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
@@ -70,9 +73,6 @@ TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
 # causal mask runs only on blocks that reach past a tile's first token (else a select per score).
 ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
-# dk/dv over the tokens that selected each key block, T of them per step (a token-level transposed index),
-# instead of over the union tiles of the forward, which carry rows that did not select the block.
-DKDV_TOKENS = os.environ.get("INFLLMV2_SPARSE_DKDV_TOKENS", "1") == "1"
 
 
 def _next_pow2(x: int) -> int:
@@ -312,106 +312,6 @@ def _sparse_bwd_dq_kernel(
 @triton.jit
 def _sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    CH_GB, CH_START, CH_END, E_TILE, E_BITS, GB_SEQ, GB_BLK,
-    TILE_Q0, TILE_NQ, TILE_POS0, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    stride_lse_h, stride_ch_h, stride_e_h,
-    scale, scale_log2,
-    G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    NT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
-):
-    """One program per (chunk of query tiles of one key block, KV head); NT tiles per step (rows
-    [0, BLOCK_M) from the first, [BLOCK_M, 2*BLOCK_M) from the second). TMA: Q and DO are 3-D
-    descriptors (total_q, Hq, D) and a tile's rows (T tokens x G heads = BLOCK_M) load as one box;
-    rows past the tile's tokens hold other finite rows, which row_ok masks out."""
-    pid_c = tl.program_id(0)
-    h = tl.program_id(1)
-    chb = h.to(tl.int64) * stride_ch_h + pid_c
-    gb = tl.load(CH_GB + chb)
-    if gb < 0:
-        return
-    start = tl.load(CH_START + chb)
-    end = tl.load(CH_END + chb)
-    seq = tl.load(GB_SEQ + gb)
-    blk = tl.load(GB_BLK + gb)
-    k0 = tl.load(CU_K + seq).to(tl.int64)
-    len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
-
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    kpos = blk * BLOCK_N + offs_n
-    kmask = kpos < len_k
-    krow = k0 + kpos.to(tl.int64)
-    k = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-
-    rows = tl.arange(0, NT * BLOCK_M)
-    which = rows // BLOCK_M
-    rloc = rows % BLOCK_M
-    tok = rloc // G
-    head = h * G + rloc % G
-    tok64 = tok.to(tl.int64)
-    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    ebase = h.to(tl.int64) * stride_e_h
-    for e in range(start, end, NT):
-        tile_a = tl.load(E_TILE + ebase + e)
-        bits_a = tl.load(E_BITS + ebase + e)
-        if NT == 2:
-            has_b = (e + 1) < end
-            tile_b = tl.where(has_b, tl.load(E_TILE + ebase + e + 1), tile_a)
-            bits_b = tl.where(has_b, tl.load(E_BITS + ebase + e + 1), 0)
-            tile_r = tl.where(which == 0, tile_a, tile_b)
-            bits_r = tl.where(which == 0, bits_a, bits_b)
-        else:
-            tile_r = tile_a + rows * 0
-            bits_r = bits_a + rows.to(tl.int64) * 0
-        q0 = tl.load(TILE_Q0 + tile_r)
-        nq = tl.load(TILE_NQ + tile_r)
-        pos0 = tl.load(TILE_POS0 + tile_r)
-        row_ok = (rloc < T * G) & (tok < nq)
-        qrow = (q0 + tok).to(tl.int64)
-        if TMA:
-            q0a = tl.load(TILE_Q0 + tile_a)
-            q = tl.reshape(Q.load([q0a, h * G, 0]), [BLOCK_M, D])
-            do = tl.reshape(DO.load([q0a, h * G, 0]), [BLOCK_M, D])
-        else:
-            q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse_ptr = head.to(tl.int64) * stride_lse_h + qrow
-        lse = tl.load(LSE + lse_ptr, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA + lse_ptr, mask=row_ok, other=0.0)
-        pos = pos0 + tok
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        sel = ((bits_r >> tok64) & 1) != 0
-        if ROW_MASK:  # as in the forward: a per-row bias, and the causal mask only on a diagonal block
-            p = tl.exp2(s * scale_log2 + tl.where(sel & row_ok, -lse2, float("-inf"))[:, None])
-            if (blk + 1) * BLOCK_N > tl.load(TILE_POS0 + tile_a) + 1:
-                p = tl.where(kpos[None, :] <= pos[:, None], p, 0.0)
-        else:
-            mask = (sel & row_ok)[:, None] & (kpos[None, :] <= pos[:, None])
-            p = tl.where(mask, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    dk = dk * scale
-    tl.atomic_add(DK + krow[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], dk, mask=kmask[:, None])
-    tl.atomic_add(DV + krow[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :], dv, mask=kmask[:, None])
-
-@triton.jit
-def _sparse_bwd_dkdv_tok_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
     CH_GB, CH_START, CH_END, E_TOK, GB_SEQ, GB_BLK, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -460,9 +360,8 @@ def _sparse_bwd_dkdv_tok_kernel(
     for e in range(start, end, T):
         ej = e + j
         ok = row_in & (ej < end)
-        tok = tl.load(ebase + ej, mask=ok, other=0)
-        # a block listed twice in a token's row counts once, as in the forward (its entries are adjacent)
-        ok = ok & (tok != tl.load(ebase + ej - 1, mask=ok & (ej > start), other=-1))
+        tok = tl.load(ebase + ej, mask=ok, other=-1)
+        ok = ok & (tok >= 0)  # -1: a repeat of the previous entry (see _token_index)
         qrow = tok.to(tl.int64)
         q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=ok[:, None], other=0.0)
@@ -477,7 +376,8 @@ def _sparse_bwd_dkdv_tok_kernel(
         delta = tl.load(DELTA + lse_ptr, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.exp2(s * scale_log2 + tl.where(ok, -lse2, float("-inf"))[:, None])
-        # causal mask only where the block reaches past the step's first (smallest) token
+        # causal mask only where the block reaches past the step's first (smallest) token (a -1 there, a
+        # repeat, only makes the test more conservative)
         if (blk + 1) * BLOCK_N > tl.load(ebase + e) + pos_shift + 1:
             p = tl.where(kpos[None, :] <= (tok + pos_shift)[:, None], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
@@ -528,31 +428,19 @@ if _INTERPRET:
     _fwd_launch = _sparse_fwd_kernel
     _dq_launch = _sparse_bwd_dq_kernel
     _dkdv_launch = _sparse_bwd_dkdv_kernel
-    _dkdv_tok_launch = _sparse_bwd_dkdv_tok_kernel
     _LAUNCH_KW = dict(num_warps=4, num_stages=1)
-    _DKDV_KW = _LAUNCH_KW
 else:
     _fwd_cfgs = [triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=2)]
     _dq_cfgs = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
-    _dkdv_cfgs = [triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)]
-
-    def _prune_dkdv(configs, nargs, **kw):
-        """8 warps when the rows x head_dim tile is 128 x 128 or larger, else 4 (halves compile time)."""
-        rows = kw.get("BLOCK_M", 64) * kw.get("NT", 1)
-        warps = 8 if rows * kw.get("D", 128) >= 128 * 128 else 4
-        return [c for c in configs if c.num_warps == warps] or configs
-
+    # (H200, standard shape: 4 warps with 3 stages won at 32K and 128K, both patterns)
+    _dkdv_cfgs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
     _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST", "TMA", "ROW_MASK"]
     _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
     _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
         _sparse_bwd_dq_kernel)
-    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key + ["NT"], reset_to_zero=["DK", "DV"],
-                                   prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_kernel)
-    _dkdv_tok_launch = triton.autotune(configs=_dkdv_cfgs, key=["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"],
-                                       reset_to_zero=["DK", "DV"],
-                                       prune_configs_by={"early_config_prune": _prune_dkdv})(_sparse_bwd_dkdv_tok_kernel)
+    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key[:6], reset_to_zero=["DK", "DV"])(
+        _sparse_bwd_dkdv_kernel)
     _LAUNCH_KW = {}
-    _DKDV_KW = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,27 +586,6 @@ def _chunk_table(key, bounds, ngb: int, chunk: int):
     return ch_gb, ch_start, ch_end
 
 
-def _transpose_index(ub, ubits, cnt, tile_seq, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
-    """Per KV head: entries (tile, bits) sorted by (global key block, tile), cut into chunks of at most
-    `chunk` entries of one block. Returns chunk table (gb, start, end), entries, block table."""
-    hkv, n_tiles, width = ub.shape
-    dev = ub.device
-    blk_off, ngb, gb_seq, gb_blk = _key_block_table(cu_k, block_size, total_k, batch)
-    slot = torch.arange(width, device=dev)
-    ok = (slot[None, None, :] < cnt[..., None]) & (tile_seq >= 0)[None, :, None]
-    tseq = tile_seq.long().clamp(min=0)
-    gb = blk_off[tseq][None, :, None] + ub.long()
-    tiles = torch.arange(n_tiles, device=dev)
-    big = ngb * n_tiles
-    key = torch.where(ok, gb * n_tiles + tiles[None, :, None], big).view(hkv, -1)
-    key, order = torch.sort(key, dim=-1)
-    e_tile = (key % n_tiles).to(torch.int32)
-    e_bits = torch.gather(ubits.view(hkv, -1), 1, order)
-    bounds = torch.arange(ngb + 1, device=dev) * n_tiles
-    ch_gb, ch_start, ch_end = _chunk_table(key, bounds, ngb, chunk)
-    return ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk
-
-
 def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch: int, chunk: int):
     """Per KV head, the (token, selected block) pairs sorted by global key block, tokens ascending
     within a block (a stable sort of the token-major selection), cut into chunks of at most `chunk`
@@ -737,6 +604,10 @@ def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch
     key = torch.where(valid, blk_off[tseq][None, :, None] + b, ngb).to(kdt).view(hkv, -1)
     key, order = torch.sort(key, dim=-1, stable=True)
     e_tok = torch.div(order, budget, rounding_mode="floor").to(torch.int32)
+    # a block listed twice in a token's row counts once, as in the forward's union: after the stable sort the
+    # repeat directly follows the first entry, and becomes -1 (a row the kernel skips)
+    rep = (key[:, 1:] == key[:, :-1]) & (e_tok[:, 1:] == e_tok[:, :-1])
+    e_tok[:, 1:].masked_fill_(rep, -1)
     bounds = torch.arange(ngb + 1, device=dev, dtype=kdt)
     ch_gb, ch_start, ch_end = _chunk_table(key, bounds, ngb, chunk)
     return ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk
@@ -836,7 +707,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
 
 
 def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-              resid=None, block_m=None, chunk=None, exact_delta=None, pair=None, dkdv_tokens=None):
+              resid=None, block_m=None, chunk=None, exact_delta=None, pair=None):
     """-> dq, dk, dv. delta = rowsum(dO * O) uses O + resid when resid is given (exact), else either a
     recomputation pass (exact_delta, default EXACT_DELTA) or the stored O as FlashAttention does."""
     total_q, hq, d = q.shape
@@ -868,38 +739,20 @@ def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_
         ROW_MASK=ROW_MASK and not pair, **_LAUNCH_KW,
     )
     if chunk is None:
-        chunk = 8 if _INTERPRET else 64
+        chunk = 8 if _INTERPRET else 256
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if DKDV_TOKENS if dkdv_tokens is None else dkdv_tokens:
-        ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk = _token_index(
-            block_indices, cu_q, cu_k, block_size, total_k, plan.batch, chunk * plan.T)
-        _dkdv_tok_launch[(ch_gb.shape[1], hkv)](
-            q, k, v, do, lse, delta, dk32, dv32,
-            ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1),
-            lse.stride(0), ch_gb.stride(0), e_tok.stride(0),
-            scale, scale * _LOG2E,
-            G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
-            UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_DKDV_KW,
-        )
-        return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
-    ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk = _transpose_index(
-        plan.ub, plan.ubits, plan.cnt, plan.tile_seq, cu_k, block_size, total_k, plan.batch, chunk)
-    tma_q = _use_tma(q, do, block_size, 2 if pair else 1) and plan.T * plan.G == plan.BLOCK_M
-    qa, doa = ((TensorDescriptor(x, list(x.shape), list(x.stride()), [plan.T, plan.G, d]) for x in (q, do))
-               if tma_q else (q, do))
+    ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk = _token_index(
+        block_indices, cu_q, cu_k, block_size, total_k, plan.batch, chunk * plan.T)
     _dkdv_launch[(ch_gb.shape[1], hkv)](
-        qa, k, v, doa, lse, delta, dk32, dv32,
-        ch_gb, ch_start, ch_end, e_tile, e_bits, gb_seq, gb_blk,
-        plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q, k, v, do, lse, delta, dk32, dv32,
+        ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk32.stride(0), dk32.stride(1), dv32.stride(0), dv32.stride(1),
-        lse.stride(0), ch_gb.stride(0), e_tile.stride(0),
+        lse.stride(0), ch_gb.stride(0), e_tok.stride(0),
         scale, scale * _LOG2E,
-        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NT=2 if pair else 1,
-        UPCAST=_INTERPRET, PREC=_prec(q.dtype), TMA=tma_q, ROW_MASK=ROW_MASK and not pair, **_DKDV_KW,
+        G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d,
+        UPCAST=_INTERPRET, PREC=_prec(q.dtype), **_LAUNCH_KW,
     )
     return dq.to(q.dtype), dk32.to(k.dtype), dv32.to(v.dtype)
 

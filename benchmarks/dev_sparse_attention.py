@@ -265,6 +265,8 @@ def run_timings(n, pattern, args, results, hq=32, hkv=2, d=128, B=64, budget=96,
         o, _ = sparse_attention_triton(q, k, v, bi, B, cu, cu, n, n, scale)
         o.backward(do)
     row["fwd_bwd_ms"] = bench(fb, rep=100)
+    if args.profile:
+        row["fwd_bwd_kernels_ms"] = kernel_ms(fb, top=16)
     row["peak_extra_GiB"] = round((torch.cuda.max_memory_allocated() - m0) / 2 ** 30, 2)
 
     # dense cuDNN baseline

@@ -144,7 +144,7 @@ def test_g16_selected():
 @pytest.mark.parametrize("pair,exact_delta,tma", [(False, True, False), (True, True, False), (False, False, False),
                                                    (False, True, True)])
 def test_internal_variants(pair, exact_delta, tma, monkeypatch):
-    # unpaired blocks / tiles (one K/V block and one query tile per step), TMA box loads of K/V, and the
+    # forward and dq with one or two K/V blocks per step, TMA box loads of K/V, and the
     # two delta modes that the autograd path does not take (it keeps the output's rounding residual
     # instead); the FA-style delta from the rounded O is checked in fp32 only (in bf16 it exceeds the 2x
     # rule).

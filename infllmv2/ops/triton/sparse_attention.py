@@ -18,7 +18,7 @@ Design (the reuse that a per-token kernel lacks):
   The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
   whose token did not select the block (a per-row -inf bias folded into the score scaling) and, on
   blocks that reach past the tile's first token, causality: semantics stay exactly per token. On
-  Hopper K/V blocks (and the dk/dv kernel's Q/dO tiles) load as TMA boxes.
+  Hopper the forward and dq kernels load K/V blocks as TMA boxes.
 * Backward FA2-style: ``dq`` (+ ``delta = rowsum(dO * O)``, from O plus the forward's saved
   bf16/fp16 rounding residual, so delta is exact) with the forward's structure; ``dk/dv``
   per (KV head, key block) over exactly the tokens that selected the block, T of them (from anywhere
@@ -633,7 +633,7 @@ class _Plan:
 
 
 def _use_tma(k, v, block_size: int, nb: int) -> bool:
-    """TMA box loads from two (tokens, heads, d) tensors (K/V, or Q/dO in the dk/dv kernel): Hopper or
+    """TMA box loads from two (tokens, heads, d) tensors (K and V): Hopper or
     newer (or the interpreter), one block per step, and a layout a descriptor can describe (heads and d
     contiguous, 16-byte aligned rows)."""
     if not TMA_LOADS or TensorDescriptor is None or nb != 1 or k.shape[0] == 0:

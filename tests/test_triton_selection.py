@@ -145,6 +145,21 @@ def test_select_fp32_exact_in_small_chunks(monkeypatch):
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
 
 
+@pytest.mark.parametrize("tile", [8, 64])
+def test_select_rows_per_topk_program(tile, monkeypatch):
+    """The top-k programs hold `_SELECT_TILE` block scores: 8 gives one row per program (several programs per
+    query tile), 64 several rows per program; both select what the reference does."""
+    from infllmv2.ops.triton import selection
+    monkeypatch.setattr(selection, "_SELECT_TILE", tile)
+    cfg = SparseConfig(**SMALL)
+    lens_k, lens_q = [300, 97], [300, 40]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 4, 2, 16, torch.float32, seed=13)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k), block_m=32)
+    for i in range(len(lens_k)):
+        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 16 ** -0.5)
+        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
+
+
 def test_select_default_pooling_geometry():
     """kernel 32 / stride 16 / block 64 (windows 4b-1 .. 4b+3), two init blocks, scale given."""
     cfg = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, window_size=64, topk=4, init_blocks=2,

@@ -47,6 +47,10 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # 3 us a call, 64 gained nothing; NOTES_selection.md)
 _DECODE_SPLITS = 32
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
+# block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the bisection's
+# reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
+# 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
+_SELECT_TILE = 1024
 
 
 def _next_pow2(x: int) -> int:
@@ -559,8 +563,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         # sequence is at most its global index x BLOCK_T), so early chunks get a narrower top-k row
         kpos_max = min(max_seqlen_k, max_prefix + (c0 + nt) * BLOCK_T) - 1
         nb_c = min(BLOCK_NB, _next_pow2(kpos_max // B + 1))
-        # rows per select program: keep a (rows, nb_c) tile at <= 4096 elements (registers)
-        sel_t = max(1, min(BLOCK_T, 4096 // nb_c))
+        # rows per select program: keep a (rows, nb_c) tile at <= _SELECT_TILE elements (registers)
+        sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
         _score_kernel[(nt, hkv, n_split)](
             q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
             q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),

@@ -26,8 +26,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--rho", type=float, default=0.97, help="0.97: local selections, 0: random")
-    n = ap.parse_args().n
-    rho = ap.parse_args().rho
+    args = ap.parse_args()
+    n, rho = args.n, args.rho
     hq, hkv, d, B = 32, 2, 128, 64
     torch.manual_seed(0)
     q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -188,6 +188,38 @@ def test_messy_selections(chunk):
         assert err <= 2 * err_ref + 1e-3 * max(1.0, e.abs().max().item()), (name, err, err_ref)
 
 
+def test_token_index_lists_each_blocks_tokens_once_in_order():
+    # the dk/dv kernel's transposed index against a direct construction: per (KV head, global key block), the
+    # tokens that selected the block, ascending, each once (repeats, -1, future blocks and out-of-range
+    # garbage dropped), over chunks of at most 7 entries; sequences of 40, 0 and 23 queries
+    g = torch.Generator().manual_seed(0)
+    lens_q, lens_k, bs = [40, 0, 23], [70, 5, 23], 16
+    cu_q = torch.tensor([0, 40, 40, 63], dtype=torch.int32)
+    cu_k = torch.tensor([0, 70, 75, 98], dtype=torch.int32)
+    bi = torch.randint(-1, 6, (2, 63, 5), generator=g, dtype=torch.int32)
+    bi[0, 3, 2] = 2 ** 30
+    ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk = SA._token_index(bi, cu_q, cu_k, bs, 98, 3, 7)
+    blk_off = [0, 5, 6]
+    assert (ch_end - ch_start).max() <= 7
+    for h in range(2):
+        want = {}
+        for s in range(3):
+            for i in range(lens_q[s]):
+                t, pos = int(cu_q[s]) + i, lens_k[s] - lens_q[s] + i
+                for b in sorted(set(bi[h, t].tolist())):
+                    if 0 <= b and b * bs <= pos:
+                        want.setdefault(blk_off[s] + b, []).append(t)
+        got = {}
+        for c in range(ch_gb.shape[1]):
+            gb = int(ch_gb[h, c])
+            if gb >= 0:
+                assert (int(gb_seq[gb]), int(gb_blk[gb])) == next((s, gb - blk_off[s]) for s in (2, 1, 0)
+                                                                   if gb >= blk_off[s] and lens_k[s])
+                got.setdefault(gb, []).extend(x for x in e_tok[h, int(ch_start[h, c]):int(ch_end[h, c])].tolist()
+                                              if x >= 0)
+        assert got == want
+
+
 @pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40)])
 def test_union_kernel_equals_torch(T, budget, u_cap):
     # the Triton union build against the segmented torch.sort version: random block lists with -1

@@ -598,10 +598,11 @@ def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch
     tok = torch.arange(total_q, device=dev)
     tseq = torch.searchsorted(cu_q64[1:], tok, right=True).clamp(max=max(batch - 1, 0))
     pos = tok - cu_q64[1:][tseq] + (cu_k64[1:] - cu_k64[:-1])[tseq]
-    b = block_indices.long()
-    valid = (b >= 0) & (b * block_size <= pos[None, :, None])
+    # (hkv, total_q, budget) temporaries stay int32 where the sizes allow (they are the index's memory peak)
     kdt = torch.int32 if ngb < 2 ** 31 - 1 else torch.int64
-    key = torch.where(valid, blk_off[tseq][None, :, None] + b, ngb).to(kdt).view(hkv, -1)
+    b = block_indices.to(kdt)
+    valid = (b >= 0) & (b <= torch.div(pos, block_size, rounding_mode="floor").to(kdt)[None, :, None])
+    key = torch.where(valid, blk_off[tseq].to(kdt)[None, :, None] + b, ngb).view(hkv, -1)
     key, order = torch.sort(key, dim=-1, stable=True)
     e_tok = torch.div(order, budget, rounding_mode="floor").to(torch.int32)
     # a block listed twice in a token's row counts once, as in the forward's union: after the stable sort the

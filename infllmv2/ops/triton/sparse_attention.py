@@ -434,11 +434,12 @@ else:
     _dq_cfgs = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
     # (H200, standard shape: 4 warps with 3 stages won at 32K and 128K, both patterns)
     _dkdv_cfgs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
-    _key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST", "TMA", "ROW_MASK"]
+    _shape_key = ["G", "T", "BLOCK_M", "BLOCK_N", "D", "UPCAST"]
+    _key = _shape_key + ["TMA", "ROW_MASK"]
     _fwd_launch = triton.autotune(configs=_fwd_cfgs, key=_key + ["NB", "STORE_RESID"])(_sparse_fwd_kernel)
     _dq_launch = triton.autotune(configs=_dq_cfgs, key=_key + ["NB", "HAS_RESID", "EXACT_DELTA"])(
         _sparse_bwd_dq_kernel)
-    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_key[:6], reset_to_zero=["DK", "DV"])(
+    _dkdv_launch = triton.autotune(configs=_dkdv_cfgs, key=_shape_key, reset_to_zero=["DK", "DV"])(
         _sparse_bwd_dkdv_kernel)
     _LAUNCH_KW = {}
 
@@ -559,13 +560,13 @@ def _key_block_table(cu_k, block_size: int, total_k: int, batch: int):
     return blk_off, ngb, gb_seq_c.to(torch.int32), gb_blk
 
 
-def _chunk_table(key, bounds, ngb: int, chunk: int):
-    """Per KV head, entries sorted by ``key`` (``(hkv, n)``), whose global block g owns the keys in
-    ``[bounds[g], bounds[g+1])``, cut into chunks of at most ``chunk`` entries of one block. Returns
-    (gb, start, end) per chunk, ``gb = -1`` past the last one (the number of chunks is bounded from the
-    shapes alone, so no host synchronisation)."""
+def _chunk_table(key, ngb: int, chunk: int):
+    """Per KV head, entries sorted by their global key block ``key`` (``(hkv, n)``, ``ngb`` past the last),
+    cut into chunks of at most ``chunk`` entries of one block. Returns (gb, start, end) per chunk, ``gb = -1``
+    past the last one (the number of chunks is bounded from the shapes alone, so no host synchronisation)."""
     hkv, n_entries = key.shape
     dev = key.device
+    bounds = torch.arange(ngb + 1, device=dev, dtype=key.dtype)
     off = torch.searchsorted(key, bounds[None, :].expand(hkv, -1).contiguous())  # (hkv, ngb+1)
     count = off[:, 1:] - off[:, :-1]
     nch = (count + chunk - 1) // chunk
@@ -609,8 +610,7 @@ def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch
     # repeat directly follows the first entry, and becomes -1 (a row the kernel skips)
     rep = (key[:, 1:] == key[:, :-1]) & (e_tok[:, 1:] == e_tok[:, :-1])
     e_tok[:, 1:].masked_fill_(rep, -1)
-    bounds = torch.arange(ngb + 1, device=dev, dtype=kdt)
-    ch_gb, ch_start, ch_end = _chunk_table(key, bounds, ngb, chunk)
+    ch_gb, ch_start, ch_end = _chunk_table(key, ngb, chunk)
     return ch_gb, ch_start, ch_end, e_tok, gb_seq, gb_blk
 
 

@@ -361,6 +361,66 @@ def decode_pdl_ab(L=131072):
     RESULTS["decode_pdl_ab"] = out
 
 
+@section("decode step A/B across package versions (128K, CUDA graph); run once per version, compare with --compare")
+def decode_ab(tag, L=131072):
+    """Times one decode step of whichever ``infllmv2`` is importable (run a copy of the repository to time
+    another version) and saves its outputs under $AB_DIR (default /tmp) for ``--compare``; where the version
+    has the knob, both ways of merging the stage-2 partials (combine launch / last split program), interleaved."""
+    import os
+    from infllmv2.ops.triton import decode as dec_mod
+    cfg = SparseConfig()
+    out = {}
+    merges = (False, True, False, True) if hasattr(dec_mod, "_DECODE_MERGE_IN_SPLIT") else (None,)
+    for batch in (8, 1):
+        torch.manual_seed(0)
+        qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
+        fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
+        row = dict(dense_graph_us=round(_dense_decode_graph_us(qd, kc, vc), 1))
+        for merge in merges:
+            if merge is not None:
+                dec_mod._DECODE_MERGE_IN_SPLIT = merge
+            o = fn()
+            name = f"{tag}" if merge is None else f"{tag}_merge{int(merge)}"
+            torch.save(o.cpu(), os.path.join(os.environ.get("AB_DIR", "/tmp"), f"decode_{name}_b{batch}.pt"))
+            g = graphed(fn)
+            r = row.setdefault(name, dict(graph_us=[]))
+            r["graph_us"].append(round(1e3 * triton.testing.do_bench(g, warmup=10, rep=100), 1))
+            r["eager_us"] = round(1e3 * triton.testing.do_bench(fn, warmup=5, rep=30), 1)
+            r["kernels_us"] = _kernel_us(fn)
+            r["launches_us"] = _launches_us(fn)
+            r["speedup"] = round(row["dense_graph_us"] / min(r["graph_us"]), 2)
+        out[batch] = row
+        print(tag, batch, json.dumps(row), flush=True)
+        del qd, kc, vc, kf, kco
+    RESULTS[f"decode_ab_{tag}"] = out
+
+
+def _launches_us(fn):
+    """Each kernel launch of one call in issue order (name, microseconds), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+           and str(e.device_type).endswith("CUDA") and e.name.startswith("_")]
+    evs.sort(key=lambda e: e.time_range.start)
+    t0 = evs[0].time_range.start if evs else 0
+    return [(e.name[:24], round(e.time_range.start - t0, 1), round(e.time_range.elapsed_us(), 1)) for e in evs]
+
+
+def compare_saved(tags):
+    import os
+    base = os.environ.get("AB_DIR", "/tmp")
+    res = {}
+    for batch in (8, 1):
+        outs = [torch.load(os.path.join(base, f"decode_{t}_b{batch}.pt")).float() for t in tags]  # noqa: E501
+        res[batch] = {f"{tags[0]}_vs_{t}": float((outs[0] - o).abs().max()) for t, o in zip(tags[1:], outs[1:])}
+    print("max abs difference of the decode outputs:", res)
+    RESULTS["decode_ab_compare"] = res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -368,9 +428,15 @@ def main():
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--tune", action="store_true", help="only the top-k and decode-split sweep")
     ap.add_argument("--decode-pdl", action="store_true", help="only the decode PDL A/B")
+    ap.add_argument("--decode-ab", metavar="TAG", help="only time the decode step, saving outputs as TAG")
+    ap.add_argument("--compare", nargs="+", metavar="TAG", help="compare the outputs saved by --decode-ab runs")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if args.decode_pdl:
+    if args.compare:
+        compare_saved(args.compare)
+    elif args.decode_ab:
+        decode_ab(args.decode_ab)
+    elif args.decode_pdl:
         decode_pdl_ab()
     elif args.tune:
         tune()
@@ -381,7 +447,8 @@ def main():
         time_selection([32768] if args.quick else [32768, 65536, 131072], args.variants)
         time_decode()
     import os
-    path = os.path.join(os.environ.get("OUT", "."), "dev_selection.json")
+    name = f"dev_selection_{args.decode_ab}.json" if args.decode_ab else "dev_selection.json"
+    path = os.path.join(os.environ.get("OUT", "."), name)
     with open(path, "w") as fh:
         json.dump(RESULTS, fh, indent=1, default=str)
     print("wrote", path)

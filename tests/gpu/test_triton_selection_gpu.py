@@ -123,3 +123,31 @@ def test_decode_left_padded_equals_right_aligned_rows_moved_to_slot_0():
     for i, n in enumerate(lens):  # the same rows starting at slot 0
         k0[i, :n], v0[i, :n] = kc[i, ml - n:], vc[i, ml - n:]
     torch.testing.assert_close(out, infllmv2_decode_triton(q, k0, v0, sl, cfg), atol=0, rtol=0)
+
+
+def test_decode_cuda_graph_replays_equal_eager_steps():
+    # the forced blocks' attention runs on a side stream and the last program per (sequence, KV head) merges
+    # the partials through an atomic ticket: captured once, replayed with new queries and lengths, every replay
+    # must equal the eager step (same kernels, same order of sums)
+    from infllmv2.ops.triton import infllmv2_decode_triton
+    torch.manual_seed(3)
+    cfg = SparseConfig(dense_len=3000)
+    hkv, d, g, ml, b = 2, 128, 16, 20000, 4
+    kc = torch.randn(b, ml, hkv, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn(b, ml, hkv, d, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(b, hkv * g, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.tensor([20000, 7000, 2999, 1], dtype=torch.int32, device=DEV)
+    step = lambda: infllmv2_decode_triton(q, kc, vc, sl, cfg)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(20):
+        q.copy_(torch.randn_like(q))
+        sl.copy_(torch.tensor([20000 - 37 * i, 7000 + 501 * i, 2999 + i, 1 + 900 * i], dtype=torch.int32))
+        graph.replay()
+        torch.testing.assert_close(out, step(), atol=0, rtol=0)

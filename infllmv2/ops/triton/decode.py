@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _next_pow2, _pdl_launch_args,
-                        _pdl_start, _select_core, config_args)
+from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _next_pow2,
+                        _pdl_launch_args, _pdl_start, _select_core, config_args)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -108,27 +108,6 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
                 mask=smask[:, None] & dmask[None, :], other=0.0)
     res = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + bid * stride_xb + hq * stride_xh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def _decode_meta_kernel(lens_ptr, meta_ptr, batch, stride_m, rows1, rows2,
-                        KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """The per-sequence int32 layout the selection kernels read, in one launch (a CUDA-graphed decode step
-    pays a node per launch): rows = index, 1, 0, fine start / count, coarse start / count."""
-    _pdl_start(PDL)
-    i = tl.arange(0, BLOCK)
-    m = i < batch
-    L = tl.load(lens_ptr + i, mask=m, other=0)
-    n1 = tl.where(L >= KS1, (L - KS1) // ST1 + 1, 0)  # windows wholly inside the row's keys
-    n2 = tl.where(L >= KS2, (L - KS2) // ST2 + 1, 0)
-    tl.store(meta_ptr + i, i, mask=m)
-    tl.store(meta_ptr + stride_m + i, i * 0 + 1, mask=m)
-    tl.store(meta_ptr + 2 * stride_m + i, i * 0, mask=m)
-    tl.store(meta_ptr + 3 * stride_m + i, i * rows1, mask=m)
-    tl.store(meta_ptr + 4 * stride_m + i, tl.minimum(n1, rows1), mask=m)
-    tl.store(meta_ptr + 5 * stride_m + i, i * rows2, mask=m)
-    tl.store(meta_ptr + 6 * stride_m + i, tl.minimum(n2, rows2), mask=m)
 
 
 _DECODE_SELECT_OPTS: dict = {}  # tuning knob: kernel options of the decode selection (dev_selection --tune)
@@ -239,30 +218,24 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             kinds = [(k_fine, config.kernel_size, config.kernel_stride)]
             if config.lse_approx:
                 kinds.append((k_coarse, config.coarse_kernel_size, config.coarse_kernel_stride))
-            for given, _, _ in kinds:
-                if given is not None:
-                    _check_given(given, batch, k_cache, q)
-            (_, ks1, st1), (_, ks2, st2) = kinds[0], kinds[-1]
-            rows1, rows2 = (1 if x is None else x.shape[1] for x, _, _ in (kinds[0], kinds[-1]))
-            # the per-sequence layout in one launch (a CUDA-graphed step pays a node per launch): index, 1, 0,
-            # and for given compressed keys their start and count
-            meta = torch.empty((7, batch), dtype=torch.int32, device=dev)
-            _decode_meta_kernel[(1,)](lens, meta, batch, meta.stride(0), rows1, rows2, KS1=ks1, ST1=st1, KS2=ks2,
-                                      ST2=st2, BLOCK=max(16, _next_pow2(batch)), **pdl)
-            ar, ones, zeros, *starts_counts = meta.unbind(0)
             keys = []
-            for (given, kernel, stride), start, count in zip(kinds, starts_counts[0::2], starts_counts[1::2]):
-                if given is None:  # compressed from the cache
-                    kstart = ar * max_len if cache_leftpad is None else ar * max_len + cache_leftpad
-                    c, cs, cn, _ = _compress_core(k_cache.reshape(batch * max_len, hkv, d), kstart, lens, kernel,
-                                                  stride)
-                    keys.append((c, cs, cn))
+            for given, kernel, stride in kinds:
+                if given is None:  # compressed from the cache into the padded (batch, rows) layout
+                    rows = max(1, _compressed_count(max_len, kernel, stride))
+                    kstart = torch.arange(batch, dtype=torch.int32, device=dev) * max_len
+                    if cache_leftpad is not None:
+                        kstart = kstart + cache_leftpad
+                    c, _, _, _ = _compress_core(k_cache.reshape(batch * max_len, hkv, d), kstart, lens, kernel,
+                                                stride, rows_per_seq=rows)
                 else:
-                    keys.append((given.reshape(batch * given.shape[1], hkv, d), start, count))
-            (k1, s1, n1), (k2, s2, n2) = keys[0], keys[-1]
-            # one tile per sequence (its single query); no host synchronisation
-            idx = _select_core(q, k1, k2, ar, ones, lens, s1, n1, s2, n2, max_len, config, scale, decode=True,
-                               tiles=(ar, zeros, batch), **_DECODE_SELECT_OPTS)
+                    _check_given(given, batch, k_cache, q)
+                    rows = given.shape[1]
+                    c = given.reshape(batch * rows, hkv, d)
+                keys.append((c, rows))
+            (k1, rows1), (k2, rows2) = keys[0], keys[-1]
+            # one tile per sequence (its single query); the layout needs no launch and no host synchronisation
+            idx = _select_core(q, k1, k2, lens, lens, lens, lens, lens, lens, lens, max_len, config, scale,
+                               decode_rows=(rows1, rows2), **_DECODE_SELECT_OPTS)
         else:
             idx = torch.full((hkv, batch, config.budget), -1, dtype=torch.int32, device=dev)
 

@@ -83,7 +83,7 @@ def _pdl_start(PDL: tl.constexpr):
 # Compression
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr,
+def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr, c_len_ptr,
                      stride_kt, stride_kh, stride_ot, stride_oh, total_c, D,
                      KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -92,6 +92,7 @@ def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr,
     rmask = rows < total_c
     seq = tl.load(row_seq_ptr + rows, mask=rmask, other=0)
     j = rows - tl.load(c_start_ptr + seq, mask=rmask, other=0)
+    rmask &= j < tl.load(c_len_ptr + seq, mask=rmask, other=0)  # padded layouts hold rows past a sequence's end
     start = (tl.load(k_start_ptr + seq, mask=rmask, other=0) + j * STRIDE).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     m2 = rmask[:, None] & (offs_d < D)[None, :]
@@ -104,32 +105,50 @@ def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int):
+def _compressed_count(k_len, kernel: int, stride: int):
+    """Windows wholly inside each sequence's keys (an int tensor or a Python int)."""
+    if isinstance(k_len, int):
+        return (k_len - kernel) // stride + 1 if k_len >= kernel else 0
+    return torch.where(k_len >= kernel, torch.div(k_len - kernel, stride, rounding_mode="floor") + 1,
+                       torch.zeros_like(k_len)).to(torch.int32)
+
+
+def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
+                   rows_per_seq: int | None = None):
     """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
 
-    Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32).
+    Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
+    or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j, no host sync; cu None).
     """
     nseq = k_start.shape[0]
     dev = k_flat.device
-    c_len = torch.where(k_len >= kernel, torch.div(k_len - kernel, stride, rounding_mode="floor") + 1,
-                        torch.zeros_like(k_len)).to(torch.int32)
-    cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
-    cu[1:] = torch.cumsum(c_len, 0)
-    total_c = int(cu[-1].item()) if nseq else 0
+    c_len = _compressed_count(k_len, kernel, stride)
     H, d = k_flat.shape[1], k_flat.shape[2]
+    if rows_per_seq is None:
+        cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
+        cu[1:] = torch.cumsum(c_len, 0)
+        total_c = int(cu[-1].item()) if nseq else 0
+        c_start = cu[:-1].clone()
+    else:
+        c_len = torch.clamp(c_len, max=rows_per_seq)
+        cu, total_c = None, nseq * rows_per_seq
+        c_start = torch.arange(nseq, dtype=torch.int32, device=dev) * rows_per_seq
     out = torch.empty((total_c, H, d), dtype=k_flat.dtype, device=dev)
     if total_c:
         if k_flat.stride(-1) != 1:
             k_flat = k_flat.contiguous()
-        row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len,
-                                          output_size=total_c)
+        if rows_per_seq is None:
+            row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len,
+                                              output_size=total_c)
+        else:
+            row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
         BLOCK_C = 16 if _INTERPRET else 32
         grid = (triton.cdiv(total_c, BLOCK_C), H)
-        _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), cu,
+        _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len,
                                k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,
                                KERNEL=kernel, STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_D=max(16, _next_pow2(d)),
                                num_warps=4)
-    return out, cu[:-1].clone(), c_len, cu
+    return out, c_start, c_len, cu
 
 
 def _check_cu(cu: torch.Tensor, name: str, device) -> None:
@@ -165,11 +184,17 @@ def compress_keys_varlen(k: torch.Tensor, cu_seqlens_k: torch.Tensor, kernel_siz
 def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                     stride_qt, stride_qh, D,
                     G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                    TO_F32: tl.constexpr):
-    seq = tl.load(tile_seq_ptr + tile)
-    off = tl.load(tile_off_ptr + tile)
-    qs = tl.load(q_start_ptr + seq)
-    ql = tl.load(q_len_ptr + seq)
+                    TO_F32: tl.constexpr, DECODE: tl.constexpr):
+    if DECODE:  # one query per sequence: tile i is row i of q, the newest token of sequence i
+        seq = tile
+        off = 0
+        qs = tile
+        ql = 1
+    else:
+        seq = tl.load(tile_seq_ptr + tile)
+        off = tl.load(tile_off_ptr + tile)
+        qs = tl.load(q_start_ptr + seq)
+        ql = tl.load(q_len_ptr + seq)
     kl = tl.load(k_len_ptr + seq)
     # rows are head-major (row = g * BLOCK_T + token): the scoring kernel's group sum over the G heads of
     # a token then stays inside each thread of the MMA layout (token-major rows cost a layout conversion:
@@ -188,7 +213,20 @@ def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
         q = q.to(tl.float32)
     t_min = kl - ql + off
     t_max = kl - ql + tl.minimum(off + BLOCK_T, ql) - 1
-    return seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max
+    return seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max
+
+
+@triton.jit
+def _key_rows(c_start_ptr, c_len_ptr, seq, kl, rows, KS: tl.constexpr, ST: tl.constexpr, DECODE: tl.constexpr):
+    """First row and count of a sequence's compressed keys: from the per-sequence arrays, or (decoding) the
+    padded (batch, rows) layout, sequence i at row i * rows, holding the windows wholly inside its kl keys."""
+    if DECODE:
+        start = seq * rows
+        count = tl.minimum(tl.where(kl >= KS, (kl - KS) // ST + 1, 0), rows)
+    else:
+        start = tl.load(c_start_ptr + seq)
+        count = tl.load(c_len_ptr + seq)
+    return start, count
 
 
 @triton.jit
@@ -234,28 +272,26 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                 c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
                 stride_qt, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h,
-                stride_ls, stride_lt, qk_scale, D, keys_per_split,
+                stride_ls, stride_lt, qk_scale, D, keys_per_split, rows1, rows2,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
                 ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
-                PDL: tl.constexpr = False):
+                DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
     _pdl_start(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
-    seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
+    seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
-    c1s = tl.load(c1_start_ptr + seq)
-    c1n = tl.load(c1_len_ptr + seq)
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE)
+    c1s, c1n = _key_rows(c1_start_ptr, c1_len_ptr, seq, kl, rows1, KS1, ST1, DECODE)
     # fine keys visible to the last token of the tile, and to all its tokens
     n1vis = tl.minimum(c1n, tl.where(t_max + 1 >= KS1, (t_max + 1 - KS1) // ST1 + 1, 0))
     n1all = tl.minimum(c1n, tl.where(t_min + 1 >= KS1, (t_min + 1 - KS1) // ST1 + 1, 0))
     if LSE_APPROX:
-        c2s = tl.load(c2_start_ptr + seq)
-        c2n = tl.load(c2_len_ptr + seq)
+        c2s, c2n = _key_rows(c2_start_ptr, c2_len_ptr, seq, kl, rows2, KS2, ST2, DECODE)
         n2vis = tl.minimum(c2n, tl.where(t_max + 1 >= KS2, (t_max + 1 - KS2) // ST2 + 1, 0))
         n2all = tl.minimum(c2n, tl.where(t_min + 1 >= KS2, (t_min + 1 - KS2) // ST2 + 1, 0))
         lo = split * keys_per_split
@@ -285,11 +321,12 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
                   stride_wh, stride_wr, tile_base, n_tiles, n_lse_splits, windows_per_split, nb_ws,
-                  qk_scale, D,
+                  qk_scale, D, rows1,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PDL: tl.constexpr = False):
+                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, DECODE: tl.constexpr = False,
+                  PDL: tl.constexpr = False):
     _pdl_start(PDL)
     lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     tile = tile_base + lt
@@ -297,11 +334,10 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
     split = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
-    seq, qs, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
+    seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32)
-    c1s = tl.load(c1_start_ptr + seq)
-    c1n = tl.load(c1_len_ptr + seq)
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE)
+    c1s, c1n = _key_rows(c1_start_ptr, c1_len_ptr, seq, kl, rows1, KS1, ST1, DECODE)
     # candidate blocks of the tile: [INIT, nbc) with nbc = bq_max - LOCAL; windows j < nbc * R
     nbc = t_max // BS - LOCAL
     j_end = tl.minimum(nbc * R, (split + 1) * windows_per_split)
@@ -320,7 +356,10 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
         lse = tl.where(la > 0, lm + tl.log2(tl.where(la > 0, la, 1.0)), 0.0)
 
         tok_t = tl.arange(0, BLOCK_T)
-        tvalid = (tl.load(tile_off_ptr + tile) + tok_t) < tl.load(q_len_ptr + seq)
+        if DECODE:
+            tvalid = tok_t < 1
+        else:
+            tvalid = (tl.load(tile_off_ptr + tile) + tok_t) < tl.load(q_len_ptr + seq)
         slot = lt * BLOCK_T + tok_t
         carry = tl.zeros((BLOCK_T,), tl.float32)
         kbase = k1_ptr + h * stride_k1h
@@ -404,18 +443,26 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, PDL: tl.constexpr = False):
+                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
+                   PDL: tl.constexpr = False):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
     tile = tile_base + slot0 // BLOCK_T
-    seq = tl.load(tile_seq_ptr + tile)
-    tok = tl.load(tile_off_ptr + tile) + slot0 % BLOCK_T + tl.arange(0, SEL_T)
-    ql = tl.load(q_len_ptr + seq)
+    if DECODE:  # as in _load_tile_rows: tile i is sequence i's single query, row i of q
+        seq = tile
+        tok = slot0 % BLOCK_T + tl.arange(0, SEL_T)
+        ql = 1
+        qs = tile
+    else:
+        seq = tl.load(tile_seq_ptr + tile)
+        tok = tl.load(tile_off_ptr + tile) + slot0 % BLOCK_T + tl.arange(0, SEL_T)
+        ql = tl.load(q_len_ptr + seq)
+        qs = tl.load(q_start_ptr + seq)
     kl = tl.load(k_len_ptr + seq)
     tvalid = tok < ql
-    qrow = (tl.load(q_start_ptr + seq) + tok).to(tl.int64)
+    qrow = (qs + tok).to(tl.int64)
     slot = (slot0 + tl.arange(0, SEL_T)).to(tl.int64)
     bq = ((kl - ql + tok) // BS)[:, None]
     b = tl.arange(0, BLOCK_NB)[None, :]
@@ -466,16 +513,18 @@ def _check_pooling(config: SparseConfig) -> None:
 
 
 def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
-                 max_seqlen_k: int, config: SparseConfig, scale: float, decode: bool = False,
+                 max_seqlen_k: int, config: SparseConfig, scale: float, decode_rows: tuple | None = None,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, transposed: bool | None = None, tiles=None,
-                 select_warps: int | None = None):
+                 num_stages: int | None = None, transposed: bool | None = None, select_warps: int | None = None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
-    ``tiles`` = (tile_seq, tile_off, n_tiles) skips building the query tiles (and its host sync); it
-    must match the tile height ``BLOCK_T`` chosen here (decoding passes one tile per sequence).
+    Decoding passes ``decode_rows`` = (rows1, rows2) instead: q holds one query per sequence (the last of
+    its k_len[i] keys) and the compressed keys of sequence i start at row i * rows1 of k1 (i * rows2 of k2);
+    the kernels derive every other quantity from k_len (no launch, no host synchronisation; the other
+    arrays are not read).
     Returns (Hkv, total_q, budget) int32."""
+    decode = decode_rows is not None
     total_q, hq, d = q.shape
     hkv = k1.shape[1]
     g = hq // hkv
@@ -510,8 +559,10 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
 
     # query tiles (never across sequences)
     max_prefix = max_seqlen_k  # keys before each sequence's first query: no bound known
-    if tiles is not None:
-        tile_seq, tile_off, n_tiles = tiles
+    rows1, rows2 = decode_rows or (0, 0)
+    if decode:  # one tile per sequence
+        tile_seq = tile_off = k_len
+        n_tiles = total_q
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
@@ -537,9 +588,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     _lse_kernel[(n_tiles, hkv, n_lse)](
         q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
-        lse.stride(0), lse.stride(1), qk_scale, d, kps,
+        lse.stride(0), lse.stride(1), qk_scale, d, kps, rows1, rows2,
         G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
-        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, **kw, **pdl)
+        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
     nb_ws = max(1, triton.cdiv(max_seqlen_k, B))
@@ -568,15 +619,15 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         _score_kernel[(nt, hkv, n_split)](
             q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
             q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
-            ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d,
+            ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d, rows1,
             G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
             BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
-            **kw, **pdl)
+            DECODE=decode, **kw, **pdl)
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
-            LOCAL=config.local_blocks, INIT=config.init_blocks,
+            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
             **pdl)
     return out

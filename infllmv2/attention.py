@@ -174,15 +174,25 @@ def _to_packed(q, k, v, cu_seqlens, cu_seqlens_k):
 
 
 def _cu(offs, device):
-    return torch.tensor(offs, dtype=torch.int32, device=device)
+    """Host offsets as a device int32 tensor without a host synchronisation (a copy from pageable memory
+    waits for the stream: after stage 1 was queued, that idled the GPU while the host prepared stage 2)."""
+    n = len(offs)
+    step = offs[1] - offs[0] if n > 1 else 0
+    if all(offs[i] == i * step for i in range(n)):  # equal lengths: no copy at all
+        return torch.arange(n, dtype=torch.int32, device=device) * step
+    host = torch.tensor(offs, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
-def _select_packed(q, k, offs_q, offs_k, config, scale, backend):
-    """Stage 1 over a packed batch -> (Hkv, total_q, budget) int32."""
+def _select_packed(q, k, offs_q, offs_k, config, scale, backend, cu=None):
+    """Stage 1 over a packed batch -> (Hkv, total_q, budget) int32. ``cu``: the offsets on the device, if made."""
     if backend == "triton":
         from .ops.triton.selection import select_blocks_compilable
-        return select_blocks_compilable(q, k, config, _cu(offs_q, q.device), _cu(offs_k, q.device),
-                                        _max_len(offs_q), _max_len(offs_k), scale)
+        cu_q, cu_k = cu or (_cu(offs_q, q.device), _cu(offs_k, q.device))
+        return select_blocks_compilable(q, k, config, cu_q, cu_k, _max_len(offs_q), _max_len(offs_k), scale,
+                                        host_offsets=(offs_q, offs_k))
     impl = naive.select_blocks if backend == "reference" else torch_chunked.select_blocks
     out = torch.full((k.shape[1], q.shape[0], config.budget), -1, dtype=torch.int32, device=q.device)
     for i in range(len(offs_q) - 1):
@@ -192,12 +202,13 @@ def _select_packed(q, k, offs_q, offs_k, config, scale, backend):
     return out
 
 
-def _sparse_packed(q, k, v, idx, offs_q, offs_k, block_size, scale, backend, need_lse=True):
+def _sparse_packed(q, k, v, idx, offs_q, offs_k, block_size, scale, backend, need_lse=True, cu=None):
     """Stage 2 over a packed batch -> (out (total_q, Hq, d), lse (Hq, total_q) or None when not needed)."""
     if backend == "triton":
         from .ops.triton import sparse_attention_triton
-        return sparse_attention_triton(q, k, v, idx, block_size, _cu(offs_q, q.device), _cu(offs_k, q.device),
-                                       _max_len(offs_q), _max_len(offs_k), scale)
+        cu_q, cu_k = cu or (_cu(offs_q, q.device), _cu(offs_k, q.device))
+        return sparse_attention_triton(q, k, v, idx, block_size, cu_q, cu_k, _max_len(offs_q), _max_len(offs_k),
+                                       scale)
     outs, lses = [], []
     for i in range(len(offs_q) - 1):
         qs, ks = slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1])
@@ -276,8 +287,13 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
         return torch.cat(outs) if outs else qp.new_zeros(qp.shape)
 
     if all(sparse):
-        idx = _select_packed(qp, kp, offs_q, offs_k, config, scale, backend)
-        out, _ = _sparse_packed(qp, kp, vp, idx, offs_q, offs_k, config.block_size, scale, backend, need_lse=False)
+        cu = None
+        if backend == "triton":  # the caller's offsets where given (checked equal to offs_q / offs_k)
+            cu = ((cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k) if packed_in
+                  else (_cu(offs_q, qp.device), _cu(offs_k, qp.device)))
+        idx = _select_packed(qp, kp, offs_q, offs_k, config, scale, backend, cu)
+        out, _ = _sparse_packed(qp, kp, vp, idx, offs_q, offs_k, config.block_size, scale, backend, need_lse=False,
+                                cu=cu)
         return unpack(out)
 
     # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA.
@@ -291,9 +307,10 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
         sub_q.append(sub_q[-1] + offs_q[i + 1] - offs_q[i])
         sub_k.append(sub_k[-1] + offs_k[i + 1] - offs_k[i])
     qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
-    idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend)
+    cu = (_cu(sub_q, qp.device), _cu(sub_k, qp.device)) if backend == "triton" else None
+    idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)
     sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
-                                   need_lse=False)
+                                   need_lse=False, cu=cu)
     j = 0
     for i in range(n_seq):
         if sparse[i]:

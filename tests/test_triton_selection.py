@@ -220,3 +220,25 @@ def test_bad_inputs():
     out = select_blocks_triton(q[:0], k[:0], cfg, torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                                0, 0)
     assert out.shape == (2, 0, cfg.budget)
+
+
+def test_select_with_host_offsets_reads_nothing_back(monkeypatch):
+    # given the layout as host lists, stage 1 checks and sizes everything on the host: it reads no tensor
+    # back (on a GPU each read would stall the host until the queued work is done), and selects the same
+    cfg = SparseConfig(**SMALL)
+    lens_k, lens_q = [261, 0, 11, 150, 97], [261, 0, 11, 37, 1]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 4, 2, 32, torch.float32, seed=4)
+    want = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    host = (cuq.tolist(), cuk.tolist())
+
+    def no_read(*_):
+        raise AssertionError("a tensor was read back to the host")
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k), host_offsets=host)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="len_q <= len_k"):  # the host check stands in for the device one
+        select_blocks_triton(q[:20], k[:10], cfg, _cu([20]), _cu([10]), 20, 20, host_offsets=([0, 20], [0, 10]))
+    with pytest.raises(ValueError, match="host_offsets"):
+        select_blocks_triton(q, k, cfg, cuq, cuk, 300, 300, host_offsets=(host[0][:-1], host[1]))

@@ -25,6 +25,8 @@ compare selections by score.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import os
 
 import torch
@@ -114,11 +116,12 @@ def _compressed_count(k_len, kernel: int, stride: int):
 
 
 def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
-                   rows_per_seq: int | None = None):
+                   rows_per_seq: int | None = None, host_k_len: list | None = None):
     """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
 
     Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
-    or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j, no host sync; cu None).
+    or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j; cu None). The packed
+    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) gives it.
     """
     nseq = k_start.shape[0]
     dev = k_flat.device
@@ -127,7 +130,10 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
     if rows_per_seq is None:
         cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
         cu[1:] = torch.cumsum(c_len, 0)
-        total_c = int(cu[-1].item()) if nseq else 0
+        if host_k_len is not None:
+            total_c = sum(_compressed_count(int(x), kernel, stride) for x in host_k_len)
+        else:
+            total_c = int(cu[-1].item()) if nseq else 0
         c_start = cu[:-1].clone()
     else:
         c_len = torch.clamp(c_len, max=rows_per_seq)
@@ -515,14 +521,16 @@ def _check_pooling(config: SparseConfig) -> None:
 def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode_rows: tuple | None = None,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, transposed: bool | None = None, select_warps: int | None = None):
+                 num_stages: int | None = None, transposed: bool | None = None, select_warps: int | None = None,
+                 host_lens: tuple | None = None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
     Decoding passes ``decode_rows`` = (rows1, rows2) instead: q holds one query per sequence (the last of
     its k_len[i] keys) and the compressed keys of sequence i start at row i * rows1 of k1 (i * rows2 of k2);
     the kernels derive every other quantity from k_len (no launch, no host synchronisation; the other
-    arrays are not read).
+    arrays are not read). ``host_lens`` = (q_len, k_len) as host lists spares the host synchronisation that
+    sizing the query tiles otherwise takes.
     Returns (Hkv, total_q, budget) int32."""
     decode = decode_rows is not None
     total_q, hq, d = q.shape
@@ -566,7 +574,11 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
+        if host_lens is not None:
+            n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
+            max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
+        else:
+            n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
         if n_tiles == 0:
             return out
         tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
@@ -657,12 +669,16 @@ def _check_inputs(q, k, config):
 
 def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                         softmax_scale: float | None = None, **tuning) -> torch.Tensor:
+                         softmax_scale: float | None = None, host_offsets: tuple | None = None,
+                         **tuning) -> torch.Tensor:
     """Stage 1 for a packed varlen batch.
 
     q: (total_q, Hq, d), k: (total_k, Hkv, d); sequence i's queries are the last len_q(i) positions of
     its keys. Returns (Hkv, total_q, budget) int32 block indices relative to the sequence's key start,
     sorted ascending, padded with -1 (SPEC stage 1). ``max_seqlen_k`` must be >= every key length.
+    ``host_offsets`` = (cu_seqlens_q, cu_seqlens_k) as host lists (equal to the tensors) lets the layout be
+    checked and sized on the host: no host synchronisation then, so the caller's host work overlaps the
+    GPU's (without it, one validates the tensors and three size the buffers).
     """
     _check_inputs(q, k, config)
     _check_cu(cu_seqlens_q, "cu_seqlens_q", q.device)
@@ -674,10 +690,20 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     if q_len.numel() == 0:
         return torch.empty((k.shape[1], q.shape[0], config.budget), dtype=torch.int32, device=q.device)
-    # one host synchronisation validates the layout
-    cq0, ck0, cqe, cke, dec_q, dec_k, q_gt_k, kmax = torch.stack([
-        cu_seqlens_q[0], cu_seqlens_k[0], cu_seqlens_q[-1], cu_seqlens_k[-1], (q_len < 0).any().int(),
-        (k_len < 0).any().int(), (q_len > k_len).any().int(), k_len.max()]).tolist()
+    host_lens = None
+    if host_offsets is not None:
+        oq, ok = (list(map(int, x)) for x in host_offsets)
+        if len(oq) != cu_seqlens_q.numel() or len(ok) != cu_seqlens_k.numel():
+            raise ValueError("host_offsets must hold as many entries as cu_seqlens_q and cu_seqlens_k")
+        host_lens = ([b - a for a, b in zip(oq, oq[1:])], [b - a for a, b in zip(ok, ok[1:])])
+        cq0, ck0, cqe, cke = oq[0], ok[0], oq[-1], ok[-1]
+        dec_q, dec_k = min(host_lens[0]) < 0, min(host_lens[1]) < 0
+        q_gt_k = any(a > b for a, b in zip(*host_lens))
+        kmax = max(host_lens[1])
+    else:  # one host synchronisation validates the layout
+        cq0, ck0, cqe, cke, dec_q, dec_k, q_gt_k, kmax = torch.stack([
+            cu_seqlens_q[0], cu_seqlens_k[0], cu_seqlens_q[-1], cu_seqlens_k[-1], (q_len < 0).any().int(),
+            (k_len < 0).any().int(), (q_len > k_len).any().int(), k_len.max()]).tolist()
     if cq0 != 0 or dec_q or cqe != q.shape[0]:
         raise ValueError(f"cu_seqlens_q must be non-decreasing, start at 0 and end at total_q={q.shape[0]}")
     if ck0 != 0 or dec_k or cke != k.shape[0]:
@@ -687,14 +713,16 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     if int(max_seqlen_k) < kmax:
         raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
     with torch.no_grad():
-        k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride)
+        hk = None if host_lens is None else host_lens[1]
+        k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride,
+                                       host_k_len=hk)
         if config.lse_approx:
             k2, s2, n2, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.coarse_kernel_size,
-                                           config.coarse_kernel_stride)
+                                           config.coarse_kernel_stride, host_k_len=hk)
         else:
             k2, s2, n2 = k1, s1, n1
         return _select_core(q, k1, k2, cu_seqlens_q[:-1], q_len, k_len, s1, n1, s2, n2, int(max_seqlen_k),
-                            config, scale, **tuning)
+                            config, scale, host_lens=host_lens, **tuning)
 
 
 # Custom ops take the config as its fields (their schema has no room for a dataclass), in field order.
@@ -708,22 +736,26 @@ def config_args(config: SparseConfig) -> tuple:
 def _select_blocks_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, block_size: int, kernel_size: int,
                       kernel_stride: int, init_blocks: int, window_size: int, topk: int, dense_len: int,
-                      lse_approx: bool, use_nope: bool) -> torch.Tensor:
+                      lse_approx: bool, use_nope: bool, host_offsets_q: Optional[list[int]] = None,
+                      host_offsets_k: Optional[list[int]] = None) -> torch.Tensor:
     config = SparseConfig(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk, dense_len,
                           lse_approx, use_nope)
-    return select_blocks_triton(q, k, config, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    host = None if host_offsets_q is None else (host_offsets_q, host_offsets_k)
+    return select_blocks_triton(q, k, config, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                host_offsets=host)
 
 
 @_select_blocks_op.register_fake
-def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, *config_fields):
-    return q.new_empty((k.shape[1], q.shape[0], SparseConfig(*config_fields).budget), dtype=torch.int32)
+def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, *config_fields, **host):
+    return q.new_empty((k.shape[1], q.shape[0], SparseConfig(*config_fields[:9]).budget), dtype=torch.int32)
 
 
 def select_blocks_compilable(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, cu_seqlens_q: torch.Tensor,
                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                             softmax_scale: float | None = None) -> torch.Tensor:
+                             softmax_scale: float | None = None, host_offsets: tuple | None = None) -> torch.Tensor:
     """``select_blocks_triton`` as the custom op ``infllmv2::select_blocks`` (default tuning)."""
     _check_inputs(q, k, config)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    host = (None, None) if host_offsets is None else tuple(list(map(int, x)) for x in host_offsets)
     return _select_blocks_op(q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                             *config_args(config))
+                             *config_args(config), *host)

@@ -1,0 +1,74 @@
+"""Where the complete forward's time goes (GPU): kernels, and the gaps between them.
+
+    python3 benchmarks/profile_forward.py [--lengths 32768 131072] [--pattern local]
+
+One call of ``infllmv2_attention(..., backend="triton")`` (compression + selection + sparse attention) on
+the harness's inputs (``bench_attention.make_inputs``, standard shape), timed with ``do_bench`` and
+profiled: per-kernel GPU time, the sum of all kernels, and the GPU idle time between the first kernel's
+start and the last one's end (host work the GPU waits for: launches, synchronisations, small torch ops).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import make_inputs  # noqa: E402  (puts the repository on sys.path)
+
+import infllmv2  # noqa: E402
+from infllmv2.config import SparseConfig  # noqa: E402
+
+
+def timeline(fn):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    gpu.sort(key=lambda e: e.time_range.start)
+    per = {}
+    for e in gpu:
+        per[e.name[:40]] = per.get(e.name[:40], 0.0) + e.time_range.elapsed_us() / 1e3
+    end, gaps = None, []
+    for e in gpu:  # idle stretches: a kernel starting after every earlier one has ended
+        s, t = e.time_range.start, e.time_range.end
+        if end is not None and s > end:
+            gaps.append((round((s - end) / 1e3, 3), e.name[:40]))
+        end = t if end is None else max(end, t)
+    span = (end - gpu[0].time_range.start) / 1e3 if gpu else 0.0
+    gaps.sort(key=lambda x: -x[0])
+    syncs = [(e.name, round(e.time_range.elapsed_us() / 1e3, 3)) for e in prof.events()
+             if "Synchronize" in e.name or "local_scalar_dense" in e.name]
+    return dict(span_ms=round(span, 3), host_syncs=syncs, kernels_ms=round(sum(per.values()), 3),
+                idle_ms=round(sum(g for g, _ in gaps), 3), largest_gaps_ms_before=gaps[:12],
+                per_kernel_ms={k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--pattern", default="local")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    cfg = SparseConfig(dense_len=-1)
+    res = {}
+    for n in args.lengths:
+        q, k, v = make_inputs(n, 32, 2, 128, args.pattern)
+        full = lambda: infllmv2.infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731
+        row = dict(ms=triton.testing.do_bench(full, warmup=5, rep=50), **timeline(full))
+        print(n, json.dumps(row), flush=True)
+        res[n] = row
+    with open(os.path.join(args.out, "profile_forward.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--pattern", default="local")
+    ap.add_argument("--stage2", action="store_true",
+                    help="also stage 2 alone as the harness's sparse_fwd row times it (inputs needing grad: the "
+                         "forward stores its rounding residual) and without grad")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -66,6 +69,17 @@ def main():
         row = dict(ms=triton.testing.do_bench(full, warmup=5, rep=50), **timeline(full))
         print(n, json.dumps(row), flush=True)
         res[n] = row
+        if args.stage2:
+            from infllmv2.ops.triton import sparse_attention_triton
+            idx = infllmv2.select_blocks(q, k, cfg, backend="triton")
+            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            qp, kp, vp = (t[0].detach().clone().requires_grad_(True) for t in (q, k, v))
+            sp = lambda: sparse_attention_triton(qp, kp, vp, idx, 64, cu, cu, n, n, 128 ** -0.5)[0]  # noqa: E731
+            for grad in (True, False):
+                with torch.set_grad_enabled(grad):
+                    r2 = dict(ms=triton.testing.do_bench(sp, warmup=5, rep=50), **timeline(sp))
+                print(n, f"stage2 grad={grad}", json.dumps(r2), flush=True)
+                res[f"{n}_stage2_grad{int(grad)}"] = r2
     with open(os.path.join(args.out, "profile_forward.json"), "w") as f:
         json.dump(res, f, indent=1)
 

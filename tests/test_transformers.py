@@ -506,3 +506,22 @@ def test_enabled_model_pickles(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     ids = _ids(120)
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_layout_is_read_back_once_per_forward(monkeypatch):
+    # every layer gets the same position ids: the packed layout is read back to the host once a forward (each
+    # read waits for the GPU), and read again when the ids change in place
+    from infllmv2.models import transformers as integration
+    model = enable(_llama(layers=3), SPARSE)
+    calls = []
+    real = integration._segments
+    monkeypatch.setattr(integration, "_segments", lambda *a: calls.append(1) or real(*a))
+    ids = torch.cat([_ids(120, seed=6), _ids(90, seed=7)], dim=1)
+    pos = torch.cat([torch.arange(120), torch.arange(90)])[None]
+    packed = _logits(model, ids, position_ids=pos)
+    assert len(calls) == 1
+    pos[0, 120:] = torch.arange(120, 210)  # in place: one sequence again
+    whole = _logits(model, ids, position_ids=pos)
+    assert len(calls) == 2
+    torch.testing.assert_close(whole, _logits(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 120:], _logits(model, ids[:, 120:]), atol=1e-5, rtol=1e-5)

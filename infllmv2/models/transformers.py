@@ -78,6 +78,22 @@ def _layer_sparse_config(module) -> SparseConfig:
 # --------------------------------------------------------------------------------------------------
 # The attention function transformers calls
 # --------------------------------------------------------------------------------------------------
+_PER_FORWARD: dict = {}  # what = (tensor's weak reference, its version, extra key, result)
+
+
+def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
+    """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
+    layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
+    (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
+    import weakref
+    hit = _PER_FORWARD.get(what)
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
+        return hit[3]
+    result = compute()
+    _PER_FORWARD[what] = (weakref.ref(tensor), tensor._version, extra, result)
+    return result
+
+
 def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
     """Packed sequences in one row (position ids restarting), as transformers detects them.
 
@@ -88,6 +104,11 @@ def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: 
         return None
     if position_ids.shape[-1] != seqlen:
         return None
+    return _once_per_forward("segments", position_ids, (batch, seqlen),
+                             lambda: _segments(position_ids, batch, seqlen))
+
+
+def _segments(position_ids: torch.Tensor, batch: int, seqlen: int):
     pos = position_ids.expand(batch, -1)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
@@ -148,9 +169,10 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             if out is not None:
                 return out, None
         # otherwise keep the filled slots only (a host sync): the queries are the last of them
-        filled = int(torch.where(mask.any(0), torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax())
+        filled = _once_per_forward("filled", attention_mask, tuple(mask.shape), lambda: int(torch.where(
+            mask.any(0), torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax()))
         k, v, mask = k[:, :filled], v[:, :filled], mask[:, :filled]
-    if mask is not None and bool(mask.all()):
+    if mask is not None and _once_per_forward("mask_all", attention_mask, tuple(mask.shape), lambda: bool(mask.all())):
         mask = None
     if cache_layer is not None and attention_mask is None and sq == k.shape[1] \
             and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:

@@ -25,9 +25,8 @@ compare selections by score.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 import triton

@@ -61,7 +61,7 @@ def test_decode_topk_ties_prefer_lower_blocks():
 
 @pytest.mark.parametrize("lse_approx", [True, False])
 def test_decode_given_compressed_keys_and_scale(lse_approx):
-    # given keys: the layout comes from one metadata launch; lengths below and at the window sizes
+    # given keys (a padded (batch, rows) layout the kernels index by length); lengths below and at the window sizes
     cfg = SparseConfig(dense_len=-1, lse_approx=lse_approx, **SMALL)
     lens = [260, 77, 16, 5, 64]
     q, kc, vc, sl = _cache(lens, 270, 8, 2, 32, torch.float32, seed=5)

@@ -361,7 +361,8 @@ def sparse_attention(q, k, v, block_indices, *, block_size: int = 64, cu_seqlens
         raise ValueError(f"block_indices must have shape (Hkv={kp.shape[1]}, total_q={qp.shape[0]}, budget), "
                          f"got {tuple(block_indices.shape)}")
     max_blocks = -(-_max_len(offs_k) // block_size)
-    if block_indices.numel() and (int(block_indices.max()) >= max_blocks or int(block_indices.min()) < -1):
+    lo, hi = torch.stack(torch.aminmax(block_indices)).tolist() if block_indices.numel() else (-1, -1)  # one read
+    if hi >= max_blocks or lo < -1:
         raise ValueError(f"block_indices must lie in [-1, {max_blocks - 1}] (blocks of the longest sequence)")
     scale = _scale(softmax_scale, q.shape[-1])
     backend = _resolve_backend(backend, q)

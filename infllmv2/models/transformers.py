@@ -16,6 +16,7 @@ cache, decoding recomputes the compressed keys from the cache at each step; with
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -78,14 +79,13 @@ def _layer_sparse_config(module) -> SparseConfig:
 # --------------------------------------------------------------------------------------------------
 # The attention function transformers calls
 # --------------------------------------------------------------------------------------------------
-_PER_FORWARD: dict = {}  # what = (tensor's weak reference, its version, extra key, result)
+_PER_FORWARD: dict = {}  # kind -> (weak reference to the tensor, its version, extra key, result)
 
 
 def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
     """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
     layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
     (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
-    import weakref
     hit = _PER_FORWARD.get(what)
     if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
         return hit[3]

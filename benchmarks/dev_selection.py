@@ -364,31 +364,22 @@ def decode_pdl_ab(L=131072):
 @section("decode step A/B across package versions (128K, CUDA graph); run once per version, compare with --compare")
 def decode_ab(tag, L=131072):
     """Times one decode step of whichever ``infllmv2`` is importable (run a copy of the repository to time
-    another version) and saves its outputs under $AB_DIR (default /tmp) for ``--compare``; where the version
-    has the knob, both ways of merging the stage-2 partials (combine launch / last split program), interleaved."""
+    another version) and saves its outputs under $AB_DIR (default /tmp) for ``--compare``."""
     import os
-    from infllmv2.ops.triton import decode as dec_mod
     cfg = SparseConfig()
     out = {}
-    merges = (False, True, False, True) if hasattr(dec_mod, "_DECODE_MERGE_IN_SPLIT") else (None,)
     for batch in (8, 1):
         torch.manual_seed(0)
         qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
         fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
-        row = dict(dense_graph_us=round(_dense_decode_graph_us(qd, kc, vc), 1))
-        for merge in merges:
-            if merge is not None:
-                dec_mod._DECODE_MERGE_IN_SPLIT = merge
-            o = fn()
-            name = f"{tag}" if merge is None else f"{tag}_merge{int(merge)}"
-            torch.save(o.cpu(), os.path.join(os.environ.get("AB_DIR", "/tmp"), f"decode_{name}_b{batch}.pt"))
-            g = graphed(fn)
-            r = row.setdefault(name, dict(graph_us=[]))
-            r["graph_us"].append(round(1e3 * triton.testing.do_bench(g, warmup=10, rep=100), 1))
-            r["eager_us"] = round(1e3 * triton.testing.do_bench(fn, warmup=5, rep=30), 1)
-            r["kernels_us"] = _kernel_us(fn)
-            r["launches_us"] = _launches_us(fn)
-            r["speedup"] = round(row["dense_graph_us"] / min(r["graph_us"]), 2)
+        o = fn()
+        torch.save(o.cpu(), os.path.join(os.environ.get("AB_DIR", "/tmp"), f"decode_{tag}_b{batch}.pt"))
+        g = graphed(fn)
+        row = dict(dense_graph_us=round(_dense_decode_graph_us(qd, kc, vc), 1),
+                   graph_us=[round(1e3 * triton.testing.do_bench(g, warmup=10, rep=100), 1) for _ in range(2)],
+                   eager_us=round(1e3 * triton.testing.do_bench(fn, warmup=5, rep=30), 1),
+                   kernels_us=_kernel_us(fn), launches_us=_launches_us(fn))
+        row["speedup"] = round(row["dense_graph_us"] / min(row["graph_us"]), 2)
         out[batch] = row
         print(tag, batch, json.dumps(row), flush=True)
         del qd, kc, vc, kf, kco
@@ -415,7 +406,7 @@ def compare_saved(tags):
     base = os.environ.get("AB_DIR", "/tmp")
     res = {}
     for batch in (8, 1):
-        outs = [torch.load(os.path.join(base, f"decode_{t}_b{batch}.pt")).float() for t in tags]  # noqa: E501
+        outs = [torch.load(os.path.join(base, f"decode_{t}_b{batch}.pt")).float() for t in tags]
         res[batch] = {f"{tags[0]}_vs_{t}": float((outs[0] - o).abs().max()) for t, o in zip(tags[1:], outs[1:])}
     print("max abs difference of the decode outputs:", res)
     RESULTS["decode_ab_compare"] = res

@@ -178,8 +178,7 @@ def test_no_nan_from_finite_inputs_with_missing_current_block():
 
 
 def test_triton_rejects_unsupported_head_dim():
-    import os
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not _triton_runnable():
         pytest.skip("triton backend not runnable here")
     q, k, v = rand_qkv(32, 4, 2, 48, batch=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="head_dim in"):
@@ -214,6 +213,41 @@ def test_triton_forward_backward_compiles_fullgraph():
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def _triton_runnable():
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="triton backend not runnable here")
+def test_triton_packed_layouts_equal_reference():
+    """backend='triton' through the public API: a packed batch of unequal lengths (offsets copied to the device),
+    a mixed dense / sparse batch (a sub-batch with its own offsets), queries shorter than their keys
+    (cu_seqlens_k), and the batched layout (offsets from an arange), each against the reference."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
+    g = torch.Generator().manual_seed(5)
+    lengths = [150, 37, 90]
+    q, k, v = (torch.randn(sum(lengths), h, 32, generator=g).to(dev) for h in (4, 2, 2))
+    cu = _cu(lengths).to(dev)
+    for c in (cfg, cfg.replace(dense_len=60)):  # all sparse; 37 dense and the others sparse
+        out = infllmv2_attention(q, k, v, c, cu_seqlens=cu, backend="triton")
+        for i in range(len(lengths)):
+            s = slice(int(cu[i]), int(cu[i + 1]))
+            torch.testing.assert_close(out[s], naive.infllmv2_attention(q[s], k[s], v[s], c)[0], atol=1e-4, rtol=1e-4)
+    lengths_q = [40, 37, 1]
+    cu_q = _cu(lengths_q).to(dev)
+    qs = torch.cat([q[int(cu[i + 1]) - n:int(cu[i + 1])] for i, n in enumerate(lengths_q)])
+    out = infllmv2_attention(qs, k, v, cfg, cu_seqlens=cu_q, cu_seqlens_k=cu, backend="triton")
+    for i, n in enumerate(lengths_q):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        want = naive.infllmv2_attention(q[s], k[s], v[s], cfg)[0][-n:]
+        torch.testing.assert_close(out[int(cu_q[i]):int(cu_q[i + 1])], want, atol=1e-4, rtol=1e-4)
+    qb, kb, vb = (x[:180].reshape(2, 90, *x.shape[1:]) for x in (q, k, v))
+    out = infllmv2_attention(qb, kb, vb, cfg, backend="triton")
+    for b in range(2):
+        torch.testing.assert_close(out[b], naive.infllmv2_attention(qb[b], kb[b], vb[b], cfg)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_custom_op_config_round_trip():

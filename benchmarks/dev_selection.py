@@ -401,6 +401,51 @@ def _launches_us(fn):
     return [(e.name[:24], round(e.time_range.start - t0, 1), round(e.time_range.elapsed_us(), 1)) for e in evs]
 
 
+# (block_m, block_n, num_warps, num_stages, maxnreg) of the LSE + scoring kernels; None = today's default
+SCORE_VARIANTS = [None, (256, 64, 8, 2, None), (256, 64, 8, 2, 128), (128, 64, 4, 1, 128), (128, 64, 4, 2, 168),
+                  (256, 64, 8, 1, 128)]
+
+
+@section("scoring-kernel launch variants (identical selections required)")
+def score_variants(lengths=(131072, 32768, 65536), reps=3):
+    """Each SCORE_VARIANTS entry for the LSE and scoring kernels, interleaved over `reps` rounds: the
+    selection's do_bench median and the per-kernel times (profiler), plus whether the selection equals
+    the default's."""
+    cfg = SparseConfig(dense_len=-1)
+    out = {}
+    for n in lengths:
+        torch.manual_seed(0)
+        q = torch.randn(n, 32, 128, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(n, 2, 128, device=DEV, dtype=torch.bfloat16)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        ref = select_blocks_triton(q, k, cfg, cu, cu, n, n)
+        rows = {}
+        for _ in range(reps):
+            for v in SCORE_VARIANTS:
+                kw = {} if v is None else dict(block_m=v[0], block_n=v[1], num_warps=v[2], num_stages=v[3],
+                                               maxnreg=v[4])
+                name = "default" if v is None else "bm{}_bn{}_w{}_s{}_r{}".format(*v)
+                f = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n, **kw)  # noqa: E731
+                row = rows.setdefault(name, dict(select_ms=[], lse_ms=[], score_ms=[]))
+                try:
+                    if "same" not in row:
+                        row["same"] = bool(torch.equal(f(), ref))
+                    row["select_ms"].append(round(triton.testing.do_bench(f, warmup=3, rep=15), 3))
+                    ku = _kernel_us(f, 2)
+                    row["lse_ms"].append(round(ku.get("_lse_kernel", 0) / 1e3, 3))
+                    row["score_ms"].append(round(ku.get("_score_kernel", 0) / 1e3, 3))
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        out[n] = rows
+        del q, k, ref
+    RESULTS["score_variants"] = out
+    print("n | variant | same | selection ms | LSE ms | scoring ms")
+    for n, rows in out.items():
+        for name, r in rows.items():
+            print(n, "|", name, "|", r.get("same"), "|", r["select_ms"], "|", r["lse_ms"], "|", r["score_ms"],
+                  r.get("error", ""))
+
+
 def compare_saved(tags):
     import os
     base = os.environ.get("AB_DIR", "/tmp")
@@ -421,9 +466,12 @@ def main():
     ap.add_argument("--decode-pdl", action="store_true", help="only the decode PDL A/B")
     ap.add_argument("--decode-ab", metavar="TAG", help="only time the decode step, saving outputs as TAG")
     ap.add_argument("--compare", nargs="+", metavar="TAG", help="compare the outputs saved by --decode-ab runs")
+    ap.add_argument("--score-variants", action="store_true", help="only the LSE/scoring launch-variant sweep")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if args.compare:
+    if args.score_variants:
+        score_variants()
+    elif args.compare:
         compare_saved(args.compare)
     elif args.decode_ab:
         decode_ab(args.decode_ab)

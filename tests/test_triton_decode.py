@@ -141,3 +141,18 @@ def test_decode_bad_inputs():
         infllmv2_decode_triton(q, kc, vc.double(), sl, cfg)
     with pytest.raises(ValueError, match="k_cache"):
         infllmv2_decode_triton(q, kc[:1], vc[:1], sl, cfg)
+
+
+@pytest.mark.parametrize("lse_approx", [True, False])
+def test_decode_lse_combines_several_key_splits(lse_approx):
+    """Rows long enough for several decode key splits (2 coarse, 6 fine here) whose log-sum-exp partials
+    the scoring kernel merges per head; the per-head normalisation then weighs the heads in the group sum
+    (a wrong merge, such as max instead of sum of the partials, changes the exact-mode selections here)."""
+    cfg = SparseConfig(dense_len=-1, lse_approx=lse_approx, **dict(SMALL, topk=8))
+    lens = [1500, 700, 1090]
+    q, kc, vc, sl = _cache(lens, 1500, 8, 2, 16, torch.float32, seed=13)
+    out, idx = infllmv2_decode_triton(q, kc, vc, sl, cfg, return_block_indices=True)
+    for i, n in enumerate(lens):
+        assert torch.equal(idx[:, i], naive.select_blocks(q[i:i + 1], kc[i, :n], cfg)[:, 0]), i
+        ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg)
+        torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5)

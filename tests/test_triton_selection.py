@@ -242,3 +242,19 @@ def test_select_with_host_offsets_reads_nothing_back(monkeypatch):
         select_blocks_triton(q[:20], k[:10], cfg, _cu([20]), _cu([10]), 20, 20, host_offsets=([0, 20], [0, 10]))
     with pytest.raises(ValueError, match="host_offsets"):
         select_blocks_triton(q, k, cfg, cuq, cuk, 300, 300, host_offsets=(host[0][:-1], host[1]))
+
+
+@pytest.mark.parametrize("trans", [True, False])
+def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
+    """Tiles wider than one row group (8-warp tiles of 256 rows on the GPU): rows are (token // TG, head,
+    token % TG), and the group sum and pooling must still see each token's heads together and the tokens
+    in order. Shrinking the group to 8 rows gives 4 groups of 2 tokens x 4 heads per 32-row tile here."""
+    from infllmv2.ops.triton import selection
+    monkeypatch.setattr(selection, "_GROUP_COLUMNS", 8)
+    cfg = SparseConfig(**SMALL)
+    lens_k, lens_q = [203, 90], [203, 31]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 8, 2, 16, torch.float32, seed=21)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, 203, 203, block_m=32, transposed=trans)
+    for i in range(2):
+        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 16 ** -0.5)
+        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"

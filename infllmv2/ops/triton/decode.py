@@ -28,7 +28,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
                          stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          qk_scale, D, budget, dense_len, blocks_per_split,
                          G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                         TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr, SPLIT_P: tl.constexpr,
                          PDL: tl.constexpr = False):
     _pdl_start(PDL)
     bid = tl.program_id(0)
@@ -59,9 +59,12 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         pad = tl.load(leftpad_ptr + bid).to(tl.int64)
         kbase += pad * stride_kt
         vbase += pad * stride_vt
+    # the split's block ids in one load, before the loop: each block's K/V loads then need no index round trip
+    ent = e_lo + tl.arange(0, SPLIT_P)
+    blks = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + ent, mask=ent < tl.minimum(e_hi, budget), other=-1)
+    blks = tl.where(is_dense, ent, blks)
     for e in range(e_lo, e_hi):
-        blk = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + tl.where(is_dense, 0, e))
-        blk = tl.where(is_dense, e, blk)
+        blk = tl.sum(tl.where(ent == e, blks, 0))
         u = blk * BS + offs_u
         umask = (u < L) & (u >= 0)  # a -1 entry gives u < 0
         kt = tl.load(kbase + u.to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
@@ -260,7 +263,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             lse_part.stride(0), lse_part.stride(1),
             scale * _LOG2E, d, config.budget, config.dense_len, bps,
             G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec,
-            HAS_LEFTPAD=cache_leftpad is not None, **kw, **pdl)
+            HAS_LEFTPAD=cache_leftpad is not None, SPLIT_P=_next_pow2(bps), **kw, **pdl)
         _decode_combine_kernel[(batch, hq)](
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

@@ -52,6 +52,9 @@ _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 ab
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
 _SELECT_TILE = 1024
+# query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
+# (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
+_GROUP_COLUMNS = 128
 
 
 def _next_pow2(x: int) -> int:
@@ -189,7 +192,7 @@ def compress_keys_varlen(k: torch.Tensor, cu_seqlens_k: torch.Tensor, kernel_siz
 def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                     stride_qt, stride_qh, D,
                     G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                    TO_F32: tl.constexpr, DECODE: tl.constexpr):
+                    TO_F32: tl.constexpr, DECODE: tl.constexpr, TG: tl.constexpr):
     if DECODE:  # one query per sequence: tile i is row i of q, the newest token of sequence i
         seq = tile
         off = 0
@@ -201,12 +204,13 @@ def _load_tile_rows(q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
         qs = tl.load(q_start_ptr + seq)
         ql = tl.load(q_len_ptr + seq)
     kl = tl.load(k_len_ptr + seq)
-    # rows are head-major (row = g * BLOCK_T + token): the scoring kernel's group sum over the G heads of
-    # a token then stays inside each thread of the MMA layout (token-major rows cost a layout conversion:
-    # 14.2 -> 10.0 ms for the scoring kernel at 128K, H200)
+    # rows are head-major within groups of TG tokens (row = (token // TG, g, token % TG)): the scoring
+    # kernel's group sum over the G heads of a token then stays inside each thread of the MMA layout
+    # (token-major rows cost a layout conversion: 14.2 -> 10.0 ms for the scoring kernel at 128K, H200),
+    # also when a tile is wider than one warpgroup's MMA columns (TG * GP = 128)
     rows = tl.arange(0, BLOCK_T * GP)
-    tok = off + rows % BLOCK_T
-    g = rows // BLOCK_T
+    tok = off + (rows // (TG * GP)) * TG + rows % TG
+    g = (rows // TG) % GP
     rvalid = (tok < ql) & (g < G)
     t = kl - ql + tok
     offs_d = tl.arange(0, BLOCK_D)
@@ -278,7 +282,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
                 stride_qt, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h,
                 stride_ls, stride_lt, qk_scale, D, keys_per_split, rows1, rows2,
-                G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
                 ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
                 DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
@@ -290,7 +294,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     M: tl.constexpr = BLOCK_T * GP
     seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE)
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE, TG)
     c1s, c1n = _key_rows(c1_start_ptr, c1_len_ptr, seq, kl, rows1, KS1, ST1, DECODE)
     # fine keys visible to the last token of the tile, and to all its tokens
     n1vis = tl.minimum(c1n, tl.where(t_max + 1 >= KS1, (t_max + 1 - KS1) // ST1 + 1, 0))
@@ -327,11 +331,12 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
                   stride_wh, stride_wr, tile_base, n_tiles, n_lse_splits, windows_per_split, nb_ws,
                   qk_scale, D, rows1,
-                  G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr,
+                  G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr,
+                  L: tl.constexpr,
                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, DECODE: tl.constexpr = False,
-                  PDL: tl.constexpr = False):
+                  TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, NSP: tl.constexpr,
+                  DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
     _pdl_start(PDL)
     lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     tile = tile_base + lt
@@ -341,23 +346,22 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
     M: tl.constexpr = BLOCK_T * GP
     seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
         q_ptr, tile, h, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE)
+        stride_qt, stride_qh, D, G, GP, BLOCK_T, BLOCK_D, TO_F32, DECODE, TG)
     c1s, c1n = _key_rows(c1_start_ptr, c1_len_ptr, seq, kl, rows1, KS1, ST1, DECODE)
     # candidate blocks of the tile: [INIT, nbc) with nbc = bq_max - LOCAL; windows j < nbc * R
     nbc = t_max // BS - LOCAL
     j_end = tl.minimum(nbc * R, (split + 1) * windows_per_split)
     j_start = split * windows_per_split
     if (nbc > INIT) & (j_start < j_end):
-        # per-row log-sum-exp (base 2) from the key-split partials
+        # per-row log-sum-exp (base 2) from the key-split partials, loaded as one (splits, rows) tile: a loop
+        # over the splits waits on one load round trip per split (decoding has 32)
         row_l = (qs + tok).to(tl.int64) * stride_lt + h * G + g
-        lm = tl.full((M,), float("-inf"), tl.float32)
-        la = tl.zeros((M,), tl.float32)
-        for sp in range(0, n_lse_splits):
-            p = tl.load(lse_ptr + sp * stride_ls + row_l, mask=rvalid, other=float("-inf"))
-            m_new = tl.maximum(lm, p)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            la = la * tl.exp2(lm - m_safe) + tl.exp2(p - m_safe)
-            lm = m_new
+        sp = tl.arange(0, NSP)
+        parts = tl.load(lse_ptr + sp[:, None] * stride_ls + row_l[None, :],
+                        mask=(sp[:, None] < n_lse_splits) & rvalid[None, :], other=float("-inf"))
+        lm = tl.max(parts, 0)
+        m_safe = tl.where(lm == float("-inf"), 0.0, lm)
+        la = tl.sum(tl.exp2(parts - m_safe[None, :]), 0)
         lse = tl.where(la > 0, lm + tl.log2(tl.where(la > 0, la, 1.0)), 0.0)
 
         tok_t = tl.arange(0, BLOCK_T)
@@ -379,13 +383,14 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
         for j0 in range(j_first, j_end, BLOCK_N):
             carry = _score_window_tile(q_op, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rvalid, lse,
                                        qk_scale, offs_d, dmask, carry, wsbase, stride_wr, slot, tvalid,
-                                       GP, BLOCK_T, BLOCK_N, KS1, ST1, R, L, TO_F32, PREC, TRANS)
+                                       GP, BLOCK_T, TG, BLOCK_N, KS1, ST1, R, L, TO_F32, PREC, TRANS)
 
 
 @triton.jit
 def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rvalid, lse, qk_scale,
                        offs_d, dmask, carry, wsbase, stride_wr, slot, tvalid,
-                       GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KS1: tl.constexpr,
+                       GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KS1: tl.constexpr,
                        ST1: tl.constexpr, R: tl.constexpr, L: tl.constexpr, TO_F32: tl.constexpr,
                        PREC: tl.constexpr, TRANS: tl.constexpr):
     """Windows [j0, j0 + BLOCK_N) of one tile (q is (D, M) when TRANS, else (M, D)): probabilities, group
@@ -408,7 +413,8 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
         st = tl.dot(kn, q, input_precision=PREC) * qk_scale
         vis = (j[:, None] * ST1 + KS1 <= t[None, :] + 1) & jm[:, None] & rvalid[None, :]
         p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-        sg = tl.sum(tl.reshape(p, (BLOCK_N, GP, BLOCK_T)), 1)  # group sum (head-major rows): (BLOCK_N, BLOCK_T)
+        # group sum over the heads (rows (token // TG, g, token % TG)): (BLOCK_N, BLOCK_T)
+        sg = tl.reshape(tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_T // TG, GP, TG)), 2), (BLOCK_N, BLOCK_T))
         s3 = tl.reshape(sg, (NBT, R, BLOCK_T))
         pooled = tl.max(s3, 1)  # (NBT, BLOCK_T)
         if L > 1:
@@ -428,7 +434,8 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         vis = (j[None, :] * ST1 + KS1 <= t[:, None] + 1) & jm[None, :] & rvalid[:, None]
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        sg = tl.sum(tl.reshape(p, (GP, BLOCK_T, BLOCK_N)), 0)  # group sum (head-major rows): (BLOCK_T, BLOCK_N)
+        # group sum over the heads: (BLOCK_T, BLOCK_N)
+        sg = tl.reshape(tl.sum(tl.reshape(p, (BLOCK_T // TG, GP, TG, BLOCK_N)), 1), (BLOCK_T, BLOCK_N))
         s3 = tl.reshape(sg, (BLOCK_T, NBT, R))
         pooled = tl.max(s3, 2)  # windows [bR, bR + R) of block b
         if L > 1:
@@ -521,7 +528,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode_rows: tuple | None = None,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, transposed: bool | None = None, select_warps: int | None = None,
-                 host_lens: tuple | None = None):
+                 host_lens: tuple | None = None, maxnreg: int | None = None):
     """Stages 1.2-1.4 on given compressed keys. Per-sequence int32 arrays describe the layout:
     sequence i has queries q[q_start[i] : q_start[i] + q_len[i]], key length k_len[i], fine keys
     k1[c1_start[i] : + c1_len[i]] and coarse keys k2[c2_start[i] : + c2_len[i]].
@@ -552,6 +559,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     BLOCK_T = max(1, block_m // GP)
     if decode:
         BLOCK_T = max(1, 16 // GP)
+    # tokens per head-major row group: one warpgroup's MMA columns (128) hold whole groups of heads, so
+    # tiles of more than 128 rows (8 warps) keep the group sum inside each thread
+    TG = min(BLOCK_T, max(1, _GROUP_COLUMNS // GP))
     BLOCK_N = block_n or (32 if _INTERPRET else 64)
     BLOCK_N = max(BLOCK_N, R)
     BLOCK_D = max(16, _next_pow2(d))
@@ -561,7 +571,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # 2 stages for prefill (128K, H200, interleaved A/B: scoring 9.95 -> 9.75 ms, LSE 3.10 -> 2.73 ms), 3 for
     # decoding (measured there in the fourth session)
     ns = num_stages or (3 if decode else 2)
-    kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns)
+    kw = {} if _INTERPRET else dict(num_warps=nw, num_stages=ns, **({"maxnreg": maxnreg} if maxnreg else {}))
     pdl = _pdl_launch_args(dev) if decode else {}
 
     # query tiles (never across sequences)
@@ -600,7 +610,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
         lse.stride(0), lse.stride(1), qk_scale, d, kps, rows1, rows2,
-        G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
+        G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
         LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
@@ -631,9 +641,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
             q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
             ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d, rows1,
-            G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
+            G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
             BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
-            DECODE=decode, **kw, **pdl)
+            NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,

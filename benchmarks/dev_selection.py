@@ -446,6 +446,47 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
                   r.get("error", ""))
 
 
+@section("A/B: a boolean switch of the selection module, on / off (prefill)")
+def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
+    """``selection.<attr>`` True / False, interleaved in one process: the selection (do_bench median), its kernels
+    (profiler), and the complete forward (`infllmv2_attention`, Triton backend, `local` inputs) at each length;
+    the selections must be identical."""
+    from bench_attention import make_inputs
+    import infllmv2
+    cfg = SparseConfig(dense_len=-1)
+    out = {}
+    default = getattr(sel_mod, attr)
+    for n in lengths:
+        qb, kb, vb = make_inputs(n, 32, 2, 128, "local")  # (1, n, heads, d)
+        q, k = qb[0], kb[0]
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        f = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n)  # noqa: E731
+        full = lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")  # noqa: E731
+        rows, sels = {}, {}
+        for _ in range(reps):
+            for flag in (True, False):
+                setattr(sel_mod, attr, flag)
+                row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
+                if flag not in sels:
+                    sels[flag] = f()
+                row["select_ms"].append(round(triton.testing.do_bench(f, warmup=3, rep=20), 3))
+                row["fwd_ms"].append(round(triton.testing.do_bench(full, warmup=2, rep=20), 3))
+                if row["kernels_ms"] is None:
+                    ku = _kernel_us(f, 2)
+                    row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in ku.items() if k_.startswith("_")}
+        setattr(sel_mod, attr, default)
+        rows["identical"] = bool(torch.equal(sels[True], sels[False]))
+        out[n] = rows
+        del q, k, qb, kb, vb, sels
+    RESULTS[f"flag_ab_{attr}"] = out
+    print("n | variant | selection ms | complete forward ms (local) | kernels ms")
+    for n, rows in out.items():
+        for name, r in rows.items():
+            if isinstance(r, dict):
+                print(n, "|", name, "|", r["select_ms"], "|", r["fwd_ms"], "|", r["kernels_ms"])
+        print(n, "| identical selections:", rows["identical"])
+
+
 def compare_saved(tags):
     import os
     base = os.environ.get("AB_DIR", "/tmp")
@@ -467,9 +508,12 @@ def main():
     ap.add_argument("--decode-ab", metavar="TAG", help="only time the decode step, saving outputs as TAG")
     ap.add_argument("--compare", nargs="+", metavar="TAG", help="compare the outputs saved by --decode-ab runs")
     ap.add_argument("--score-variants", action="store_true", help="only the LSE/scoring launch-variant sweep")
+    ap.add_argument("--flag-ab", metavar="ATTR", help="only the on/off A/B of a boolean switch of the selection module")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if args.score_variants:
+    if args.flag_ab:
+        flag_ab(args.flag_ab)
+    elif args.score_variants:
         score_variants()
     elif args.compare:
         compare_saved(args.compare)

@@ -478,13 +478,56 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
         rows["identical"] = bool(torch.equal(sels[True], sels[False]))
         out[n] = rows
         del q, k, qb, kb, vb, sels
+    # the Llama-like shape (Hq 32, Hkv 8, d 64: 4x the top-k rows), selection only, 128K
+    n = max(lengths)
+    qb, kb, _ = make_inputs(n, 32, 8, 64, "local")
+    q, k = qb[0], kb[0]
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    f = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n)  # noqa: E731
+    rows, sels = {}, {}
+    for _ in range(reps):
+        for flag in (True, False):
+            setattr(sel_mod, attr, flag)
+            row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], kernels_ms=None))
+            if flag not in sels:
+                sels[flag] = f()
+            row["select_ms"].append(round(triton.testing.do_bench(f, warmup=3, rep=20), 3))
+            if row["kernels_ms"] is None:
+                ku = _kernel_us(f, 2)
+                row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in ku.items() if k_.startswith("_")}
+    setattr(sel_mod, attr, default)
+    rows["identical"] = bool(torch.equal(sels[True], sels[False]))
+    out[f"{n}_hkv8_d64"] = rows
+    del q, k, qb, kb, sels
+    # one decode step at a 128K cache, batch 8 (CUDA graph; the switch is read when the graph is captured)
+    dcfg = SparseConfig()
+    qd, kc, vc, sl, kf, kco = _decode_inputs(n, 8)
+    fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, dcfg, k_fine=kf, k_coarse=kco)  # noqa: E731
+    rows, outs = {}, {}
+    graphs = {}
+    for flag in (True, False):
+        setattr(sel_mod, attr, flag)
+        outs[flag] = fn()
+        graphs[flag] = graphed(fn)
+    for _ in range(reps):
+        for flag in (True, False):
+            row = rows.setdefault(f"{attr}={flag}", dict(graph_us=[], kernels_us=None))
+            row["graph_us"].append(round(1e3 * triton.testing.do_bench(graphs[flag], warmup=10, rep=100), 1))
+            if row["kernels_us"] is None:
+                setattr(sel_mod, attr, flag)
+                row["kernels_us"] = _kernel_us(fn)
+    setattr(sel_mod, attr, default)
+    rows["identical"] = bool(torch.equal(outs[True], outs[False]))
+    rows["dense_graph_us"] = round(_dense_decode_graph_us(qd, kc, vc), 1)
+    out["decode_b8"] = rows
     RESULTS[f"flag_ab_{attr}"] = out
-    print("n | variant | selection ms | complete forward ms (local) | kernels ms")
+    print("n | variant | selection ms (decode: graph us) | complete forward ms (local) | kernels")
     for n, rows in out.items():
         for name, r in rows.items():
             if isinstance(r, dict):
-                print(n, "|", name, "|", r["select_ms"], "|", r["fwd_ms"], "|", r["kernels_ms"])
-        print(n, "| identical selections:", rows["identical"])
+                print(n, "|", name, "|", r.get("select_ms", r.get("graph_us")), "|", r.get("fwd_ms", ""), "|",
+                      r.get("kernels_ms", r.get("kernels_us")))
+        print(n, "| identical:", rows["identical"], rows.get("dense_graph_us", ""))
 
 
 def compare_saved(tags):

@@ -258,3 +258,24 @@ def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
     for i in range(2):
         ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 16 ** -0.5)
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
+
+
+@pytest.mark.parametrize("case", ["rounded_keys", "zero_queries", "peaked"])
+def test_select_fp32_exact_on_tied_and_skewed_scores(case):
+    """The top-k threshold search (interpolation steps alternating with halving steps) on score rows with
+    many exact ties (integer keys; all-zero queries, where every candidate ties) and on very peaked rows,
+    where interpolating the count is a poor guess: the selection must still be the reference's."""
+    cfg = SparseConfig(**dict(SMALL, topk=5))
+    g = torch.Generator().manual_seed(3)
+    n = 520
+    k = torch.randn(n, 2, 16, generator=g)
+    q = torch.randn(n, 8, 16, generator=g)
+    if case == "rounded_keys":
+        k = k.round()
+    elif case == "zero_queries":
+        q = q * 0
+    else:
+        q = q * 20
+    cu = _cu([n])
+    got = select_blocks_triton(q, k, cfg, cu, cu, n, n)
+    assert torch.equal(got, naive.select_blocks(q, k, cfg, 16 ** -0.5))

@@ -485,24 +485,47 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     n_forced = tl.sum(forced.to(tl.int32), 1)
     n_cand = tl.sum(cand.to(tl.int32), 1)
     need = tl.minimum(budget - n_forced, n_cand)
-    # per row, bisect on the fp32 bit patterns (scores >= 0 order like their bits) for the largest thr with
-    # count(key >= thr) >= need, i.e. the need-th largest key; stop early once every row's thr keeps
-    # exactly `need` keys, as no tie is then left to break (5.2 -> 4.9 ms at 128K, H200)
-    thr = tl.zeros((SEL_T,), tl.int32)
-    cnt_thr = n_cand  # count(key >= thr)
-    bit = 30
-    while (bit >= 0) & (tl.max(cnt_thr - need, 0) > 0):
-        c = thr | (1 << bit)
-        cnt = tl.sum((key >= c[:, None]).to(tl.int32), 1)
-        upd = cnt >= need
-        thr = tl.where(upd, c, thr)
-        cnt_thr = tl.where(upd, cnt, cnt_thr)
-        bit -= 1
+    # per row, search the fp32 bit patterns (scores >= 0 order like their bits) of the candidates for a
+    # threshold thr with count(key >= thr) == need (then the selection is {key >= thr}, whatever thr is
+    # exactly), or else the need-th largest key itself (lo + 1 == hi: ties are broken below). Invariant:
+    # count(key >= lo) >= need > count(key >= hi). Steps alternate between interpolating the count
+    # linearly between lo and hi (few steps on smooth score distributions) and halving the bracket (at most
+    # 2 x 31 steps on any input, e.g. ties). H200, identical outputs: the bit-by-bit bisection this replaced
+    # took the top-k kernel 3.31 ms at 128K (12.2 ms at Hkv 8, d 64), this search 3.05 (11.0), and skipping the
+    # tie-breaking scan when no row needs it (below) 2.73 ms (10.6)
+    kmax = tl.max(key, 1)
+    lo = tl.where(need > 0, tl.min(tl.where(cand, key, 0x7FFFFFFF), 1), kmax + 1)
+    hi = kmax + 1
+    cnt_lo = tl.where(need > 0, n_cand, 0)
+    cnt_hi = tl.zeros((SEL_T,), tl.int32)
+    done = (cnt_lo == need) | (hi - lo <= 1)
+    step = 0
+    while tl.max(tl.where(done, 0, 1), 0) > 0:
+        span = hi - lo
+        if step % 2 == 0:
+            frac = (cnt_lo - need).to(tl.float32) / tl.maximum(cnt_lo - cnt_hi, 1).to(tl.float32)
+            off = (span.to(tl.float32) * frac).to(tl.int32)
+        else:
+            off = span // 2
+        mid = lo + tl.minimum(tl.maximum(off, 1), span - 1)
+        cnt = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
+        up = (cnt >= need) & ~done
+        down = (cnt < need) & ~done
+        lo = tl.where(up, mid, lo)
+        cnt_lo = tl.where(up, cnt, cnt_lo)
+        hi = tl.where(down, mid, hi)
+        cnt_hi = tl.where(down, cnt, cnt_hi)
+        done = (cnt_lo == need) | (hi - lo <= 1)
+        step += 1
+    thr = lo
     gt = key > thr[:, None]
     need_eq = need - tl.sum(gt.to(tl.int32), 1)
     eq = key == thr[:, None]
-    rank = tl.cumsum(eq.to(tl.int32), 1) - 1  # ties: lower block index first
-    sel = gt | (eq & (rank < need_eq[:, None])) | forced
+    if tl.max(tl.sum(eq.to(tl.int32), 1) - need_eq, 0) > 0:
+        rank = tl.cumsum(eq.to(tl.int32), 1) - 1  # ties: lower block index first
+        sel = gt | (eq & (rank < need_eq[:, None])) | forced
+    else:  # no row has more keys at its threshold than it needs (the usual case): no tie to break, no scan
+        sel = gt | eq | forced
     n_sel = tl.sum(sel.to(tl.int32), 1)
     pos = tl.cumsum(sel.to(tl.int32), 1) - 1
     obase = out_ptr + h * stride_oh + qrow * stride_ot

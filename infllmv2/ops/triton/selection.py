@@ -15,9 +15,9 @@ Pipeline (SPEC "Stage 1"), no gradients:
    (token, block) scores of one chunk of query tiles are written, to a fixed-size fp32 workspace
    (at most ``_WORKSPACE_BYTES``): nothing of size n x n1 is ever stored.
 4. ``_select_kernel``: one program per (token, KV head): forced blocks + exact top-k of the
-   candidate blocks by an (at most) 31-step bisection on the fp32 bit patterns (scores are >= 0, so the
-   bits order like the values); ties prefer the lower block index; the output row is written
-   sorted ascending and padded with -1.
+   candidate blocks by a threshold search on the fp32 bit patterns (scores are >= 0, so the bits
+   order like the values; interpolation steps alternate with halving steps); ties prefer the lower
+   block index; the output row is written sorted ascending and padded with -1.
 
 Block scores at the same value are tied exactly as in the reference (lower index first); with
 bf16 inputs the scores themselves differ from the fp32 reference at bf16 resolution, so tests
@@ -48,7 +48,7 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # 3 us a call, 64 gained nothing; NOTES_selection.md)
 _DECODE_SPLITS = 32
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
-# block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the bisection's
+# block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
 _SELECT_TILE = 1024

@@ -143,15 +143,20 @@ def peak_extra(fn):
     return peak / 2 ** 30
 
 
+def _random_inputs(n):
+    """Standard-shape q (n, 32, 128), k (n, 2, 128), bf16, `random` pattern, and the offsets of one sequence."""
+    torch.manual_seed(0)
+    q = torch.randn(n, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(n, 2, 128, device=DEV, dtype=torch.bfloat16)
+    return q, k, torch.tensor([0, n], dtype=torch.int32, device=DEV)
+
+
 @section("selection timing (standard shape, random)")
 def time_selection(lengths, variants):
     cfg = SparseConfig(dense_len=-1)
     out = {}
     for n in lengths:
-        torch.manual_seed(0)
-        q = torch.randn(n, 32, 128, device=DEV, dtype=torch.bfloat16)
-        k = torch.randn(n, 2, 128, device=DEV, dtype=torch.bfloat16)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        q, k, cu = _random_inputs(n)
         f = lambda **kw: select_blocks_triton(q, k, cfg, cu, cu, n, n, **kw)  # noqa: E731
         comp = lambda: (compress_keys_varlen(k, cu, 32, 16), compress_keys_varlen(k, cu, 128, 64))  # noqa: E731
         row = dict(compress_ms=triton.testing.do_bench(comp, warmup=5, rep=20))
@@ -414,10 +419,7 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
     cfg = SparseConfig(dense_len=-1)
     out = {}
     for n in lengths:
-        torch.manual_seed(0)
-        q = torch.randn(n, 32, 128, device=DEV, dtype=torch.bfloat16)
-        k = torch.randn(n, 2, 128, device=DEV, dtype=torch.bfloat16)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        q, k, cu = _random_inputs(n)
         ref = select_blocks_triton(q, k, cfg, cu, cu, n, n)
         rows = {}
         for _ in range(reps):
@@ -446,59 +448,49 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
                   r.get("error", ""))
 
 
+def _flag_rows(attr, select, reps, full=None):
+    """``selection.<attr>`` True / False interleaved over `reps` rounds: `select`'s do_bench median, its kernels
+    (profiler, once) and, when given, `full`'s median; plus whether the two settings select identically."""
+    rows, sels = {}, {}
+    for _ in range(reps):
+        for flag in (True, False):
+            setattr(sel_mod, attr, flag)
+            row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
+            if flag not in sels:
+                sels[flag] = select()
+            row["select_ms"].append(round(triton.testing.do_bench(select, warmup=3, rep=20), 3))
+            if full is not None:
+                row["fwd_ms"].append(round(triton.testing.do_bench(full, warmup=2, rep=20), 3))
+            if row["kernels_ms"] is None:
+                row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
+                                     if k_.startswith("_")}
+    rows["identical"] = bool(torch.equal(sels[True], sels[False]))
+    return rows
+
+
 @section("A/B: a boolean switch of the selection module, on / off (prefill)")
 def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
     """``selection.<attr>`` True / False, interleaved in one process: the selection (do_bench median), its kernels
     (profiler), and the complete forward (`infllmv2_attention`, Triton backend, `local` inputs) at each length;
-    the selections must be identical."""
+    then the selection of the Llama-like shape (Hkv 8, d 64: 4x the top-k rows) and one decode step; outputs
+    must be identical."""
     from bench_attention import make_inputs
     import infllmv2
     cfg = SparseConfig(dense_len=-1)
     out = {}
     default = getattr(sel_mod, attr)
-    for n in lengths:
-        qb, kb, vb = make_inputs(n, 32, 2, 128, "local")  # (1, n, heads, d)
-        q, k = qb[0], kb[0]
-        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-        f = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n)  # noqa: E731
-        full = lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")  # noqa: E731
-        rows, sels = {}, {}
-        for _ in range(reps):
-            for flag in (True, False):
-                setattr(sel_mod, attr, flag)
-                row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
-                if flag not in sels:
-                    sels[flag] = f()
-                row["select_ms"].append(round(triton.testing.do_bench(f, warmup=3, rep=20), 3))
-                row["fwd_ms"].append(round(triton.testing.do_bench(full, warmup=2, rep=20), 3))
-                if row["kernels_ms"] is None:
-                    ku = _kernel_us(f, 2)
-                    row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in ku.items() if k_.startswith("_")}
+    try:
+        for hkv, d, ns in [(2, 128, lengths), (8, 64, [max(lengths)])]:
+            for n in ns:
+                qb, kb, vb = make_inputs(n, 32, hkv, d, "local")  # (1, n, heads, d)
+                cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+                select = lambda: select_blocks_triton(qb[0], kb[0], cfg, cu, cu, n, n)  # noqa: E731
+                full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if hkv == 2 else None
+                out[n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"] = _flag_rows(attr, select, reps, full)
+                del qb, kb, vb
+    finally:
         setattr(sel_mod, attr, default)
-        rows["identical"] = bool(torch.equal(sels[True], sels[False]))
-        out[n] = rows
-        del q, k, qb, kb, vb, sels
-    # the Llama-like shape (Hq 32, Hkv 8, d 64: 4x the top-k rows), selection only, 128K
     n = max(lengths)
-    qb, kb, _ = make_inputs(n, 32, 8, 64, "local")
-    q, k = qb[0], kb[0]
-    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-    f = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n)  # noqa: E731
-    rows, sels = {}, {}
-    for _ in range(reps):
-        for flag in (True, False):
-            setattr(sel_mod, attr, flag)
-            row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], kernels_ms=None))
-            if flag not in sels:
-                sels[flag] = f()
-            row["select_ms"].append(round(triton.testing.do_bench(f, warmup=3, rep=20), 3))
-            if row["kernels_ms"] is None:
-                ku = _kernel_us(f, 2)
-                row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in ku.items() if k_.startswith("_")}
-    setattr(sel_mod, attr, default)
-    rows["identical"] = bool(torch.equal(sels[True], sels[False]))
-    out[f"{n}_hkv8_d64"] = rows
-    del q, k, qb, kb, sels
     # one decode step at a 128K cache, batch 8 (CUDA graph; the switch is read when the graph is captured)
     dcfg = SparseConfig()
     qd, kc, vc, sl, kf, kco = _decode_inputs(n, 8)

@@ -522,6 +522,56 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
         print(n, "| identical:", rows["identical"], rows.get("dense_graph_us", ""))
 
 
+# decode-module settings compared by --decode-variants (the first is the baseline; the tenth session's A/B)
+DECODE_VARIANTS = [dict(_DECODE_KNOWN_EARLY=False, _DECODE_CHOSEN_PER_SPLIT=4),
+                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=4),
+                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=2),
+                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=3),
+                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_BLOCKS_PER_SPLIT=6, _DECODE_CHOSEN_PER_SPLIT=2)]
+
+
+@section("decode step: settings of the decode module (128K, CUDA graph, interleaved)")
+def decode_variants(L=131072, reps=3):
+    """Each DECODE_VARIANTS entry (attributes of ``ops.triton.decode``) under a CUDA graph captured with it,
+    interleaved over `reps` rounds, at batch 8 and 1; outputs against the first variant's."""
+    from infllmv2.ops.triton import decode as dec_mod
+    cfg = SparseConfig()
+    defaults = {k_: getattr(dec_mod, k_) for v in DECODE_VARIANTS for k_ in v}
+    out = {}
+    try:
+        for batch in (8, 1):
+            torch.manual_seed(0)
+            qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
+            fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
+            graphs, rows, ref = [], [], None
+            for v in DECODE_VARIANTS:
+                for k_, val in {**defaults, **v}.items():
+                    setattr(dec_mod, k_, val)
+                o = fn()
+                ref = o if ref is None else ref
+                graphs.append(graphed(fn))
+                rows.append(dict(variant=str(v), graph_us=[], max_diff=float((o.float() - ref.float()).abs().max()),
+                                 kernels_us=_kernel_us(fn), launches_us=_launches_us(fn)))
+            for _ in range(reps):
+                for g_, row in zip(graphs, rows):
+                    row["graph_us"].append(round(1e3 * triton.testing.do_bench(g_, warmup=10, rep=100), 1))
+            dense = round(_dense_decode_graph_us(qd, kc, vc), 1)
+            for row in rows:
+                row["speedup"] = round(dense / min(row["graph_us"]), 2)
+            out[batch] = dict(dense_graph_us=dense, rows=rows)
+            del qd, kc, vc, kf, kco, graphs
+    finally:
+        for k_, val in defaults.items():
+            setattr(dec_mod, k_, val)
+    RESULTS["decode_variants"] = out
+    print("batch | variant | graph us | speedup | max diff | kernels us")
+    for batch, r in out.items():
+        for row in r["rows"]:
+            print(batch, "|", row["variant"], "|", row["graph_us"], "|", row["speedup"], "|", row["max_diff"], "|",
+                  row["kernels_us"])
+        print(batch, "| dense graph us", r["dense_graph_us"])
+
+
 def compare_saved(tags):
     import os
     base = os.environ.get("AB_DIR", "/tmp")
@@ -543,11 +593,14 @@ def main():
     ap.add_argument("--decode-ab", metavar="TAG", help="only time the decode step, saving outputs as TAG")
     ap.add_argument("--compare", nargs="+", metavar="TAG", help="compare the outputs saved by --decode-ab runs")
     ap.add_argument("--score-variants", action="store_true", help="only the LSE/scoring launch-variant sweep")
+    ap.add_argument("--decode-variants", action="store_true", help="only the decode-module settings A/B")
     ap.add_argument("--flag-ab", metavar="ATTR", help="only the on/off A/B of a boolean switch of the selection module")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     if args.flag_ab:
         flag_ab(args.flag_ab)
+    elif args.decode_variants:
+        decode_variants()
     elif args.score_variants:
         score_variants()
     elif args.compare:

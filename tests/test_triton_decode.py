@@ -156,3 +156,23 @@ def test_decode_lse_combines_several_key_splits(lse_approx):
         assert torch.equal(idx[:, i], naive.select_blocks(q[i:i + 1], kc[i, :n], cfg)[:, 0]), i
         ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg)
         torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,bps", [
+    (dict(init_blocks=0, window_size=0, topk=1), None),  # no init, no window: the current block + 1 chosen
+    (dict(init_blocks=2, window_size=32, topk=3), None),  # topk = init + 1: nothing left to choose
+    (dict(init_blocks=1, window_size=16, topk=6), 1),  # one block a split
+    (dict(init_blocks=1, window_size=48, topk=5), 2),
+])
+@pytest.mark.parametrize("dense_len", [90, -1])  # -1: short sequences are sparse too (window over the init blocks)
+def test_decode_forced_and_chosen_splits(config, bps, dense_len):
+    """Stage 2 splits a sparse sequence's forced blocks (computed from its length) apart from the top-k's chosen
+    blocks (read from the selection), and a dense sequence's blocks over all splits: configurations at the edges
+    of that arithmetic, lengths around block, window and dense_len boundaries, against the reference."""
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, dense_len=dense_len, **config)
+    lens = [1, 16, 17, 47, 89, 90, 95, 160, 250]
+    q, kc, vc, sl = _cache(lens, 250, 6, 2, 16, torch.float32, seed=21)
+    out = infllmv2_decode_triton(q, kc, vc, sl, cfg, blocks_per_split=bps)
+    for i, n in enumerate(lens):
+        ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg)
+        torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5, msg=f"row {i} (length {n})")

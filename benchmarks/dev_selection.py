@@ -523,11 +523,12 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
 
 
 # decode-module settings compared by --decode-variants (the first is the baseline; the tenth session's A/B)
-DECODE_VARIANTS = [dict(_DECODE_KNOWN_EARLY=False, _DECODE_CHOSEN_PER_SPLIT=4),
-                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=4),
-                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=2),
-                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_CHOSEN_PER_SPLIT=3),
-                   dict(_DECODE_KNOWN_EARLY=True, _DECODE_BLOCKS_PER_SPLIT=6, _DECODE_CHOSEN_PER_SPLIT=2)]
+DECODE_VARIANTS = [dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=2)),
+                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=2, num_stages=2)),
+                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=8, num_stages=2)),
+                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=3)),
+                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=1)),
+                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=2, num_stages=3))]
 
 
 @section("decode step: settings of the decode module (128K, CUDA graph, interleaved)")

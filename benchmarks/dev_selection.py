@@ -523,12 +523,11 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
 
 
 # decode-module settings compared by --decode-variants (the first is the baseline; the tenth session's A/B)
-DECODE_VARIANTS = [dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=2)),
-                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=2, num_stages=2)),
-                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=8, num_stages=2)),
-                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=3)),
-                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=4, num_stages=1)),
-                   dict(_DECODE_SPLIT_LAUNCH=dict(num_warps=2, num_stages=3))]
+DECODE_VARIANTS = [dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=4),
+                   dict(_DECODE_BLOCKS_PER_SPLIT=8, _DECODE_COMBINE_WARPS=4),
+                   dict(_DECODE_BLOCKS_PER_SPLIT=12, _DECODE_COMBINE_WARPS=4),
+                   dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=2),
+                   dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=1)]
 
 
 @section("decode step: settings of the decode module (128K, CUDA graph, interleaved)")

@@ -156,6 +156,7 @@ _DECODE_KNOWN_EARLY = True  # switch of the A/B above: False makes every stage-2
 # launch options of the stage-2 split kernel (H200, 128K, CUDA graph, batch 8 / 1: 4 warps 2 stages 53.9 / 33.9 us;
 # 2 warps 54.4 / 34.2; 8 warps 56.5 / 33.9; 3 stages 55.8 / 32.1; 1 stage 60.4 / 34.0; --decode-variants)
 _DECODE_SPLIT_LAUNCH = dict(num_warps=4, num_stages=2)
+_DECODE_COMBINE_WARPS = 4
 
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
@@ -316,5 +317,5 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1), SPLIT_P=max(2, _next_pow2(n_split)), BLOCK_D=BLOCK_D,
-            **({} if _INTERPRET else dict(num_warps=4)), **pdl)
+            **({} if _INTERPRET else dict(num_warps=_DECODE_COMBINE_WARPS)), **pdl)
     return (out, idx) if return_block_indices else out

@@ -147,7 +147,7 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
 _DECODE_SELECT_OPTS: dict = {}  # tuning knob: kernel options of the decode selection (dev_selection --tune)
 # stage 2 splits a sparse sequence's forced blocks into pieces of this many blocks (H200, 128K, batch 8, one list
 # of 96 blocks before the tenth session: 4 beat 6 by 3 us a call, 3 and 2 were slower; NOTES_selection.md) ...
-_DECODE_BLOCKS_PER_SPLIT = 4
+_DECODE_BLOCKS_PER_SPLIT = 4  # (tenth session, with the forced blocks early: 8 and 12 took 56.4 and 62.9 us)
 # ... and the top-k's chosen blocks into pieces of this many; with PDL the forced blocks' programs run while the
 # top-k still runs (H200, 128K, CUDA graph, interleaved: one 96-block list 57.9 us at batch 8 / 34.3 us at batch 1;
 # forced blocks early, chosen ones 4 / 3 / 2 a split 54.2 / 54.0 / 55.1 us, 35.0 / 33.8 / 32.9 us)
@@ -156,7 +156,9 @@ _DECODE_KNOWN_EARLY = True  # switch of the A/B above: False makes every stage-2
 # launch options of the stage-2 split kernel (H200, 128K, CUDA graph, batch 8 / 1: 4 warps 2 stages 53.9 / 33.9 us;
 # 2 warps 54.4 / 34.2; 8 warps 56.5 / 33.9; 3 stages 55.8 / 32.1; 1 stage 60.4 / 34.0; --decode-variants)
 _DECODE_SPLIT_LAUNCH = dict(num_warps=4, num_stages=2)
-_DECODE_COMBINE_WARPS = 4
+# warps of the combine kernel: one keeps its reduction over the splits inside a warp (H200, 128K, CUDA graph,
+# interleaved: batch 8 53.9 / 54.1 / 52.5 us with 4 / 2 / 1 warps, batch 1 34.0 / 35.0 / 33.8 us)
+_DECODE_COMBINE_WARPS = 1
 
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):

@@ -235,8 +235,11 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     wa = load_file(str(one / "final" / "model.safetensors"))
     wb = load_file(str(two / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
+    # Adam divides by sqrt(v): on a weight whose gradients are near zero, the gradient all-reduce's other summation
+    # order (~1e-7) can move the update by ~1e-5 (seen once in 4096 elements after this package's sources, which are
+    # the training data here, changed); a sharding error moves weights by whole Adam steps (lr 5e-3 x 3 steps)
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -206,6 +206,7 @@ def test_adaptation_summary(tmp_path):
 def test_torchrun_two_processes_match_one(tmp_path, parallel):
     # the same command under torchrun (2 CPU processes, gloo): rows sharded by rank, the loss and the
     # final weights equal the single-process run with the same global batch
+    import json
     import shutil
     import subprocess
     import sys
@@ -215,8 +216,12 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
+    # the standard library's json package as the corpus, not this package's own sources: those change with every
+    # edit, and the all-reduce's summation order (~1e-7) reaches some weights through Adam's 1/sqrt(v) amplified,
+    # by an amount that depends on the data (one of 4096 weights off by 1.2e-5 after one edit of this package)
+    corpus = os.path.dirname(json.__file__)
     common = ["--preset", "tiny", "--seq-len", "128", "--steps", "3", "--lr", "5e-3", "--warmup", "1",
-              "--data", PKG, "--doc-min-chars", "8192", "--device", "cpu", "--no-progress", "--save-every", "0",
+              "--data", corpus, "--doc-min-chars", "8192", "--device", "cpu", "--no-progress", "--save-every", "0",
               "--attention", "infllmv2", "--block-size", "16", "--kernel-size", "16", "--kernel-stride", "8",
               "--window", "16", "--topk", "2", "--dense-len", "-1", "--backend", "torch"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -235,11 +240,8 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     wa = load_file(str(one / "final" / "model.safetensors"))
     wb = load_file(str(two / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
-    # Adam divides by sqrt(v): on a weight whose gradients are near zero, the gradient all-reduce's other summation
-    # order (~1e-7) can move the update by ~1e-5 (seen once in 4096 elements after this package's sources, which are
-    # the training data here, changed); a sharding error moves weights by whole Adam steps (lr 5e-3 x 3 steps)
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

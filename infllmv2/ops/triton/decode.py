@@ -208,8 +208,10 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``k_cache[i, leftpad[i] : leftpad[i] + cache_seqlens[i]]`` (default: from slot 0).
     k_fine / k_coarse: optional (batch, max_n, Hkv, d) compressed keys of each row's keys (the first
     ``(len - kernel) // stride + 1`` rows of each sequence are used); computed from the cache when not
-    given. Returns out (batch, Hq, d) in q's dtype (and the (Hkv, batch, budget) selection when
-    ``return_block_indices``; rows of dense sequences are then meaningless).
+    given. ``blocks_per_split``: blocks per stage-2 program, for the forced and the chosen blocks alike
+    (default: the tuned ``_DECODE_BLOCKS_PER_SPLIT`` / ``_DECODE_CHOSEN_PER_SPLIT``). Returns out
+    (batch, Hq, d) in q's dtype (and the (Hkv, batch, budget) selection when ``return_block_indices``;
+    rows of dense sequences are then meaningless).
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -523,20 +523,30 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
 
 
 # decode-module settings compared by --decode-variants (the first is the baseline; the tenth session's A/B)
-DECODE_VARIANTS = [dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=4),
-                   dict(_DECODE_BLOCKS_PER_SPLIT=8, _DECODE_COMBINE_WARPS=4),
-                   dict(_DECODE_BLOCKS_PER_SPLIT=12, _DECODE_COMBINE_WARPS=4),
-                   dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=2),
-                   dict(_DECODE_BLOCKS_PER_SPLIT=4, _DECODE_COMBINE_WARPS=1)]
+# decode settings compared by --decode-variants (the first is the baseline): attributes of ops.triton.decode, or of
+# ops.triton.selection with a "selection." prefix
+DECODE_VARIANTS = [dict(),
+                   dict(_DECODE_SELECT_OPTS=dict(block_n=32)),
+                   dict(_DECODE_SELECT_OPTS=dict(block_n=128)),
+                   dict(_DECODE_SELECT_OPTS=dict(num_warps=2)),
+                   dict(_DECODE_SELECT_OPTS=dict(num_warps=8)),
+                   dict(_DECODE_SELECT_OPTS=dict(block_n=128, num_warps=8)),
+                   {"selection._DECODE_SPLITS": 16},
+                   {"selection._DECODE_SPLITS": 64}]
+
+
+def _decode_setting(name):
+    """(module, attribute) of a DECODE_VARIANTS key."""
+    from infllmv2.ops.triton import decode as dec_mod
+    return (sel_mod, name.split(".", 1)[1]) if name.startswith("selection.") else (dec_mod, name)
 
 
 @section("decode step: settings of the decode module (128K, CUDA graph, interleaved)")
 def decode_variants(L=131072, reps=3):
     """Each DECODE_VARIANTS entry (attributes of ``ops.triton.decode``) under a CUDA graph captured with it,
     interleaved over `reps` rounds, at batch 8 and 1; outputs against the first variant's."""
-    from infllmv2.ops.triton import decode as dec_mod
     cfg = SparseConfig()
-    defaults = {k_: getattr(dec_mod, k_) for v in DECODE_VARIANTS for k_ in v}
+    defaults = {k_: getattr(*_decode_setting(k_)) for v in DECODE_VARIANTS for k_ in v}
     out = {}
     try:
         for batch in (8, 1):
@@ -546,7 +556,7 @@ def decode_variants(L=131072, reps=3):
             graphs, rows, ref = [], [], None
             for v in DECODE_VARIANTS:
                 for k_, val in {**defaults, **v}.items():
-                    setattr(dec_mod, k_, val)
+                    setattr(*_decode_setting(k_), val)
                 o = fn()
                 ref = o if ref is None else ref
                 graphs.append(graphed(fn))
@@ -562,7 +572,7 @@ def decode_variants(L=131072, reps=3):
             del qd, kc, vc, kf, kco, graphs
     finally:
         for k_, val in defaults.items():
-            setattr(dec_mod, k_, val)
+            setattr(*_decode_setting(k_), val)
     RESULTS["decode_variants"] = out
     print("batch | variant | graph us | speedup | max diff | kernels us")
     for batch, r in out.items():

@@ -352,6 +352,53 @@ def flex_timings(q, k, v, do, n, visible, hq, hkv, d, FB=128):
     return r
 
 
+def flag_ab(attr, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, init=1, local=32):
+    """``sparse_attention.<attr>`` False / True, interleaved over `reps` rounds in one process: the forward kernel
+    (``_forward``, do_bench median) and the forward + backward on the synthetic selections; outputs compared."""
+    default = getattr(SA, attr)
+    rows = []
+    try:
+        for n in lens:
+            for pattern in patterns:
+                torch.manual_seed(0)
+                q = torch.randn(n, hq, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                k = torch.randn(n, hkv, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                v = torch.randn(n, hkv, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                do = torch.randn(n, hq, d, device=DEV, dtype=torch.bfloat16)
+                bi = make_selection(n, n, hkv, B, budget, init, local, 0.97 if pattern == "local" else 0.0)
+                cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+                qd, kd, vd = q.detach(), k.detach(), v.detach()
+                row = dict(n=n, pattern=pattern, attr=attr)
+                outs = {}
+                for val in (False, True):
+                    setattr(SA, attr, val)
+                    outs[val] = SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, d ** -0.5)
+                row["max_out_diff"] = float((outs[False][0].float() - outs[True][0].float()).abs().max())
+                row["max_lse_diff"] = float((outs[False][1] - outs[True][1]).abs().max())
+                del outs
+
+                def fb():
+                    o, _ = sparse_attention_triton(q, k, v, bi, B, cu, cu, n, n, d ** -0.5)
+                    o.backward(do)
+                for _ in range(reps):
+                    for val in (False, True):
+                        setattr(SA, attr, val)
+                        row.setdefault(f"fwd_ms_{val}", []).append(round(bench(
+                            lambda: SA._forward(qd, kd, vd, bi, B, cu, cu, n, n, d ** -0.5)), 3))
+                        row.setdefault(f"fwd_bwd_ms_{val}", []).append(round(bench(fb, rep=100), 3))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del q, k, v, do, bi, qd, kd, vd
+                torch.cuda.empty_cache()
+    finally:
+        setattr(SA, attr, default)
+    print("n | pattern | fwd ms off | fwd ms on | fwd+bwd ms off | fwd+bwd ms on | max out diff")
+    for r in rows:
+        print(r["n"], "|", r["pattern"], "|", min(r["fwd_ms_False"]), "|", min(r["fwd_ms_True"]), "|",
+              min(r["fwd_bwd_ms_False"]), "|", min(r["fwd_bwd_ms_True"]), "|", r["max_out_diff"])
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,65536,131072")
@@ -368,7 +415,16 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--flag-ab", metavar="ATTR", help="only the interleaved off/on A/B of a boolean switch of the "
+                    "sparse_attention module (e.g. RAW_MAX) at --lens x --patterns")
     args = ap.parse_args()
+    if args.flag_ab:
+        rows = flag_ab(args.flag_ab, [int(x) for x in args.lens.split(",")], args.patterns.split(","))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"dev_sparse_attention_flag_ab{args.tag}.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           command=" ".join(sys.argv), rows=rows), f, indent=1)
+        return
     args.block_ms = [int(x) for x in args.block_ms.split(",")]
     args.pairs = [x == "1" for x in args.pairs.split(",")]
     args.tma = [x == "1" for x in args.tma.split(",")]

@@ -526,13 +526,13 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
 # decode settings compared by --decode-variants (the first is the baseline): attributes of ops.triton.decode, or of
 # ops.triton.selection with a "selection." prefix
 DECODE_VARIANTS = [dict(),
-                   dict(_DECODE_SELECT_OPTS=dict(block_n=32)),
-                   dict(_DECODE_SELECT_OPTS=dict(block_n=128)),
-                   dict(_DECODE_SELECT_OPTS=dict(num_warps=2)),
-                   dict(_DECODE_SELECT_OPTS=dict(num_warps=8)),
-                   dict(_DECODE_SELECT_OPTS=dict(block_n=128, num_warps=8)),
-                   {"selection._DECODE_SPLITS": 16},
-                   {"selection._DECODE_SPLITS": 64}]
+                   {"selection._DECODE_SPLITS": 32},
+                   {"selection._DECODE_SPLITS": 8},
+                   {"selection._DECODE_SPLITS": 12},
+                   {"selection._DECODE_SPLITS": 24},
+                   {"selection._DECODE_SPLITS": 96},
+                   {"selection._DECODE_LSE_SPLITS": 32},
+                   {"selection._DECODE_LSE_SPLITS": 8}]
 
 
 def _decode_setting(name):

@@ -416,7 +416,7 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--flag-ab", metavar="ATTR", help="only the interleaved off/on A/B of a boolean switch of the "
-                    "sparse_attention module (e.g. RAW_MAX) at --lens x --patterns")
+                    "sparse_attention module (e.g. ROW_MASK) at --lens x --patterns")
     args = ap.parse_args()
     if args.flag_ab:
         rows = flag_ab(args.flag_ab, [int(x) for x in args.lens.split(",")], args.patterns.split(","))

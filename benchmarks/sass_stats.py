@@ -63,13 +63,13 @@ def _kernels():
     return {
         "score": (selection._score_kernel, score,
                   dict(stage1, R=4, L=2, BS=64, LOCAL=32, INIT=1, TRANS=True, NSP=1)),
-        "lse": (selection._lse_kernel, lse, dict(stage1, KS2=128, ST2=64, LSE_APPROX=True, RAW_MAX=True)),
+        "lse": (selection._lse_kernel, lse, dict(stage1, KS2=128, ST2=64, LSE_APPROX=True)),
         "select": (selection._select_kernel, select,
                    dict(BLOCK_T=8, SEL_T=1, BLOCK_NB=2048, BUDGET_P=128, BS=64, LOCAL=32, INIT=1, DECODE=False,
-                        PDL=False, FEW_REDUCTIONS=True)),
+                        PDL=False)),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
-                     TMA=True, ROW_MASK=True, RAW_MAX=True)),
+                     TMA=True, ROW_MASK=True)),
     }
 
 

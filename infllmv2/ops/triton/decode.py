@@ -33,7 +33,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
                          G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
                          INIT: tl.constexpr, LOCAL: tl.constexpr,
                          TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr, SPLIT_P: tl.constexpr,
-                         EARLY: tl.constexpr, PDL: tl.constexpr = False, RAW_MAX: tl.constexpr = False):
+                         EARLY: tl.constexpr, PDL: tl.constexpr = False):
     """Program (sequence, KV head, split). A dense sequence spreads its blocks over all splits. For a sparse
     one, splits below ``known_splits`` attend to its forced blocks (known from its length alone) and the
     others to the top-k's chosen blocks."""
@@ -105,16 +105,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         if TO_F32:
             kt = kt.to(tl.float32)
             vv = vv.to(tl.float32)
-        if RAW_MAX:  # the max over the raw scores, scaled per row: each exponent is one FMA
-            s = tl.where(umask[None, :], tl.dot(q, kt, input_precision=PREC), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p_ = tl.exp2(s * qk_scale - m_safe[:, None])
-        else:
-            s = tl.where(umask[None, :], tl.dot(q, kt, input_precision=PREC) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p_ = tl.exp2(s - m_safe[:, None])
+        # the max over the raw scores, scaled per row: each exponent is one FMA (as in the prefill kernels)
+        s = tl.where(umask[None, :], tl.dot(q, kt, input_precision=PREC), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p_ = tl.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p_, 1)
         acc = acc * alpha[:, None] + tl.dot(p_.to(vv.dtype), vv, input_precision=PREC)
@@ -164,7 +159,6 @@ _DECODE_SPLIT_LAUNCH = dict(num_warps=4, num_stages=2)
 # warps of the combine kernel: one keeps its reduction over the splits inside a warp (H200, 128K, CUDA graph,
 # interleaved: batch 8 53.9 / 54.1 / 52.5 us with 4 / 2 / 1 warps, batch 1 34.0 / 35.0 / 33.8 us)
 _DECODE_COMBINE_WARPS = 1
-_DECODE_RAW_MAX = True  # stage 2: the row max over the raw scores, each exponent one FMA (A/B switch)
 
 
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad=None):
@@ -322,8 +316,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             scale * _LOG2E, d, config.budget, config.dense_len, known_splits, per_known, per_chosen, per_dense,
             G=g, BLOCK_M=max(16, _next_pow2(g)), BS=B, BLOCK_D=BLOCK_D, INIT=config.init_blocks,
             LOCAL=config.local_blocks, TO_F32=to_f32, PREC=prec, HAS_LEFTPAD=cache_leftpad is not None,
-            SPLIT_P=_next_pow2(max(per_known, per_chosen, per_dense)), EARLY=_DECODE_KNOWN_EARLY,
-            RAW_MAX=_DECODE_RAW_MAX, **kw, **pdl)
+            SPLIT_P=_next_pow2(max(per_known, per_chosen, per_dense)), EARLY=_DECODE_KNOWN_EARLY, **kw, **pdl)
         _decode_combine_kernel[(batch, hq)](
             o_part, lse_part, out, n_split, d,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

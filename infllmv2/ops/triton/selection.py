@@ -44,22 +44,26 @@ except ImportError:  # pragma: no cover
 _LOG2E = 1.4426950408889634
 _WORKSPACE_BYTES = 256 << 20  # fp32 block-score workspace of one chunk of query tiles
 _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in registers
-# decoding: programs per (sequence, KV head) over the compressed keys (H200, 128K, batch 8: 32 beat 16 by
-# 3 us a call, 64 gained nothing; NOTES_selection.md)
-_DECODE_SPLITS = 32
+# decoding: programs per (sequence, KV head) over the compressed keys, enough for about _DECODE_PROGRAMS programs in
+# all, from 16 to 64 (H200, 128K cache, CUDA graph, interleaved, eleventh session: batch 8 with 16 / 32 / 64 splits
+# 50.9 / 52.2 / 53.2 us a step, batch 1 34.6 / 33.1 / 31.0 us; NOTES_selection.md)
+_DECODE_PROGRAMS = 256
+_DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
+_DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
+
+
+def _decode_splits(batch: int, hkv: int) -> tuple:
+    """(LSE splits, scoring splits) of one decode step's compressed keys per (sequence, KV head)."""
+    n = _DECODE_SPLITS or min(64, max(16, _next_pow2(-(-_DECODE_PROGRAMS // max(1, batch * hkv)))))
+    return _DECODE_LSE_SPLITS or n, n
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
 _SELECT_TILE = 1024
-# top-k: the forced, candidate and selected counts from the row's position and the tie test from the search's counts,
-# instead of five reductions over the row (A/B switch)
-_TOPK_FEW_REDUCTIONS = True
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
-# LSE kernel: the row max over the raw scores, so each exponent is one FMA (A/B switch)
-_LSE_RAW_MAX = True
 
 
 def _next_pow2(x: int) -> int:
@@ -246,7 +250,7 @@ def _key_rows(c_start_ptr, c_len_ptr, seq, kl, rows, KS: tl.constexpr, ST: tl.co
 @triton.jit
 def _online_lse(q, k_ptr, stride_kt, c_start, j_lo, j_hi, j_all, t, qk_scale, offs_d, dmask,
                 KS: tl.constexpr, ST: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TO_F32: tl.constexpr, PREC: tl.constexpr, RAW_MAX: tl.constexpr):
+                TO_F32: tl.constexpr, PREC: tl.constexpr):
     """Online (max, sum) in base 2 of qk_scale * q . K[j] over visible j in [j_lo, j_hi); keys below j_all
     are visible to every row (no mask there)."""
     m = tl.full((M,), float("-inf"), tl.float32)
@@ -254,17 +258,17 @@ def _online_lse(q, k_ptr, stride_kt, c_start, j_lo, j_hi, j_all, t, qk_scale, of
     j_mid = tl.minimum(tl.maximum(j_lo + (j_all - j_lo) // BLOCK_N * BLOCK_N, j_lo), j_hi)
     for j0 in range(j_lo, j_mid, BLOCK_N):
         m, s_acc = _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
-                             KS, ST, BLOCK_N, TO_F32, PREC, False, RAW_MAX)
+                             KS, ST, BLOCK_N, TO_F32, PREC, False)
     for j0 in range(j_mid, j_hi, BLOCK_N):
         m, s_acc = _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
-                             KS, ST, BLOCK_N, TO_F32, PREC, True, RAW_MAX)
+                             KS, ST, BLOCK_N, TO_F32, PREC, True)
     return m, s_acc
 
 
 @triton.jit
 def _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask, m, s_acc,
               KS: tl.constexpr, ST: tl.constexpr, BLOCK_N: tl.constexpr, TO_F32: tl.constexpr,
-              PREC: tl.constexpr, MASKED: tl.constexpr, RAW_MAX: tl.constexpr):
+              PREC: tl.constexpr, MASKED: tl.constexpr):
     j = j0 + tl.arange(0, BLOCK_N)
     jm = j < j_hi
     kt = tl.load(k_ptr + (c_start + j).to(tl.int64)[None, :] * stride_kt + offs_d[:, None],
@@ -275,17 +279,11 @@ def _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask
     if MASKED:
         vis = (j[None, :] * ST + KS <= t[:, None] + 1) & jm[None, :]
         s = tl.where(vis, s, float("-inf"))
-    if RAW_MAX:
-        # the max of the raw scores, scaled per row (qk_scale > 0): each exponent is then one FMA,
-        # s * qk_scale - m, instead of a multiply and a subtraction per score
-        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s * qk_scale - m_safe[:, None]), 1)
-    else:
-        s = s * qk_scale
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+    # the max of the raw scores, scaled per row (qk_scale > 0): each exponent is then one FMA, s * qk_scale - m,
+    # instead of a multiply and a subtraction per score
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_acc = s_acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s * qk_scale - m_safe[:, None]), 1)
     return m_new, s_acc
 
 
@@ -298,7 +296,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
                 ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
-                DECODE: tl.constexpr = False, PDL: tl.constexpr = False, RAW_MAX: tl.constexpr = False):
+                DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
     _pdl_start(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -319,12 +317,12 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n2vis)
         m, s = _online_lse(q, k2_ptr + h * stride_k2h, stride_k2t, c2s, lo, hi, n2all, t, qk_scale, offs_d,
-                           dmask, KS2, ST2, M, BLOCK_N, TO_F32, PREC, RAW_MAX)
+                           dmask, KS2, ST2, M, BLOCK_N, TO_F32, PREC)
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
         if (t_min + 1 < KS2) & (split == 0):
             # rows that see no coarse key yet: exact over their fine keys
             m1, s1 = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, 0, n1vis, n1all, t, qk_scale,
-                                 offs_d, dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC, RAW_MAX)
+                                 offs_d, dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
             part1 = tl.where(s1 > 0, m1 + tl.log2(tl.where(s1 > 0, s1, 1.0)), float("-inf"))
             part = tl.where(t + 1 < KS2, part1, part)
         else:
@@ -333,7 +331,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n1vis)
         m, s = _online_lse(q, k1_ptr + h * stride_k1h, stride_k1t, c1s, lo, hi, n1all, t, qk_scale, offs_d,
-                           dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC, RAW_MAX)
+                           dmask, KS1, ST1, M, BLOCK_N, TO_F32, PREC)
         part = tl.where(s > 0, m + tl.log2(tl.where(s > 0, s, 1.0)), float("-inf"))
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
@@ -469,7 +467,7 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
-                   PDL: tl.constexpr = False, FEW_REDUCTIONS: tl.constexpr = False):
+                   PDL: tl.constexpr = False):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
@@ -496,15 +494,12 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     cand = (b >= INIT) & (b < bq - LOCAL) & tvalid[:, None]
     sc = tl.load(ws_ptr + h * stride_wh + slot[:, None] * stride_wr + b, mask=cand, other=0.0)
     key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
-    if FEW_REDUCTIONS:
-        # the counts follow from bq (no reduction over the row, each of which waits on the other warps):
-        # forced = [0, INIT) and the window [bq - LOCAL, bq], the candidates between them
-        n_forced = tl.where(tvalid, tl.minimum(INIT, bq1 + 1)
-                            + tl.maximum(bq1 - tl.maximum(INIT, bq1 - LOCAL) + 1, 0), 0)
-        n_cand = tl.where(tvalid, tl.maximum(bq1 - LOCAL - INIT, 0), 0)
-    else:
-        n_forced = tl.sum(forced.to(tl.int32), 1)
-        n_cand = tl.sum(cand.to(tl.int32), 1)
+    # the counts follow from bq, with no reduction over the row (each waits on the other warps; five fewer
+    # reductions here and below: top-k 2.87 -> 2.53 ms at 128K, H200): forced = [0, INIT) and the window
+    # [bq - LOCAL, bq], the candidates between them
+    n_forced = tl.where(tvalid, tl.minimum(INIT, bq1 + 1) + tl.maximum(bq1 - tl.maximum(INIT, bq1 - LOCAL) + 1, 0),
+                        0)
+    n_cand = tl.where(tvalid, tl.maximum(bq1 - LOCAL - INIT, 0), 0)
     need = tl.minimum(budget - n_forced, n_cand)
     # per row, search the fp32 bit patterns (scores >= 0 order like their bits) of the candidates for a
     # threshold thr with count(key >= thr) == need (then the selection is {key >= thr}, whatever thr is
@@ -541,23 +536,16 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     thr = lo
     gt = key > thr[:, None]
     eq = key == thr[:, None]
-    if FEW_REDUCTIONS:
-        # the search's counts say it all: count(key >= thr) = cnt_lo >= need, and a row with cnt_lo > need
-        # ended with hi = thr + 1, so count(key > thr) = cnt_hi
-        surplus = cnt_lo - need
-        need_eq = need - cnt_hi
-    else:
-        need_eq = need - tl.sum(gt.to(tl.int32), 1)
-        surplus = tl.sum(eq.to(tl.int32), 1) - need_eq
+    # the search's counts say it all: count(key >= thr) = cnt_lo >= need, and a row with cnt_lo > need ended
+    # with hi = thr + 1, so count(key > thr) = cnt_hi
+    surplus = cnt_lo - need
+    need_eq = need - cnt_hi
     if tl.max(surplus, 0) > 0:
         rank = tl.cumsum(eq.to(tl.int32), 1) - 1  # ties: lower block index first
         sel = gt | (eq & (rank < need_eq[:, None])) | forced
     else:  # no row has more keys at its threshold than it needs (the usual case): no tie to break, no scan
         sel = gt | eq | forced
-    if FEW_REDUCTIONS:  # exactly max(need, 0) candidates are selected, by the search's invariant
-        n_sel = n_forced + tl.maximum(need, 0)
-    else:
-        n_sel = tl.sum(sel.to(tl.int32), 1)
+    n_sel = n_forced + tl.maximum(need, 0)  # exactly max(need, 0) candidates are selected
     pos = tl.cumsum(sel.to(tl.int32), 1) - 1
     obase = out_ptr + h * stride_oh + qrow * stride_ot
     tl.store(obase[:, None] + pos, b + tl.zeros((SEL_T, BLOCK_NB), tl.int32), mask=sel)
@@ -653,9 +641,10 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     qk_scale = float(scale) * _LOG2E
 
     # 1) log-sum-exp partials
-    if decode:  # split the keys of each sequence over up to _DECODE_SPLITS programs
+    if decode:  # split the keys of each sequence over several programs
+        lse_splits, score_splits = _decode_splits(total_q, hkv)
         n2max = triton.cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
-        kps = triton.cdiv(triton.cdiv(n2max, _DECODE_SPLITS), BLOCK_N) * BLOCK_N
+        kps = triton.cdiv(triton.cdiv(n2max, lse_splits), BLOCK_N) * BLOCK_N
         n_lse = triton.cdiv(n2max, kps)
     else:
         n_lse, kps = 1, 1 << 30
@@ -665,7 +654,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
         lse.stride(0), lse.stride(1), qk_scale, d, kps, rows1, rows2,
         G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
-        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, RAW_MAX=_LSE_RAW_MAX, **kw, **pdl)
+        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
     nb_ws = max(1, triton.cdiv(max_seqlen_k, B))
@@ -676,7 +665,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             f"(max_seqlen_k {max_seqlen_k}, block_size {B})")
     if decode:
         n1max = triton.cdiv(max_seqlen_k, sc) + 1
-        wps = max(2 * BLOCK_N, triton.cdiv(triton.cdiv(n1max, _DECODE_SPLITS), BLOCK_N) * BLOCK_N)
+        wps = max(2 * BLOCK_N, triton.cdiv(triton.cdiv(n1max, score_splits), BLOCK_N) * BLOCK_N)
         n_split = triton.cdiv(n1max, wps)
     else:
         wps, n_split = 1 << 30, 1
@@ -702,7 +691,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
-            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode, FEW_REDUCTIONS=_TOPK_FEW_REDUCTIONS,
+            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
             **pdl)
     return out

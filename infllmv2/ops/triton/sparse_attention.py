@@ -73,8 +73,6 @@ TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
 # causal mask runs only on blocks that reach past a tile's first token (else a select per score).
 ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
-# Forward: the row max taken over the raw scores, so each exponent is one FMA (A/B switch)
-RAW_MAX = os.environ.get("INFLLMV2_SPARSE_RAW_MAX", "1") == "1"
 
 
 def _next_pow2(x: int) -> int:
@@ -141,7 +139,7 @@ def _sparse_fwd_kernel(
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STORE_RESID: tl.constexpr, TMA: tl.constexpr,
-    ROW_MASK: tl.constexpr, RAW_MAX: tl.constexpr = False,
+    ROW_MASK: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -185,26 +183,18 @@ def _sparse_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if ROW_MASK and RAW_MAX:
-            # the max of the raw scores, scaled per row (scale > 0, so it is the max of the scaled ones): each
-            # exponent is then one FMA, s * scale + (bias - m), with no subtraction per score
+        # the row max over the raw scores, scaled per row (scale > 0, so it is the max of the scaled ones): each
+        # exponent is then one FMA, s * scale + (bias - m), with no subtraction per score
+        if ROW_MASK:
             bias = _row_bias(UBITS, ubase, i, tok64, 0.0)
             if (blk_a + 1) * BLOCK_N > pos0 + 1:  # a block reaching past the tile's first token: causal mask
                 s = tl.where(kpos[None, :] <= pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2 + bias)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s * scale_log2 + (bias - m_use)[:, None])
         else:
-            if ROW_MASK:
-                s = s * scale_log2 + _row_bias(UBITS, ubase, i, tok64, 0.0)[:, None]
-                if (blk_a + 1) * BLOCK_N > pos0 + 1:  # a block reaching past the tile's first token: causal mask
-                    s = tl.where(kpos[None, :] <= pos[:, None], s, float("-inf"))
-            else:
-                s = tl.where(sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None]), s * scale_log2,
-                             float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
+            bias = tl.zeros([BLOCK_M], dtype=tl.float32)
+            s = tl.where(sel & row_ok[:, None] & (kpos[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2 + bias)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * scale_log2 + (bias - m_use)[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -711,7 +701,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
             scale * _LOG2E,
             G=plan.G, T=plan.T, BLOCK_M=plan.BLOCK_M, BLOCK_N=block_size, D=d, NB=nb,
             UPCAST=_INTERPRET, PREC=_prec(q.dtype), STORE_RESID=store_resid, TMA=tma,
-            ROW_MASK=ROW_MASK and nb == 1, RAW_MAX=RAW_MAX, **_LAUNCH_KW,
+            ROW_MASK=ROW_MASK and nb == 1, **_LAUNCH_KW,
         )
     elif store_resid:
         resid.zero_()

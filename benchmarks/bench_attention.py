@@ -29,9 +29,17 @@ from infllmv2 import SparseConfig  # noqa: E402
 DEV = "cuda"
 
 
-def bench(fn, rep=100):
+def bench(fn, rep=100, min_runs=10):
+    """do_bench median over ``rep`` ms, and over at least ``min_runs`` calls: do_bench fits its number of calls
+    to ``rep``, which left a 55 ms call at 128K one or two timed runs (runs then differed by 3%)."""
     from triton.testing import do_bench
-    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=10, rep=max(rep, min_runs * start.elapsed_time(end)), return_mode="median")
 
 
 def peak_extra_mib(fn):

@@ -143,11 +143,17 @@ def test_decode_bad_inputs():
         infllmv2_decode_triton(q, kc[:1], vc[:1], sl, cfg)
 
 
+@pytest.mark.parametrize("splits,lse_splits", [(None, None), (2, None), (None, 1)])
 @pytest.mark.parametrize("lse_approx", [True, False])
-def test_decode_lse_combines_several_key_splits(lse_approx):
-    """Rows long enough for several decode key splits (2 coarse, 6 fine here) whose log-sum-exp partials
-    the scoring kernel merges per head; the per-head normalisation then weighs the heads in the group sum
-    (a wrong merge, such as max instead of sum of the partials, changes the exact-mode selections here)."""
+def test_decode_lse_combines_several_key_splits(lse_approx, splits, lse_splits, monkeypatch):
+    """Rows long enough for several decode key splits whose log-sum-exp partials the scoring kernel merges per
+    head; the per-head normalisation then weighs the heads in the group sum (a wrong merge, such as max instead
+    of sum of the partials, changes the exact-mode selections here). The split counts (interpreter, 32-key tiles):
+    the default for this batch (3 scoring splits, 2 LSE splits over the coarse keys or 6 over the fine ones in
+    exact mode), two of each, and one LSE split beside 3 scoring splits."""
+    from infllmv2.ops.triton import selection
+    monkeypatch.setattr(selection, "_DECODE_SPLITS", splits)
+    monkeypatch.setattr(selection, "_DECODE_LSE_SPLITS", lse_splits)
     cfg = SparseConfig(dense_len=-1, lse_approx=lse_approx, **dict(SMALL, topk=8))
     lens = [1500, 700, 1090]
     q, kc, vc, sl = _cache(lens, 1500, 8, 2, 16, torch.float32, seed=13)

@@ -279,3 +279,20 @@ def test_select_fp32_exact_on_tied_and_skewed_scores(case):
     cu = _cu([n])
     got = select_blocks_triton(q, k, cfg, cu, cu, n, n)
     assert torch.equal(got, naive.select_blocks(q, k, cfg, 16 ** -0.5))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.125, float("nan"), True, "0.1"])
+def test_triton_entry_points_refuse_a_non_positive_softmax_scale(bad):
+    # the kernels take each row's max over the unscaled scores and scale it afterwards: only a positive scale gives
+    # the max of the scaled scores, so anything else is refused by name instead of giving wrong attention
+    from infllmv2.ops.triton import infllmv2_decode_triton, sparse_attention_triton
+    cfg = SparseConfig(**SMALL)
+    q, k, cu_q, cu_k = _pack([40], [40], 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        select_blocks_triton(q, k, cfg, cu_q, cu_k, 40, 40, softmax_scale=bad)
+    idx = torch.full((2, 40, cfg.budget), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        sparse_attention_triton(q, k, k, idx, 16, cu_q, cu_k, 40, 40, softmax_scale=bad)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        infllmv2_decode_triton(q[:2], k[None].expand(2, -1, -1, -1).contiguous(), k[None].expand(2, -1, -1, -1)
+                               .contiguous(), torch.tensor([40, 30], dtype=torch.int32), cfg, softmax_scale=bad)

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ...config import SparseConfig
 from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _next_pow2,
-                        _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents, gdc_wait)
+                        _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents, gdc_wait,
+                        softmax_scale_or_default)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -214,7 +215,7 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     rows of dense sequences are then meaningless).
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     if return_block_indices or blocks_per_split is not None:
         return _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
                        blocks_per_split, cache_leftpad)

@@ -70,6 +70,16 @@ def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def softmax_scale_or_default(softmax_scale, d: int) -> float:
+    """The scale of q . k, 1 / sqrt(d) by default. The kernels take each row's max over the unscaled scores and
+    scale it afterwards, which only a positive scale allows."""
+    if softmax_scale is None:
+        return d ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
 # Decoding launches several small kernels back to back; with programmatic dependent launch each one is set
 # up while its predecessor runs and waits on the GPU (``_pdl_start``) for the predecessor's results.
 DECODE_PDL = os.environ.get("INFLLMV2_DECODE_PDL", "1") == "1"
@@ -737,7 +747,7 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     _check_cu(cu_seqlens_k, "cu_seqlens_k", q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     if q_len.numel() == 0:
@@ -807,7 +817,7 @@ def select_blocks_compilable(q: torch.Tensor, k: torch.Tensor, config: SparseCon
                              softmax_scale: float | None = None, host_offsets: tuple | None = None) -> torch.Tensor:
     """``select_blocks_triton`` as the custom op ``infllmv2::select_blocks`` (default tuning)."""
     _check_inputs(q, k, config)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     host = (None, None) if host_offsets is None else tuple(list(map(int, x)) for x in host_offsets)
     return _select_blocks_op(q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
                              *config_args(config), *host)

@@ -106,9 +106,9 @@ def _kv_tile(UB, UBITS, ubase, i, cnt, tok64, half, within,
 
 @triton.jit
 def _row_bias(UBITS, ubase, i, tok64, base):
-    """Per row: ``base`` where the row's token selected union entry i, else -inf. Added to the scaled scores
-    (one FMA) it removes the rows that did not select the block, which a per-element mask would do at the
-    cost of a select per score; rows past the tile's tokens never have their bit set."""
+    """Per row: ``base`` where the row's token selected union entry i, else -inf. Added to the row's max and to
+    each exponent (inside its one FMA) it removes the rows that did not select the block, which a per-element mask
+    would do at the cost of a select per score; rows past the tile's tokens never have their bit set."""
     return tl.where(((tl.load(UBITS + ubase + i) >> tok64) & 1) != 0, base, float("-inf"))
 
 
@@ -880,6 +880,9 @@ def sparse_attention_triton(q, k, v, block_indices, block_size, cu_seqlens_q, cu
     _check(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        # the forward takes each row's max over the unscaled scores, which only a positive scale allows
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
     q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
     need_resid = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, lse, _ = torch.ops.infllmv2.sparse_attention_fwd(

@@ -66,7 +66,7 @@ def _kernels():
         "lse": (selection._lse_kernel, lse, dict(stage1, KS2=128, ST2=64, LSE_APPROX=True)),
         "select": (selection._select_kernel, select,
                    dict(BLOCK_T=8, SEL_T=1, BLOCK_NB=2048, BUDGET_P=128, BS=64, LOCAL=32, INIT=1, DECODE=False,
-                        PDL=False)),
+                        PDL=False, SCAN_RUN=16)),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
                      TMA=True, ROW_MASK=True)),

@@ -96,6 +96,17 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
         _structure(gi, lens_k[i], cfg)
 
 
+def test_select_fp32_exact_short_rows():
+    """Rows of fewer key blocks (8 here) than the top-k's scan runs (16): the output positions come from one run."""
+    cfg = SparseConfig(**SMALL)
+    lens = [64, 9, 40]
+    q, k, cuq, cuk = _pack(lens, lens, 4, 2, 32, torch.float32, seed=3)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, 64, 64)
+    for i in range(len(lens)):
+        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 32 ** -0.5)
+        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), i
+
+
 @pytest.mark.parametrize("lse_approx", [True, False])
 def test_select_fp32_exact_long_rows(lse_approx):
     """Rows long enough that most key tiles are visible to every token of a query tile (the LSE kernel

@@ -477,7 +477,7 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
+                   PDL: tl.constexpr = False, SCAN_RUN: tl.constexpr = 16):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
@@ -556,7 +556,12 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     else:  # no row has more keys at its threshold than it needs (the usual case): no tie to break, no scan
         sel = gt | eq | forced
     n_sel = n_forced + tl.maximum(need, 0)  # exactly max(need, 0) candidates are selected
-    pos = tl.cumsum(sel.to(tl.int32), 1) - 1
+    # output positions by a two-level scan, within runs of SCAN_RUN blocks and then over the runs' totals: one scan
+    # over the row compiles to four interleaved scans a warp in the row's load layout (H200, identical outputs: top-k
+    # 2.45 -> 2.22 ms at 128K, 9.1 -> 8.2 ms at Hkv 8 d 64; decode step 51.0 -> 50.4 us)
+    s3 = tl.reshape(sel.to(tl.int32), (SEL_T, BLOCK_NB // SCAN_RUN, SCAN_RUN))
+    run_tot = tl.sum(s3, 2)
+    pos = tl.reshape(tl.cumsum(s3, 2) + (tl.cumsum(run_tot, 1) - run_tot)[:, :, None], (SEL_T, BLOCK_NB)) - 1
     obase = out_ptr + h * stride_oh + qrow * stride_ot
     tl.store(obase[:, None] + pos, b + tl.zeros((SEL_T, BLOCK_NB), tl.int32), mask=sel)
     o = tl.arange(0, BUDGET_P)[None, :]
@@ -701,7 +706,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
-            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
+            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode, SCAN_RUN=min(16, nb_c),
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
             **pdl)
     return out

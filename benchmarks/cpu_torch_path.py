@@ -12,6 +12,8 @@ import json
 import math
 import platform
 import resource
+import shlex
+import sys
 import time
 
 import torch
@@ -69,6 +71,7 @@ def main():
         "peak_extra_mib": round(rss_mib() - base, 1), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "grads_finite": bool(all(torch.isfinite(t.grad).all() for t in (q, k, v))),
+        "command": "python benchmarks/cpu_torch_path.py " + shlex.join(sys.argv[1:]),
     }
     print(json.dumps(res, indent=1))
     if args.out:

@@ -9,7 +9,9 @@ decode step at a 128K cache, batch 8, against dense SDPA decode, all in one proc
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -448,12 +450,12 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
                   r.get("error", ""))
 
 
-def _flag_rows(attr, select, reps, full=None):
-    """``selection.<attr>`` True / False interleaved over `reps` rounds: `select`'s do_bench median, its kernels
-    (profiler, once) and, when given, `full`'s median; plus whether the two settings select identically."""
+def _flag_rows(attr, values, select, reps, full=None):
+    """``selection.<attr>`` set to each of `values`, interleaved over `reps` rounds: `select`'s do_bench median, its
+    kernels (profiler, once) and, when given, `full`'s median; plus whether all settings select identically."""
     rows, sels = {}, {}
     for _ in range(reps):
-        for flag in (True, False):
+        for flag in values:
             setattr(sel_mod, attr, flag)
             row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
             if flag not in sels:
@@ -464,16 +466,16 @@ def _flag_rows(attr, select, reps, full=None):
             if row["kernels_ms"] is None:
                 row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
                                      if k_.startswith("_")}
-    rows["identical"] = bool(torch.equal(sels[True], sels[False]))
+    rows["identical"] = all(torch.equal(sels[values[0]], sels[v]) for v in values)
     return rows
 
 
-@section("A/B: a boolean switch of the selection module, on / off (prefill)")
-def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
-    """``selection.<attr>`` True / False, interleaved in one process: the selection (do_bench median), its kernels
-    (profiler), and the complete forward (`infllmv2_attention`, Triton backend, `local` inputs) at each length;
-    then the selection of the Llama-like shape (Hkv 8, d 64: 4x the top-k rows) and one decode step; outputs
-    must be identical."""
+@section("A/B: settings of a selection-module attribute (prefill and one decode step)")
+def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
+    """``selection.<attr>`` set to each of `values` (a switch: True / False), interleaved in one process: the
+    selection (do_bench median), its kernels (profiler), and the complete forward (`infllmv2_attention`, Triton
+    backend, `local` inputs) at each length; then the selection of the Llama-like shape (Hkv 8, d 64: 4x the
+    top-k rows) and one decode step; outputs must be identical."""
     from bench_attention import make_inputs
     import infllmv2
     cfg = SparseConfig(dense_len=-1)
@@ -486,7 +488,7 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
                 cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
                 select = lambda: select_blocks_triton(qb[0], kb[0], cfg, cu, cu, n, n)  # noqa: E731
                 full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if hkv == 2 else None
-                out[n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"] = _flag_rows(attr, select, reps, full)
+                out[n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"] = _flag_rows(attr, values, select, reps, full)
                 del qb, kb, vb
     finally:
         setattr(sel_mod, attr, default)
@@ -497,19 +499,19 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
     fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, dcfg, k_fine=kf, k_coarse=kco)  # noqa: E731
     rows, outs = {}, {}
     graphs = {}
-    for flag in (True, False):
+    for flag in values:
         setattr(sel_mod, attr, flag)
         outs[flag] = fn()
         graphs[flag] = graphed(fn)
     for _ in range(reps):
-        for flag in (True, False):
+        for flag in values:
             row = rows.setdefault(f"{attr}={flag}", dict(graph_us=[], kernels_us=None))
             row["graph_us"].append(round(1e3 * triton.testing.do_bench(graphs[flag], warmup=10, rep=100), 1))
             if row["kernels_us"] is None:
                 setattr(sel_mod, attr, flag)
                 row["kernels_us"] = _kernel_us(fn)
     setattr(sel_mod, attr, default)
-    rows["identical"] = bool(torch.equal(outs[True], outs[False]))
+    rows["identical"] = all(torch.equal(outs[values[0]], outs[v]) for v in values)
     rows["dense_graph_us"] = round(_dense_decode_graph_us(qd, kc, vc), 1)
     out["decode_b8"] = rows
     RESULTS[f"flag_ab_{attr}"] = out
@@ -522,7 +524,6 @@ def flag_ab(attr, lengths=(131072, 32768, 65536), reps=3):
         print(n, "| identical:", rows["identical"], rows.get("dense_graph_us", ""))
 
 
-# decode-module settings compared by --decode-variants (the first is the baseline; the tenth session's A/B)
 # decode settings compared by --decode-variants (the first is the baseline): attributes of ops.triton.decode, or of
 # ops.triton.selection with a "selection." prefix
 DECODE_VARIANTS = [dict(),
@@ -542,11 +543,13 @@ def _decode_setting(name):
 
 
 @section("decode step: settings of the decode module (128K, CUDA graph, interleaved)")
-def decode_variants(L=131072, reps=3):
-    """Each DECODE_VARIANTS entry (attributes of ``ops.triton.decode``) under a CUDA graph captured with it,
-    interleaved over `reps` rounds, at batch 8 and 1; outputs against the first variant's."""
+def decode_variants(variants=None, L=131072, reps=3):
+    """Each entry of `variants` (default DECODE_VARIANTS: attributes of ``ops.triton.decode``, or of the selection
+    module with a "selection." prefix) under a CUDA graph captured with it, interleaved over `reps` rounds, at
+    batch 8 and 1; outputs against the first variant's."""
+    variants = DECODE_VARIANTS if variants is None else variants
     cfg = SparseConfig()
-    defaults = {k_: getattr(*_decode_setting(k_)) for v in DECODE_VARIANTS for k_ in v}
+    defaults = {k_: getattr(*_decode_setting(k_)) for v in variants for k_ in v}
     out = {}
     try:
         for batch in (8, 1):
@@ -554,7 +557,7 @@ def decode_variants(L=131072, reps=3):
             qd, kc, vc, sl, kf, kco = _decode_inputs(L, batch)
             fn = lambda: infllmv2_decode_triton(qd, kc, vc, sl, cfg, k_fine=kf, k_coarse=kco)  # noqa: E731
             graphs, rows, ref = [], [], None
-            for v in DECODE_VARIANTS:
+            for v in variants:
                 for k_, val in {**defaults, **v}.items():
                     setattr(*_decode_setting(k_), val)
                 o = fn()
@@ -603,14 +606,18 @@ def main():
     ap.add_argument("--decode-ab", metavar="TAG", help="only time the decode step, saving outputs as TAG")
     ap.add_argument("--compare", nargs="+", metavar="TAG", help="compare the outputs saved by --decode-ab runs")
     ap.add_argument("--score-variants", action="store_true", help="only the LSE/scoring launch-variant sweep")
-    ap.add_argument("--decode-variants", action="store_true", help="only the decode-module settings A/B")
-    ap.add_argument("--flag-ab", metavar="ATTR", help="only the on/off A/B of a boolean switch of the selection module")
+    ap.add_argument("--decode-variants", nargs="?", const="", metavar="JSON",
+                    help="only the decode settings A/B: DECODE_VARIANTS, or this JSON list of {attribute: value}")
+    ap.add_argument("--flag-ab", metavar="ATTR[=V1,V2,...]",
+                    help="only the A/B of a selection-module attribute: a switch on / off, or the listed values "
+                         "(Python literals, e.g. _SELECT_TILE=4096,1024)")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     if args.flag_ab:
-        flag_ab(args.flag_ab)
-    elif args.decode_variants:
-        decode_variants()
+        attr, _, vals = args.flag_ab.partition("=")
+        flag_ab(attr, tuple(ast.literal_eval(v) for v in vals.split(",")) if vals else (True, False))
+    elif args.decode_variants is not None:
+        decode_variants(json.loads(args.decode_variants) if args.decode_variants else None)
     elif args.score_variants:
         score_variants()
     elif args.compare:
@@ -630,8 +637,10 @@ def main():
     import os
     name = f"dev_selection_{args.decode_ab}.json" if args.decode_ab else "dev_selection.json"
     path = os.path.join(os.environ.get("OUT", "."), name)
+    meta = dict(command="python3 benchmarks/dev_selection.py " + shlex.join(sys.argv[1:]),
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     with open(path, "w") as fh:
-        json.dump(RESULTS, fh, indent=1, default=str)
+        json.dump({**meta, **RESULTS}, fh, indent=1, default=str)
     print("wrote", path)
 
 

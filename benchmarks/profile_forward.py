@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -62,7 +63,7 @@ def main():
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     cfg = SparseConfig(dense_len=-1)
-    res = {}
+    res = {"command": "python3 benchmarks/profile_forward.py " + shlex.join(sys.argv[1:])}
     for n in args.lengths:
         q, k, v = make_inputs(n, 32, 2, 128, args.pattern)
         full = lambda: infllmv2.infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731

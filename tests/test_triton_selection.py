@@ -96,12 +96,15 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
         _structure(gi, lens_k[i], cfg)
 
 
-def test_select_fp32_exact_short_rows():
-    """Rows of fewer key blocks (8 here) than the top-k's scan runs (16): the output positions come from one run."""
+@pytest.mark.parametrize("run,lens", [(16, [64, 9, 40]), (1, [300, 64]), (4, [300, 64])])
+def test_select_fp32_exact_scan_runs(run, lens, monkeypatch):
+    """The top-k's output positions by a scan within runs of blocks, then over the runs: rows of fewer blocks (8)
+    than the default run (16) scan in one run; runs of 1 (one scan over the row) and 4 over 32-block rows."""
+    from infllmv2.ops.triton import selection
+    monkeypatch.setattr(selection, "_TOPK_SCAN_RUN", run)
     cfg = SparseConfig(**SMALL)
-    lens = [64, 9, 40]
     q, k, cuq, cuk = _pack(lens, lens, 4, 2, 32, torch.float32, seed=3)
-    got = select_blocks_triton(q, k, cfg, cuq, cuk, 64, 64)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens), max(lens))
     for i in range(len(lens)):
         ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 32 ** -0.5)
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), i

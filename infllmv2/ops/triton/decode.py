@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _next_pow2,
-                        _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents, gdc_wait,
-                        softmax_scale_or_default)
+from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _forced_blocks,
+                        _next_pow2, _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents,
+                        gdc_wait, softmax_scale_or_default)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -57,9 +57,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         gdc_launch_dependents()
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     bq = (L - 1) // BS  # the block of the newest token
-    n_init = tl.minimum(INIT, bq + 1)
-    lo_local = tl.maximum(INIT, bq - LOCAL)
-    n_local = tl.maximum(bq - lo_local + 1, 0)
+    n_init, lo_local, n_local = _forced_blocks(bq, INIT, LOCAL)
     ent = tl.arange(0, SPLIT_P)
     bid64 = bid.to(tl.int64)
     if is_dense:  # blocks 0, 1, ... of the sequence, dense_per_split to a split

@@ -61,6 +61,9 @@ _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 ab
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
 _SELECT_TILE = 1024
+# top-k output positions: a scan within runs of this many blocks, then over the runs' totals (1: one scan over the row;
+# H200, identical outputs: 16 took the top-k 2.45 -> 2.22 ms at 128K, `dev_selection.py --flag-ab _TOPK_SCAN_RUN=16,1`)
+_TOPK_SCAN_RUN = 16
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -473,6 +476,15 @@ def _score_window_tile(q, kbase, stride_k1t, c1s, c1n, j0, j_start, nb_ws, t, rv
 
 
 @triton.jit
+def _forced_blocks(bq, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """The forced blocks of a token in block ``bq``: blocks [0, n_init) and the local window [lo_local, bq] of
+    n_local blocks (they never overlap; the candidates of the top-k lie between them)."""
+    n_init = tl.minimum(INIT, bq + 1)
+    lo_local = tl.maximum(INIT, bq - LOCAL)
+    return n_init, lo_local, tl.maximum(bq - lo_local + 1, 0)
+
+
+@triton.jit
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
@@ -505,10 +517,9 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     sc = tl.load(ws_ptr + h * stride_wh + slot[:, None] * stride_wr + b, mask=cand, other=0.0)
     key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
     # the counts follow from bq, with no reduction over the row (each waits on the other warps; five fewer
-    # reductions here and below: top-k 2.87 -> 2.53 ms at 128K, H200): forced = [0, INIT) and the window
-    # [bq - LOCAL, bq], the candidates between them
-    n_forced = tl.where(tvalid, tl.minimum(INIT, bq1 + 1) + tl.maximum(bq1 - tl.maximum(INIT, bq1 - LOCAL) + 1, 0),
-                        0)
+    # reductions here and below: top-k 2.87 -> 2.53 ms at 128K, H200)
+    n_init, _, n_local = _forced_blocks(bq1, INIT, LOCAL)
+    n_forced = tl.where(tvalid, n_init + n_local, 0)
     n_cand = tl.where(tvalid, tl.maximum(bq1 - LOCAL - INIT, 0), 0)
     need = tl.minimum(budget - n_forced, n_cand)
     # per row, search the fp32 bit patterns (scores >= 0 order like their bits) of the candidates for a
@@ -557,8 +568,8 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
         sel = gt | eq | forced
     n_sel = n_forced + tl.maximum(need, 0)  # exactly max(need, 0) candidates are selected
     # output positions by a two-level scan, within runs of SCAN_RUN blocks and then over the runs' totals: one scan
-    # over the row compiles to four interleaved scans a warp in the row's load layout (H200, identical outputs: top-k
-    # 2.45 -> 2.22 ms at 128K, 9.1 -> 8.2 ms at Hkv 8 d 64; decode step 51.0 -> 50.4 us)
+    # over the row compiles to four interleaved scans a warp in the row's load layout (H200, identical outputs, runs
+    # of 16: top-k 2.45 -> 2.22 ms at 128K, 9.1 -> 8.2 ms at Hkv 8 d 64; decode step 51.0 -> 50.4 us)
     s3 = tl.reshape(sel.to(tl.int32), (SEL_T, BLOCK_NB // SCAN_RUN, SCAN_RUN))
     run_tot = tl.sum(s3, 2)
     pos = tl.reshape(tl.cumsum(s3, 2) + (tl.cumsum(run_tot, 1) - run_tot)[:, :, None], (SEL_T, BLOCK_NB)) - 1
@@ -706,7 +717,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
-            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode, SCAN_RUN=min(16, nb_c),
+            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode, SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c),
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
             **pdl)
     return out

@@ -467,6 +467,8 @@ def _flag_rows(attr, values, select, reps, full=None):
                 row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
                                      if k_.startswith("_")}
     rows["identical"] = all(torch.equal(sels[values[0]], sels[v]) for v in values)
+    # share of (head, token) rows selected identically by every setting
+    rows["rows_identical"] = min((sels[values[0]] == sels[v]).all(-1).float().mean().item() for v in values)
     return rows
 
 

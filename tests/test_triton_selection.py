@@ -310,3 +310,26 @@ def test_triton_entry_points_refuse_a_non_positive_softmax_scale(bad):
     with pytest.raises(ValueError, match="softmax_scale"):
         infllmv2_decode_triton(q[:2], k[None].expand(2, -1, -1, -1).contiguous(), k[None].expand(2, -1, -1, -1)
                                .contiguous(), torch.tensor([40, 30], dtype=torch.int32), cfg, softmax_scale=bad)
+
+
+def test_sm90_scoring_falls_back_when_gluon_cannot_compile(monkeypatch):
+    """Gluon's API changes between Triton releases: a compile error of the sm90 scoring kernel switches to the
+    Triton kernel for good, with a warning, instead of failing the selection."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    from infllmv2.ops.triton import selection
+
+    def broken(*args):
+        raise CompilationError("", ast.parse("x").body[0], "unsupported")
+
+    monkeypatch.setattr(selection, "score_blocks_sm90", broken)
+    monkeypatch.setattr(selection, "_SCORE_SM90", True)
+    with pytest.warns(RuntimeWarning, match="sm90 scoring kernel"):
+        assert selection._score_sm90(1, 2, 3) is False
+    assert selection._SCORE_SM90 is False
+    # other errors are not swallowed
+    monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        selection._score_sm90()

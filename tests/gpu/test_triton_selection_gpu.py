@@ -151,3 +151,38 @@ def test_decode_cuda_graph_replays_equal_eager_steps():
         sl.copy_(torch.tensor([20000 - 37 * i, 7000 + 501 * i, 2999 + i, 1 + 900 * i], dtype=torch.int32))
         graph.replay()
         torch.testing.assert_close(out, step(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("g,hkv,d,cfg_kw", [
+    (16, 2, 128, {}), (3, 3, 64, {}), (4, 2, 128, {}), (32, 1, 128, {}),
+    (16, 2, 128, dict(block_size=128, topk=16, window_size=1024)),  # 8 windows a block
+    (4, 2, 64, dict(block_size=32, kernel_size=32, kernel_stride=16, topk=64, window_size=512)),  # 2 a block
+])
+def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, monkeypatch):
+    """The Gluon scoring kernel (Hopper) against the Triton one on the same inputs: the same products,
+    exponentials and sums, so the same selections up to summation-order near-ties."""
+    from infllmv2.ops.triton import score_sm90, select_blocks_triton, selection
+    if torch.cuda.get_device_capability()[0] != 9 or not score_sm90.HAVE_GLUON:
+        pytest.skip("needs an sm90 GPU and Triton's Gluon")
+    calls = []
+    real = selection.score_blocks_sm90
+    monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    cfg = SparseConfig(dense_len=-1, **cfg_kw)
+    lens_k, lens_q = [37000, 0, 700, 2100, 4099], [37000, 0, 100, 33, 4099]
+    torch.manual_seed(1)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(sum(lens_q), hkv * g, d, device=DEV, dtype=torch.bfloat16)
+    cuq, cuk = _cu(lens_q), _cu(lens_k)
+    monkeypatch.setattr(selection, "_SCORE_SM90", True)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    n_calls = len(calls)
+    assert n_calls, "the sm90 scoring kernel did not run"
+    monkeypatch.setattr(selection, "_SCORE_SM90", False)
+    ref = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    assert len(calls) == n_calls
+    same = (got == ref).all(-1).float().mean().item()
+    assert same >= 0.999, same
+    # the short sequences against the fp32 reference, by score
+    for i in (2, 3):
+        qs, ks, gi = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], got[:, cuq[i]:cuq[i + 1]]
+        assert_selection_matches_by_score(qs, ks, cfg, gi, d ** -0.5, rtol=1e-3, atol=1e-3)

@@ -26,13 +26,16 @@ compare selections by score.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from ...config import SparseConfig
+from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
 
@@ -48,6 +51,7 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # all, from 16 to 64 (H200, 128K cache, CUDA graph, interleaved, eleventh session: batch 8 with 16 / 32 / 64 splits
 # 50.9 / 52.2 / 53.2 us a step, batch 1 34.6 / 33.1 / 31.0 us; NOTES_selection.md)
 _DECODE_PROGRAMS = 256
+_SCORE_SM90 = True  # prefill scoring on Hopper by the Gluon kernel of score_sm90.py (False: the Triton kernel)
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 
@@ -583,6 +587,20 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
+def _score_sm90(*args) -> bool:
+    """The Gluon scoring kernel; False (and the Triton kernel from then on, with a warning) if this Triton's
+    Gluon cannot compile it: Gluon is an experimental dialect whose API changes between Triton releases."""
+    global _SCORE_SM90
+    try:
+        score_blocks_sm90(*args)
+        return True
+    except CompilationError as err:
+        _SCORE_SM90 = False
+        warnings.warn(f"infllmv2: the sm90 scoring kernel does not compile with Triton {triton.__version__} "
+                      f"({type(err).__name__}); using the Triton kernel instead", RuntimeWarning, stacklevel=3)
+        return False
+
+
 def _check_pooling(config: SparseConfig) -> None:
     R = config.block_size // config.kernel_stride
     L = config.kernel_size // config.kernel_stride
@@ -622,6 +640,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # measured on an H200 (NOTES_selection.md): windows-on-rows (transposed) tiles and 4 warps are the fastest
     # variant for prefill (128 rows = 8 tokens x 16 heads, 64 windows) and for decoding
     trans = True if transposed is None else bool(transposed)
+    # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles
+    sm90 = (_SCORE_SM90 and trans and block_n in (None, 64) and block_m in (None, 128) and not _INTERPRET
+            and score_sm90_supported(q, GP, R, L, decode))
     if block_m is None:
         block_m = 64 if (_INTERPRET or not trans or decode) else 128
     BLOCK_T = max(1, block_m // GP)
@@ -706,13 +727,18 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         nb_c = min(BLOCK_NB, _next_pow2(kpos_max // B + 1))
         # rows per select program: keep a (rows, nb_c) tile at <= _SELECT_TILE elements (registers)
         sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
-        _score_kernel[(nt, hkv, n_split)](
-            q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
-            q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
-            ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d, rows1,
-            G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
-            BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
-            NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
+        if sm90:
+            sm90 = _score_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c0, nt,
+                               nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B, config.local_blocks,
+                               config.init_blocks)
+        if not sm90:
+            _score_kernel[(nt, hkv, n_split)](
+                q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+                q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse.stride(0), lse.stride(1),
+                ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d, rows1,
+                G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
+                BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
+                NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,

@@ -1,0 +1,232 @@
+"""Stage-1 scoring kernel for Hopper (sm90) in Gluon, Triton's explicit-layout dialect.
+
+It computes exactly what ``selection._score_kernel`` computes for prefill (one tile of query tokens x the G
+heads of one KV head, every candidate fine window: probabilities summed over the group and max-pooled onto key
+blocks, written to the block-score workspace), with the same selections, but lays the work out by hand:
+
+* window tiles come in pairs; the tensor-core product of a pair's second tile is issued asynchronously before
+  the first tile's exponentials, so the MMA runs beside them (within one loop iteration: ptxas serialises every
+  MMA when a product stays in flight across the loop's back edge, message C7514);
+* the pooling shift (a block also takes the last window of the block before it, which another warp holds)
+  goes through one layout conversion to a layout with all blocks of a token in one warp, where the shift is a
+  shuffle: about 4 block-wide barriers a tile instead of 8, and 327 instructions instead of 507.
+
+H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab _SCORE_SM90=4,0``): scoring
+10.4 -> 9.0 ms at 128K, 2.51 -> 2.26 ms at 64K, 12.7 -> 9.5 ms for Hkv 8 / d 64 (benchmarks/NOTES_selection.md).
+
+Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
+kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests
+compare the two on the same inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+_BLOCK_N = 64  # fine windows per MMA tile (the MMA's M)
+_ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
+# window tiles in flight (TMA ring): 2 stages were faster than 4 (H200, 128K: 8.9 vs 9.3 ms; 184 registers allow
+# 2 programs an SM either way; capping them at 168 for 3 spilled and lost: 9.2 ms)
+_STAGES = 2
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _pool_layout(BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, R: gl.constexpr):
+        """The layout the pooled (block, token) scores are stored from: all NBT blocks of a token in one warp."""
+        NBT: gl.constexpr = BLOCK_N // R
+        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, gl.num_warps(), 1], [2, 0, 1])
+        z = gl.zeros([NBT, BLOCK_T, 2], gl.float32, layout=wl3)
+        return gl.split(z)[0]
+
+    @gluon.jit
+    def _pool_tile(s, j0, lse_c, wlast, carry, ws_h, slot0, stride_wr, n_tok, b_lim, qk_scale,
+                   GP: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                   R: gl.constexpr, L: gl.constexpr):
+        """One window tile's products ``s`` (BLOCK_N windows x GP * BLOCK_T columns, column head x BLOCK_T +
+        token): probabilities, the group sum over the heads, the visibility mask, max pooling onto blocks
+        (with the previous tile's tail in ``carry``) and the store of tokens < n_tok, blocks < b_lim; returns
+        the new carry."""
+        NBT: gl.constexpr = BLOCK_N // R
+        # columns of heads that do not exist have lse = +inf: their probabilities are 0 without a mask
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse_c, 0))
+        sg = gl.sum(gl.reshape(p, [BLOCK_N, GP, BLOCK_T]), 1)  # group sum, inside each thread
+        jl: gl.constexpr = gl.SliceLayout(1, sg.type.layout)
+        j = j0 + gl.arange(0, BLOCK_N, layout=jl)
+        sg = gl.where(gl.expand_dims(j, 1) <= gl.expand_dims(wlast, 0), sg, 0.0)
+        s3 = gl.reshape(sg, [NBT, R, BLOCK_T])
+        pooled = gl.max(s3, 1)  # windows [bR, bR + R) of block b
+        # windows [bR - L + 1, bR): the tail of the previous block, which may sit in another warp; one layout
+        # conversion (one shared-memory round trip) puts all blocks of a token in one warp, where the shift by
+        # one block is a shuffle
+        rl: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, s3.type.layout))
+        tail_sel = gl.arange(0, R, layout=rl) >= R - (L - 1)
+        tail = gl.max(gl.where(gl.expand_dims(gl.expand_dims(tail_sel, 0), 2), s3, 0.0), 1)
+        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, gl.num_warps(), 1], [2, 0, 1])
+        pooled, tail = gl.split(gl.convert_layout(gl.join(pooled, tail), wl3))
+        pl: gl.constexpr = pooled.type.layout
+        col = gl.arange(0, NBT, layout=gl.SliceLayout(1, pl))
+        if L > 1:
+            shift = gl.expand_dims(gl.maximum(col - 1, 0), 1) + gl.zeros([NBT, BLOCK_T], gl.int32, layout=pl)
+            prev = gl.gather(tail, shift, 0)
+            prev = gl.where(gl.expand_dims(col, 1) == 0, gl.expand_dims(carry, 0), prev)
+            pooled = gl.maximum(pooled, prev)
+            carry = gl.max(gl.where(gl.expand_dims(col, 1) == NBT - 1, tail, 0.0), 0)
+        tt = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, pl))
+        b = j0 // R + col
+        gl.store(ws_h + gl.expand_dims((slot0 + tt).to(gl.int64) * stride_wr, 0) + gl.expand_dims(b, 1), pooled,
+                 mask=gl.expand_dims(b < b_lim, 1) & gl.expand_dims(tt < n_tok, 0))
+        return carry
+
+    @gluon.jit
+    def _refill(k_desc, k_smem, bars, i, n_it, c1s, h, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                STAGES: gl.constexpr):
+        """Tile i's product is done: load tile i + STAGES into its slot."""
+        if i + STAGES < n_it:
+            slot = i % STAGES
+            mbarrier.expect(bars.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [c1s + (i + STAGES) * BLOCK_N, h * D], bars.index(slot),
+                                            k_smem.index(slot))
+
+    @gluon.jit
+    def _score_kernel_sm90(q_ptr, k_desc, lse_ptr, ws_ptr,
+                           tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
+                           stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles, nb_ws,
+                           qk_scale,
+                           G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                           KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr):
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        M: gl.constexpr = GP * BLOCK_T
+        lt = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
+        tile = tile_base + lt
+        h = gl.program_id(1)
+        seq = gl.load(tile_seq_ptr + tile)
+        off = gl.load(tile_off_ptr + tile)
+        qs = gl.load(q_start_ptr + seq)
+        ql = gl.load(q_len_ptr + seq)
+        kl = gl.load(k_len_ptr + seq)
+        c1s = gl.load(c1_start_ptr + seq)
+        c1n = gl.load(c1_len_ptr + seq)
+        t_max = kl - ql + gl.minimum(off + BLOCK_T, ql) - 1
+        nbc = t_max // BS - LOCAL  # candidate blocks [INIT, nbc): windows j < nbc * R
+        if nbc > INIT:
+            mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, M, 16])
+            # the query tile (rows head x BLOCK_T + token), through shared memory as the MMA's B operand
+            TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
+            q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+            rows = gl.arange(0, M, layout=gl.SliceLayout(1, q_l))
+            tok = off + rows % BLOCK_T
+            g = rows // BLOCK_T
+            rvalid = (tok < ql) & (g < G)
+            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
+            q = gl.load(q_ptr + gl.expand_dims((qs + tok).to(gl.int64) * stride_qt + (h * G + g) * stride_qh, 1)
+                        + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(rvalid, 1), other=0.0)
+            q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [M, D],
+                                               gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                                    rank=2))
+            q_smem.store(q)
+            fence_async_shared()
+            gl.thread_barrier()
+            q_op = q_smem.permute((1, 0))
+
+            # per column: log-sum-exp (+inf for padded heads, 0 for rows that see nothing)
+            cl: gl.constexpr = gl.SliceLayout(0, mma_l)
+            cols = gl.arange(0, M, layout=cl)
+            ctok = off + cols % BLOCK_T
+            cg = cols // BLOCK_T
+            cvalid = (ctok < ql) & (cg < G)
+            part = gl.load(lse_ptr + (qs + ctok).to(gl.int64) * stride_lt + h * G + cg, mask=cvalid,
+                           other=float("inf"))
+            lse_c = gl.where(part == float("-inf"), 0.0, part)
+
+            # per token: last visible window (-1: none), in the layout of the group sums
+            sg0 = gl.sum(gl.reshape(gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l), [BLOCK_N, GP, BLOCK_T]), 1)
+            tl_: gl.constexpr = gl.SliceLayout(0, sg0.type.layout)
+            tt = gl.arange(0, BLOCK_T, layout=tl_)
+            ttok = off + tt
+            tvalid0 = ttok < ql
+            tpos = kl - ql + ttok
+            wlast = gl.where(tpos + 1 >= KS1, (tpos + 1 - KS1) // ST1, -1)
+            wlast = gl.where(tvalid0, gl.minimum(wlast, c1n - 1), -1)
+            pool_l: gl.constexpr = _pool_layout(BLOCK_N, BLOCK_T, R).type.layout
+            carry = gl.zeros([BLOCK_T], gl.float32, layout=gl.SliceLayout(0, pool_l))
+            ws_h = ws_ptr + h * stride_wh
+            n_tok = ql - off
+
+            # window tiles through a STAGES-deep TMA ring
+            j_end = nbc * R
+            n_it = gl.cdiv(j_end, BLOCK_N)
+            k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+            bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for s in gl.static_range(STAGES):
+                mbarrier.init(bars.index(s), count=1)
+            for s in gl.static_range(STAGES):
+                if s < n_it:
+                    mbarrier.expect(bars.index(s), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(k_desc, [c1s + s * BLOCK_N, h * D], bars.index(s),
+                                                    k_smem.index(s))
+            # Pairs of tiles: tile i0 + 1's product is issued before tile i0's exponentials and runs beside them.
+            # Each product starts from a constant zero tile (no accumulator input, so no register copies) and
+            # is waited for within the iteration: a product in flight across the loop's back edge, or a copy of
+            # an accumulator in flight, makes ptxas serialise every MMA (C7514). With an odd count the pair's
+            # second product reads the last tile's slot again and its scores are masked off the store.
+            b_lim = gl.minimum(nb_ws, nbc)
+            zero = gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l)
+            for i0 in range(0, n_it, 2):
+                mbarrier.wait(bars.index(i0 % STAGES), (i0 // STAGES) & 1)
+                acc0 = warpgroup_mma(k_smem.index(i0 % STAGES), q_op, zero, use_acc=False, is_async=True)
+                i1 = i0 + 1
+                if i1 < n_it:
+                    mbarrier.wait(bars.index(i1 % STAGES), (i1 // STAGES) & 1)
+                acc1 = warpgroup_mma(k_smem.index(gl.minimum(i1, n_it - 1) % STAGES), q_op, zero, use_acc=False,
+                                     is_async=True)
+                s0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+                _refill(k_desc, k_smem, bars, i0, n_it, c1s, h, BLOCK_N, D, STAGES)
+                carry = _pool_tile(s0, i0 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * BLOCK_T, stride_wr, n_tok, b_lim,
+                                   qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+                s1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
+                _refill(k_desc, k_smem, bars, i1, n_it, c1s, h, BLOCK_N, D, STAGES)
+                carry = _pool_tile(s1, i1 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * BLOCK_T, stride_wr, n_tok, b_lim,
+                                   qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+            for s in gl.static_range(STAGES):
+                mbarrier.invalidate(bars.index(s))
+
+
+def score_sm90_supported(q: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
+    """Whether ``score_blocks_sm90`` can run on these inputs (else the Triton scoring kernel does): query tiles
+    of ``128 / gp`` tokens (128 rows)."""
+    return (HAVE_GLUON and not decode and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            # G < 3 means 64-128 tokens a tile and 242+ registers: the Triton kernel takes those
+            and 4 <= gp <= _ROWS and _BLOCK_N % r == 0 and 1 <= l <= r + 1)
+
+
+def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+                      tile_base: int, n_tiles: int, nb_ws: int, qk_scale: float, g: int, gp: int, block_t: int,
+                      kernel_size: int, kernel_stride: int, r: int, l: int, block_size: int, local_blocks: int,
+                      init_blocks: int):
+    """Launch the sm90 scoring kernel on one chunk of query tiles (same arguments as the Triton kernel's
+    prefill launch in ``selection._select_core``)."""
+    hkv, d = k1.shape[1], k1.shape[2]
+    k2d = k1.reshape(k1.shape[0], hkv * d)
+    if k2d.stride(1) != 1 or k2d.stride(0) != hkv * d:
+        k2d = k2d.contiguous()
+    el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
+    k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
+    _score_kernel_sm90[(n_tiles, hkv)](
+        q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+        q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,
+        G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
+        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, num_warps=4)

@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|lse|select|fwd [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
+    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -23,9 +23,13 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+try:
+    from triton.experimental.gluon._runtime import GluonASTSource
+except ImportError:  # pragma: no cover
+    GluonASTSource = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infllmv2.ops.triton import selection, sparse_attention  # noqa: E402
+from infllmv2.ops.triton import score_sm90, selection, sparse_attention  # noqa: E402
 
 
 def _ints(*names):
@@ -38,7 +42,7 @@ def _ptrs(kind, *names):
 
 def _kernels():
     """name -> (jit function, signature, constexprs) at the standard shape's default launch."""
-    lay = ("tile_seq_ptr", "tile_off_ptr", "q_start_ptr", "q_len_ptr", "k_len_ptr")
+    lay = lay_names = ("tile_seq_ptr", "tile_off_ptr", "q_start_ptr", "q_len_ptr", "k_len_ptr")
     score = dict(_ptrs("*bf16", "q_ptr", "k1_ptr"), lse_ptr="*fp32", ws_ptr="*fp32",
                  **_ptrs("*i32", *lay, "c1_start_ptr", "c1_len_ptr"),
                  **_ints("stride_qt", "stride_qh", "stride_k1t", "stride_k1h", "stride_ls", "stride_lt", "stride_wh",
@@ -60,7 +64,17 @@ def _kernels():
                scale_log2="fp32")
     stage1 = dict(G=16, GP=16, BLOCK_T=8, TG=8, BLOCK_N=64, BLOCK_D=128, KS1=32, ST1=16, TO_F32=False, PREC="tf32",
                   DECODE=False, PDL=False)
-    return {
+    kernels = {}
+    if score_sm90.HAVE_GLUON:  # the Gluon kernel: a descriptor argument whose type names its shared layout
+        lay = score_sm90.gl.NVMMASharedLayout.get_default_for([64, 128], score_sm90.gl.bfloat16)
+        sm90 = dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[64, 128],{lay!r}>", lse_ptr="*fp32", ws_ptr="*fp32",
+                    **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr"),
+                    **_ints("stride_qt", "stride_qh", "stride_lt", "stride_wh", "stride_wr", "tile_base", "n_tiles",
+                            "nb_ws"), qk_scale="fp32")
+        kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
+                                 dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
+                                      STAGES=score_sm90._STAGES))
+    return kernels | {
         "score": (selection._score_kernel, score,
                   dict(stage1, R=4, L=2, BS=64, LOCAL=32, INIT=1, TRANS=True, NSP=1)),
         "lse": (selection._lse_kernel, lse, dict(stage1, KS2=128, ST2=64, LSE_APPROX=True)),
@@ -130,8 +144,8 @@ def main():
     opts = dict(num_warps=args.warps, num_stages=args.stages or (3 if args.kernel == "fwd" else 2))
     if args.maxnreg:
         opts["maxnreg"] = args.maxnreg
-    k = triton.compile(ASTSource(fn=fn, signature=sg, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+    src = (GluonASTSource if args.kernel == "score_sm90" else ASTSource)(fn, sg, cx, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])

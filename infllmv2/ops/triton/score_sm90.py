@@ -28,8 +28,12 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # names that changed after Triton 3.6: the CTA-wide barrier (gl.thread_barrier -> gl.barrier) and the TMA
+    # load (tma.async_copy_global_to_shared -> tma.async_load)
+    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
+except (ImportError, AttributeError):  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 _BLOCK_N = 64  # fine windows per MMA tile (the MMA's M)
@@ -42,11 +46,11 @@ _STAGES = 2
 if HAVE_GLUON:
     @gluon.jit
     def _pool_layout(BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, R: gl.constexpr):
-        """The layout the pooled (block, token) scores are stored from: all NBT blocks of a token in one warp."""
+        """A (block, token) tensor in the layout the pooled scores are stored from (for its ``.type.layout``):
+        all NBT blocks of a token in one warp, as ``_pool_tile`` converts them."""
         NBT: gl.constexpr = BLOCK_N // R
-        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, gl.num_warps(), 1], [2, 0, 1])
-        z = gl.zeros([NBT, BLOCK_T, 2], gl.float32, layout=wl3)
-        return gl.split(z)[0]
+        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, 4, 1], [2, 0, 1])
+        return gl.split(gl.zeros([NBT, BLOCK_T, 2], gl.float32, layout=wl3))[0]
 
     @gluon.jit
     def _pool_tile(s, j0, lse_c, wlast, carry, ws_h, slot0, stride_wr, n_tok, b_lim, qk_scale,
@@ -71,7 +75,8 @@ if HAVE_GLUON:
         rl: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, s3.type.layout))
         tail_sel = gl.arange(0, R, layout=rl) >= R - (L - 1)
         tail = gl.max(gl.where(gl.expand_dims(gl.expand_dims(tail_sel, 0), 2), s3, 0.0), 1)
-        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, gl.num_warps(), 1], [2, 0, 1])
+        # (the layout of _pool_layout: 4 warps, NBT divides 32)
+        wl3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [NBT, 32 // NBT, 1], [1, 4, 1], [2, 0, 1])
         pooled, tail = gl.split(gl.convert_layout(gl.join(pooled, tail), wl3))
         pl: gl.constexpr = pooled.type.layout
         col = gl.arange(0, NBT, layout=gl.SliceLayout(1, pl))
@@ -94,8 +99,7 @@ if HAVE_GLUON:
         if i + STAGES < n_it:
             slot = i % STAGES
             mbarrier.expect(bars.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [c1s + (i + STAGES) * BLOCK_N, h * D], bars.index(slot),
-                                            k_smem.index(slot))
+            _tma_load(k_desc, [c1s + (i + STAGES) * BLOCK_N, h * D], bars.index(slot), k_smem.index(slot))
 
     @gluon.jit
     def _score_kernel_sm90(q_ptr, k_desc, lse_ptr, ws_ptr,
@@ -137,7 +141,7 @@ if HAVE_GLUON:
                                                                     rank=2))
             q_smem.store(q)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             q_op = q_smem.permute((1, 0))
 
             # per column: log-sum-exp (+inf for padded heads, 0 for rows that see nothing)
@@ -174,8 +178,7 @@ if HAVE_GLUON:
             for s in gl.static_range(STAGES):
                 if s < n_it:
                     mbarrier.expect(bars.index(s), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [c1s + s * BLOCK_N, h * D], bars.index(s),
-                                                    k_smem.index(s))
+                    _tma_load(k_desc, [c1s + s * BLOCK_N, h * D], bars.index(s), k_smem.index(s))
             # Pairs of tiles: tile i0 + 1's product is issued before tile i0's exponentials and runs beside them.
             # Each product starts from a constant zero tile (no accumulator input, so no register copies) and
             # is waited for within the iteration: a product in flight across the loop's back edge, or a copy of
@@ -209,7 +212,7 @@ def score_sm90_supported(q: torch.Tensor, gp: int, r: int, l: int, decode: bool)
     return (HAVE_GLUON and not decode and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             # G < 3 means 64-128 tokens a tile and 242+ registers: the Triton kernel takes those
-            and 4 <= gp <= _ROWS and _BLOCK_N % r == 0 and 1 <= l <= r + 1)
+            and 4 <= gp <= _ROWS and r >= 2 and _BLOCK_N % r == 0 and 1 <= l <= r + 1)
 
 
 def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,

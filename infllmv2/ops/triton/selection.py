@@ -640,9 +640,10 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # measured on an H200 (NOTES_selection.md): windows-on-rows (transposed) tiles and 4 warps are the fastest
     # variant for prefill (128 rows = 8 tokens x 16 heads, 64 windows) and for decoding
     trans = True if transposed is None else bool(transposed)
-    # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles
-    sm90 = (_SCORE_SM90 and trans and block_n in (None, 64) and block_m in (None, 128) and not _INTERPRET
-            and score_sm90_supported(q, GP, R, L, decode))
+    # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles, unless a launch setting
+    # of the Triton kernel is asked for
+    sm90 = (_SCORE_SM90 and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode)
+            and all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg)))
     if block_m is None:
         block_m = 64 if (_INTERPRET or not trans or decode) else 128
     BLOCK_T = max(1, block_m // GP)

@@ -11,8 +11,9 @@ blocks, written to the block-score workspace), with the same selections, but lay
   goes through one layout conversion to a layout with all blocks of a token in one warp, where the shift is a
   shuffle: about 4 block-wide barriers a tile instead of 8, and 327 instructions instead of 507.
 
-H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab _SCORE_SM90=4,0``): scoring
-10.4 -> 9.0 ms at 128K, 2.51 -> 2.26 ms at 64K, 12.7 -> 9.5 ms for Hkv 8 / d 64 (benchmarks/NOTES_selection.md).
+H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab _SCORE_SM90=True,False``): scoring
+10.45 -> 8.65 ms at 128K, 2.55 -> 2.21 ms at 64K, equal at 32K, 12.9 -> 9.5 ms for Hkv 8 / d 64
+(benchmarks/README.md, "Twelfth session").
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests
@@ -219,8 +220,9 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
                       tile_base: int, n_tiles: int, nb_ws: int, qk_scale: float, g: int, gp: int, block_t: int,
                       kernel_size: int, kernel_stride: int, r: int, l: int, block_size: int, local_blocks: int,
                       init_blocks: int):
-    """Launch the sm90 scoring kernel on one chunk of query tiles (same arguments as the Triton kernel's
-    prefill launch in ``selection._select_core``)."""
+    """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
+    launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
+    over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros."""
     hkv, d = k1.shape[1], k1.shape[2]
     k2d = k1.reshape(k1.shape[0], hkv * d)
     if k2d.stride(1) != 1 or k2d.stride(0) != hkv * d:

@@ -333,3 +333,18 @@ def test_sm90_scoring_falls_back_when_gluon_cannot_compile(monkeypatch):
     monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         selection._score_sm90()
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("false", False)])
+def test_sm90_scoring_env_switch(value, on):
+    """INFLLMV2_GLUON=0 turns the Gluon scoring kernel off (read when the module is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "INFLLMV2_GLUON"}
+    if value is not None:
+        env["INFLLMV2_GLUON"] = value
+    out = subprocess.run([sys.executable, "-c", "from infllmv2.ops.triton import selection; "
+                          "print(selection._SCORE_SM90)"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(on)

@@ -52,7 +52,9 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # all, from 16 to 64 (H200, 128K cache, CUDA graph, interleaved, eleventh session: batch 8 with 16 / 32 / 64 splits
 # 50.9 / 52.2 / 53.2 us a step, batch 1 34.6 / 33.1 / 31.0 us; NOTES_selection.md)
 _DECODE_PROGRAMS = 256
-_SCORE_SM90 = True  # prefill scoring on Hopper by the Gluon kernel of score_sm90.py (False: the Triton kernel)
+# prefill scoring on Hopper by the Gluon kernel of score_sm90.py (False: the Triton kernel); INFLLMV2_GLUON=0 in the
+# environment turns it off
+_SCORE_SM90 = os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false", "False", "")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 

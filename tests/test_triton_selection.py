@@ -313,8 +313,9 @@ def test_triton_entry_points_refuse_a_non_positive_softmax_scale(bad):
 
 
 def test_sm90_scoring_falls_back_when_gluon_cannot_compile(monkeypatch):
-    """Gluon's API changes between Triton releases: a compile error of the sm90 scoring kernel switches to the
-    Triton kernel for good, with a warning, instead of failing the selection."""
+    """Gluon's API changes between Triton releases: a failed build of the sm90 scoring kernel (a CompilationError, or
+    a RuntimeError from its MLIR passes) switches to the Triton kernel for good, with a warning, instead of failing
+    the selection; once the kernel has run, errors propagate."""
     import ast
 
     from triton.compiler.errors import CompilationError
@@ -324,14 +325,31 @@ def test_sm90_scoring_falls_back_when_gluon_cannot_compile(monkeypatch):
     def broken(*args):
         raise CompilationError("", ast.parse("x").body[0], "unsupported")
 
-    monkeypatch.setattr(selection, "score_blocks_sm90", broken)
-    monkeypatch.setattr(selection, "_SCORE_SM90", True)
-    with pytest.warns(RuntimeWarning, match="sm90 scoring kernel"):
-        assert selection._score_sm90(1, 2, 3) is False
-    assert selection._SCORE_SM90 is False
-    # other errors are not swallowed
+    def mlir_error(*args):
+        raise RuntimeError("error encountered during parsing")
+
+    monkeypatch.setattr(selection, "_SCORE_SM90_RAN", False)
+    for fail in (broken, mlir_error):
+        monkeypatch.setattr(selection, "score_blocks_sm90", fail)
+        monkeypatch.setattr(selection, "_SCORE_SM90", True)
+        with pytest.warns(RuntimeWarning, match="sm90 scoring kernel"):
+            assert selection._score_sm90(1, 2, 3) is False
+        assert selection._SCORE_SM90 is False
+    # other errors, out-of-memory errors, and any error after a successful run are not swallowed
     monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
+        selection._score_sm90()
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(selection, "score_blocks_sm90", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        selection._score_sm90()
+    monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a: None)
+    assert selection._score_sm90() is True and selection._SCORE_SM90_RAN
+    monkeypatch.setattr(selection, "score_blocks_sm90", mlir_error)
+    with pytest.raises(RuntimeError):
         selection._score_sm90()
 
 

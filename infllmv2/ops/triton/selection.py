@@ -55,6 +55,7 @@ _DECODE_PROGRAMS = 256
 # prefill scoring on Hopper by the Gluon kernel of score_sm90.py (False: the Triton kernel); INFLLMV2_GLUON=0 in the
 # environment turns it off
 _SCORE_SM90 = os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false", "False", "")
+_SCORE_SM90_RAN = False  # the Gluon kernel has run once: later errors are real errors, not a failed build
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 
@@ -591,17 +592,23 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
 # Host side
 # ------------------------------------------------------------------------------------------------
 def _score_sm90(*args) -> bool:
-    """The Gluon scoring kernel; False (and the Triton kernel from then on, with a warning) if this Triton's
-    Gluon cannot compile it: Gluon is an experimental dialect whose API changes between Triton releases."""
-    global _SCORE_SM90
+    """The Gluon scoring kernel; False (and the Triton kernel from then on, with a warning) if this Triton's Gluon
+    cannot build it: Gluon is an experimental dialect whose API changes between Triton releases, and a build failure
+    surfaces as a CompilationError or, from its MLIR passes, a RuntimeError. Once the kernel has run, errors
+    propagate (an out-of-memory error always does)."""
+    global _SCORE_SM90, _SCORE_SM90_RAN
     try:
         score_blocks_sm90(*args)
-        return True
-    except CompilationError as err:
+    except (CompilationError, RuntimeError) as err:
+        if _SCORE_SM90_RAN or isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
         _SCORE_SM90 = False
-        warnings.warn(f"infllmv2: the sm90 scoring kernel does not compile with Triton {triton.__version__} "
-                      f"({type(err).__name__}); using the Triton kernel instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"infllmv2: the sm90 scoring kernel does not build with Triton {triton.__version__} "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                      "using the Triton kernel instead", RuntimeWarning, stacklevel=3)
         return False
+    _SCORE_SM90_RAN = True
+    return True
 
 
 def _check_pooling(config: SparseConfig) -> None:

@@ -58,12 +58,6 @@ _SCORE_SM90 = os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false"
 _SCORE_SM90_RAN = False  # the Gluon kernel has run once: later errors are real errors, not a failed build
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
-
-
-def _decode_splits(batch: int, hkv: int) -> tuple:
-    """(LSE splits, scoring splits) of one decode step's compressed keys per (sequence, KV head)."""
-    n = _DECODE_SPLITS or min(64, max(16, _next_pow2(-(-_DECODE_PROGRAMS // max(1, batch * hkv)))))
-    return _DECODE_LSE_SPLITS or n, n
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
@@ -75,6 +69,12 @@ _TOPK_SCAN_RUN = 16
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
+
+
+def _decode_splits(batch: int, hkv: int) -> tuple:
+    """(LSE splits, scoring splits) of one decode step's compressed keys per (sequence, KV head)."""
+    n = _DECODE_SPLITS or min(64, max(16, _next_pow2(-(-_DECODE_PROGRAMS // max(1, batch * hkv)))))
+    return _DECODE_LSE_SPLITS or n, n
 
 
 def _next_pow2(x: int) -> int:

@@ -39,6 +39,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .selection import softmax_scale_or_default
+
 try:  # host-side TMA descriptors (Triton >= 3.4); without them K/V load through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -878,11 +881,8 @@ def sparse_attention_triton(q, k, v, block_indices, block_size, cu_seqlens_q, cu
     zero output for a token that sees no key). Differentiable in q, k, v.
     """
     _check(q, k, v, block_indices, block_size, cu_seqlens_q, cu_seqlens_k)
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        # the forward takes each row's max over the unscaled scores, which only a positive scale allows
-        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    # (the forward takes each row's max over the unscaled scores, which only a positive scale allows)
+    softmax_scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     q, k, v, block_indices = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
     need_resid = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, lse, _ = torch.ops.infllmv2.sparse_attention_fwd(

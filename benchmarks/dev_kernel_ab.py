@@ -27,7 +27,8 @@ from infllmv2.ops.triton.selection import select_blocks_triton  # noqa: E402
 
 
 def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
+    """A version of sparse_attention.py as a module of the package (its relative imports resolve there)."""
+    spec = importlib.util.spec_from_file_location(f"infllmv2.ops.triton.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

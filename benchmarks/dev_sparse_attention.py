@@ -22,15 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-if "infllmv2.ops.triton.sparse_attention" in sys.modules:
-    SA = sys.modules["infllmv2.ops.triton.sparse_attention"]
-else:  # load the kernel file alone: the rest of the package may be mid-edit
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location(
-        "infllmv2_sparse_attention_dev",
-        os.path.join(os.path.dirname(__file__), "..", "infllmv2", "ops", "triton", "sparse_attention.py"))
-    SA = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(SA)
+from infllmv2.ops.triton import sparse_attention as SA  # noqa: E402
 sparse_attention_triton = SA.sparse_attention_triton
 
 DEV = os.environ.get("DEV_DEVICE", "cuda")
@@ -399,6 +391,55 @@ def flag_ab(attr, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, 
     return rows
 
 
+def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, init=1, local=32):
+    """Forward launch variants, interleaved over `reps` rounds in one process (do_bench median of ``_forward``):
+    each variant is a dict of ``sparse_fwd_sm90.VARIANT`` keys plus ``gluon`` (False: the Triton kernel) and
+    ``name``; outputs compared with the first variant's."""
+    from infllmv2.ops.triton import sparse_fwd_sm90 as F
+    default, gluon_default = dict(F.VARIANT), SA.GLUON_FWD
+    rows = []
+
+    def use(var):
+        F.VARIANT.clear()
+        F.VARIANT.update(default, **{k: v for k, v in var.items() if k not in ("name", "gluon")})
+        SA.GLUON_FWD = var.get("gluon", True)
+    try:
+        for n in lens:
+            for pattern in patterns:
+                torch.manual_seed(0)
+                q = torch.randn(n, hq, d, device=DEV, dtype=torch.bfloat16)
+                k, v = (torch.randn(n, hkv, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+                bi = make_selection(n, n, hkv, B, budget, init, local, 0.97 if pattern == "local" else 0.0)
+                cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+                row = dict(n=n, pattern=pattern, ms={}, max_out_diff={}, max_lse_diff={})
+                ref = None
+                for var in variants:
+                    use(var)
+                    o, lse, _ = SA._forward(q, k, v, bi, B, cu, cu, n, n, d ** -0.5)
+                    if ref is None:
+                        ref = (o.float(), lse)
+                    row["max_out_diff"][var["name"]] = float((o.float() - ref[0]).abs().max())
+                    row["max_lse_diff"][var["name"]] = float((lse - ref[1]).abs().max())
+                del o, lse, ref
+                for _ in range(reps):
+                    for var in variants:
+                        use(var)
+                        row["ms"].setdefault(var["name"], []).append(
+                            round(bench(lambda: SA._forward(q, k, v, bi, B, cu, cu, n, n, d ** -0.5), rep=100), 3))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del q, k, v, bi
+                torch.cuda.empty_cache()
+    finally:
+        use({})
+        SA.GLUON_FWD = gluon_default
+    print("n | pattern | " + " | ".join(v["name"] for v in variants) + " (ms, best of rounds; max out diff)")
+    for r in rows:
+        print(r["n"], "|", r["pattern"], "|", " | ".join(f"{min(r['ms'][v['name']])} ({r['max_out_diff'][v['name']]:.3g})"
+                                                        for v in variants))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,65536,131072")
@@ -417,7 +458,17 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--flag-ab", metavar="ATTR", help="only the interleaved off/on A/B of a boolean switch of the "
                     "sparse_attention module (e.g. ROW_MASK) at --lens x --patterns")
+    ap.add_argument("--fwd-variants", metavar="JSON", help="only the interleaved A/B of forward launch variants (a "
+                    "JSON list of dicts: name, gluon, and sparse_fwd_sm90.VARIANT keys) at --lens x --patterns")
     args = ap.parse_args()
+    if args.fwd_variants:
+        rows = fwd_variants(json.loads(args.fwd_variants), [int(x) for x in args.lens.split(",")],
+                            args.patterns.split(","))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"dev_sparse_attention_fwd_variants{args.tag}.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           command=" ".join(sys.argv), rows=rows), f, indent=1)
+        return
     if args.flag_ab:
         rows = flag_ab(args.flag_ab, [int(x) for x in args.lens.split(",")], args.patterns.split(","))
         os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
+    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd|fwd_sm90 [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     GluonASTSource = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infllmv2.ops.triton import score_sm90, selection, sparse_attention  # noqa: E402
+from infllmv2.ops.triton import score_sm90, selection, sparse_attention, sparse_fwd_sm90  # noqa: E402
 
 
 def _ints(*names):
@@ -74,6 +74,14 @@ def _kernels():
         kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
                                  dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
                                       STAGES=score_sm90._STAGES))
+        fwd_sm90 = dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[64, 128],{lay!r}>",
+                        v_desc=f"tensordesc<bf16[64, 128],{lay!r}>", o_ptr="*bf16", r_ptr="*bf16", lse_ptr="*fp32",
+                        ub_ptr="*i32", ubits_ptr="*i64", ucnt_ptr="*i32",
+                        **_ptrs("*i32", "tile_seq_ptr", "tile_q0_ptr", "tile_nq_ptr", "tile_pos0_ptr", "cu_k_ptr"),
+                        **_ints("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_rt", "stride_rh",
+                                "stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h"), scale_log2="fp32")
+        kernels["fwd_sm90"] = (sparse_fwd_sm90._sparse_fwd_kernel_sm90, fwd_sm90,
+                               dict(G=16, T=4, D=128, STORE_RESID=False, STAGES=sparse_fwd_sm90._STAGES))
     return kernels | {
         "score": (selection._score_kernel, score,
                   dict(stage1, R=4, L=2, BS=64, LOCAL=32, INIT=1, TRANS=True, NSP=1)),
@@ -144,7 +152,7 @@ def main():
     opts = dict(num_warps=args.warps, num_stages=args.stages or (3 if args.kernel == "fwd" else 2))
     if args.maxnreg:
         opts["maxnreg"] = args.maxnreg
-    src = (GluonASTSource if args.kernel == "score_sm90" else ASTSource)(fn, sg, cx, attrs)
+    src = (GluonASTSource if args.kernel.endswith("_sm90") else ASTSource)(fn, sg, cx, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

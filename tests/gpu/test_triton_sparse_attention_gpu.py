@@ -74,3 +74,41 @@ def test_union_kernel_tma_and_row_mask_agree_with_the_plain_paths(monkeypatch):
         runs.append([x.float() for x in (out, lse, *grads)])
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,hq,hkv,d,B,budget,rho,dtype", [
+    ([32768], [32768], 32, 2, 128, 64, 96, 0.97, torch.bfloat16),  # standard shape, local
+    ([3000, 0, 1, 2500, 777], [5000, 0, 4100, 2500, 9000], 8, 2, 64, 64, 32, 0.0, torch.bfloat16),  # G 4, varlen
+    ([4001], [4500], 9, 3, 64, 64, 24, 0.97, torch.float16),  # G 3 (21 tokens, 63 rows a tile), fp16
+    ([3001], [3001], 2, 2, 128, 32, 33, 0.0, torch.bfloat16),  # G 1 (64 tokens a tile), blocks of 32, odd budget
+])
+def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B, budget, rho, dtype, monkeypatch):
+    """The Gluon forward (Hopper) against the Triton one on the same inputs and unions: the same products and
+    sums in another order, so outputs within bf16 rounding, log-sum-exps and residuals close."""
+    from infllmv2.ops.triton import sparse_fwd_sm90
+    if torch.cuda.get_device_capability()[0] != 9 or not sparse_fwd_sm90.HAVE_GLUON:
+        pytest.skip("needs an sm90 GPU and Triton's Gluon")
+    D = _dev()
+    SA = D.SA
+    calls = []
+    real = SA.sparse_fwd_sm90
+    monkeypatch.setattr(SA, "sparse_fwd_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    torch.manual_seed(0)
+    nq, nk = sum(lens_q), sum(lens_k)
+    q = torch.randn(nq, hq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(nk, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
+    parts = [D.make_selection(a, b, hkv, B, budget, 1, 4, rho) if a else
+             torch.empty(hkv, 0, budget, dtype=torch.int32, device="cuda") for a, b in zip(lens_q, lens_k)]
+    bi = torch.cat(parts, 1)
+    cuq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device="cuda")
+    cuk = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device="cuda")
+    runs = []
+    for gluon in (True, False):
+        monkeypatch.setattr(SA, "GLUON_FWD", gluon)
+        runs.append(SA._forward(q, k, v, bi, B, cuq, cuk, max(lens_q), max(lens_k), d ** -0.5, need_resid=True))
+    assert len(calls) == 1, "the sm90 forward kernel did not run"
+    (o1, l1, r1), (o2, l2, r2) = runs
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-4)
+    # O + residual is the fp32 output of each kernel: compare those tightly, the rounded outputs to one bf16 step
+    torch.testing.assert_close(o1.float() + r1.float(), o2.float() + r2.float(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(o1.float(), o2.float(), rtol=0, atol=1e-2)

@@ -1,0 +1,201 @@
+"""Stage-2 sparse attention forward for Hopper (sm90) in Gluon, Triton's explicit-layout dialect.
+
+It computes what ``sparse_attention._sparse_fwd_kernel`` computes, in the same order (one program per (tile of T
+tokens, KV head), 64 rows = the G heads of the T tokens, a loop over the union of the blocks the tile's tokens
+selected, rows that did not select a block masked by a per-row -inf bias, causality on blocks that reach past the
+tile's first token), so the outputs are the same, but lays the work out by hand:
+
+* the query tile stays in registers as the left operand of ``Q K^T`` (Triton puts it in shared memory): the
+  64 x 64 product then reads only K from shared memory, and without a Q tile there,
+* a ring of two K / V slots (TMA, separate barriers for K and V, a slot's K reloaded as soon as its ``Q K^T`` is
+  done) makes 72 KB of shared memory and 156 registers at d 128: three programs (12 warps) an SM instead of two.
+
+The kernel is latency-bound (each step waits for its two products), so the third program is what pays: H200,
+identical outputs (``python3 benchmarks/dev_sparse_attention.py --fwd-variants ...``, benchmarks/README.md,
+"Thirteenth session"): 128K ``local`` 36.3 -> 33.6 ms, ``random`` 72.9 -> 69.2 ms, 64K 17.1 -> 15.8 / 30.2 -> 28.3.
+Lost there: pairs of blocks with the second ``Q K^T`` and the first ``P V`` overlapping the softmaxes (FlashAttention
+3's intra-warpgroup order; 164-201 registers, two programs an SM, 0-5% slower than Triton), and ``P V`` left in
+flight across the loop's back edge (ptxas then serialises every MMA, C7514).
+
+Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
+kernel everywhere else, and the GPU tests compare the two on the same inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .score_sm90 import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from .score_sm90 import _tma_load
+
+_BLOCK_M = 64  # rows per program: one warpgroup's MMA M
+# K / V slots of the TMA ring: at d 128, 2 x (K + V) = 64 KB and 156 registers let three programs share an SM
+_STAGES = 2
+VARIANT = dict(STAGES=_STAGES, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _load_block(desc, smem, bar, ub_ptr, i, cnt, k0, h, D: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Union entry i's K (or V) block into ``smem`` (nothing past the union)."""
+        if i < cnt:
+            blk = gl.load(ub_ptr + i)
+            mbarrier.expect(bar, desc.block_type.nbytes)
+            _tma_load(desc, [(k0 + blk * BLOCK_N).to(gl.int32), h * D], bar, smem)
+
+    @gluon.jit
+    def _softmax_step(s, blk, bits, tok64, pos, pos0, m_i, l_i, scale_log2, BLOCK_N: gl.constexpr):
+        """One block's scores ``s`` (raw q . k): the rows whose token did not select it (bit clear in ``bits``)
+        get a -inf bias, keys past a row's position -inf on a block that reaches past the tile's first token;
+        returns P (fp32), the row rescale factor and the new row max and sum."""
+        bias = gl.where(((bits >> tok64) & 1) != 0, 0.0, float("-inf"))
+        if (blk + 1) * BLOCK_N > pos0 + 1:
+            kpos = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+            s = gl.where(gl.expand_dims(kpos, 0) <= gl.expand_dims(pos, 1), s, float("-inf"))
+        # the max of the raw scores, scaled per row (scale > 0): each exponent is one FMA
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2 + bias)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * scale_log2 + gl.expand_dims(bias - m_use, 1))
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _sparse_fwd_kernel_sm90(
+        q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
+        tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
+        stride_cnt_h, scale_log2,
+        G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = 64
+        pid_t = gl.program_id(0)
+        h = gl.program_id(1)
+        seq = gl.load(tile_seq_ptr + pid_t)
+        if seq >= 0:
+            q0 = gl.load(tile_q0_ptr + pid_t)
+            nq = gl.load(tile_nq_ptr + pid_t)
+            pos0 = gl.load(tile_pos0_ptr + pid_t)
+            k0 = gl.load(cu_k_ptr + seq)
+            ubase = h.to(gl.int64) * stride_u_h + pid_t.to(gl.int64) * stride_u_t
+            ub_h = ub_ptr + ubase
+            ubits_h = ubits_ptr + ubase
+            cnt = gl.load(ucnt_ptr + h * stride_cnt_h + pid_t)
+
+            s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BLOCK_N, 16])
+            o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, D, 16])
+            p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+            dt: gl.constexpr = q_ptr.dtype.element_ty
+
+            # K / V ring, filled before the query tile is read so that the loads overlap it
+            k_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], v_desc.layout)
+            kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for st in gl.static_range(STAGES):
+                mbarrier.init(kbar.index(st), count=1)
+                mbarrier.init(vbar.index(st), count=1)
+            for st in gl.static_range(STAGES):
+                _load_block(k_desc, k_smem.index(st), kbar.index(st), ub_h, st, cnt, k0, h, D, BLOCK_N)
+                _load_block(v_desc, v_smem.index(st), vbar.index(st), ub_h, st, cnt, k0, h, D, BLOCK_N)
+
+            # the query tile (row = token x G + head)
+            TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
+            q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+            rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
+            tok = rows // G
+            row_ok = (rows < T * G) & (tok < nq)
+            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
+            q = gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
+                        + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
+            # kept in registers as the left operand of Q K^T (see the module docstring)
+            q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+
+            srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
+            srows = gl.arange(0, BLOCK_M, layout=srow_l)
+            stok = srows // G
+            tok64 = stok.to(gl.int64)
+            pos = pos0 + stok
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow_l)
+            l_i = gl.zeros([BLOCK_M], gl.float32, layout=srow_l)
+            acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_l)
+            zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+
+            # One union block a step. Each product is waited for within the step (a product in flight across the loop's
+            # back edge makes ptxas serialise every MMA, message C7514); the other programs on the SM fill the wait.
+            for i in range(0, cnt):
+                slot = i % STAGES
+                phase = (i // STAGES) & 1
+                blk = gl.load(ub_h + i)
+                bits = gl.load(ubits_h + i)
+                mbarrier.wait(kbar.index(slot), phase)
+                s_t = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
+                _load_block(k_desc, k_smem.index(slot), kbar.index(slot), ub_h, i + STAGES, cnt, k0, h, D, BLOCK_N)
+                p, alpha, m_i, l_i = _softmax_step(s, blk, bits, tok64, pos, pos0, m_i, l_i, scale_log2, BLOCK_N)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+                mbarrier.wait(vbar.index(slot), phase)
+                acc_t = warpgroup_mma(gl.convert_layout(p.to(dt), p_l), v_smem.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, ))
+                _load_block(v_desc, v_smem.index(slot), vbar.index(slot), ub_h, i + STAGES, cnt, k0, h, D, BLOCK_N)
+            for st in gl.static_range(STAGES):
+                mbarrier.invalidate(kbar.index(st))
+                mbarrier.invalidate(vbar.index(st))
+
+            # epilogue: O = acc / l, lse (natural log; -inf for rows that see nothing), the rounding residual
+            orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+            l_o = gl.convert_layout(l_i, orow_l)
+            has = l_o > 0.0
+            l_safe = gl.where(has, l_o, 1.0)
+            out = acc / gl.expand_dims(l_safe, 1)
+            orows = gl.arange(0, BLOCK_M, layout=orow_l)
+            otok = orows // G
+            ohead = h * G + orows % G
+            o_ok = (orows < T * G) & (otok < nq)
+            oqrow = (q0 + otok).to(gl.int64)
+            od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+            out_lp = out.to(dt)
+            omask = gl.expand_dims(o_ok, 1)
+            gl.store(o_ptr + gl.expand_dims(oqrow * stride_ot + ohead * stride_oh, 1) + gl.expand_dims(od, 0), out_lp,
+                     mask=omask)
+            if STORE_RESID:  # for an exact delta = rowsum(dO * O) in the backward
+                gl.store(r_ptr + gl.expand_dims(oqrow * stride_rt + ohead * stride_rh, 1) + gl.expand_dims(od, 0),
+                         (out - out_lp.to(gl.float32)).to(dt), mask=omask)
+            m_o = gl.convert_layout(m_i, orow_l)
+            lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
+
+
+def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
+    """Whether ``sparse_fwd_sm90`` can run: sm90, bf16 / fp16, d 64 / 128, blocks of 16-64 keys loaded as TMA
+    boxes, 64-row tiles."""
+    return (HAVE_GLUON and tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and block_size in (16, 32, 64) and block_m == _BLOCK_M)
+
+
+def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
+    """Launch the sm90 forward (the arguments of the Triton forward's launch in ``sparse_attention._forward``;
+    ``plan`` is its ``_Plan``). K and V (total_k, Hkv, d) are read through TMA descriptors over their
+    (total_k, Hkv * d) views, one block of one head at a time; rows past the end read zeros."""
+    hkv, d = k.shape[1], k.shape[2]
+    el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
+    k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay) for x in (k, v))
+    rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
+    _sparse_fwd_kernel_sm90[(plan.n_tiles, hkv)](
+        q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
+        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
+        plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
+        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, STAGES=VARIANT["STAGES"], num_warps=4,
+        **({"maxnreg": VARIANT["maxnreg"]} if VARIANT["maxnreg"] else {}))

@@ -96,7 +96,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _refill(k_desc, k_smem, bars, i, n_it, c1s, h, BLOCK_N: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr):
-        """Tile i's product is done: load tile i + STAGES into its slot."""
+        """Tile i's product is done: load tile i + STAGES into its slot. The barrier first: each warp's wait covers
+        only its own slice of the warpgroup's product (its quarter of the SM's tensor cores), so another warp may
+        still be reading the slot."""
+        _cta_barrier()
         if i + STAGES < n_it:
             slot = i % STAGES
             mbarrier.expect(bars.index(slot), k_desc.block_type.nbytes)

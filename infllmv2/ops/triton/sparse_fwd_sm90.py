@@ -32,12 +32,12 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .score_sm90 import _tma_load
+    from .score_sm90 import _cta_barrier, _tma_load
 
 _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # K / V slots of the TMA ring: at d 128, 2 x (K + V) = 64 KB and 156 registers let three programs share an SM
 _STAGES = 2
-VARIANT = dict(STAGES=_STAGES, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
+VARIANT = dict(STAGES=_STAGES, EARLY_K=False, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
 
 
 if HAVE_GLUON:
@@ -73,6 +73,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
         stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
+        EARLY_K: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -135,18 +136,30 @@ if HAVE_GLUON:
             for i in range(0, cnt):
                 slot = i % STAGES
                 phase = (i // STAGES) & 1
+                if i > 0:
+                    # step i - 1's slot is free once every warp has waited for its products (a warp's wait covers
+                    # only its own slice of the warpgroup's product): a barrier, then reload the slot
+                    _cta_barrier()
+                    prev = (i - 1) % STAGES
+                    if not EARLY_K:
+                        _load_block(k_desc, k_smem.index(prev), kbar.index(prev), ub_h, i - 1 + STAGES, cnt, k0, h,
+                                    D, BLOCK_N)
+                    _load_block(v_desc, v_smem.index(prev), vbar.index(prev), ub_h, i - 1 + STAGES, cnt, k0, h, D,
+                                BLOCK_N)
                 blk = gl.load(ub_h + i)
                 bits = gl.load(ubits_h + i)
                 mbarrier.wait(kbar.index(slot), phase)
                 s_t = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
-                _load_block(k_desc, k_smem.index(slot), kbar.index(slot), ub_h, i + STAGES, cnt, k0, h, D, BLOCK_N)
+                if EARLY_K:  # a second barrier reloads the K slot a step earlier
+                    _cta_barrier()
+                    _load_block(k_desc, k_smem.index(slot), kbar.index(slot), ub_h, i + STAGES, cnt, k0, h, D,
+                                BLOCK_N)
                 p, alpha, m_i, l_i = _softmax_step(s, blk, bits, tok64, pos, pos0, m_i, l_i, scale_log2, BLOCK_N)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
                 mbarrier.wait(vbar.index(slot), phase)
                 acc_t = warpgroup_mma(gl.convert_layout(p.to(dt), p_l), v_smem.index(slot), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, ))
-                _load_block(v_desc, v_smem.index(slot), vbar.index(slot), ub_h, i + STAGES, cnt, k0, h, D, BLOCK_N)
             for st in gl.static_range(STAGES):
                 mbarrier.invalidate(kbar.index(st))
                 mbarrier.invalidate(vbar.index(st))
@@ -197,5 +210,6 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
         plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
-        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, STAGES=VARIANT["STAGES"], num_warps=4,
+        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, STAGES=VARIANT["STAGES"], EARLY_K=VARIANT["EARLY_K"],
+        num_warps=4,
         **({"maxnreg": VARIANT["maxnreg"]} if VARIANT["maxnreg"] else {}))

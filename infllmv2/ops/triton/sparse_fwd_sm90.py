@@ -29,7 +29,7 @@ from .score_sm90 import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from .score_sm90 import _cta_barrier, _tma_load
@@ -118,8 +118,15 @@ if HAVE_GLUON:
             offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
             q = gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
                         + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
-            # kept in registers as the left operand of Q K^T (see the module docstring)
-            q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+            if D >= 128:  # kept in registers as the left operand of Q K^T (see the module docstring)
+                q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+            else:  # d 64 from shared memory: the register operand gave wrong products there (Triton 3.6, H200)
+                q_op = gl.allocate_shared_memory(dt, [BLOCK_M, D],
+                                                 gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                                      rank=2))
+                q_op.store(q)
+                fence_async_shared()
+                _cta_barrier()
 
             srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
             srows = gl.arange(0, BLOCK_M, layout=srow_l)

@@ -450,13 +450,26 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
                   r.get("error", ""))
 
 
+def _get_attr(path):
+    """``selection.<path>``; a dotted path reaches into an object (``SCORE_SM90.enabled``)."""
+    obj = sel_mod
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set_attr(path, value):
+    owner, _, name = path.rpartition(".")
+    setattr(_get_attr(owner) if owner else sel_mod, name, value)
+
+
 def _flag_rows(attr, values, select, reps, full=None):
     """``selection.<attr>`` set to each of `values`, interleaved over `reps` rounds: `select`'s do_bench median, its
     kernels (profiler, once) and, when given, `full`'s median; plus whether all settings select identically."""
     rows, sels = {}, {}
     for _ in range(reps):
         for flag in values:
-            setattr(sel_mod, attr, flag)
+            _set_attr(attr, flag)
             row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
             if flag not in sels:
                 sels[flag] = select()
@@ -482,7 +495,7 @@ def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
     import infllmv2
     cfg = SparseConfig(dense_len=-1)
     out = {}
-    default = getattr(sel_mod, attr)
+    default = _get_attr(attr)
     try:
         for hkv, d, ns in [(2, 128, lengths), (8, 64, [max(lengths)])]:
             for n in ns:
@@ -493,7 +506,7 @@ def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
                 out[n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"] = _flag_rows(attr, values, select, reps, full)
                 del qb, kb, vb
     finally:
-        setattr(sel_mod, attr, default)
+        _set_attr(attr, default)
     n = max(lengths)
     # one decode step at a 128K cache, batch 8 (CUDA graph; the switch is read when the graph is captured)
     dcfg = SparseConfig()
@@ -502,7 +515,7 @@ def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
     rows, outs = {}, {}
     graphs = {}
     for flag in values:
-        setattr(sel_mod, attr, flag)
+        _set_attr(attr, flag)
         outs[flag] = fn()
         graphs[flag] = graphed(fn)
     for _ in range(reps):
@@ -510,9 +523,9 @@ def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
             row = rows.setdefault(f"{attr}={flag}", dict(graph_us=[], kernels_us=None))
             row["graph_us"].append(round(1e3 * triton.testing.do_bench(graphs[flag], warmup=10, rep=100), 1))
             if row["kernels_us"] is None:
-                setattr(sel_mod, attr, flag)
+                _set_attr(attr, flag)
                 row["kernels_us"] = _kernel_us(fn)
-    setattr(sel_mod, attr, default)
+    _set_attr(attr, default)
     rows["identical"] = all(torch.equal(outs[values[0]], outs[v]) for v in values)
     rows["dense_graph_us"] = round(_dense_decode_graph_us(qd, kc, vc), 1)
     out["decode_b8"] = rows

@@ -396,13 +396,13 @@ def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, bu
     each variant is a dict of ``sparse_fwd_sm90.VARIANT`` keys plus ``gluon`` (False: the Triton kernel) and
     ``name``; outputs compared with the first variant's."""
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
-    default, gluon_default = dict(F.VARIANT), SA.GLUON_FWD
+    default, gluon_default = dict(F.VARIANT), SA.FWD_SM90.enabled
     rows = []
 
     def use(var):
         F.VARIANT.clear()
         F.VARIANT.update(default, **{k: v for k, v in var.items() if k not in ("name", "gluon")})
-        SA.GLUON_FWD = var.get("gluon", True)
+        SA.FWD_SM90.enabled = var.get("gluon", True)
     try:
         for n in lens:
             for pattern in patterns:
@@ -432,7 +432,7 @@ def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, bu
                 torch.cuda.empty_cache()
     finally:
         use({})
-        SA.GLUON_FWD = gluon_default
+        SA.FWD_SM90.enabled = gluon_default
     print("n | pattern | " + " | ".join(v["name"] for v in variants) + " (ms, best of rounds; max out diff)")
     for r in rows:
         print(r["n"], "|", r["pattern"], "|", " | ".join(f"{min(r['ms'][v['name']])} ({r['max_out_diff'][v['name']]:.3g})"

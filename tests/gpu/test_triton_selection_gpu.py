@@ -173,11 +173,11 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, monkeypatc
     k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
     q = torch.randn(sum(lens_q), hkv * g, d, device=DEV, dtype=torch.bfloat16)
     cuq, cuk = _cu(lens_q), _cu(lens_k)
-    monkeypatch.setattr(selection, "_SCORE_SM90", True)
+    monkeypatch.setattr(selection.SCORE_SM90, "enabled", True)
     got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
     n_calls = len(calls)
     assert n_calls, "the sm90 scoring kernel did not run"
-    monkeypatch.setattr(selection, "_SCORE_SM90", False)
+    monkeypatch.setattr(selection.SCORE_SM90, "enabled", False)
     ref = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
     assert len(calls) == n_calls
     same = (got == ref).all(-1).float().mean().item()

@@ -104,7 +104,7 @@ def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B
     cuk = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device="cuda")
     runs = []
     for gluon in (True, False):
-        monkeypatch.setattr(SA, "GLUON_FWD", gluon)
+        monkeypatch.setattr(SA.FWD_SM90, "enabled", gluon)
         runs.append(SA._forward(q, k, v, bi, B, cuq, cuk, max(lens_q), max(lens_k), d ** -0.5, need_resid=True))
     assert len(calls) == 1, "the sm90 forward kernel did not run"
     (o1, l1, r1), (o2, l2, r2) = runs

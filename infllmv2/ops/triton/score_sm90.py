@@ -11,7 +11,7 @@ blocks, written to the block-score workspace), with the same selections, but lay
   goes through one layout conversion to a layout with all blocks of a token in one warp, where the shift is a
   shuffle: about 4 block-wide barriers a tile instead of 8, and 327 instructions instead of 507.
 
-H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab _SCORE_SM90=True,False``): scoring
+H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCORE_SM90.enabled=True,False``): scoring
 10.45 -> 8.65 ms at 128K, 2.55 -> 2.21 ms at 64K, equal at 32K, 12.9 -> 9.5 ms for Hkv 8 / d 64
 (benchmarks/README.md, "Twelfth session").
 
@@ -23,19 +23,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    # names that changed after Triton 3.6: the CTA-wide barrier (gl.thread_barrier -> gl.barrier) and the TMA
-    # load (tma.async_copy_global_to_shared -> tma.async_load)
-    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+from .gluon_support import HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, on_sm90
+from .gluon_support import cta_barrier as _cta_barrier
+from .gluon_support import tma_load as _tma_load
+from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _BLOCK_N = 64  # fine windows per MMA tile (the MMA's M)
 _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
@@ -213,8 +204,7 @@ if HAVE_GLUON:
 def score_sm90_supported(q: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
     """Whether ``score_blocks_sm90`` can run on these inputs (else the Triton scoring kernel does): query tiles
     of ``128 / gp`` tokens (128 rows)."""
-    return (HAVE_GLUON and not decode and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+    return (not decode and on_sm90(q) and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             # G < 3 means 64-128 tokens a tile and 242+ registers: the Triton kernel takes those
             and 4 <= gp <= _ROWS and r >= 2 and _BLOCK_N % r == 0 and 1 <= l <= r + 1)
 

@@ -27,15 +27,14 @@ compare selections by score.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
 
 from ...config import SparseConfig
+from .gluon_support import GluonKernel
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
@@ -52,10 +51,9 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # all, from 16 to 64 (H200, 128K cache, CUDA graph, interleaved, eleventh session: batch 8 with 16 / 32 / 64 splits
 # 50.9 / 52.2 / 53.2 us a step, batch 1 34.6 / 33.1 / 31.0 us; NOTES_selection.md)
 _DECODE_PROGRAMS = 256
-# prefill scoring on Hopper by the Gluon kernel of score_sm90.py (False: the Triton kernel); INFLLMV2_GLUON=0 in the
-# environment turns it off
-_SCORE_SM90 = os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false", "False", "")
-_SCORE_SM90_RAN = False  # the Gluon kernel has run once: later errors are real errors, not a failed build
+# prefill scoring on Hopper by the Gluon kernel of score_sm90.py (``SCORE_SM90.enabled = False``: the Triton kernel;
+# INFLLMV2_GLUON=0 in the environment turns it off, and so does a failed build)
+SCORE_SM90 = GluonKernel("scoring")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
@@ -591,26 +589,6 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
-def _score_sm90(*args) -> bool:
-    """The Gluon scoring kernel; False (and the Triton kernel from then on, with a warning) if this Triton's Gluon
-    cannot build it: Gluon is an experimental dialect whose API changes between Triton releases, and a build failure
-    surfaces as a CompilationError or, from its MLIR passes, a RuntimeError. Once the kernel has run, errors
-    propagate (an out-of-memory error always does)."""
-    global _SCORE_SM90, _SCORE_SM90_RAN
-    try:
-        score_blocks_sm90(*args)
-    except (CompilationError, RuntimeError) as err:
-        if _SCORE_SM90_RAN or isinstance(err, torch.cuda.OutOfMemoryError):
-            raise
-        _SCORE_SM90 = False
-        warnings.warn(f"infllmv2: the sm90 scoring kernel does not build with Triton {triton.__version__} "
-                      f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
-                      "using the Triton kernel instead", RuntimeWarning, stacklevel=3)
-        return False
-    _SCORE_SM90_RAN = True
-    return True
-
-
 def _check_pooling(config: SparseConfig) -> None:
     R = config.block_size // config.kernel_stride
     L = config.kernel_size // config.kernel_stride
@@ -652,7 +630,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     trans = True if transposed is None else bool(transposed)
     # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles, unless a launch setting
     # of the Triton kernel is asked for
-    sm90 = (_SCORE_SM90 and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode)
+    sm90 = (SCORE_SM90.enabled and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode)
             and all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg)))
     if block_m is None:
         block_m = 64 if (_INTERPRET or not trans or decode) else 128
@@ -739,9 +717,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         # rows per select program: keep a (rows, nb_c) tile at <= _SELECT_TILE elements (registers)
         sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
         if sm90:
-            sm90 = _score_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c0, nt,
-                               nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B, config.local_blocks,
-                               config.init_blocks)
+            sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
+                              c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
+                              config.local_blocks, config.init_blocks)
         if not sm90:
             _score_kernel[(nt, hkv, n_split)](
                 q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .selection import softmax_scale_or_default
+from .gluon_support import GluonKernel
 from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them K/V load through pointers
@@ -77,9 +78,9 @@ TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
 # causal mask runs only on blocks that reach past a tile's first token (else a select per score).
 ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
-# The forward on Hopper by the Gluon kernel of sparse_fwd_sm90.py (False: the Triton kernel); INFLLMV2_GLUON=0 in
-# the environment turns every Gluon kernel off.
-GLUON_FWD = os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false", "False", "")
+# The forward on Hopper by the Gluon kernel of sparse_fwd_sm90.py (``FWD_SM90.enabled = False``: the Triton kernel;
+# INFLLMV2_GLUON=0 in the environment turns it off, and so does a failed build).
+FWD_SM90 = GluonKernel("sparse forward")
 
 
 def _next_pow2(x: int) -> int:
@@ -698,9 +699,11 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
         rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
         nb = 2 if _pair_default(pair) else 1
         tma = _use_tma(k, v, block_size, nb)
-        if GLUON_FWD and not _INTERPRET and sparse_fwd_sm90_supported(q, block_size, plan.BLOCK_M, tma):
-            sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size, scale * _LOG2E, store_resid)
-        else:
+        sm90 = FWD_SM90.enabled and not _INTERPRET and sparse_fwd_sm90_supported(q, block_size, plan.BLOCK_M, tma)
+        if sm90:
+            sm90 = FWD_SM90(sparse_fwd_sm90, q, k, v, out, resid, lse, plan, cu_k, block_size, scale * _LOG2E,
+                            store_resid)
+        if not sm90:
             _fwd_launch[(plan.n_tiles, hkv)](
                 q, *_kv_args(k, v, block_size, tma), out, resid, lse,
                 plan.ub, plan.ubits, plan.cnt,

@@ -24,20 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from .score_sm90 import HAVE_GLUON
-
-if HAVE_GLUON:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .score_sm90 import _cta_barrier, _tma_load
+from .gluon_support import HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, on_sm90
+from .gluon_support import cta_barrier as _cta_barrier
+from .gluon_support import tma_load as _tma_load
+from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # K / V slots of the TMA ring: at d 128, 2 x (K + V) = 64 KB and 156 registers let three programs share an SM
 _STAGES = 2
-VARIANT = dict(STAGES=_STAGES, EARLY_K=False, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
+VARIANT = dict(STAGES=_STAGES, EARLY_K=False, Q_REGS=None, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
 
 
 if HAVE_GLUON:
@@ -73,7 +68,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
         stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
-        EARLY_K: gl.constexpr,
+        EARLY_K: gl.constexpr, Q_REGS: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -118,7 +113,7 @@ if HAVE_GLUON:
             offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
             q = gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
                         + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
-            if D >= 128:  # kept in registers as the left operand of Q K^T (see the module docstring)
+            if Q_REGS:  # kept in registers as the left operand of Q K^T (see the module docstring)
                 q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
             else:  # d 64 from shared memory: the register operand gave wrong products there (Triton 3.6, H200)
                 q_op = gl.allocate_shared_memory(dt, [BLOCK_M, D],
@@ -198,8 +193,7 @@ if HAVE_GLUON:
 def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
     """Whether ``sparse_fwd_sm90`` can run: sm90, bf16 / fp16, d 64 / 128, blocks of 16-64 keys loaded as TMA
     boxes, 64-row tiles."""
-    return (HAVE_GLUON and tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+    return (tma and on_sm90(q) and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and block_size in (16, 32, 64) and block_m == _BLOCK_M)
 
 
@@ -218,5 +212,5 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
         plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
         G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, STAGES=VARIANT["STAGES"], EARLY_K=VARIANT["EARLY_K"],
-        num_warps=4,
+        Q_REGS=d >= 128 if VARIANT["Q_REGS"] is None else VARIANT["Q_REGS"], num_warps=4,
         **({"maxnreg": VARIANT["maxnreg"]} if VARIANT["maxnreg"] else {}))

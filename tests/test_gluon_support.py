@@ -1,0 +1,74 @@
+"""The switch of the Gluon (Hopper) kernels: a failed build hands the work to the Triton kernel for good, with a
+warning; real errors propagate; INFLLMV2_GLUON=0 turns the kernels off. The kernels themselves need an sm90 GPU
+(tests/gpu)."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from triton.compiler.errors import CompilationError
+
+from infllmv2.ops.triton import selection, sparse_attention
+from infllmv2.ops.triton.gluon_support import GluonKernel
+
+
+def _broken(*args):
+    raise CompilationError("", ast.parse("x").body[0], "unsupported")
+
+
+def _mlir_error(*args):
+    raise RuntimeError("error encountered during parsing")
+
+
+def _oom(*args):
+    raise torch.cuda.OutOfMemoryError("out of memory")
+
+
+@pytest.mark.parametrize("fail", [_broken, _mlir_error])
+def test_failed_build_switches_to_the_triton_kernel_for_good(fail):
+    switch = GluonKernel("test")
+    switch.enabled = True
+    with pytest.warns(RuntimeWarning, match="sm90 test kernel does not build"):
+        assert switch(fail, 1, 2) is False
+    assert switch.enabled is False and switch.ran is False
+
+
+def test_launch_runs_with_its_arguments_and_later_errors_propagate():
+    switch = GluonKernel("test")
+    seen = []
+    assert switch(lambda *a, **kw: seen.append((a, kw)), 1, 2, x=3) is True
+    assert seen == [((1, 2), {"x": 3})] and switch.ran
+    # after a successful run a build-like error is a real error
+    with pytest.raises(RuntimeError):
+        switch(_mlir_error)
+    assert switch.enabled is True
+
+
+@pytest.mark.parametrize("fail,err", [(lambda *a: 1 / 0, ZeroDivisionError), (_oom, torch.cuda.OutOfMemoryError)])
+def test_other_errors_and_out_of_memory_are_not_swallowed(fail, err):
+    switch = GluonKernel("test")
+    switch.enabled = True
+    with pytest.raises(err):
+        switch(fail)
+    assert switch.enabled is True
+
+
+def test_each_gluon_kernel_has_its_switch():
+    assert isinstance(selection.SCORE_SM90, GluonKernel) and isinstance(sparse_attention.FWD_SM90, GluonKernel)
+    assert selection.SCORE_SM90 is not sparse_attention.FWD_SM90
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("false", False)])
+def test_env_switch(value, on):
+    """INFLLMV2_GLUON=0 turns every Gluon kernel off (read when the modules are imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "INFLLMV2_GLUON"}
+    if value is not None:
+        env["INFLLMV2_GLUON"] = value
+    out = subprocess.run([sys.executable, "-c", "from infllmv2.ops.triton import selection, sparse_attention; "
+                          "print(selection.SCORE_SM90.enabled, sparse_attention.FWD_SM90.enabled)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(on), str(on)]

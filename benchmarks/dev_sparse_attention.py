@@ -393,8 +393,8 @@ def flag_ab(attr, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, 
 
 def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, init=1, local=32):
     """Forward launch variants, interleaved over `reps` rounds in one process (do_bench median of ``_forward``):
-    each variant is a dict of ``sparse_fwd_sm90.VARIANT`` keys plus ``gluon`` (False: the Triton kernel) and
-    ``name``; outputs compared with the first variant's."""
+    each variant is a dict of ``sparse_fwd_sm90.VARIANT`` keys (launch settings, maxnreg) plus ``gluon`` (False: the
+    Triton kernel) and ``name``; outputs compared with the first variant's."""
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
     default, gluon_default = dict(F.VARIANT), SA.FWD_SM90.enabled
     rows = []

@@ -81,8 +81,7 @@ def _kernels():
                         **_ints("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_rt", "stride_rh",
                                 "stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h"), scale_log2="fp32")
         kernels["fwd_sm90"] = (sparse_fwd_sm90._sparse_fwd_kernel_sm90, fwd_sm90,
-                               dict(G=16, T=4, D=128, STORE_RESID=False, STAGES=sparse_fwd_sm90._STAGES,
-                                    EARLY_K=False, Q_REGS=True))
+                               dict(G=16, T=4, D=128, STORE_RESID=False, **sparse_fwd_sm90._SETTINGS[128]))
     return kernels | {
         "score": (selection._score_kernel, score,
                   dict(stage1, R=4, L=2, BS=64, LOCAL=32, INIT=1, TRANS=True, NSP=1)),

@@ -30,9 +30,11 @@ from .gluon_support import tma_load as _tma_load
 from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
-# K / V slots of the TMA ring: at d 128, 2 x (K + V) = 64 KB and 156 registers let three programs share an SM
-_STAGES = 2
-VARIANT = dict(STAGES=_STAGES, EARLY_K=False, Q_REGS=None, maxnreg=None)  # launch settings (benchmarks/dev_sparse_attention.py --fwd-variants)
+# Launch settings per head dim: ring slots, the K slot reloaded right after its Q K^T (a second barrier a step),
+# Q as a register operand. d 128: Q in registers and two slots (2 x (K + V) = 64 KB, 156 registers: three programs
+# an SM). d 64 reads Q from shared memory (the register operand gave wrong products there, Triton 3.6).
+_SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
+VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
 
 
 if HAVE_GLUON:
@@ -204,13 +206,13 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
     hkv, d = k.shape[1], k.shape[2]
     el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
-    k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay) for x in (k, v))
+    k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
+                      for x in (k, v))
     rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
     _sparse_fwd_kernel_sm90[(plan.n_tiles, hkv)](
         q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
         plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
-        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, STAGES=VARIANT["STAGES"], EARLY_K=VARIANT["EARLY_K"],
-        Q_REGS=d >= 128 if VARIANT["Q_REGS"] is None else VARIANT["Q_REGS"], num_warps=4,
-        **({"maxnreg": VARIANT["maxnreg"]} if VARIANT["maxnreg"] else {}))
+        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, num_warps=4, **{**_SETTINGS[d], **VARIANT})
+

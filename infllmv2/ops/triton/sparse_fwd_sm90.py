@@ -5,17 +5,21 @@ tokens, KV head), 64 rows = the G heads of the T tokens, a loop over the union o
 selected, rows that did not select a block masked by a per-row -inf bias, causality on blocks that reach past the
 tile's first token), so the outputs are the same, but lays the work out by hand:
 
-* the query tile stays in registers as the left operand of ``Q K^T`` (Triton puts it in shared memory): the
-  64 x 64 product then reads only K from shared memory, and without a Q tile there,
-* a ring of two K / V slots (TMA, separate barriers for K and V, a slot's K reloaded as soon as its ``Q K^T`` is
-  done) makes 72 KB of shared memory and 156 registers at d 128: three programs (12 warps) an SM instead of two.
+* the query tile stays in registers as the left operand of ``Q K^T`` (Triton puts it in shared memory), so the
+  64 x 64 product reads only K from shared memory;
+* a ring of two K / V slots (TMA, separate barriers for K and V) instead of three.
 
-The kernel is latency-bound (each step waits for its two products), so the third program is what pays: H200,
-identical outputs (``python3 benchmarks/dev_sparse_attention.py --fwd-variants ...``, benchmarks/README.md,
-"Thirteenth session"): 128K ``local`` 36.3 -> 33.6 ms, ``random`` 72.9 -> 69.2 ms, 64K 17.1 -> 15.8 / 30.2 -> 28.3.
-Lost there: pairs of blocks with the second ``Q K^T`` and the first ``P V`` overlapping the softmaxes (FlashAttention
-3's intra-warpgroup order; 164-201 registers, two programs an SM, 0-5% slower than Triton), and ``P V`` left in
-flight across the loop's back edge (ptxas then serialises every MMA, C7514).
+That makes 72 KB of shared memory and 156 registers at d 128: three programs (12 warps) an SM instead of two. The
+kernel is latency-bound (each step waits for its two products, and no pipe is saturated), so the third program is
+what pays. H200, identical outputs, interleaved (``python3 benchmarks/dev_sparse_attention.py --fwd-variants ...``,
+benchmarks/README.md, "Thirteenth session"): 128K ``local`` 36.2 -> 33.9 ms, ``random`` 73.1 -> 69.7 ms, 64K 16.7 ->
+16.0 / 30.9 -> 29.1 ms. Lost there (NOTES_sparse_attention.md): FlashAttention-3's paired-block overlap of the
+products with the softmaxes, ``P V`` left in flight across the loop's back edge (ptxas then serialises every MMA,
+message C7514), the K slot reloaded right after its ``Q K^T``, and four programs an SM with Q in shared memory.
+
+A slot is reloaded only after a CTA barrier: a warp's ``warpgroup_mma_wait`` covers its own slice of the product,
+so without the barrier one warp's TMA could overwrite a slot another warp's slice still reads. At d 64 Q is read
+from shared memory: the register operand gave wrong products there (Triton 3.6).
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
 kernel everywhere else, and the GPU tests compare the two on the same inputs.

@@ -19,7 +19,8 @@ message C7514), the K slot reloaded right after its ``Q K^T``, and four programs
 
 A slot is reloaded only after a CTA barrier: a warp's ``warpgroup_mma_wait`` covers its own slice of the product,
 so without the barrier one warp's TMA could overwrite a slot another warp's slice still reads. At d 64 Q is read
-from shared memory: the register operand gave wrong products there (Triton 3.6).
+from shared memory: Triton 3.6 miscompiles the register operand there (the loop reuses Q's registers for the row max
+and P, NOTES_sparse_attention.md).
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
 kernel everywhere else, and the GPU tests compare the two on the same inputs.
@@ -36,7 +37,7 @@ from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # Launch settings per head dim: ring slots, the K slot reloaded right after its Q K^T (a second barrier a step),
 # Q as a register operand. d 128: Q in registers and two slots (2 x (K + V) = 64 KB, 156 registers: three programs
-# an SM). d 64 reads Q from shared memory (the register operand gave wrong products there, Triton 3.6).
+# an SM). d 64 reads Q from shared memory (Triton 3.6 miscompiles the register operand there: see the docstring).
 _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
 
@@ -121,7 +122,7 @@ if HAVE_GLUON:
                         + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
             if Q_REGS:  # kept in registers as the left operand of Q K^T (see the module docstring)
                 q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
-            else:  # d 64 from shared memory: the register operand gave wrong products there (Triton 3.6, H200)
+            else:  # from shared memory (d 64: Triton 3.6 miscompiles the register operand, see the docstring)
                 q_op = gl.allocate_shared_memory(dt, [BLOCK_M, D],
                                                  gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                                       rank=2))

@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd|fwd_sm90 [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
+    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd|fwd_sm90|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -62,6 +62,13 @@ def _kernels():
                        "stride_oh", "stride_rt", "stride_rh", "stride_lse_h", "stride_u_h", "stride_u_t",
                        "stride_cnt_h", "n_tiles"),
                scale_log2="fp32")
+    dq = dict(fwd, DO="*bf16", DELTA="*fp32", DQ="*fp32",
+              **_ints("stride_dot", "stride_doh", "stride_dqt", "stride_dqh"), scale="fp32")
+    dkdv = dict(_ptrs("*bf16", "Q", "K", "V", "DO"), LSE="*fp32", DELTA="*fp32", DK="*fp32", DV="*fp32",
+                **_ptrs("*i32", "CH_GB", "CH_START", "CH_END", "E_TOK", "GB_SEQ", "GB_BLK", "CU_Q", "CU_K"),
+                **_ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
+                        "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh", "stride_lse_h",
+                        "stride_ch_h", "stride_e_h"), scale="fp32", scale_log2="fp32")
     stage1 = dict(G=16, GP=16, BLOCK_T=8, TG=8, BLOCK_N=64, BLOCK_D=128, KS1=32, ST1=16, TO_F32=False, PREC="tf32",
                   DECODE=False, PDL=False)
     kernels = {}
@@ -89,6 +96,11 @@ def _kernels():
         "select": (selection._select_kernel, select,
                    dict(BLOCK_T=8, SEL_T=1, BLOCK_NB=2048, BUDGET_P=128, BS=64, LOCAL=32, INIT=1, DECODE=False,
                         PDL=False, SCAN_RUN=16)),
+        "dq": (sparse_attention._sparse_bwd_dq_kernel, dq,
+               dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", HAS_RESID=True,
+                    EXACT_DELTA=True, TMA=True, ROW_MASK=True)),
+        "dkdv": (sparse_attention._sparse_bwd_dkdv_kernel, dkdv,
+                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, UPCAST=False, PREC="tf32")),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
                      TMA=True, ROW_MASK=True)),
@@ -149,7 +161,7 @@ def main():
     # the JIT's specialisation of real launches: pointers and 16-divisible integers (strides, d) carry divisibility
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n in sig and (sig[n].startswith("*") or n.startswith("stride") or n == "D")}
-    opts = dict(num_warps=args.warps, num_stages=args.stages or (3 if args.kernel == "fwd" else 2))
+    opts = dict(num_warps=args.warps, num_stages=args.stages or (3 if args.kernel in ("fwd", "dkdv") else 2))
     if args.maxnreg:
         opts["maxnreg"] = args.maxnreg
     src = (GluonASTSource if args.kernel.endswith("_sm90") else ASTSource)(fn, sg, cx, attrs)

@@ -129,7 +129,9 @@ def reference_chunked(q, k, v, bi, B, scale, dout, chunk=512):
     return torch.cat(outs), torch.cat(lses, 1), torch.cat(dqs), kf.grad, vf.grad
 
 
-def check_case(name, lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dtype=torch.bfloat16):
+def make_case(lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dtype=torch.bfloat16):
+    """A packed varlen batch (sequence i: the last lens_q[i] of lens_k[i] positions) with synthetic selections:
+    q, k, v, do, block_indices, cu_q, cu_k."""
     torch.manual_seed(0)
     tq, tk = sum(lens_q), sum(lens_k)
     q = torch.randn(tq, hq, d, device=DEV, dtype=dtype)
@@ -142,6 +144,11 @@ def check_case(name, lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dt
     bi = torch.cat(sels, 1).contiguous()
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return q, k, v, do, bi, cu_q, cu_k
+
+
+def check_case(name, lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dtype=torch.bfloat16):
+    q, k, v, do, bi, cu_q, cu_k = make_case(lens_q, lens_k, hq, hkv, d, B, budget, init, local, rho, dtype)
     scale = d ** -0.5
     qt, kt, vt = (x.clone().requires_grad_(True) for x in (q, k, v))
     out, lse = sparse_attention_triton(qt, kt, vt, bi, B, cu_q, cu_k, max(lens_q), max(lens_k), scale)

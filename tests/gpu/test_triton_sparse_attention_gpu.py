@@ -95,15 +95,7 @@ def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B
     calls = []
     real = SA.sparse_fwd_sm90
     monkeypatch.setattr(SA, "sparse_fwd_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    torch.manual_seed(0)
-    nq, nk = sum(lens_q), sum(lens_k)
-    q = torch.randn(nq, hq, d, device="cuda", dtype=dtype)
-    k, v = (torch.randn(nk, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    parts = [D.make_selection(a, b, hkv, B, budget, 1, 4, rho) if a else
-             torch.empty(hkv, 0, budget, dtype=torch.int32, device="cuda") for a, b in zip(lens_q, lens_k)]
-    bi = torch.cat(parts, 1)
-    cuq = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device="cuda")
-    cuk = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device="cuda")
+    q, k, v, _, bi, cuq, cuk = D.make_case(lens_q, lens_k, hq, hkv, d, B, budget, 1, 4, rho, dtype)
     runs = []
     for gluon in (True, False):
         monkeypatch.setattr(SA.FWD_SM90, "enabled", gluon)

@@ -699,7 +699,6 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
     resid = torch.empty(q.shape if store_resid else (0,), dtype=q.dtype, device=q.device)
     if total_q > 0 and cu_q.shape[0] >= 2:
         plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
-        rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
         nb = 2 if _pair_default(pair) else 1
         tma = _use_tma(k, v, block_size, nb)
         sm90 = FWD_SM90.enabled and not _INTERPRET and sparse_fwd_sm90_supported(q, block_size, plan.BLOCK_M, tma)
@@ -707,6 +706,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
             sm90 = FWD_SM90(sparse_fwd_sm90, q, k, v, out, resid, lse, plan, cu_k, block_size, scale * _LOG2E,
                             store_resid)
         if not sm90:
+            rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
             _fwd_launch[(plan.n_tiles, hkv)](
                 q, *_kv_args(k, v, block_size, tma), out, resid, lse,
                 plan.ub, plan.ubits, plan.cnt,

@@ -600,6 +600,77 @@ def decode_variants(variants=None, L=131072, reps=3):
         print(batch, "| dense graph us", r["dense_graph_us"])
 
 
+@section("sm90 LSE kernel: launch variants (interleaved, against the Triton kernel)")
+def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
+    """Each variant (a dict: "name", "gluon" (default True), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS,
+    STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
+    do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
+    selection against the Triton kernel's."""
+    from bench_attention import make_inputs
+    from infllmv2.ops.triton import lse_sm90 as lse_mod
+    cfg = SparseConfig(dense_len=-1)
+    seen = []
+    real = sel_mod.score_blocks_sm90
+
+    def spy(q, k1, lse, *a, **kw):
+        if not seen:
+            seen.append(lse.clone())
+        return real(q, k1, lse, *a, **kw)
+
+    sel_mod.score_blocks_sm90 = spy
+    out = {}
+    try:
+        for n in lengths:
+            qb, kb, _ = make_inputs(n, 32, 2, 128, "local")
+            q, k = qb[0], kb[0]
+            cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+            select = lambda: select_blocks_triton(q, k, cfg, cu, cu, n, n)  # noqa: E731
+
+            def use(v):
+                sel_mod.LSE_SM90.enabled = v.get("gluon", True)
+                lse_mod.VARIANT.clear()
+                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon")})
+
+            use({"gluon": False})
+            seen.clear()
+            ref_sel = select()
+            ref_lse = seen[0]
+            rows = {}
+            for _ in range(reps):
+                for v in variants:
+                    use(v)
+                    row = rows.setdefault(v["name"], dict(variant=v, select_ms=[]))
+                    try:
+                        if "kernels_ms" not in row:
+                            seen.clear()
+                            got = select()
+                            row["same_selection"] = bool(torch.equal(got, ref_sel))
+                            row["rows_identical"] = (got == ref_sel).all(-1).float().mean().item()
+                            fin = torch.isfinite(ref_lse)
+                            row["lse_equal"] = bool(torch.equal(seen[0], ref_lse))
+                            row["lse_max_diff"] = float((seen[0][fin] - ref_lse[fin]).abs().max())
+                            row["lse_inf_same"] = bool(torch.equal(torch.isfinite(seen[0]), fin))
+                            row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
+                                                 if k_.startswith("_")}
+                        row["select_ms"].append(round(triton.testing.do_bench(select, warmup=3, rep=20), 3))
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out[n] = rows
+            del qb, kb, q, k
+    finally:
+        sel_mod.score_blocks_sm90 = real
+        sel_mod.LSE_SM90.enabled = True
+        lse_mod.VARIANT.clear()
+    RESULTS["lse_variants"] = out
+    print("n | variant | selection ms | LSE kernel ms | same selection | LSE equal / max diff | error")
+    for n, rows in out.items():
+        for name, r in rows.items():
+            km = r.get("kernels_ms") or {}
+            lk = km.get("_lse_kernel_sm90", km.get("_lse_kernel"))
+            print(n, "|", name, "|", r["select_ms"], "|", lk, "|", r.get("same_selection"), "|", r.get("lse_equal"),
+                  r.get("lse_max_diff"), "|", r.get("error", ""))
+
+
 def compare_saved(tags):
     import os
     base = os.environ.get("AB_DIR", "/tmp")
@@ -626,9 +697,14 @@ def main():
     ap.add_argument("--flag-ab", metavar="ATTR[=V1,V2,...]",
                     help="only the A/B of a selection-module attribute: a switch on / off, or the listed values "
                          "(Python literals, e.g. _SELECT_TILE=4096,1024)")
+    ap.add_argument("--lse-variants", metavar="JSON",
+                    help="only the sm90 LSE kernel's launch variants: a JSON list of dicts (see lse_variants)")
+    ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if args.flag_ab:
+    if args.lse_variants:
+        lse_variants(json.loads(args.lse_variants), tuple(int(x) for x in args.lens.split(",")))
+    elif args.flag_ab:
         attr, _, vals = args.flag_ab.partition("=")
         flag_ab(attr, tuple(ast.literal_eval(v) for v in vals.split(",")) if vals else (True, False))
     elif args.decode_variants is not None:

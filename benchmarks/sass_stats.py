@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|select|fwd|fwd_sm90|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
+    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|fwd|fwd_sm90|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     GluonASTSource = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infllmv2.ops.triton import score_sm90, selection, sparse_attention, sparse_fwd_sm90  # noqa: E402
+from infllmv2.ops.triton import lse_sm90, score_sm90, selection, sparse_attention, sparse_fwd_sm90  # noqa: E402
 
 
 def _ints(*names):
@@ -81,6 +81,13 @@ def _kernels():
         kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
                                  dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
                                       STAGES=score_sm90._STAGES))
+        desc = f"tensordesc<bf16[64, 128],{lay!r}>"
+        lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
+                     **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr", "c2_start_ptr", "c2_len_ptr"),
+                     **_ints("stride_qt", "stride_qh", "stride_lt", "n_tiles"), qk_scale="fp32")
+        kernels["lse_sm90"] = (lse_sm90._lse_kernel_sm90, lse90,
+                               dict(G=16, GP=16, D=128, KS1=32, ST1=16, KS2=128, ST2=64, LSE_APPROX=True,
+                                    **lse_sm90._SETTINGS))
         fwd_sm90 = dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[64, 128],{lay!r}>",
                         v_desc=f"tensordesc<bf16[64, 128],{lay!r}>", o_ptr="*bf16", r_ptr="*bf16", lse_ptr="*fp32",
                         ub_ptr="*i32", ubits_ptr="*i64", ucnt_ptr="*i32",

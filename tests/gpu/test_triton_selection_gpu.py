@@ -186,3 +186,54 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, monkeypatc
     for i in (2, 3):
         qs, ks, gi = q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], got[:, cuq[i]:cuq[i + 1]]
         assert_selection_matches_by_score(qs, ks, cfg, gi, d ** -0.5, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("g,hkv,d,dtype,cfg_kw", [
+    (16, 2, 128, torch.bfloat16, {}), (3, 3, 64, torch.bfloat16, {}), (4, 2, 128, torch.float16, {}),
+    (32, 1, 128, torch.bfloat16, {}), (1, 4, 64, torch.bfloat16, {}),
+    (16, 2, 128, torch.bfloat16, dict(lse_approx=False)), (4, 2, 64, torch.bfloat16, dict(lse_approx=False)),
+])
+def test_sm90_lse_kernel_matches_triton_kernel(g, hkv, d, dtype, cfg_kw, monkeypatch):
+    """The Gluon LSE kernel (Hopper) against the Triton one on the same inputs: the same products and the same
+    per-tile online update in the same tile order, so the same log-sum-exps; varlen with an empty sequence and short
+    sequences whose rows see no coarse key yet (the exact fallback over their fine keys). The LSE is read where the
+    scoring kernel (either one) receives it."""
+    from infllmv2.ops.triton import lse_sm90, select_blocks_triton, selection
+    if torch.cuda.get_device_capability()[0] != 9 or not lse_sm90.HAVE_GLUON:
+        pytest.skip("needs an sm90 GPU and Triton's Gluon")
+    calls, seen = [], []
+    real_lse = selection.lse_sm90
+    monkeypatch.setattr(selection, "lse_sm90", lambda *a, **kw: (calls.append(1), real_lse(*a, **kw))[1])
+
+    class ScoreSpy:  # the LSE, as the Triton scoring kernel's third argument
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(a[2].clone())
+                return real_score[grid](*a, **kw)
+            return launch
+    real_score = selection._score_kernel
+    real_score90 = selection.score_blocks_sm90
+    monkeypatch.setattr(selection, "_score_kernel", ScoreSpy())
+    monkeypatch.setattr(selection, "score_blocks_sm90",
+                        lambda q, k1, lse, *a, **kw: (seen.append(lse.clone()), real_score90(q, k1, lse, *a, **kw))[1])
+    cfg = SparseConfig(dense_len=-1, **cfg_kw)
+    lens_k, lens_q = [37000, 0, 700, 2100, 100, 4099], [37000, 0, 100, 33, 100, 4099]
+    torch.manual_seed(2)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=dtype)
+    q = torch.randn(sum(lens_q), hkv * g, d, device=DEV, dtype=dtype)
+    cuq, cuk = _cu(lens_q), _cu(lens_k)
+    monkeypatch.setattr(selection.LSE_SM90, "enabled", True)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    assert calls, "the sm90 LSE kernel did not run"
+    lse_got = seen[0]
+    seen.clear()
+    monkeypatch.setattr(selection.LSE_SM90, "enabled", False)
+    ref = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    assert len(calls) == 1
+    lse_ref = seen[0]
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse_got), fin)
+    assert fin.float().mean() > 0.99
+    torch.testing.assert_close(lse_got[fin], lse_ref[fin], atol=1e-5, rtol=1e-6)
+    same = (got == ref).all(-1).float().mean().item()
+    assert same >= 0.999, same

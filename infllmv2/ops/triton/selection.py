@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ...config import SparseConfig
 from .gluon_support import GluonKernel
+from .lse_sm90 import lse_sm90, lse_sm90_supported
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
@@ -54,6 +55,8 @@ _DECODE_PROGRAMS = 256
 # prefill scoring on Hopper by the Gluon kernel of score_sm90.py (``SCORE_SM90.enabled = False``: the Triton kernel;
 # INFLLMV2_GLUON=0 in the environment turns it off, and so does a failed build)
 SCORE_SM90 = GluonKernel("scoring")
+# prefill log-sum-exp on Hopper by the Gluon kernel of lse_sm90.py (the same switch rules)
+LSE_SM90 = GluonKernel("log-sum-exp")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
@@ -685,12 +688,18 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
-    _lse_kernel[(n_tiles, hkv, n_lse)](
-        q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
-        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
-        lse.stride(0), lse.stride(1), qk_scale, d, kps, rows1, rows2,
-        G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
-        LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
+    lse_gluon = (LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, GP, decode) and BLOCK_T * GP == 128
+                 and all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg)))
+    if lse_gluon:
+        lse_gluon = LSE_SM90(lse_sm90, q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+                             c2_start, c2_len, n_tiles, qk_scale, g, GP, lc, sc, 4 * lc, 4 * sc, config.lse_approx)
+    if not lse_gluon:
+        _lse_kernel[(n_tiles, hkv, n_lse)](
+            q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
+            q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
+            lse.stride(0), lse.stride(1), qk_scale, d, kps, rows1, rows2,
+            G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc,
+            ST2=4 * sc, LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
     nb_ws = max(1, triton.cdiv(max_seqlen_k, B))

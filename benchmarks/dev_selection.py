@@ -602,12 +602,14 @@ def decode_variants(variants=None, L=131072, reps=3):
 
 @section("sm90 LSE kernel: launch variants (interleaved, against the Triton kernel)")
 def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
-    """Each variant (a dict: "name", "gluon" (default True), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS,
-    STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
+    """Each variant (a dict: "name", "gluon" (default True), "COLUMNS" (``score_sm90.COLUMNS``), and overrides of
+    ``lse_sm90.VARIANT``: M, WARPS, Q_REGS, STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
     do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
     selection against the Triton kernel's."""
     from bench_attention import make_inputs
     from infllmv2.ops.triton import lse_sm90 as lse_mod
+    from infllmv2.ops.triton import score_sm90 as score_mod
+    columns = score_mod.COLUMNS
     cfg = SparseConfig(dense_len=-1)
     seen = []
     real = sel_mod.score_blocks_sm90
@@ -628,8 +630,9 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
 
             def use(v):
                 sel_mod.LSE_SM90.enabled = v.get("gluon", True)
+                score_mod.COLUMNS = v.get("COLUMNS", columns)
                 lse_mod.VARIANT.clear()
-                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon")})
+                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon", "COLUMNS")})
 
             use({"gluon": False})
             seen.clear()
@@ -660,15 +663,18 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
     finally:
         sel_mod.score_blocks_sm90 = real
         sel_mod.LSE_SM90.enabled = True
+        score_mod.COLUMNS = columns
         lse_mod.VARIANT.clear()
     RESULTS["lse_variants"] = out
-    print("n | variant | selection ms | LSE kernel ms | same selection | LSE equal / max diff | error")
+    print("n | variant | selection ms | LSE kernel ms | scoring kernel ms | same selection | LSE equal / max diff | "
+          "error")
     for n, rows in out.items():
         for name, r in rows.items():
             km = r.get("kernels_ms") or {}
             lk = km.get("_lse_kernel_sm90", km.get("_lse_kernel"))
-            print(n, "|", name, "|", r["select_ms"], "|", lk, "|", r.get("same_selection"), "|", r.get("lse_equal"),
-                  r.get("lse_max_diff"), "|", r.get("error", ""))
+            sk = km.get("_score_kernel_sm90", km.get("_score_kernel"))
+            print(n, "|", name, "|", r["select_ms"], "|", lk, "|", sk, "|", r.get("same_selection"), "|",
+                  r.get("lse_equal"), r.get("lse_max_diff"), "|", r.get("error", ""))
 
 
 def compare_saved(tags):

@@ -633,8 +633,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     trans = True if transposed is None else bool(transposed)
     # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles, unless a launch setting
     # of the Triton kernel is asked for
-    sm90 = (SCORE_SM90.enabled and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode)
-            and all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg)))
+    default_launch = all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg))
+    sm90 = SCORE_SM90.enabled and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode) and default_launch
     if block_m is None:
         block_m = 64 if (_INTERPRET or not trans or decode) else 128
     BLOCK_T = max(1, block_m // GP)
@@ -688,8 +688,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
+    # Hopper prefill: the Gluon LSE kernel (lse_sm90.py) on the same 128-row tiles, unless a launch setting is asked for
     lse_gluon = (LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, GP, decode) and BLOCK_T * GP == 128
-                 and all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg)))
+                 and default_launch)
     if lse_gluon:
         lse_gluon = LSE_SM90(lse_sm90, q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
                              c2_start, c2_len, n_tiles, qk_scale, g, GP, lc, sc, 4 * lc, 4 * sc, config.lse_approx)

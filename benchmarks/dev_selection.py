@@ -602,14 +602,12 @@ def decode_variants(variants=None, L=131072, reps=3):
 
 @section("sm90 LSE kernel: launch variants (interleaved, against the Triton kernel)")
 def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
-    """Each variant (a dict: "name", "gluon" (default True), "COLUMNS" (``score_sm90.COLUMNS``), and overrides of
-    ``lse_sm90.VARIANT``: M, WARPS, Q_REGS, STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
+    """Each variant (a dict: "name", "gluon" (default True), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS,
+    STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
     do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
     selection against the Triton kernel's."""
     from bench_attention import make_inputs
     from infllmv2.ops.triton import lse_sm90 as lse_mod
-    from infllmv2.ops.triton import score_sm90 as score_mod
-    columns = score_mod.COLUMNS
     cfg = SparseConfig(dense_len=-1)
     seen = []
     real = sel_mod.score_blocks_sm90
@@ -630,9 +628,8 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
 
             def use(v):
                 sel_mod.LSE_SM90.enabled = v.get("gluon", True)
-                score_mod.COLUMNS = v.get("COLUMNS", columns)
                 lse_mod.VARIANT.clear()
-                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon", "COLUMNS")})
+                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon")})
 
             use({"gluon": False})
             seen.clear()
@@ -663,7 +660,6 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
     finally:
         sel_mod.score_blocks_sm90 = real
         sel_mod.LSE_SM90.enabled = True
-        score_mod.COLUMNS = columns
         lse_mod.VARIANT.clear()
     RESULTS["lse_variants"] = out
     print("n | variant | selection ms | LSE kernel ms | scoring kernel ms | same selection | LSE equal / max diff | "

@@ -79,7 +79,7 @@ def _kernels():
                     **_ints("stride_qt", "stride_qh", "stride_lt", "stride_wh", "stride_wr", "tile_base", "n_tiles",
                             "nb_ws"), qk_scale="fp32")
         kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
-                                 dict(G=16, GP=16, BLOCK_T=8, TILE_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
+                                 dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
                                       STAGES=score_sm90._STAGES))
         desc = f"tensordesc<bf16[64, 128],{lay!r}>"
         lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
@@ -87,7 +87,7 @@ def _kernels():
                      **_ints("stride_qt", "stride_qh", "stride_lt", "n_tiles"), qk_scale="fp32")
         kernels["lse_sm90"] = (lse_sm90._lse_kernel_sm90, lse90,
                                dict(G=16, GP=16, D=128, KS1=32, ST1=16, KS2=128, ST2=64, LSE_APPROX=True,
-                                    **lse_sm90._SETTINGS))
+                                    **lse_sm90._SETTINGS[128]))
         fwd_sm90 = dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[64, 128],{lay!r}>",
                         v_desc=f"tensordesc<bf16[64, 128],{lay!r}>", o_ptr="*bf16", r_ptr="*bf16", lse_ptr="*fp32",
                         ub_ptr="*i32", ubits_ptr="*i64", ucnt_ptr="*i32",

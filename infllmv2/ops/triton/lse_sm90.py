@@ -5,15 +5,19 @@ base-2 log-sum-exp of ``qk_scale * q . K[j]`` over the visible coarse keys (``ls
 key yet: over their fine keys, the SPEC fallback) or over the fine keys (exact mode), in the same tile order and
 with the same per-tile update, so the values agree with the Triton kernel's. What changes is the layout:
 
-* key tiles come in pairs; the tensor-core product of a pair's second tile is issued before the first tile's
-  exponentials, so it runs beside them (within one loop iteration: ptxas serialises every MMA when a product
-  stays in flight across the loop's back edge, message C7514);
+* a program takes 64 rows (half of a tile's heads) with its query rows in registers as the MMA's left operand;
+* optionally (``PAIRS``, measured slower) key tiles come in pairs: the product of a pair's second tile is issued
+  before the first tile's exponentials, so it runs beside them (within one loop iteration: ptxas serialises every
+  MMA when a product stays in flight across the loop's back edge, message C7514);
 * key tiles arrive by TMA into a ring of shared-memory slots, reloaded after a CTA barrier (a warp's
   ``warpgroup_mma_wait`` covers only its own slice of the product);
 * the heaviest (latest) query tiles start first.
 
 The launch settings (rows a program, warps, Q in registers or shared memory, ring slots, pairs) are in
-``_SETTINGS`` / ``VARIANT``; ``benchmarks/NOTES_selection.md`` has the measurements behind them.
+``_SETTINGS`` / ``VARIANT``. Kept for the standard shape: 64 rows a program (half of a tile's heads), Q in registers,
+no pairs, two slots: 91 registers and 40 KB, five programs (20 warps) an SM. H200, interleaved, identical values
+(``benchmarks/NOTES_selection.md``, "Fourteenth session"): 128K 2.76 -> 2.12 ms, 64K 0.80 -> 0.62 ms, 32K 0.253 ->
+0.205 ms.
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, other GPUs), and the GPU tests compare the two.
@@ -29,10 +33,16 @@ from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _ROWS = 128  # query rows of a tile (tokens x padded heads), as the Triton kernel's prefill tiles
 _BLOCK_N = 64  # keys a product
-# rows a program (128, or 64: each program takes half of a tile's heads), warps, Q as the register operand, ring slots,
-# pairs of key tiles a loop iteration
-_SETTINGS = dict(M=128, WARPS=4, Q_REGS=False, STAGES=2, PAIRS=True)
-VARIANT = {}  # overrides of _SETTINGS (dev_selection.py --lse-variants)
+# Launch settings per head dim: rows a program (128, or 64: each program takes half of a tile's heads), warps, Q as
+# the register operand (else from shared memory), ring slots, pairs of key tiles a loop iteration. H200, 128K, LSE
+# kernel, interleaved, identical values (dev_selection.py --lse-variants; NOTES_selection.md, "Fourteenth session"):
+# Triton kernel 2.76 ms; 128 rows, Q in shared memory, pairs: 2.81 (185 registers, two programs an SM), capped at 168
+# registers: 2.47 (three); 64 rows, Q in registers, pairs: 2.21 (127 registers, four); the same without pairs: 2.12
+# (91 registers, five: kept). The kernel is latency-bound like the scoring and forward kernels: programs an SM pay.
+# d 64 reads Q from shared memory: Triton 3.6 miscompiled the register operand of the stage-2 forward there.
+_SETTINGS = {128: dict(M=64, WARPS=4, Q_REGS=True, STAGES=2, PAIRS=False),
+             64: dict(M=64, WARPS=4, Q_REGS=False, STAGES=2, PAIRS=False)}
+VARIANT = {}  # overrides of the settings (dev_selection.py --lse-variants)
 
 
 if HAVE_GLUON:
@@ -214,7 +224,7 @@ def lse_sm90(q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start
     d = q.shape[-1]
     k1_desc = _key_desc(k1, d)
     k2_desc = _key_desc(k2, d) if approx else k1_desc
-    s = {**_SETTINGS, **VARIANT}
+    s = {**_SETTINGS[d], **VARIANT}
     maxnreg = s.pop("maxnreg", None)
     _lse_kernel_sm90[(n_tiles, k1.shape[1], _ROWS // s["M"])](
         q, k1_desc, k2_desc, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,

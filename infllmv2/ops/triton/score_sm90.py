@@ -33,9 +33,6 @@ _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
 # window tiles in flight (TMA ring): 2 stages were faster than 4 (H200, 128K: 8.9 vs 9.3 ms; 184 registers allow
 # 2 programs an SM either way; capping them at 168 for 3 spilled and lost: 9.2 ms)
 _STAGES = 2
-# query columns (tokens x padded heads) a program: the MMA's N. The tile's 128 columns are split over 128 // COLUMNS
-# programs (each loads the window tiles itself)
-COLUMNS = 128
 
 
 if HAVE_GLUON:
@@ -104,18 +101,16 @@ if HAVE_GLUON:
                            tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                            stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles, nb_ws,
                            qk_scale,
-                           G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, TILE_T: gl.constexpr,
-                           D: gl.constexpr, KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                           G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                           KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr):
-        # a program takes BLOCK_T of the TILE_T tokens of a query tile (program_id 2 says which)
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         M: gl.constexpr = GP * BLOCK_T
         lt = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
         tile = tile_base + lt
         h = gl.program_id(1)
-        sub = gl.program_id(2) * BLOCK_T
         seq = gl.load(tile_seq_ptr + tile)
-        off = gl.load(tile_off_ptr + tile) + sub
+        off = gl.load(tile_off_ptr + tile)
         qs = gl.load(q_start_ptr + seq)
         ql = gl.load(q_len_ptr + seq)
         kl = gl.load(k_len_ptr + seq)
@@ -123,7 +118,7 @@ if HAVE_GLUON:
         c1n = gl.load(c1_len_ptr + seq)
         t_max = kl - ql + gl.minimum(off + BLOCK_T, ql) - 1
         nbc = t_max // BS - LOCAL  # candidate blocks [INIT, nbc): windows j < nbc * R
-        if (nbc > INIT) & (off < ql):
+        if nbc > INIT:
             mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, M, 16])
             # the query tile (rows head x BLOCK_T + token), through shared memory as the MMA's B operand
@@ -196,12 +191,12 @@ if HAVE_GLUON:
                                      is_async=True)
                 s0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
                 _refill(k_desc, k_smem, bars, i0, n_it, c1s, h, BLOCK_N, D, STAGES)
-                carry = _pool_tile(s0, i0 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * TILE_T + sub, stride_wr, n_tok,
-                                   b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+                carry = _pool_tile(s0, i0 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * BLOCK_T, stride_wr, n_tok, b_lim,
+                                   qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
                 s1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
                 _refill(k_desc, k_smem, bars, i1, n_it, c1s, h, BLOCK_N, D, STAGES)
-                carry = _pool_tile(s1, i1 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * TILE_T + sub, stride_wr, n_tok,
-                                   b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+                carry = _pool_tile(s1, i1 * BLOCK_N, lse_c, wlast, carry, ws_h, lt * BLOCK_T, stride_wr, n_tok, b_lim,
+                                   qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
             for s in gl.static_range(STAGES):
                 mbarrier.invalidate(bars.index(s))
 
@@ -228,9 +223,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
     k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
-    bt = max(1, min(block_t, COLUMNS // gp))  # tokens a program
-    _score_kernel_sm90[(n_tiles, hkv, block_t // bt)](
+    _score_kernel_sm90[(n_tiles, hkv)](
         q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
         q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,
-        G=g, GP=gp, BLOCK_T=bt, TILE_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
+        G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
         LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, num_warps=4)

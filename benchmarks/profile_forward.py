@@ -59,6 +59,8 @@ def main():
     ap.add_argument("--stage2", action="store_true",
                     help="also stage 2 alone as the harness's sparse_fwd row times it (inputs needing grad: the "
                          "forward stores its rounding residual) and without grad")
+    ap.add_argument("--grad", action="store_true",
+                    help="inputs that need grad, as the harness's infllmv2_fwd row has them (a training forward)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -66,6 +68,8 @@ def main():
     res = {"command": "python3 benchmarks/profile_forward.py " + shlex.join(sys.argv[1:])}
     for n in args.lengths:
         q, k, v = make_inputs(n, 32, 2, 128, args.pattern)
+        if args.grad:
+            q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         full = lambda: infllmv2.infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731
         row = dict(ms=triton.testing.do_bench(full, warmup=5, rep=50), **timeline(full))
         print(n, json.dumps(row), flush=True)

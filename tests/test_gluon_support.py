@@ -1,5 +1,6 @@
 """The switch of the Gluon (Hopper) kernels: a failed build hands the work to the Triton kernel for good, with a
-warning; real errors propagate; INFLLMV2_GLUON=0 turns the kernels off. The kernels themselves need an sm90 GPU
+warning; real errors propagate; INFLLMV2_GLUON=0 / 1 turns the kernels off / on, and unset they run only on the Triton
+releases they were checked on. The kernels themselves need an sm90 GPU
 (tests/gpu)."""
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import sys
 
 import pytest
 import torch
+import triton
 from triton.compiler.errors import CompilationError
 
 from infllmv2.ops.triton import selection, sparse_attention
-from infllmv2.ops.triton.gluon_support import GluonKernel
+from infllmv2.ops.triton.gluon_support import VERIFIED_TRITON, GluonKernel, gluon_env_enabled
 
 
 def _broken(*args):
@@ -39,6 +41,7 @@ def test_failed_build_switches_to_the_triton_kernel_for_good(fail):
 
 def test_launch_runs_with_its_arguments_and_later_errors_propagate():
     switch = GluonKernel("test")
+    switch.enabled = True
     seen = []
     assert switch(lambda *a, **kw: seen.append((a, kw)), 1, 2, x=3) is True
     assert seen == [((1, 2), {"x": 3})] and switch.ran
@@ -58,17 +61,33 @@ def test_other_errors_and_out_of_memory_are_not_swallowed(fail, err):
 
 
 def test_each_gluon_kernel_has_its_switch():
-    assert isinstance(selection.SCORE_SM90, GluonKernel) and isinstance(sparse_attention.FWD_SM90, GluonKernel)
-    assert selection.SCORE_SM90 is not sparse_attention.FWD_SM90
+    switches = [selection.SCORE_SM90, selection.LSE_SM90, sparse_attention.FWD_SM90]
+    assert all(isinstance(s, GluonKernel) for s in switches)
+    assert len({id(s) for s in switches}) == 3
 
 
-@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("false", False)])
+_VERIFIED_HERE = ".".join(triton.__version__.split(".")[:2]) in VERIFIED_TRITON
+
+
+@pytest.mark.parametrize("value,on", [(None, _VERIFIED_HERE), ("1", True), ("true", True), ("0", False),
+                                      ("false", False), ("", False)])
 def test_env_switch(value, on):
-    """INFLLMV2_GLUON=0 turns every Gluon kernel off (read when the modules are imported)."""
+    """INFLLMV2_GLUON=1 / 0 turns every Gluon kernel on / off; unset, they are on only on a verified Triton release
+    (read when the modules are imported)."""
     env = {k: v for k, v in os.environ.items() if k != "INFLLMV2_GLUON"}
     if value is not None:
         env["INFLLMV2_GLUON"] = value
     out = subprocess.run([sys.executable, "-c", "from infllmv2.ops.triton import selection, sparse_attention; "
-                          "print(selection.SCORE_SM90.enabled, sparse_attention.FWD_SM90.enabled)"],
+                          "print(selection.SCORE_SM90.enabled, selection.LSE_SM90.enabled, "
+                          "sparse_attention.FWD_SM90.enabled)"],
                          env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(on), str(on)]
+    assert out.stdout.split() == [str(on)] * 3
+
+
+@pytest.mark.parametrize("version,on", [("3.6.0", True), ("3.6.1+git1234", True), ("3.7.1", False),
+                                        ("3.9.0", False), ("4.0.0", False), ("3.5.1", False)])
+def test_unset_env_enables_gluon_only_on_verified_triton_releases(version, on, monkeypatch):
+    monkeypatch.delenv("INFLLMV2_GLUON", raising=False)
+    assert gluon_env_enabled(version) is on
+    monkeypatch.setenv("INFLLMV2_GLUON", "1")
+    assert gluon_env_enabled(version) is True

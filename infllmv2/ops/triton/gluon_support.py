@@ -4,7 +4,8 @@ Triton kernel beside it.
 
 Gluon is Triton's experimental explicit-layout dialect; its API changes between Triton releases (the GPU machine
 has 3.6, development 3.9), so every Gluon kernel has a Triton twin that computes the same thing and takes over
-when Gluon is missing, turned off (``INFLLMV2_GLUON=0`` in the environment) or cannot build the kernel.
+when Gluon is missing, turned off (``INFLLMV2_GLUON=0`` in the environment), on a Triton release the kernels were not
+checked on (``VERIFIED_TRITON``; ``INFLLMV2_GLUON=1`` overrides) or cannot build the kernel.
 """
 from __future__ import annotations
 
@@ -31,12 +32,23 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton
     TensorDescriptor = cta_barrier = tma_load = None
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "GluonKernel", "gluon_env_enabled", "on_sm90"]
+__all__ = ["HAVE_GLUON", "GluonKernel", "VERIFIED_TRITON", "gluon_env_enabled", "on_sm90"]
+
+# Triton releases (major.minor) whose Gluon builds of these kernels were checked on an H200 against their Triton twins
+# (tests/gpu). Another release may compile them differently (Triton 3.9 gives the sparse forward 186 registers instead
+# of 156: two programs an SM, most of the gain gone) or wrongly (3.6 miscompiled the forward's register operand at
+# d 64, caught by those tests), so elsewhere the Triton twins run unless INFLLMV2_GLUON=1 asks for Gluon.
+VERIFIED_TRITON = ("3.6",)
 
 
-def gluon_env_enabled() -> bool:
-    """False where ``INFLLMV2_GLUON`` is 0 / false / empty in the environment (read when a switch is created)."""
-    return os.environ.get("INFLLMV2_GLUON", "1").strip() not in ("0", "false", "False", "")
+def gluon_env_enabled(version: str | None = None) -> bool:
+    """Whether the Gluon kernels start enabled (read when a switch is created): ``INFLLMV2_GLUON`` = 1 / true: yes;
+    0 / false / empty: no; unset: only on a Triton release in ``VERIFIED_TRITON`` (``version``: this Triton's)."""
+    value = os.environ.get("INFLLMV2_GLUON")
+    if value is None:
+        major_minor = ".".join((version or triton.__version__).split(".")[:2])
+        return major_minor in VERIFIED_TRITON
+    return value.strip() not in ("0", "false", "False", "")
 
 
 def on_sm90(x: torch.Tensor) -> bool:

@@ -57,7 +57,6 @@ _DECODE_PROGRAMS = 256
 SCORE_SM90 = GluonKernel("scoring")
 # prefill log-sum-exp on Hopper by the Gluon kernel of lse_sm90.py (the same switch rules)
 LSE_SM90 = GluonKernel("log-sum-exp")
-_HOST_LAYOUT = True  # A/B switch: a prefill layout known on the host is built there (_upload_int32)
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
@@ -182,12 +181,12 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
 
     Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
     or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j; cu None). The packed
-    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) gives it; with
-    ``host_k_len`` the layout is built on the host (k_start and k_len are then not read: pass None).
+    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) is given: the layout is
+    then built on the host (k_start and k_len are not read; the key sequences must be packed from row 0).
     """
     dev = k_flat.device
     H, d = k_flat.shape[1], k_flat.shape[2]
-    if host_k_len is not None and rows_per_seq is None and _HOST_LAYOUT:
+    if host_k_len is not None and rows_per_seq is None:
         lens = [int(x) for x in host_k_len]
         nseq = len(lens)
         counts = [_compressed_count(x, kernel, stride) for x in lens]
@@ -205,10 +204,7 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
     if rows_per_seq is None:
         cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
         cu[1:] = torch.cumsum(c_len, 0)
-        if host_k_len is not None:
-            total_c = sum(_compressed_count(int(x), kernel, stride) for x in host_k_len)
-        else:
-            total_c = int(cu[-1].item()) if nseq else 0
+        total_c = int(cu[-1].item()) if nseq else 0
         c_start = cu[:-1].clone()
     else:
         c_len = torch.clamp(c_len, max=rows_per_seq)
@@ -709,7 +705,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     if decode:  # one tile per sequence
         tile_seq = tile_off = k_len
         n_tiles = total_q
-    elif host_lens is not None and _HOST_LAYOUT:  # the layout from the host lengths, in one upload
+    elif host_lens is not None:  # the layout from the host lengths, in one upload
         ql_h, kl_h = ([int(x) for x in a] for a in host_lens)
         ntile_h = [-(-x // BLOCK_T) for x in ql_h]
         n_tiles = sum(ntile_h)
@@ -724,11 +720,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        if host_lens is not None:
-            n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
-            max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
-        else:
-            n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
+        n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
         if n_tiles == 0:
             return out
         tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
@@ -875,12 +867,8 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
         raise ValueError("every sequence needs len_q <= len_k (queries are the last len_q key positions)")
     if int(max_seqlen_k) < kmax:
         raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
-    if host_lens is not None:
-        if _HOST_LAYOUT:  # the compression and _select_core build the layout from host_lens
-            q_len = k_len = None
-        else:
-            q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-            k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if host_lens is not None:  # the compression and _select_core build the layout from host_lens
+        q_len = k_len = None
     with torch.no_grad():
         hk = None if host_lens is None else host_lens[1]
         k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride,

@@ -148,63 +148,25 @@ def _compressed_count(k_len, kernel: int, stride: int):
                        torch.zeros_like(k_len)).to(torch.int32)
 
 
-def _upload_int32(arrays, device) -> list:
-    """Host int lists / tensors -> int32 tensors on ``device``, through one copy (pinned and non-blocking on CUDA: no
-    wait for the stream). Each starts 16-byte aligned, as the kernels' other pointers. A layout known on the host is
-    built there: a dozen tiny device kernels cost the host more time to launch than the GPU to run, and at the start
-    of a call the GPU waits for them."""
-    parts, sizes = [], []
-    for a in arrays:
-        t = torch.as_tensor(a, dtype=torch.int32).reshape(-1)
-        sizes.append(t.numel())
-        parts += [t, torch.zeros(-t.numel() % 4, dtype=torch.int32)]
-    host = torch.cat(parts)
-    dev = host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else host.to(device)
-    out, at = [], 0
-    for n in sizes:
-        out.append(dev[at:at + n])
-        at += n + (-n % 4)
-    return out
-
-
-def _exclusive_cumsum(xs) -> list:
-    out, acc = [], 0
-    for x in xs:
-        out.append(acc)
-        acc += x
-    return out
-
-
 def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
                    rows_per_seq: int | None = None, host_k_len: list | None = None):
     """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
 
     Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
     or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j; cu None). The packed
-    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) is given: the layout is
-    then built on the host (k_start and k_len are not read; the key sequences must be packed from row 0).
+    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) gives it.
     """
-    dev = k_flat.device
-    H, d = k_flat.shape[1], k_flat.shape[2]
-    if host_k_len is not None and rows_per_seq is None:
-        lens = [int(x) for x in host_k_len]
-        nseq = len(lens)
-        counts = [_compressed_count(x, kernel, stride) for x in lens]
-        total_c = sum(counts)
-        starts = _exclusive_cumsum(counts)
-        row_seq_h = torch.repeat_interleave(torch.arange(nseq, dtype=torch.int32), torch.tensor(counts))
-        c_start, c_len, cu, row_seq, k_start = _upload_int32(
-            [starts, counts, starts + [total_c], row_seq_h, _exclusive_cumsum(lens)], dev)
-        out = torch.empty((total_c, H, d), dtype=k_flat.dtype, device=dev)
-        if total_c:
-            _compress_launch(k_flat, out, row_seq, k_start, c_start, c_len, kernel, stride)
-        return out, c_start, c_len, cu
     nseq = k_start.shape[0]
+    dev = k_flat.device
     c_len = _compressed_count(k_len, kernel, stride)
+    H, d = k_flat.shape[1], k_flat.shape[2]
     if rows_per_seq is None:
         cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
         cu[1:] = torch.cumsum(c_len, 0)
-        total_c = int(cu[-1].item()) if nseq else 0
+        if host_k_len is not None:
+            total_c = sum(_compressed_count(int(x), kernel, stride) for x in host_k_len)
+        else:
+            total_c = int(cu[-1].item()) if nseq else 0
         c_start = cu[:-1].clone()
     else:
         c_len = torch.clamp(c_len, max=rows_per_seq)
@@ -212,25 +174,20 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
         c_start = torch.arange(nseq, dtype=torch.int32, device=dev) * rows_per_seq
     out = torch.empty((total_c, H, d), dtype=k_flat.dtype, device=dev)
     if total_c:
+        if k_flat.stride(-1) != 1:
+            k_flat = k_flat.contiguous()
         if rows_per_seq is None:
             row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len,
                                               output_size=total_c)
         else:
             row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
-        _compress_launch(k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len, kernel, stride)
+        BLOCK_C = 16 if _INTERPRET else 32
+        grid = (triton.cdiv(total_c, BLOCK_C), H)
+        _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len,
+                               k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,
+                               KERNEL=kernel, STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_D=max(16, _next_pow2(d)),
+                               num_warps=4)
     return out, c_start, c_len, cu
-
-
-def _compress_launch(k_flat, out, row_seq, k_start, c_start, c_len, kernel: int, stride: int):
-    if k_flat.stride(-1) != 1:
-        k_flat = k_flat.contiguous()
-    total_c, H, d = out.shape
-    BLOCK_C = 16 if _INTERPRET else 32
-    grid = (triton.cdiv(total_c, BLOCK_C), H)
-    _compress_kernel[grid](k_flat, out, row_seq, k_start, c_start, c_len,
-                           k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,
-                           KERNEL=kernel, STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_D=max(16, _next_pow2(d)),
-                           num_warps=4)
 
 
 def _check_cu(cu: torch.Tensor, name: str, device) -> None:
@@ -656,8 +613,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     its k_len[i] keys) and the compressed keys of sequence i start at row i * rows1 of k1 (i * rows2 of k2);
     the kernels derive every other quantity from k_len (no launch, no host synchronisation; the other
     arrays are not read). ``host_lens`` = (q_len, k_len) as host lists spares the host synchronisation that
-    sizing the query tiles otherwise takes, and the layout is then built on the host (q_start, q_len and k_len are
-    not read: ``_upload_int32``).
+    sizing the query tiles otherwise takes.
     Returns (Hkv, total_q, budget) int32."""
     decode = decode_rows is not None
     total_q, hq, d = q.shape
@@ -666,7 +622,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     dev = q.device
     budget = config.budget
     out = torch.empty((hkv, total_q, budget), dtype=torch.int32, device=dev)
-    nseq = q_start.shape[0] if host_lens is None else len(host_lens[0])
+    nseq = q_start.shape[0]
     if total_q == 0 or nseq == 0:
         return out
     B, lc, sc = config.block_size, config.kernel_size, config.kernel_stride
@@ -705,22 +661,14 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     if decode:  # one tile per sequence
         tile_seq = tile_off = k_len
         n_tiles = total_q
-    elif host_lens is not None:  # the layout from the host lengths, in one upload
-        ql_h, kl_h = ([int(x) for x in a] for a in host_lens)
-        ntile_h = [-(-x // BLOCK_T) for x in ql_h]
-        n_tiles = sum(ntile_h)
-        max_prefix = max(b - a for a, b in zip(ql_h, kl_h))
-        if n_tiles == 0:
-            return out
-        tile_seq_h = torch.repeat_interleave(torch.arange(nseq, dtype=torch.int32), torch.tensor(ntile_h))
-        first_h = torch.tensor(_exclusive_cumsum(ntile_h), dtype=torch.int32)
-        tile_off_h = (torch.arange(n_tiles, dtype=torch.int32) - first_h[tile_seq_h.long()]) * BLOCK_T
-        q_start, q_len, k_len, tile_seq, tile_off = _upload_int32(
-            [_exclusive_cumsum(ql_h), ql_h, kl_h, tile_seq_h, tile_off_h], dev)
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
+        if host_lens is not None:
+            n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
+            max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
+        else:
+            n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
         if n_tiles == 0:
             return out
         tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
@@ -841,7 +789,9 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    if cu_seqlens_q.numel() == 1:
+    q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if q_len.numel() == 0:
         return torch.empty((k.shape[1], q.shape[0], config.budget), dtype=torch.int32, device=q.device)
     host_lens = None
     if host_offsets is not None:
@@ -854,8 +804,6 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
         q_gt_k = any(a > b for a, b in zip(*host_lens))
         kmax = max(host_lens[1])
     else:  # one host synchronisation validates the layout
-        q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
         cq0, ck0, cqe, cke, dec_q, dec_k, q_gt_k, kmax = torch.stack([
             cu_seqlens_q[0], cu_seqlens_k[0], cu_seqlens_q[-1], cu_seqlens_k[-1], (q_len < 0).any().int(),
             (k_len < 0).any().int(), (q_len > k_len).any().int(), k_len.max()]).tolist()
@@ -867,8 +815,6 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
         raise ValueError("every sequence needs len_q <= len_k (queries are the last len_q key positions)")
     if int(max_seqlen_k) < kmax:
         raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
-    if host_lens is not None:  # the compression and _select_core build the layout from host_lens
-        q_len = k_len = None
     with torch.no_grad():
         hk = None if host_lens is None else host_lens[1]
         k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride,

@@ -8,7 +8,8 @@ Pipeline (SPEC "Stage 1"), no gradients:
    heads of the tile's tokens. Online log-sum-exp (base 2) of ``scale * q . K`` over the visible
    coarse keys (``lse_approx``) or fine keys (exact); a row that sees fine keys but no coarse key
    is normalised exactly over its fine keys (SPEC fallback). Partial results per key split are
-   combined by the next kernel (decoding splits the keys; prefill uses one split).
+   combined by the next kernel (decoding splits the keys; prefill uses one split). On Hopper GPUs the
+   prefill LSE runs as ``lse_sm90.py``'s Gluon kernel instead: the same values, laid out by hand.
 3. ``_score_kernel``: same tiling; probabilities over the fine keys (tensor-core ``tl.dot``),
    summed over the G heads of each token on chip and max-pooled onto key blocks on chip
    (window j overlaps block b iff ``j*sc < (b+1)*B`` and ``j*sc + lc > b*B``). Only the pooled

@@ -618,6 +618,7 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
         return real(q, k1, lse, *a, **kw)
 
     sel_mod.score_blocks_sm90 = spy
+    enabled = sel_mod.LSE_SM90.enabled
     out = {}
     try:
         for n in lengths:
@@ -659,7 +660,7 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
             del qb, kb, q, k
     finally:
         sel_mod.score_blocks_sm90 = real
-        sel_mod.LSE_SM90.enabled = True
+        sel_mod.LSE_SM90.enabled = enabled
         lse_mod.VARIANT.clear()
     RESULTS["lse_variants"] = out
     print("n | variant | selection ms | LSE kernel ms | scoring kernel ms | same selection | LSE equal / max diff | "

@@ -91,3 +91,17 @@ def test_unset_env_enables_gluon_only_on_verified_triton_releases(version, on, m
     assert gluon_env_enabled(version) is on
     monkeypatch.setenv("INFLLMV2_GLUON", "1")
     assert gluon_env_enabled(version) is True
+
+
+@pytest.mark.parametrize("rows1,rows2,on", [(10, 3, True), (0, 3, False), (10, 0, False)])
+def test_stage1_gluon_kernels_leave_inputs_without_compressed_keys_to_triton(rows1, rows2, on, monkeypatch):
+    """A TMA descriptor has no empty dimension: with no fine (or coarse) key at all the Triton kernels run."""
+    from infllmv2.ops.triton import lse_sm90, score_sm90
+    monkeypatch.setattr(lse_sm90, "on_sm90", lambda x: True)
+    monkeypatch.setattr(score_sm90, "on_sm90", lambda x: True)
+    q = torch.zeros(8, 32, 128, dtype=torch.bfloat16)
+    k1, k2 = (torch.zeros(n, 2, 128, dtype=torch.bfloat16) for n in (rows1, rows2))
+    assert lse_sm90.lse_sm90_supported(q, k1, k2, 16, decode=False) is on
+    assert score_sm90.score_sm90_supported(q, k1, 16, 4, 2, decode=False) is (rows1 > 0)
+    assert not lse_sm90.lse_sm90_supported(q, k1, k2, 16, decode=True)
+    assert not lse_sm90.lse_sm90_supported(q.float(), k1.float(), k2.float(), 16, decode=False)

@@ -201,10 +201,11 @@ if HAVE_GLUON:
         gl.store(lse_ptr + (qs + stok).to(gl.int64) * stride_lt + h * G + sg, part, mask=svalid)
 
 
-def lse_sm90_supported(q: torch.Tensor, gp: int, decode: bool) -> bool:
-    """Whether ``lse_sm90`` can run on these inputs (else the Triton LSE kernel does): prefill tiles of 128 rows."""
+def lse_sm90_supported(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, gp: int, decode: bool) -> bool:
+    """Whether ``lse_sm90`` can run on these inputs (else the Triton LSE kernel does): prefill tiles of 128 rows, and
+    fine and coarse keys to describe (a TMA descriptor has no empty dimension)."""
     return (not decode and on_sm90(q) and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and gp <= _ROWS)
+            and gp <= _ROWS and k1.shape[0] > 0 and k2.shape[0] > 0)
 
 
 def _key_desc(k: torch.Tensor, d: int):

@@ -201,10 +201,11 @@ if HAVE_GLUON:
                 mbarrier.invalidate(bars.index(s))
 
 
-def score_sm90_supported(q: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
+def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
     """Whether ``score_blocks_sm90`` can run on these inputs (else the Triton scoring kernel does): query tiles
-    of ``128 / gp`` tokens (128 rows)."""
+    of ``128 / gp`` tokens (128 rows), and fine keys to describe (a TMA descriptor has no empty dimension)."""
     return (not decode and on_sm90(q) and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and k1.shape[0] > 0
             # G < 3 means 64-128 tokens a tile and 242+ registers: the Triton kernel takes those
             and 4 <= gp <= _ROWS and r >= 2 and _BLOCK_N % r == 0 and 1 <= l <= r + 1)
 

@@ -54,7 +54,7 @@ _MAX_BLOCKS_PER_ROW = 1 << 14  # select kernel keeps one row of block scores in 
 # 50.9 / 52.2 / 53.2 us a step, batch 1 34.6 / 33.1 / 31.0 us; NOTES_selection.md)
 _DECODE_PROGRAMS = 256
 # prefill scoring on Hopper by the Gluon kernel of score_sm90.py (``SCORE_SM90.enabled = False``: the Triton kernel;
-# INFLLMV2_GLUON=0 in the environment turns it off, and so does a failed build)
+# gluon_support.GluonKernel: INFLLMV2_GLUON, the Triton releases it was checked on, the fallback on a failed build)
 SCORE_SM90 = GluonKernel("scoring")
 # prefill log-sum-exp on Hopper by the Gluon kernel of lse_sm90.py (the same switch rules)
 LSE_SM90 = GluonKernel("log-sum-exp")
@@ -635,7 +635,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # Hopper prefill: the Gluon scoring kernel (score_sm90.py) on the same 128-row tiles, unless a launch setting
     # of the Triton kernel is asked for
     default_launch = all(x is None for x in (block_m, block_n, num_warps, num_stages, transposed, maxnreg))
-    sm90 = SCORE_SM90.enabled and not _INTERPRET and score_sm90_supported(q, GP, R, L, decode) and default_launch
+    sm90 = (SCORE_SM90.enabled and not _INTERPRET and score_sm90_supported(q, k1, GP, R, L, decode)
+            and default_launch)
     if block_m is None:
         block_m = 64 if (_INTERPRET or not trans or decode) else 128
     BLOCK_T = max(1, block_m // GP)
@@ -690,8 +691,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
     # Hopper prefill: the Gluon LSE kernel (lse_sm90.py) on the same 128-row tiles, unless a launch setting is asked for
-    lse_gluon = (LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, GP, decode) and BLOCK_T * GP == 128
-                 and default_launch)
+    lse_gluon = (LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, k1, k2, GP, decode)
+                 and BLOCK_T * GP == 128 and default_launch)
     if lse_gluon:
         lse_gluon = LSE_SM90(lse_sm90, q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
                              c2_start, c2_len, n_tiles, qk_scale, g, GP, lc, sc, 4 * lc, 4 * sc, config.lse_approx)

@@ -82,7 +82,7 @@ TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # causal mask runs only on blocks that reach past a tile's first token (else a select per score).
 ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
 # The forward on Hopper by the Gluon kernel of sparse_fwd_sm90.py (``FWD_SM90.enabled = False``: the Triton kernel;
-# INFLLMV2_GLUON=0 in the environment turns it off, and so does a failed build).
+# gluon_support.GluonKernel: INFLLMV2_GLUON, the Triton releases it was checked on, the fallback on a failed build).
 FWD_SM90 = GluonKernel("sparse forward")
 
 

@@ -602,12 +602,15 @@ def decode_variants(variants=None, L=131072, reps=3):
 
 @section("sm90 LSE kernel: launch variants (interleaved, against the Triton kernel)")
 def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
-    """Each variant (a dict: "name", "gluon" (default True), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS,
-    STAGES, PAIRS, maxnreg) on the standard shape's `local` inputs, interleaved over `reps` rounds: the selection's
-    do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
+    """Each variant (a dict: "name", "gluon" (default True), "score.ATTR" (an attribute of ``score_sm90``, e.g.
+    "score._PAIRS": false), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS, STAGES, PAIRS, maxnreg) on the
+    standard shape's `local` inputs, interleaved over `reps` rounds: the selection's do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
     selection against the Triton kernel's."""
     from bench_attention import make_inputs
     from infllmv2.ops.triton import lse_sm90 as lse_mod
+    from infllmv2.ops.triton import score_sm90 as score_mod
+    score_defaults = {k_[len("score."):]: getattr(score_mod, k_[len("score."):])
+                      for v in variants for k_ in v if k_.startswith("score.")}
     cfg = SparseConfig(dense_len=-1)
     seen = []
     real = sel_mod.score_blocks_sm90
@@ -629,8 +632,11 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
 
             def use(v):
                 sel_mod.LSE_SM90.enabled = v.get("gluon", True)
+                for k_, x in score_defaults.items():
+                    setattr(score_mod, k_, v.get("score." + k_, x))
                 lse_mod.VARIANT.clear()
-                lse_mod.VARIANT.update({k_: x for k_, x in v.items() if k_ not in ("name", "gluon")})
+                lse_mod.VARIANT.update({k_: x for k_, x in v.items()
+                                        if k_ not in ("name", "gluon") and not k_.startswith("score.")})
 
             use({"gluon": False})
             seen.clear()
@@ -661,6 +667,8 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
     finally:
         sel_mod.score_blocks_sm90 = real
         sel_mod.LSE_SM90.enabled = enabled
+        for k_, x in score_defaults.items():
+            setattr(score_mod, k_, x)
         lse_mod.VARIANT.clear()
     RESULTS["lse_variants"] = out
     print("n | variant | selection ms | LSE kernel ms | scoring kernel ms | same selection | LSE equal / max diff | "
@@ -701,7 +709,8 @@ def main():
                     help="only the A/B of a selection-module attribute: a switch on / off, or the listed values "
                          "(Python literals, e.g. _SELECT_TILE=4096,1024)")
     ap.add_argument("--lse-variants", metavar="JSON",
-                    help="only the sm90 LSE kernel's launch variants: a JSON list of dicts (see lse_variants)")
+                    help="only launch variants of the sm90 LSE kernel (and of the sm90 scoring kernel: "
+                         "\"score.ATTR\" keys), a JSON list of dicts (see lse_variants)")
     ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)

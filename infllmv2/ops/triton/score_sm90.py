@@ -33,6 +33,10 @@ _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
 # window tiles in flight (TMA ring): 2 stages were faster than 4 (H200, 128K: 8.9 vs 9.3 ms; 184 registers allow
 # 2 programs an SM either way; capping them at 168 for 3 spilled and lost: 9.2 ms)
 _STAGES = 2
+# pairs of window tiles a loop iteration (the second tile's product beside the first's exponentials; measured, kept).
+# False: one tile a step, 122 registers instead of 184 (offline, Triton 3.6), three programs an SM by shared memory
+# instead of two: the layout that paid for the LSE kernel (lse_sm90.py), not yet measured here
+_PAIRS = True
 
 
 if HAVE_GLUON:
@@ -103,7 +107,8 @@ if HAVE_GLUON:
                            qk_scale,
                            G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr):
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
+                           PAIRS: gl.constexpr):
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         M: gl.constexpr = GP * BLOCK_T
         lt = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
@@ -181,7 +186,15 @@ if HAVE_GLUON:
             # second product reads the last tile's slot again and its scores are masked off the store.
             b_lim = gl.minimum(nb_ws, nbc)
             zero = gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l)
-            for i0 in range(0, n_it, 2):
+            if not PAIRS:  # one tile a step: fewer registers, more programs an SM (see _PAIRS)
+                for i in range(0, n_it):
+                    mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+                    acc = warpgroup_mma(k_smem.index(i % STAGES), q_op, zero, use_acc=False, is_async=True)
+                    s_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    _refill(k_desc, k_smem, bars, i, n_it, c1s, h, BLOCK_N, D, STAGES)
+                    carry = _pool_tile(s_i, i * BLOCK_N, lse_c, wlast, carry, ws_h, lt * BLOCK_T, stride_wr, n_tok,
+                                       b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+            for i0 in range(0, n_it if PAIRS else 0, 2):
                 mbarrier.wait(bars.index(i0 % STAGES), (i0 // STAGES) & 1)
                 acc0 = warpgroup_mma(k_smem.index(i0 % STAGES), q_op, zero, use_acc=False, is_async=True)
                 i1 = i0 + 1
@@ -228,4 +241,4 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
         q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
         q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,
         G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
-        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, num_warps=4)
+        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, PAIRS=_PAIRS, num_warps=4)

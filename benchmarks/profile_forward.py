@@ -3,9 +3,11 @@
     python3 benchmarks/profile_forward.py [--lengths 32768 131072] [--pattern local]
 
 One call of ``infllmv2_attention(..., backend="triton")`` (compression + selection + sparse attention) on
-the harness's inputs (``bench_attention.make_inputs``, standard shape), timed with ``do_bench`` and
-profiled: per-kernel GPU time, the sum of all kernels, and the GPU idle time between the first kernel's
-start and the last one's end (host work the GPU waits for: launches, synchronisations, small torch ops).
+the harness's inputs (``bench_attention.make_inputs``, standard shape), timed as the harness times it
+(``bench_attention.bench``: the median of at least ten calls; the fourteenth session's results used
+``do_bench(rep=50)``, a single call at 128K, which read 1-3 ms below the harness) and profiled: per-kernel GPU
+time, the sum of all kernels, and the GPU idle time between the first kernel's start and the last one's end (host
+work the GPU waits for: launches, synchronisations, small torch ops).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import make_inputs  # noqa: E402  (puts the repository on sys.path)
+from bench_attention import bench, make_inputs  # noqa: E402  (puts the repository on sys.path)
 
 import infllmv2  # noqa: E402
 from infllmv2.config import SparseConfig  # noqa: E402
@@ -71,7 +73,7 @@ def main():
         if args.grad:
             q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         full = lambda: infllmv2.infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731
-        row = dict(ms=triton.testing.do_bench(full, warmup=5, rep=50), **timeline(full))
+        row = dict(ms=bench(full), **timeline(full))
         print(n, json.dumps(row), flush=True)
         res[n] = row
         if args.stage2:
@@ -82,7 +84,7 @@ def main():
             sp = lambda: sparse_attention_triton(qp, kp, vp, idx, 64, cu, cu, n, n, 128 ** -0.5)[0]  # noqa: E731
             for grad in (True, False):
                 with torch.set_grad_enabled(grad):
-                    r2 = dict(ms=triton.testing.do_bench(sp, warmup=5, rep=50), **timeline(sp))
+                    r2 = dict(ms=bench(sp), **timeline(sp))
                 print(n, f"stage2 grad={grad}", json.dumps(r2), flush=True)
                 res[f"{n}_stage2_grad{int(grad)}"] = r2
     with open(os.path.join(args.out, "profile_forward.json"), "w") as f:

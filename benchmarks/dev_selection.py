@@ -603,9 +603,10 @@ def decode_variants(variants=None, L=131072, reps=3):
 @section("sm90 LSE kernel: launch variants (interleaved, against the Triton kernel)")
 def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
     """Each variant (a dict: "name", "gluon" (default True), "score.ATTR" (an attribute of ``score_sm90``, e.g.
-    "score._PAIRS": false), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS, STAGES, PAIRS, maxnreg) on the
-    standard shape's `local` inputs, interleaved over `reps` rounds: the selection's do_bench median, its kernels (profiler, once), and the LSE (captured where the scoring kernel receives it) and the
-    selection against the Triton kernel's."""
+    "score._PAIRS": false), and overrides of ``lse_sm90.VARIANT``: M, WARPS, Q_REGS, STAGES, maxnreg; the PAIRS key
+    of the fourteenth session's runs went with the kernel's pairs loop, see lse_sm90.py) on the standard shape's
+    `local` inputs, interleaved over `reps` rounds: the selection's do_bench median, its kernels (profiler, once), and
+    the LSE (captured where the scoring kernel receives it) and the selection against the Triton kernel's."""
     from bench_attention import make_inputs
     from infllmv2.ops.triton import lse_sm90 as lse_mod
     from infllmv2.ops.triton import score_sm90 as score_mod

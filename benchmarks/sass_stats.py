@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|fwd|fwd_sm90|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...]
+    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|fwd|fwd_sm90|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...] [--sass FILE]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -157,6 +157,7 @@ def main():
     ap.add_argument("--stages", type=int, default=None, help="default: 2 (stage 1) or 3 (fwd)")
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--sass", metavar="FILE", help="also write the whole disassembly there (to diff two versions)")
     args = ap.parse_args()
     fn, sig, cx = kernels[args.kernel]
     for d in args.defines:
@@ -181,6 +182,9 @@ def main():
     sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                           check=True).stdout
     os.unlink(f.name)
+    if args.sass:
+        with open(args.sass, "w") as out:
+            out.write(sass)
     regs = re.search(r"REG:(\d+)", usage)
     spill = re.search(r"STACK:(\d+)", usage)
     print(f"{args.kernel}: triton {triton.__version__}, sm90, {opts}")

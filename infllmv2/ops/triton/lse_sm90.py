@@ -6,16 +6,16 @@ key yet: over their fine keys, the SPEC fallback) or over the fine keys (exact m
 with the same per-tile update, so the values agree with the Triton kernel's. What changes is the layout:
 
 * a program takes 64 rows (half of a tile's heads) with its query rows in registers as the MMA's left operand;
-* optionally (``PAIRS``, measured slower) key tiles come in pairs: the product of a pair's second tile is issued
-  before the first tile's exponentials, so it runs beside them (within one loop iteration: ptxas serialises every
-  MMA when a product stays in flight across the loop's back edge, message C7514);
+* one key tile a step, each product waited for before its exponentials: pairing the tiles (the second tile's
+  product beside the first one's exponentials, as the scoring kernel does) measured slower here, and was removed
+  (its variants are at commit bd02baf);
 * key tiles arrive by TMA into a ring of shared-memory slots, reloaded after a CTA barrier (a warp's
   ``warpgroup_mma_wait`` covers only its own slice of the product);
 * the heaviest (latest) query tiles start first.
 
-The launch settings (rows a program, warps, Q in registers or shared memory, ring slots, pairs) are in
+The launch settings (rows a program, warps, Q in registers or shared memory, ring slots) are in
 ``_SETTINGS`` / ``VARIANT``. Kept for the standard shape: 64 rows a program (half of a tile's heads), Q in registers,
-no pairs, two slots: 91 registers and 40 KB, five programs (20 warps) an SM. H200, interleaved, identical values
+two slots: 91 registers and 40 KB, five programs (20 warps) an SM. H200, interleaved, identical values
 (``benchmarks/NOTES_selection.md``, "Fourteenth session"): 128K 2.76 -> 2.12 ms, 64K 0.80 -> 0.62 ms, 32K 0.253 ->
 0.205 ms.
 
@@ -34,18 +34,19 @@ from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 _ROWS = 128  # query rows of a tile (tokens x padded heads), as the Triton kernel's prefill tiles
 _BLOCK_N = 64  # keys a product
 # Launch settings per head dim: rows a program (128, or 64: each program takes half of a tile's heads), warps, Q as
-# the register operand (else from shared memory), ring slots, pairs of key tiles a loop iteration. H200, 128K, LSE
-# kernel, interleaved, identical values (dev_selection.py --lse-variants; NOTES_selection.md, "Fourteenth session"):
-# Triton kernel 2.76 ms; 128 rows, Q in shared memory, pairs: 2.81 (185 registers, two programs an SM), capped at 168
-# registers: 2.47 (three); 64 rows, Q in registers, pairs: 2.21 (127 registers, four); the same without pairs: 2.12
-# (91 registers, five: kept). The kernel is latency-bound like the scoring and forward kernels: programs an SM pay.
+# the register operand (else from shared memory), ring slots. H200, 128K, LSE kernel, interleaved, identical values
+# (dev_selection.py --lse-variants; NOTES_selection.md, "Fourteenth session"): Triton kernel 2.76 ms; 128 rows, Q in
+# shared memory, pairs: 2.81 (185 registers, two programs an SM), capped at 168 registers: 2.47 (three); 64 rows, Q in
+# registers, pairs: 2.21 (127 registers, four); the same without pairs: 2.12 (91 registers, five: kept). The kernel is latency-bound like the scoring and forward kernels: programs an SM pay.
 # d 64 reads Q from shared memory: Triton 3.6 miscompiled the register operand of the stage-2 forward there.
-_SETTINGS = {128: dict(M=64, WARPS=4, Q_REGS=True, STAGES=2, PAIRS=False),
-             64: dict(M=64, WARPS=4, Q_REGS=False, STAGES=2, PAIRS=False)}
+_SETTINGS = {128: dict(M=64, WARPS=4, Q_REGS=True, STAGES=2),
+             64: dict(M=64, WARPS=4, Q_REGS=False, STAGES=2)}
 VARIANT = {}  # overrides of the settings (dev_selection.py --lse-variants)
 
 
 if HAVE_GLUON:
+    from .score_sm90 import load_query_rows
+
     @gluon.jit
     def _lse_update(s, m, l, qk_scale, j0, t, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, KS: gl.constexpr,
                     ST: gl.constexpr):
@@ -69,8 +70,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _lse_pass(q_op, desc, smem, bars, g0, c_start, n_vis, n_all, t, h, qk_scale, s_l: gl.constexpr,
-                  M: gl.constexpr, D: gl.constexpr, KS: gl.constexpr, ST: gl.constexpr, STAGES: gl.constexpr,
-                  PAIRS: gl.constexpr):
+                  M: gl.constexpr, D: gl.constexpr, KS: gl.constexpr, ST: gl.constexpr, STAGES: gl.constexpr):
         """(max, sum) over keys [0, n_vis) of one kind (row t sees key j iff j * ST + KS <= t + 1; keys below
         n_all are visible to every row). ``g0``: key tiles through the ring before this pass; returns the count
         after it. The ring is free on entry."""
@@ -83,25 +83,7 @@ if HAVE_GLUON:
         m = gl.full([M], float("-inf"), gl.float32, layout=rl)
         l = gl.zeros([M], gl.float32, layout=rl)
         zero = gl.zeros([M, BLOCK_N], gl.float32, layout=s_l)
-        n_pair = n_full // 2 * 2 if PAIRS else 0
-        for i0 in range(0, n_pair, 2):
-            # both products issued, the second runs beside the first one's exponentials; each is waited for
-            # within the iteration and starts from a constant zero tile (C7514, see the module docstring)
-            ga = g0 + i0
-            mbarrier.wait(bars.index(ga % STAGES), (ga // STAGES) & 1)
-            acc0 = warpgroup_mma(q_op, smem.index(ga % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
-            gb = ga + 1
-            mbarrier.wait(bars.index(gb % STAGES), (gb // STAGES) & 1)
-            acc1 = warpgroup_mma(q_op, smem.index(gb % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
-            s0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
-            _cta_barrier()
-            _load_tile(desc, smem, bars, ga + STAGES, n_it, i0 + STAGES, c_start, h, D, STAGES)
-            m, l = _lse_update(s0, m, l, qk_scale, 0, t, False, BLOCK_N, KS, ST)
-            s1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
-            _cta_barrier()
-            _load_tile(desc, smem, bars, gb + STAGES, n_it, i0 + 1 + STAGES, c_start, h, D, STAGES)
-            m, l = _lse_update(s1, m, l, qk_scale, 0, t, False, BLOCK_N, KS, ST)
-        for i in range(n_pair, n_it):
+        for i in range(0, n_it):
             gi = g0 + i
             mbarrier.wait(bars.index(gi % STAGES), (gi // STAGES) & 1)
             acc = warpgroup_mma(q_op, smem.index(gi % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -127,7 +109,7 @@ if HAVE_GLUON:
                          G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
                          KS1: gl.constexpr, ST1: gl.constexpr, KS2: gl.constexpr, ST2: gl.constexpr,
                          LSE_APPROX: gl.constexpr, M: gl.constexpr, WARPS: gl.constexpr, Q_REGS: gl.constexpr,
-                         STAGES: gl.constexpr, PAIRS: gl.constexpr):
+                         STAGES: gl.constexpr):
         BLOCK_N: gl.constexpr = k1_desc.block_type.shape[0]
         BLOCK_T: gl.constexpr = 128 // GP  # tokens of a tile (rows head x BLOCK_T + token)
         tile = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
@@ -150,15 +132,7 @@ if HAVE_GLUON:
             mbarrier.init(bars.index(st), count=1)
 
         # the query rows
-        TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
-        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
-        rows = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, q_l))
-        tok = off + rows % BLOCK_T
-        g = rows // BLOCK_T
-        rvalid = (tok < ql) & (g < G)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
-        q = gl.load(q_ptr + gl.expand_dims((qs + tok).to(gl.int64) * stride_qt + (h * G + g) * stride_qh, 1)
-                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(rvalid, 1), other=0.0)
+        q = load_query_rows(q_ptr, qs, ql, off, h, row0, stride_qt, stride_qh, G, BLOCK_T, M, D, WARPS)
         if Q_REGS:
             q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
         else:
@@ -180,21 +154,19 @@ if HAVE_GLUON:
             c2s = gl.load(c2_start_ptr + seq)
             c2n = gl.load(c2_len_ptr + seq)
             m, l, gcount = _lse_pass(q_op, k2_desc, smem, bars, 0, c2s, _n_visible(t_max, c2n, KS2, ST2),
-                                     _n_visible(t_min, c2n, KS2, ST2), t, h, qk_scale, s_l, M, D, KS2, ST2, STAGES,
-                                     PAIRS)
+                                     _n_visible(t_min, c2n, KS2, ST2), t, h, qk_scale, s_l, M, D, KS2, ST2, STAGES)
             part = gl.where(l > 0, m + gl.log2(gl.where(l > 0, l, 1.0)), float("-inf"))
             if t_min + 1 < KS2:
                 # rows that see no coarse key yet: exact over their fine keys
                 _cta_barrier()  # every warp is done with the ring
                 m1, l1, gcount = _lse_pass(q_op, k1_desc, smem, bars, gcount, c1s, _n_visible(t_max, c1n, KS1, ST1),
                                            _n_visible(t_min, c1n, KS1, ST1), t, h, qk_scale, s_l, M, D, KS1, ST1,
-                                           STAGES, PAIRS)
+                                           STAGES)
                 part1 = gl.where(l1 > 0, m1 + gl.log2(gl.where(l1 > 0, l1, 1.0)), float("-inf"))
                 part = gl.where(t + 1 < KS2, part1, part)
         else:
             m, l, gcount = _lse_pass(q_op, k1_desc, smem, bars, 0, c1s, _n_visible(t_max, c1n, KS1, ST1),
-                                     _n_visible(t_min, c1n, KS1, ST1), t, h, qk_scale, s_l, M, D, KS1, ST1, STAGES,
-                                     PAIRS)
+                                     _n_visible(t_min, c1n, KS1, ST1), t, h, qk_scale, s_l, M, D, KS1, ST1, STAGES)
             part = gl.where(l > 0, m + gl.log2(gl.where(l > 0, l, 1.0)), float("-inf"))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))

@@ -89,6 +89,22 @@ if HAVE_GLUON:
         return carry
 
     @gluon.jit
+    def load_query_rows(q_ptr, qs, ql, off, h, row0, stride_qt, stride_qh, G: gl.constexpr, BLOCK_T: gl.constexpr,
+                        M: gl.constexpr, D: gl.constexpr, WARPS: gl.constexpr):
+        """Rows [row0, row0 + M) of a stage-1 query tile of KV head h (row = head x BLOCK_T + token; the tokens
+        start at ``off`` in a sequence whose ``ql`` queries start at row ``qs`` of q), zeros for padded heads and
+        tokens past the sequence, in a blocked layout over WARPS warps. Shared by this kernel and lse_sm90.py."""
+        TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [WARPS, 1], [1, 0])
+        rows = row0 + gl.arange(0, M, layout=gl.SliceLayout(1, q_l))
+        tok = off + rows % BLOCK_T
+        g = rows // BLOCK_T
+        rvalid = (tok < ql) & (g < G)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
+        return gl.load(q_ptr + gl.expand_dims((qs + tok).to(gl.int64) * stride_qt + (h * G + g) * stride_qh, 1)
+                       + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(rvalid, 1), other=0.0)
+
+    @gluon.jit
     def _refill(k_desc, k_smem, bars, i, n_it, c1s, h, BLOCK_N: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr):
         """Tile i's product is done: load tile i + STAGES into its slot. The barrier first: each warp's wait covers
@@ -127,15 +143,7 @@ if HAVE_GLUON:
             mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, M, 16])
             # the query tile (rows head x BLOCK_T + token), through shared memory as the MMA's B operand
-            TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
-            q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-            rows = gl.arange(0, M, layout=gl.SliceLayout(1, q_l))
-            tok = off + rows % BLOCK_T
-            g = rows // BLOCK_T
-            rvalid = (tok < ql) & (g < G)
-            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
-            q = gl.load(q_ptr + gl.expand_dims((qs + tok).to(gl.int64) * stride_qt + (h * G + g) * stride_qh, 1)
-                        + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(rvalid, 1), other=0.0)
+            q = load_query_rows(q_ptr, qs, ql, off, h, 0, stride_qt, stride_qh, G, BLOCK_T, M, D, 4)
             q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [M, D],
                                                gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                                     rank=2))

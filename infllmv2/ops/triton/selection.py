@@ -691,8 +691,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
     # Hopper prefill: the Gluon LSE kernel (lse_sm90.py) on the same 128-row tiles, unless a launch setting is asked for
-    lse_gluon = (LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, k1, k2, GP, decode)
-                 and BLOCK_T * GP == 128 and default_launch)
+    lse_gluon = LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, k1, k2, GP, decode) and default_launch
     if lse_gluon:
         lse_gluon = LSE_SM90(lse_sm90, q, k1, k2, lse, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
                              c2_start, c2_len, n_tiles, qk_scale, g, GP, lc, sc, 4 * lc, 4 * sc, config.lse_approx)

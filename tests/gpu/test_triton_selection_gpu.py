@@ -158,15 +158,16 @@ def test_decode_cuda_graph_replays_equal_eager_steps():
     (16, 2, 128, dict(block_size=128, topk=16, window_size=1024)),  # 8 windows a block
     (4, 2, 64, dict(block_size=32, kernel_size=32, kernel_stride=16, topk=64, window_size=512)),  # 2 a block
 ])
-@pytest.mark.parametrize("pairs", [True, False])
-def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, monkeypatch):
+@pytest.mark.parametrize("pairs,stages", [(False, 1), (False, 2), (True, 2)])
+def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, stages, monkeypatch):
     """The Gluon scoring kernel (Hopper) against the Triton one on the same inputs: the same products,
-    exponentials and sums, so the same selections up to summation-order near-ties; window tiles in pairs (the
-    default) or one a step (``score_sm90._PAIRS``)."""
+    exponentials and sums, so the same selections up to summation-order near-ties; window tiles one a step through
+    one TMA slot (the default) or two, or in pairs (``score_sm90._PAIRS``, ``_STAGES``)."""
     from infllmv2.ops.triton import score_sm90, select_blocks_triton, selection
     if torch.cuda.get_device_capability()[0] != 9 or not score_sm90.HAVE_GLUON:
         pytest.skip("needs an sm90 GPU and Triton's Gluon")
     monkeypatch.setattr(score_sm90, "_PAIRS", pairs)
+    monkeypatch.setattr(score_sm90, "_STAGES", stages)
     calls = []
     real = selection.score_blocks_sm90
     monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])

@@ -30,13 +30,13 @@ from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _BLOCK_N = 64  # fine windows per MMA tile (the MMA's M)
 _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
-# window tiles in flight (TMA ring): 2 stages were faster than 4 (H200, 128K: 8.9 vs 9.3 ms; 184 registers allow
-# 2 programs an SM either way; capping them at 168 for 3 spilled and lost: 9.2 ms)
-_STAGES = 2
-# pairs of window tiles a loop iteration (the second tile's product beside the first's exponentials; measured, kept).
-# False: one tile a step, 122 registers instead of 184 (offline, Triton 3.6), three programs an SM by shared memory
-# instead of two: the layout that paid for the LSE kernel (lse_sm90.py), not yet measured here
-_PAIRS = True
+# One window tile a loop step, and one TMA slot: 122 registers and 48 KB of shared memory (Triton 3.6), so four
+# programs an SM, whose pooling hides each other's loads. Measured on the H200 (128K, `local`, scoring kernel,
+# interleaved): pairs of tiles with 2 slots (184 registers, two programs an SM) 8.40 ms; one tile, 2 slots (three
+# programs) 7.99; one tile, 1 slot (four) 7.16; one tile, 3 slots 9.13 (64K: 2.15 / 1.99 / 1.75 / 2.30 ms).
+# _PAIRS: the second tile's product is issued beside the first's exponentials; it needs _STAGES >= 2.
+_STAGES = 1
+_PAIRS = False
 
 
 if HAVE_GLUON:
@@ -245,6 +245,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
     k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
+    if _PAIRS and _STAGES < 2:
+        raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     _score_kernel_sm90[(n_tiles, hkv)](
         q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
         q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,

@@ -158,6 +158,7 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--sass", metavar="FILE", help="also write the whole disassembly there (to diff two versions)")
+    ap.add_argument("--ir", metavar="FILE", help="also write the TTGIR and the LLVM IR there (where barriers come from)")
     args = ap.parse_args()
     fn, sig, cx = kernels[args.kernel]
     for d in args.defines:
@@ -185,6 +186,9 @@ def main():
     if args.sass:
         with open(args.sass, "w") as out:
             out.write(sass)
+    if args.ir:
+        with open(args.ir, "w") as out:
+            out.write(k.asm["ttgir"] + "\n\n" + k.asm["llir"])
     regs = re.search(r"REG:(\d+)", usage)
     spill = re.search(r"STACK:(\d+)", usage)
     print(f"{args.kernel}: triton {triton.__version__}, sm90, {opts}")

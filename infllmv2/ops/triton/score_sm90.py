@@ -4,16 +4,19 @@ It computes exactly what ``selection._score_kernel`` computes for prefill (one t
 heads of one KV head, every candidate fine window: probabilities summed over the group and max-pooled onto key
 blocks, written to the block-score workspace), with the same selections, but lays the work out by hand:
 
-* window tiles come in pairs; the tensor-core product of a pair's second tile is issued asynchronously before
-  the first tile's exponentials, so the MMA runs beside them (within one loop iteration: ptxas serialises every
-  MMA when a product stays in flight across the loop's back edge, message C7514);
+* one window tile a loop step through a single TMA slot: 122 registers and 49 KB of shared memory, so four
+  programs an SM, which hide each other's loads and exponentials (the kernel is latency-bound). The twelfth
+  session's pairs of tiles (the second tile's product issued before the first tile's exponentials, within one
+  loop iteration: ptxas serialises every MMA when a product stays in flight across the loop's back edge, message
+  C7514) remain behind ``_PAIRS``: 184 registers, two programs an SM, 8.40 against 7.16 ms at 128K;
 * the pooling shift (a block also takes the last window of the block before it, which another warp holds)
   goes through one layout conversion to a layout with all blocks of a token in one warp, where the shift is a
   shuffle: about 4 block-wide barriers a tile instead of 8, and 327 instructions instead of 507.
 
 H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCORE_SM90.enabled=True,False``): scoring
 10.45 -> 8.65 ms at 128K, 2.55 -> 2.21 ms at 64K, equal at 32K, 12.9 -> 9.5 ms for Hkv 8 / d 64
-(benchmarks/README.md, "Twelfth session").
+(benchmarks/README.md, "Twelfth session", with pairs); one tile a step at four programs an SM then took the
+128K scoring from 8.40 to 7.16 ms and 64K from 2.15 to 1.75 ms (interleaved, "Fifteenth session").
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests

@@ -105,3 +105,15 @@ def test_stage1_gluon_kernels_leave_inputs_without_compressed_keys_to_triton(row
     assert score_sm90.score_sm90_supported(q, k1, 16, 4, 2, decode=False) is (rows1 > 0)
     assert not lse_sm90.lse_sm90_supported(q, k1, k2, 16, decode=True)
     assert not lse_sm90.lse_sm90_supported(q.float(), k1.float(), k2.float(), 16, decode=False)
+
+
+def test_scoring_kernel_refuses_pairs_with_one_ring_slot(monkeypatch):
+    """The pairs loop keeps two window tiles in flight: with one TMA slot it would read a tile the second load has
+    not brought, so the launcher refuses that setting before anything runs."""
+    from infllmv2.ops.triton import score_sm90
+    monkeypatch.setattr(score_sm90, "_PAIRS", True)
+    monkeypatch.setattr(score_sm90, "_STAGES", 1)
+    with pytest.raises(ValueError, match="_STAGES >= 2"):
+        score_sm90.score_blocks_sm90(*([None] * 11), tile_base=0, n_tiles=1, nb_ws=1, qk_scale=1.0, g=16, gp=16,
+                                     block_t=8, kernel_size=32, kernel_stride=16, r=4, l=2, block_size=64,
+                                     local_blocks=32, init_blocks=1)

@@ -33,7 +33,7 @@ from .gluon_support import warpgroup_mma, warpgroup_mma_wait
 
 _BLOCK_N = 64  # fine windows per MMA tile (the MMA's M)
 _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
-# One window tile a loop step, and one TMA slot: 122 registers and 48 KB of shared memory (Triton 3.6), so four
+# One window tile a loop step, and one TMA slot: 122 registers and 49 KB of shared memory (Triton 3.6), so four
 # programs an SM, whose pooling hides each other's loads. Measured on the H200 (128K, `local`, scoring kernel,
 # interleaved): pairs of tiles with 2 slots (184 registers, two programs an SM) 8.40 ms; one tile, 2 slots (three
 # programs) 7.99; one tile, 1 slot (four) 7.16; one tile, 3 slots 9.13 (64K: 2.15 / 1.99 / 1.75 / 2.30 ms).
@@ -241,6 +241,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
     over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros."""
+    if _PAIRS and _STAGES < 2:
+        raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]
     k2d = k1.reshape(k1.shape[0], hkv * d)
     if k2d.stride(1) != 1 or k2d.stride(0) != hkv * d:
@@ -248,8 +250,6 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
     k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
-    if _PAIRS and _STAGES < 2:
-        raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     _score_kernel_sm90[(n_tiles, hkv)](
         q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
         q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,

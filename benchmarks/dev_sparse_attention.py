@@ -401,15 +401,20 @@ def flag_ab(attr, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, 
 def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, init=1, local=32):
     """Forward launch variants, interleaved over `reps` rounds in one process (do_bench median of ``_forward``):
     each variant is a dict of ``sparse_fwd_sm90.VARIANT`` keys (launch settings, maxnreg) plus ``gluon`` (False: the
-    Triton kernel) and ``name``; outputs compared with the first variant's."""
+    Triton kernel), ``ws`` (False: not the warp-specialised kernel), ``ws_settings`` (``sparse_fwd_sm90.WS_VARIANT``)
+    and ``name``; outputs compared with the first variant's."""
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
-    default, gluon_default = dict(F.VARIANT), SA.FWD_SM90.enabled
+    default, ws_default = dict(F.VARIANT), dict(F.WS_VARIANT)
+    gluon_default, ws_on = SA.FWD_SM90.enabled, SA.FWD_SM90_WS.enabled
     rows = []
 
     def use(var):
         F.VARIANT.clear()
-        F.VARIANT.update(default, **{k: v for k, v in var.items() if k not in ("name", "gluon")})
-        SA.FWD_SM90.enabled = var.get("gluon", True)
+        F.VARIANT.update(default, **{k: v for k, v in var.items() if k not in ("name", "gluon", "ws", "ws_settings")})
+        F.WS_VARIANT.clear()
+        F.WS_VARIANT.update(ws_default, **var.get("ws_settings", {}))
+        SA.FWD_SM90.enabled = var.get("gluon", gluon_default)
+        SA.FWD_SM90_WS.enabled = var.get("ws", ws_on) and var.get("gluon", True)
     try:
         for n in lens:
             for pattern in patterns:
@@ -439,7 +444,7 @@ def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, bu
                 torch.cuda.empty_cache()
     finally:
         use({})
-        SA.FWD_SM90.enabled = gluon_default
+        SA.FWD_SM90.enabled, SA.FWD_SM90_WS.enabled = gluon_default, ws_on
     print("n | pattern | " + " | ".join(v["name"] for v in variants) + " (ms, best of rounds; max out diff)")
     for r in rows:
         print(r["n"], "|", r["pattern"], "|", " | ".join(f"{min(r['ms'][v['name']])} ({r['max_out_diff'][v['name']]:.3g})"

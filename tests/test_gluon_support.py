@@ -61,9 +61,9 @@ def test_other_errors_and_out_of_memory_are_not_swallowed(fail, err):
 
 
 def test_each_gluon_kernel_has_its_switch():
-    switches = [selection.SCORE_SM90, selection.LSE_SM90, sparse_attention.FWD_SM90]
+    switches = [selection.SCORE_SM90, selection.LSE_SM90, sparse_attention.FWD_SM90, sparse_attention.FWD_SM90_WS]
     assert all(isinstance(s, GluonKernel) for s in switches)
-    assert len({id(s) for s in switches}) == 3
+    assert len({id(s) for s in switches}) == 4
 
 
 _VERIFIED_HERE = ".".join(triton.__version__.split(".")[:2]) in VERIFIED_TRITON
@@ -79,9 +79,9 @@ def test_env_switch(value, on):
         env["INFLLMV2_GLUON"] = value
     out = subprocess.run([sys.executable, "-c", "from infllmv2.ops.triton import selection, sparse_attention; "
                           "print(selection.SCORE_SM90.enabled, selection.LSE_SM90.enabled, "
-                          "sparse_attention.FWD_SM90.enabled)"],
+                          "sparse_attention.FWD_SM90.enabled, sparse_attention.FWD_SM90_WS.enabled)"],
                          env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(on)] * 3
+    assert out.stdout.split() == [str(on)] * 4
 
 
 @pytest.mark.parametrize("version,on", [("3.6.0", True), ("3.6.1+git1234", True), ("3.7.1", False),

@@ -81,26 +81,36 @@ def test_union_kernel_tma_and_row_mask_agree_with_the_plain_paths(monkeypatch):
     ([3000, 0, 1, 2500, 777], [5000, 0, 4100, 2500, 9000], 8, 2, 64, 64, 32, 0.0, torch.bfloat16),  # G 4, varlen
     ([4001], [4500], 9, 3, 64, 64, 24, 0.97, torch.float16),  # G 3 (21 tokens, 63 rows a tile), fp16
     ([3001], [3001], 2, 2, 128, 32, 33, 0.0, torch.bfloat16),  # G 1 (64 tokens a tile), blocks of 32, odd budget
+    ([3000, 0, 1, 2500, 777], [5000, 0, 4100, 2500, 9000], 8, 2, 128, 64, 32, 0.0, torch.bfloat16),  # G 4, d 128
+    ([4001], [4500], 9, 3, 128, 32, 24, 0.97, torch.float16),  # G 3 at d 128, blocks of 32, fp16
+    ([2999], [2999], 16, 2, 128, 16, 40, 0.97, torch.bfloat16),  # G 8, blocks of 16
 ])
-def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B, budget, rho, dtype, monkeypatch):
-    """The Gluon forward (Hopper) against the Triton one on the same inputs and unions. They do the same products
-    and sums in the same order (bitwise equal on the H200 with Triton 3.6); the tolerances leave room for another
-    Triton release's instruction order, far below the errors of a miscompile (LSE off by 1.0 at d 64, 3.6 with Q in
-    registers, which this test caught)."""
+@pytest.mark.parametrize("ws", [False, True])
+def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B, budget, rho, dtype, ws,
+                                                   monkeypatch):
+    """The Gluon forward (Hopper; ``ws``: its warp-specialised variant) against the Triton one on the same inputs.
+    The plain Gluon kernel does the same products and sums in the same order (bitwise equal on the H200 with Triton
+    3.6), and so does the warp-specialised one for each row; the tolerances leave room for another Triton release's
+    instruction order, far below the errors of a miscompile (LSE off by 1.0 at d 64, 3.6 with Q in registers, which
+    this test caught)."""
     from infllmv2.ops.triton import sparse_fwd_sm90
     if torch.cuda.get_device_capability()[0] != 9 or not sparse_fwd_sm90.HAVE_GLUON:
         pytest.skip("needs an sm90 GPU and Triton's Gluon")
     D = _dev()
     SA = D.SA
-    calls = []
-    real = SA.sparse_fwd_sm90
-    monkeypatch.setattr(SA, "sparse_fwd_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     q, k, v, _, bi, cuq, cuk = D.make_case(lens_q, lens_k, hq, hkv, d, B, budget, 1, 4, rho, dtype)
+    name = "sparse_fwd_sm90_ws" if ws else "sparse_fwd_sm90"
+    if ws and not sparse_fwd_sm90.sparse_fwd_sm90_ws_tiles(q, hkv, B, *SA._tile_shape(hq // hkv, None), True):
+        pytest.skip("the warp-specialised forward does not apply to this shape")
+    calls = []
+    real = getattr(SA, name)
+    monkeypatch.setattr(SA, name, lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     runs = []
     for gluon in (True, False):
-        monkeypatch.setattr(SA.FWD_SM90, "enabled", gluon)
+        monkeypatch.setattr(SA.FWD_SM90, "enabled", gluon and not ws)
+        monkeypatch.setattr(SA.FWD_SM90_WS, "enabled", gluon and ws)
         runs.append(SA._forward(q, k, v, bi, B, cuq, cuk, max(lens_q), max(lens_k), d ** -0.5, need_resid=True))
-    assert len(calls) == 1, "the sm90 forward kernel did not run"
+    assert len(calls) == 1, f"the {name} kernel did not run"
     (o1, l1, r1), (o2, l2, r2) = runs
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-4)
     # O + residual is the fp32 output of each kernel: compare those tightly, the rounded outputs to one bf16 step

@@ -39,6 +39,12 @@ _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # Q as a register operand. d 128: Q in registers and two slots (2 x (K + V) = 64 KB, 156 registers: three programs
 # an SM). d 64 reads Q from shared memory (Triton 3.6 miscompiles the register operand there: see the docstring).
 _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
+# The warp-specialised forward (d 128 only): WGS consumer warpgroups of CONSUMER_REGS registers and a producer warp
+# of 24 share one program; its launch caps registers at MAXNREG (the kernel's warps, rounded up to warpgroups, times
+# MAXNREG fit the SM's 64K registers), and setmaxnreg then moves the producer's share to the consumers.
+_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160)}
+_WS_MAXNREG = {2: 168, 3: 128}
+WS_VARIANT = {}  # overrides of _WS_SETTINGS (dev_sparse_attention.py --fwd-variants)
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
 
 
@@ -196,6 +202,164 @@ if HAVE_GLUON:
             lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
             gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # Warp-specialised variant: one program serves WGS consecutive 64-row tiles (one consumer warpgroup each) and a
+    # producer warp streams the union of all their blocks once through a ring of K / V slots. A consumer skips the
+    # union entries none of its own tokens selected, so the tensor work stays that of its own tile's union while the
+    # loads follow the larger union of WGS tiles (neighbouring tiles share most blocks).
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        for i in range(0, cnt):
+            slot = i % STAGES
+            # a slot is free once every consumer released its previous entry (a fresh barrier passes parity 1)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            row = (k0 + gl.load(ub_h + i) * BLOCK_N).to(gl.int32)
+            mbarrier.expect(kbar.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [row, h * D], kbar.index(slot), k_smem.index(slot))
+            mbarrier.expect(vbar.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [row, h * D], vbar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
+                     WG: gl.constexpr):
+        """Consumer warpgroup WG: rows = tokens WG*T .. WG*T + T - 1 of the program's tile (x G heads)."""
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = 64
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        dt: gl.constexpr = q_ptr.dtype.element_ty
+        nq_w = nq - WG * T
+        pos0_w = pos0 + WG * T
+        q0_w = q0 + WG * T
+        TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
+        tok = rows // G
+        row_ok = (rows < T * G) & (tok < nq_w)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
+        q = gl.load(q_ptr + gl.expand_dims((q0_w + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
+                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
+        q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+
+        srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
+        stok = gl.arange(0, BLOCK_M, layout=srow_l) // G
+        tok64 = stok.to(gl.int64) + WG * T  # the row's bit in the union's token mask
+        pos = pos0_w + stok
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow_l)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=srow_l)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_l)
+        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+        mine = ((1 << T) - 1) << (WG * T)
+        for i in range(0, cnt):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            bits = gl.load(ubits_h + i)
+            # waiting for the K slot also when skipping keeps this warpgroup within STAGES entries of the others
+            mbarrier.wait(kbar.index(slot), phase)
+            if (bits & mine) != 0:
+                blk = gl.load(ub_h + i)
+                s_t = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
+                p, alpha, m_i, l_i = _softmax_step(s, blk, bits, tok64, pos, pos0_w, m_i, l_i, scale_log2, BLOCK_N)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+                mbarrier.wait(vbar.index(slot), phase)
+                acc_t = warpgroup_mma(gl.convert_layout(p.to(dt), p_l), v_smem.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, ))
+                # every warp's slice of the products is done before the slot is released
+                _cta_barrier()
+            mbarrier.arrive(empty.index(slot), count=1)
+
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+        l_o = gl.convert_layout(l_i, orow_l)
+        has = l_o > 0.0
+        l_safe = gl.where(has, l_o, 1.0)
+        out = acc / gl.expand_dims(l_safe, 1)
+        orows = gl.arange(0, BLOCK_M, layout=orow_l)
+        otok = orows // G
+        ohead = h * G + orows % G
+        o_ok = (orows < T * G) & (otok < nq_w)
+        oqrow = (q0_w + otok).to(gl.int64)
+        od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+        out_lp = out.to(dt)
+        omask = gl.expand_dims(o_ok, 1)
+        gl.store(o_ptr + gl.expand_dims(oqrow * stride_ot + ohead * stride_oh, 1) + gl.expand_dims(od, 0), out_lp,
+                 mask=omask)
+        if STORE_RESID:
+            gl.store(r_ptr + gl.expand_dims(oqrow * stride_rt + ohead * stride_rh, 1) + gl.expand_dims(od, 0),
+                     (out - out_lp.to(gl.float32)).to(dt), mask=omask)
+        m_o = gl.convert_layout(m_i, orow_l)
+        lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
+
+    @gluon.jit
+    def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 0)
+
+    @gluon.jit
+    def _ws_consumer1(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 1)
+
+    @gluon.jit
+    def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 2)
+
+    @gluon.jit
+    def _sparse_fwd_kernel_sm90_ws(
+        q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
+        tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
+        stride_cnt_h, scale_log2,
+        G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
+        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    ):
+        """T: tokens per consumer warpgroup (the plan's tiles hold WGS * T). Tiles without a sequence have an empty
+        union and no valid token, so every partition runs zero steps and stores nothing."""
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        pid_t = gl.program_id(0)
+        h = gl.program_id(1)
+        seq = gl.load(tile_seq_ptr + pid_t)
+        q0 = gl.load(tile_q0_ptr + pid_t)
+        nq = gl.load(tile_nq_ptr + pid_t)
+        pos0 = gl.load(tile_pos0_ptr + pid_t)
+        k0 = gl.load(cu_k_ptr + gl.maximum(seq, 0))
+        ubase = h.to(gl.int64) * stride_u_h + pid_t.to(gl.int64) * stride_u_t
+        cnt = gl.load(ucnt_ptr + h * stride_cnt_h + pid_t)
+        dt: gl.constexpr = q_ptr.dtype.element_ty
+        k_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], v_desc.layout)
+        kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(kbar.index(st), count=1)
+            mbarrier.init(vbar.index(st), count=1)
+            mbarrier.init(empty.index(st), count=WGS)
+        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr + ubase,
+                ubits_ptr + ubase, cnt, k0, h, q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt,
+                stride_rh, stride_lse_h, scale_log2)
+        # The producer is the default partition (the kernel's one warp): Triton 3.6 builds the default partition's
+        # body outside the module, where a reduction cannot find its number of warps.
+        if WGS == 2:
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID))], [4, 4], [CONSUMER_REGS] * 2)
+        else:
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
+
 
 def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
     """Whether ``sparse_fwd_sm90`` can run: sm90, bf16 / fp16, d 64 / 128, blocks of 16-64 keys loaded as TMA
@@ -221,3 +385,35 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
         plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
         G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, num_warps=4, **{**_SETTINGS[d], **VARIANT})
 
+
+
+def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, hkv: int, block_size: int, T: int, block_m: int, tma: bool) -> int:
+    """Row tiles per program of the warp-specialised forward for this call (``T`` tokens, ``block_m`` rows a row
+    tile), or 0 where it does not run: sm90, bf16 / fp16, d 128, blocks of 16-64 keys loaded as TMA boxes, 64-row
+    tiles, and the program's tokens within the union's 64-bit token mask."""
+    settings = _WS_SETTINGS.get(q.shape[-1])
+    if settings is None or not sparse_fwd_sm90_supported(q, block_size, block_m, tma):
+        return 0
+    wgs = {**settings, **WS_VARIANT}["WGS"]
+    return wgs if T * wgs <= 64 else 0
+
+
+def sparse_fwd_sm90_ws(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
+    """Launch the warp-specialised sm90 forward (as ``sparse_fwd_sm90``; ``plan`` built with ``wgs`` row tiles a
+    tile)."""
+    hkv, d = k.shape[1], k.shape[2]
+    settings = {**_WS_SETTINGS[d], **WS_VARIANT}
+    if settings["WGS"] != plan.wgs:
+        raise ValueError(f"plan: built for {plan.wgs} row tiles a program, the kernel runs {settings['WGS']}")
+    el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
+    k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
+                      for x in (k, v))
+    rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
+    maxnreg = settings.pop("maxnreg", _WS_MAXNREG[settings["WGS"]])
+    _sparse_fwd_kernel_sm90_ws[(plan.n_tiles, hkv)](
+        q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
+        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
+        plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
+        G=plan.G, T=plan.T // plan.wgs, D=d, STORE_RESID=store_resid, num_warps=4, maxnreg=maxnreg, **settings)

@@ -42,7 +42,8 @@ _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2,
 # The warp-specialised forward (d 128 only): WGS consumer warpgroups of CONSUMER_REGS registers and a producer warp
 # of 24 share one program; its launch caps registers at MAXNREG (the kernel's warps, rounded up to warpgroups, times
 # MAXNREG fit the SM's 64K registers), and setmaxnreg then moves the producer's share to the consumers.
-_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160)}
+_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160, Q_SMEM=True),
+                64: dict(STAGES=4, WGS=3, CONSUMER_REGS=160, Q_SMEM=True)}
 _WS_MAXNREG = {2: 168, 3: 128}
 WS_VARIANT = {}  # overrides of _WS_SETTINGS (dev_sparse_attention.py --fwd-variants)
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
@@ -210,8 +211,9 @@ if HAVE_GLUON:
     # ---------------------------------------------------------------------------------------------------------------
 
     @gluon.jit
-    def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+    def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
+                     Q_SMEM: gl.constexpr):
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
          q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -227,9 +229,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_consumer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                     WG: gl.constexpr):
+                     Q_SMEM: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: rows = tokens WG*T .. WG*T + T - 1 of the program's tile (x G heads)."""
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
          q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -250,7 +252,13 @@ if HAVE_GLUON:
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
         q = gl.load(q_ptr + gl.expand_dims((q0_w + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
                     + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
-        q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+        if Q_SMEM:  # the left operand of Q K^T read from shared memory by the tensor cores
+            q_op = q_smem.index(WG)
+            q_op.store(q)
+            fence_async_shared()
+            _cta_barrier()
+        else:
+            q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
 
         srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
         stok = gl.arange(0, BLOCK_M, layout=srow_l) // G
@@ -303,16 +311,19 @@ if HAVE_GLUON:
         gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
     @gluon.jit
-    def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, 0)
+    def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
+                      Q_SMEM: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 0)
 
     @gluon.jit
-    def _ws_consumer1(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, 1)
+    def _ws_consumer1(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
+                      Q_SMEM: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 1)
 
     @gluon.jit
-    def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, 2)
+    def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
+                      Q_SMEM: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 2)
 
     @gluon.jit
     def _sparse_fwd_kernel_sm90_ws(
@@ -321,7 +332,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
         stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
-        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, Q_SMEM: gl.constexpr,
     ):
         """T: tokens per consumer warpgroup (the plan's tiles hold WGS * T). Tiles without a sequence have an empty
         union and no valid token, so every partition runs zero steps and stores nothing."""
@@ -341,24 +352,30 @@ if HAVE_GLUON:
         kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        if Q_SMEM:
+            q_smem = gl.allocate_shared_memory(dt, [WGS, 64, D], gl.NVMMASharedLayout(
+                swizzle_byte_width=128, element_bitwidth=16, rank=2))
+        else:
+            q_smem = kbar
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(vbar.index(st), count=1)
             mbarrier.init(empty.index(st), count=WGS)
-        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr + ubase,
+        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_ptr + ubase,
                 ubits_ptr + ubase, cnt, k0, h, q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt,
                 stride_rh, stride_lse_h, scale_log2)
         # The producer is the default partition (the kernel's one warp): Triton 3.6 builds the default partition's
         # body outside the module, where a reduction cannot find its number of warps.
         if WGS == 2:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID))], [4, 4], [CONSUMER_REGS] * 2)
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID, Q_SMEM)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID, Q_SMEM)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID, Q_SMEM))], [4, 4], [CONSUMER_REGS] * 2)
         else:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID, Q_SMEM)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID, Q_SMEM)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID, Q_SMEM)),
+                                (_ws_consumer2, (args, G, T, D, STORE_RESID, Q_SMEM))], [4, 4, 4], [CONSUMER_REGS] * 3)
+
 
 
 def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:

@@ -474,8 +474,9 @@ def main():
                     "JSON list of dicts: name, gluon, and sparse_fwd_sm90.VARIANT keys) at --lens x --patterns")
     args = ap.parse_args()
     if args.fwd_variants:
+        hq, hkv, d = (int(x) for x in args.shape.split(","))
         rows = fwd_variants(json.loads(args.fwd_variants), [int(x) for x in args.lens.split(",")],
-                            args.patterns.split(","))
+                            args.patterns.split(","), hq=hq, hkv=hkv, d=d)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"dev_sparse_attention_fwd_variants{args.tag}.json"), "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -22,6 +22,9 @@ so without the barrier one warp's TMA could overwrite a slot another warp's slic
 from shared memory: Triton 3.6 miscompiles the register operand there (the loop reuses Q's registers for the row max
 and P, NOTES_sparse_attention.md).
 
+``_sparse_fwd_kernel_sm90_ws`` (d 128, the default there) is the warp-specialised form of the same loop: three such
+tiles a program, one K / V stream over the union of their blocks (see its comment).
+
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
 kernel everywhere else, and the GPU tests compare the two on the same inputs.
 """
@@ -39,11 +42,14 @@ _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # Q as a register operand. d 128: Q in registers and two slots (2 x (K + V) = 64 KB, 156 registers: three programs
 # an SM). d 64 reads Q from shared memory (Triton 3.6 miscompiles the register operand there: see the docstring).
 _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
-# The warp-specialised forward (d 128 only): WGS consumer warpgroups of CONSUMER_REGS registers and a producer warp
-# of 24 share one program; its launch caps registers at MAXNREG (the kernel's warps, rounded up to warpgroups, times
-# MAXNREG fit the SM's 64K registers), and setmaxnreg then moves the producer's share to the consumers.
-_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160, Q_SMEM=True),
-                64: dict(STAGES=4, WGS=3, CONSUMER_REGS=160, Q_SMEM=True)}
+# The warp-specialised forward (d 128; at d 64 with G 3 it lost to the forward above, 8.3 against 5.2 ms at 64K):
+# WGS consumer warpgroups of CONSUMER_REGS registers and a producer warpgroup share one program, one program an SM.
+# The launch caps registers at _WS_MAXNREG (all warpgroups x the cap fit the SM's 64K registers); setmaxnreg then
+# moves the producer's share to the consumers (3 x 160 + 32). STAGES K / V slots of 32 KB: 4 (197 KB with the
+# layout-conversion scratch). H200, interleaved, outputs bitwise equal (NOTES_sparse_attention.md, "Sixteenth
+# session"): 128K `local` 33.8 -> 32.3 ms, `random` 70.1 -> 66.3; 64K 15.7 -> 14.9 / 28.7 -> 27.8; 32K 7.24 -> 6.65
+# / 11.67 -> 10.90. Two consumers (WGS 2), three slots and Q in shared memory were each slower.
+_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160)}
 _WS_MAXNREG = {2: 168, 3: 128}
 WS_VARIANT = {}  # overrides of _WS_SETTINGS (dev_sparse_attention.py --fwd-variants)
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
@@ -205,15 +211,17 @@ if HAVE_GLUON:
 
     # ---------------------------------------------------------------------------------------------------------------
     # Warp-specialised variant: one program serves WGS consecutive 64-row tiles (one consumer warpgroup each) and a
-    # producer warp streams the union of all their blocks once through a ring of K / V slots. A consumer skips the
-    # union entries none of its own tokens selected, so the tensor work stays that of its own tile's union while the
-    # loads follow the larger union of WGS tiles (neighbouring tiles share most blocks).
+    # producer warpgroup streams the union of all their blocks once through a ring of K / V slots. A consumer skips
+    # the union entries none of its own tokens selected, so the tensor work stays that of its own tile's union while
+    # the loads follow the larger union of WGS tiles (neighbouring tiles share most blocks). Slots are handed back
+    # through an `empty` barrier per slot that every consumer arrives at once per union entry, so no CTA-wide barrier
+    # couples the warpgroups; a consumer that skips an entry still waits for its K first, which keeps every consumer
+    # within STAGES entries of the producer (and mbarrier phases from aliasing).
     # ---------------------------------------------------------------------------------------------------------------
 
     @gluon.jit
-    def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                     Q_SMEM: gl.constexpr):
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+    def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
          q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -229,9 +237,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_consumer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                     Q_SMEM: gl.constexpr, WG: gl.constexpr):
+                     WG: gl.constexpr):
         """Consumer warpgroup WG: rows = tokens WG*T .. WG*T + T - 1 of the program's tile (x G heads)."""
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
          q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -252,13 +260,9 @@ if HAVE_GLUON:
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
         q = gl.load(q_ptr + gl.expand_dims((q0_w + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
                     + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
-        if Q_SMEM:  # the left operand of Q K^T read from shared memory by the tensor cores
-            q_op = q_smem.index(WG)
-            q_op.store(q)
-            fence_async_shared()
-            _cta_barrier()
-        else:
-            q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+        # Q as the register operand of Q K^T. Triton 3.6 turns the conversion into a shared-memory copy that is
+        # re-read at every product; Q in shared memory as the operand was slower (NOTES_sparse_attention.md)
+        q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
 
         srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
         stok = gl.arange(0, BLOCK_M, layout=srow_l) // G
@@ -311,19 +315,16 @@ if HAVE_GLUON:
         gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
     @gluon.jit
-    def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                      Q_SMEM: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 0)
+    def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 0)
 
     @gluon.jit
-    def _ws_consumer1(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                      Q_SMEM: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 1)
+    def _ws_consumer1(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 1)
 
     @gluon.jit
-    def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
-                      Q_SMEM: gl.constexpr):
-        _ws_consumer(args, G, T, D, STORE_RESID, Q_SMEM, 2)
+    def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
+        _ws_consumer(args, G, T, D, STORE_RESID, 2)
 
     @gluon.jit
     def _sparse_fwd_kernel_sm90_ws(
@@ -332,7 +333,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
         stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
-        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, Q_SMEM: gl.constexpr,
+        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         """T: tokens per consumer warpgroup (the plan's tiles hold WGS * T). Tiles without a sequence have an empty
         union and no valid token, so every partition runs zero steps and stores nothing."""
@@ -352,29 +353,24 @@ if HAVE_GLUON:
         kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        if Q_SMEM:
-            q_smem = gl.allocate_shared_memory(dt, [WGS, 64, D], gl.NVMMASharedLayout(
-                swizzle_byte_width=128, element_bitwidth=16, rank=2))
-        else:
-            q_smem = kbar
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(vbar.index(st), count=1)
             mbarrier.init(empty.index(st), count=WGS)
-        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, q_smem, kbar, vbar, empty, ub_ptr + ubase,
+        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr + ubase,
                 ubits_ptr + ubase, cnt, k0, h, q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt,
                 stride_rh, stride_lse_h, scale_log2)
-        # The producer is the default partition (the kernel's one warp): Triton 3.6 builds the default partition's
-        # body outside the module, where a reduction cannot find its number of warps.
+        # The producer is the default partition (the kernel's num_warps = 4; one thread issues the copies): Triton 3.6
+        # builds the default partition's body outside the module, where a reduction cannot find its number of warps.
         if WGS == 2:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID, Q_SMEM)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID, Q_SMEM)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID, Q_SMEM))], [4, 4], [CONSUMER_REGS] * 2)
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID))], [4, 4], [CONSUMER_REGS] * 2)
         else:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID, Q_SMEM)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID, Q_SMEM)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID, Q_SMEM)),
-                                (_ws_consumer2, (args, G, T, D, STORE_RESID, Q_SMEM))], [4, 4, 4], [CONSUMER_REGS] * 3)
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
 
 
 

@@ -234,18 +234,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_key(ub_t, c, cnt, k0, BLOCK_N: gl.constexpr):
-        """Key row of union entry ``c`` of a tile (``ub_t``: its union), or a sentinel past its end."""
-        return gl.where(c < cnt, k0 + gl.load(ub_t + c, mask=c < cnt, other=0) * BLOCK_N, 2147483647)
-
-    @gluon.jit
-    def _ws_advance(ub_t, c, cnt, k0, key, nxt, row, BLOCK_N: gl.constexpr):
-        """A tile's merge cursor after the stream entry ``row``: (entry, its key row, the next entry's key row). The
-        entry after next is read here, a step before it can be needed, so the load stays off the step's chain."""
-        adv = key == row
-        c += adv.to(gl.int32)
-        key = gl.where(adv, nxt, key)
-        nxt = gl.where(adv, _ws_key(ub_t, c + 1, cnt, k0, BLOCK_N), nxt)
-        return c, key, nxt
+        """Key row of union entry ``c`` of a tile (``ub_t``: its union), or a sentinel past its end (the union has
+        a spare column, so reading entry ``cnt`` stays in bounds)."""
+        return gl.where(c < cnt, k0 + gl.load(ub_t + c) * BLOCK_N, 2147483647)
 
     @gluon.jit
     def _ws_merge_start(args):
@@ -262,9 +253,7 @@ if HAVE_GLUON:
         cnt1, k01 = _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t0 + 1, h, n_tiles, stride_cnt_h)
         cnt2, k02 = _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t0 + 2, h, n_tiles, stride_cnt_h)
         return (ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, _ws_key(ub0, 0, cnt0, k00, BLOCK_N),
-                _ws_key(ub1, 0, cnt1, k01, BLOCK_N), _ws_key(ub2, 0, cnt2, k02, BLOCK_N),
-                _ws_key(ub0, 1, cnt0, k00, BLOCK_N), _ws_key(ub1, 1, cnt1, k01, BLOCK_N),
-                _ws_key(ub2, 1, cnt2, k02, BLOCK_N))
+                _ws_key(ub1, 0, cnt1, k01, BLOCK_N), _ws_key(ub2, 0, cnt2, k02, BLOCK_N))
 
     @gluon.jit
     def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
@@ -274,7 +263,7 @@ if HAVE_GLUON:
          scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2, nxt0, nxt1, nxt2 = _ws_merge_start(args)
+        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2 = _ws_merge_start(args)
         c0 = 0
         c1 = 0
         c2 = 0
@@ -288,9 +277,15 @@ if HAVE_GLUON:
             _tma_load(k_desc, [row, h * D], kbar.index(slot), k_smem.index(slot))
             mbarrier.expect(vbar.index(slot), v_desc.block_type.nbytes)
             _tma_load(v_desc, [row, h * D], vbar.index(slot), v_smem.index(slot))
-            c0, key0, nxt0 = _ws_advance(ub0, c0, cnt0, k00, key0, nxt0, row, BLOCK_N)
-            c1, key1, nxt1 = _ws_advance(ub1, c1, cnt1, k01, key1, nxt1, row, BLOCK_N)
-            c2, key2, nxt2 = _ws_advance(ub2, c2, cnt2, k02, key2, nxt2, row, BLOCK_N)
+            if key0 == row:
+                c0 += 1
+                key0 = _ws_key(ub0, c0, cnt0, k00, BLOCK_N)
+            if key1 == row:
+                c1 += 1
+                key1 = _ws_key(ub1, c1, cnt1, k01, BLOCK_N)
+            if key2 == row:
+                c2 += 1
+                key2 = _ws_key(ub2, c2, cnt2, k02, BLOCK_N)
             row = gl.minimum(gl.minimum(key0, key1), key2)
             i += 1
 
@@ -336,7 +331,7 @@ if HAVE_GLUON:
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=srow_l)
         acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_l)
         zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
-        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2, nxt0, nxt1, nxt2 = _ws_merge_start(args)
+        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2 = _ws_merge_start(args)
         k0 = k00 if WG == 0 else (k01 if WG == 1 else k02)
         c0 = 0
         c1 = 0
@@ -363,9 +358,15 @@ if HAVE_GLUON:
                 # every warp's slice of the products is done before the slot is released
                 _cta_barrier()
             mbarrier.arrive(empty.index(slot), count=1)
-            c0, key0, nxt0 = _ws_advance(ub0, c0, cnt0, k00, key0, nxt0, row, BLOCK_N)
-            c1, key1, nxt1 = _ws_advance(ub1, c1, cnt1, k01, key1, nxt1, row, BLOCK_N)
-            c2, key2, nxt2 = _ws_advance(ub2, c2, cnt2, k02, key2, nxt2, row, BLOCK_N)
+            if key0 == row:
+                c0 += 1
+                key0 = _ws_key(ub0, c0, cnt0, k00, BLOCK_N)
+            if key1 == row:
+                c1 += 1
+                key1 = _ws_key(ub1, c1, cnt1, k01, BLOCK_N)
+            if key2 == row:
+                c2 += 1
+                key2 = _ws_key(ub2, c2, cnt2, k02, BLOCK_N)
             row = gl.minimum(gl.minimum(key0, key1), key2)
             i += 1
 

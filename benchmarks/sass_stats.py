@@ -96,7 +96,7 @@ def _kernels():
                                 "stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h"), scale_log2="fp32")
         kernels["fwd_sm90"] = (sparse_fwd_sm90._sparse_fwd_kernel_sm90, fwd_sm90,
                                dict(G=16, T=4, D=128, STORE_RESID=False, **sparse_fwd_sm90._SETTINGS[128]))
-        kernels["fwd_sm90_ws"] = (sparse_fwd_sm90._sparse_fwd_kernel_sm90_ws, dict(fwd_sm90, n_tiles="i32"),
+        kernels["fwd_sm90_ws"] = (sparse_fwd_sm90._sparse_fwd_kernel_sm90_ws, fwd_sm90,
                                   dict(G=16, T=4, D=128, STORE_RESID=False, **sparse_fwd_sm90._WS_SETTINGS[128]))
     return kernels | {
         "score": (selection._score_kernel, score,

@@ -244,12 +244,12 @@ def test_union_kernel_equals_torch(T, budget, u_cap):
 
 
 
-def test_plan_tiles_hold_the_union_of_their_tokens_selections():
-    """The plan of the forward kernels: tiles of T consecutive tokens of one sequence, each with the sorted union of
-    the blocks its tokens selected (future blocks dropped) and per block the bitmask of the tokens that selected it
-    (the warp-specialised Hopper forward merges three such unions on the fly); checked against a direct count per
-    token."""
-    gen = torch.Generator().manual_seed(1)
+@pytest.mark.parametrize("wgs", [1, 3])
+def test_plan_tiles_hold_the_union_of_their_tokens_selections(wgs):
+    """The plan of the forward: tiles of ``wgs`` row tiles' tokens (the warp-specialised Hopper forward's programs,
+    3 row tiles of T tokens), each with the sorted union of the blocks its tokens selected (future blocks dropped)
+    and per block the bitmask of the tokens that selected it; checked against a direct count per token."""
+    gen = torch.Generator().manual_seed(wgs)
     lens_q, lens_k = [37, 0, 61, 5], [50, 4, 61, 90]
     hq, hkv, bs, budget = 8, 2, 4, 5
     q = torch.zeros(sum(lens_q), hq, 16)
@@ -257,8 +257,9 @@ def test_plan_tiles_hold_the_union_of_their_tokens_selections():
     cu_q = torch.tensor([0, 37, 37, 98, 103], dtype=torch.int32)
     cu_k = torch.tensor([0, 50, 54, 115, 205], dtype=torch.int32)
     bi = torch.randint(-1, 24, (hkv, sum(lens_q), budget), generator=gen, dtype=torch.int32)
-    plan = SA._Plan(q, k, bi, bs, cu_q, cu_k, max(lens_k), None)
-    T = plan.T
+    plan = SA._Plan(q, k, bi, bs, cu_q, cu_k, max(lens_k), None, wgs=wgs)
+    T = SA._tile_shape(hq // hkv, None)[0] * wgs
+    assert plan.T == T and plan.wgs == wgs
     seen = 0
     for t in range(plan.n_tiles):
         seq, q0, nq, pos0 = (int(x[t]) for x in (plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0))
@@ -282,20 +283,26 @@ def test_plan_tiles_hold_the_union_of_their_tokens_selections():
     assert seen == sum(lens_q)
 
 
-def test_warp_specialised_forward_applies_at_d128(monkeypatch):
-    """Where the warp-specialised Hopper forward runs (the choice itself needs no GPU): where the plain Gluon
-    forward can (bf16 / fp16, TMA, blocks of 16-64, 64-row tiles), at d 128."""
+def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
+    """Where the warp-specialised Hopper forward runs (the choice itself needs no GPU): d 128, bf16 / fp16, TMA,
+    64-row tiles, and its three row tiles' tokens within the 64-bit token mask; the launcher refuses a plan built
+    for another number of row tiles."""
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
     monkeypatch.setattr(F, "on_sm90", lambda x: True)
     q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
-    assert F.sparse_fwd_sm90_ws_supported(q, 64, 64, True)
-    assert F.sparse_fwd_sm90_ws_supported(q.half(), 16, 64, True)
-    assert not F.sparse_fwd_sm90_ws_supported(q, 64, 64, False)  # no TMA
-    assert not F.sparse_fwd_sm90_ws_supported(q, 64, 128, True)  # 128-row tiles
-    assert not F.sparse_fwd_sm90_ws_supported(q, 128, 64, True)  # blocks of 128 keys
-    assert not F.sparse_fwd_sm90_ws_supported(q.float(), 64, 64, True)
-    assert not F.sparse_fwd_sm90_ws_supported(q[..., :64], 64, 64, True)  # d 64: the plain Gluon forward
-    assert F.sparse_fwd_sm90_supported(q[..., :64], 64, 64, True)
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 64, True) == 3  # G 16: 4 tokens a row tile
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 21, 64, True) == 3  # 63 tokens a program
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 32, 64, True) == 0  # 96 tokens: past the mask
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 64, False) == 0  # no TMA
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 128, True) == 0  # 128-row tiles
+    assert F.sparse_fwd_sm90_ws_tiles(q.float(), 2, 64, 4, 64, True) == 0
+    assert F.sparse_fwd_sm90_ws_tiles(q[..., :64], 2, 64, 4, 64, True) == 0  # d 64: the plain Gluon forward
+    monkeypatch.setitem(F.WS_VARIANT, "WGS", 2)
+    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 32, 64, True) == 2
+    plan = SA._Plan(q, torch.zeros(4, 2, 128), torch.zeros(2, 4, 1, dtype=torch.int32), 64,
+                    torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4, None, wgs=3)
+    with pytest.raises(ValueError, match="plan"):
+        F.sparse_fwd_sm90_ws(q, torch.zeros(4, 2, 128), None, None, None, None, plan, None, 64, 1.0, False)
 
 def test_full_budget_equals_dense():
     # budget covering every block: equal to dense causal attention (tight fp32 tolerance)

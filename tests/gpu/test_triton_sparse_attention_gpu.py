@@ -90,10 +90,9 @@ def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B
                                                    monkeypatch):
     """The Gluon forward (Hopper; ``ws``: its warp-specialised variant) against the Triton one on the same inputs.
     The plain Gluon kernel does the same products and sums in the same order (bitwise equal on the H200 with Triton
-    3.6), and so does the warp-specialised one for each row (its programs merge three tiles' unions: the varlen
-    case puts tiles of two sequences, and tiles past the plan's, in one program); the tolerances leave room for
-    another Triton release's instruction order, far below the errors of a miscompile (LSE off by 1.0 at d 64, 3.6
-    with Q in registers, which this test caught)."""
+    3.6), and so does the warp-specialised one for each row; the tolerances leave room for another Triton release's
+    instruction order, far below the errors of a miscompile (LSE off by 1.0 at d 64, 3.6 with Q in registers, which
+    this test caught)."""
     from infllmv2.ops.triton import sparse_fwd_sm90
     if torch.cuda.get_device_capability()[0] != 9 or not sparse_fwd_sm90.HAVE_GLUON:
         pytest.skip("needs an sm90 GPU and Triton's Gluon")
@@ -101,7 +100,7 @@ def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B
     SA = D.SA
     q, k, v, _, bi, cuq, cuk = D.make_case(lens_q, lens_k, hq, hkv, d, B, budget, 1, 4, rho, dtype)
     name = "sparse_fwd_sm90_ws" if ws else "sparse_fwd_sm90"
-    if ws and not sparse_fwd_sm90.sparse_fwd_sm90_ws_supported(q, B, SA._tile_shape(hq // hkv, None)[1], True):
+    if ws and not sparse_fwd_sm90.sparse_fwd_sm90_ws_tiles(q, hkv, B, *SA._tile_shape(hq // hkv, None), True):
         pytest.skip("the warp-specialised forward does not apply to this shape")
     calls = []
     real = getattr(SA, name)

@@ -45,8 +45,7 @@ import triton.language as tl
 
 from .selection import softmax_scale_or_default
 from .gluon_support import GluonKernel
-from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
-from .sparse_fwd_sm90 import sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_supported
+from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported, sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them K/V load through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -637,11 +636,14 @@ def _token_index(block_indices, cu_q, cu_k, block_size: int, total_k: int, batch
 class _Plan:
     """Everything the kernels need besides the tensors themselves."""
 
-    def __init__(self, q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m):
+    def __init__(self, q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m, wgs=1):
+        """``wgs`` > 1: tiles of ``wgs`` row tiles' tokens (the warp-specialised forward's programs)."""
         total_q, hq, d = q.shape
         hkv = k.shape[1]
         self.G = hq // hkv
         self.T, self.BLOCK_M = _tile_shape(self.G, block_m)
+        self.wgs = wgs
+        self.T *= wgs
         self.batch = cu_q.shape[0] - 1
         budget = block_indices.shape[-1]
         nb_max = max(1, -(-max(int(max_seqlen_k), 1) // block_size))
@@ -703,17 +705,21 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
     if total_q > 0 and cu_q.shape[0] >= 2:
         nb = 2 if _pair_default(pair) else 1
         tma = _use_tma(k, v, block_size, nb)
-        plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
-        # Hopper: the warp-specialised Gluon forward (d 128), else the Gluon forward, else (or where a Gluon kernel
-        # does not build) the Triton one
-        done = (not _INTERPRET and FWD_SM90_WS.enabled
-                and sparse_fwd_sm90_ws_supported(q, block_size, plan.BLOCK_M, tma)
-                and FWD_SM90_WS(sparse_fwd_sm90_ws, q, k, v, out, resid, lse, plan, cu_k, block_size,
-                                scale * _LOG2E, store_resid))
-        done = done or (not _INTERPRET and FWD_SM90.enabled
-                        and sparse_fwd_sm90_supported(q, block_size, plan.BLOCK_M, tma)
-                        and FWD_SM90(sparse_fwd_sm90, q, k, v, out, resid, lse, plan, cu_k, block_size,
-                                     scale * _LOG2E, store_resid))
+        # Hopper: the warp-specialised Gluon forward (tiles of several row tiles), else the Gluon forward, else (or
+        # where a Gluon kernel does not build) the Triton one
+        wgs = 0 if _INTERPRET or not FWD_SM90_WS.enabled else sparse_fwd_sm90_ws_tiles(
+            q, k.shape[1], block_size, *_tile_shape(hq // hkv, block_m), tma)
+        done = False
+        if wgs:
+            plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m, wgs=wgs)
+            done = FWD_SM90_WS(sparse_fwd_sm90_ws, q, k, v, out, resid, lse, plan, cu_k, block_size,
+                               scale * _LOG2E, store_resid)
+        if not done:
+            plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m)
+            done = (FWD_SM90.enabled and not _INTERPRET
+                    and sparse_fwd_sm90_supported(q, block_size, plan.BLOCK_M, tma)
+                    and FWD_SM90(sparse_fwd_sm90, q, k, v, out, resid, lse, plan, cu_k, block_size,
+                                 scale * _LOG2E, store_resid))
         if not done:
             rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
             _fwd_launch[(plan.n_tiles, hkv)](

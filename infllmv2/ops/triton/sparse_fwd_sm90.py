@@ -43,13 +43,14 @@ _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # an SM). d 64 reads Q from shared memory (Triton 3.6 miscompiles the register operand there: see the docstring).
 _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
 # The warp-specialised forward (d 128; at d 64 with G 3 it lost to the forward above, 8.3 against 5.2 ms at 64K):
-# three consumer warpgroups of CONSUMER_REGS registers and a producer warpgroup share one program, one program an SM.
-# The launch caps registers at _WS_MAXNREG (four warpgroups x 128 fill the SM's 64K registers); setmaxnreg then moves
-# the producer's share to the consumers (3 x 160 + 32). STAGES K / V slots of 32 KB: 4 (197 KB with the
+# WGS consumer warpgroups of CONSUMER_REGS registers and a producer warpgroup share one program, one program an SM.
+# The launch caps registers at _WS_MAXNREG (all warpgroups x the cap fit the SM's 64K registers); setmaxnreg then
+# moves the producer's share to the consumers (3 x 160 + 32). STAGES K / V slots of 32 KB: 4 (197 KB with the
 # layout-conversion scratch). H200, interleaved, outputs bitwise equal (NOTES_sparse_attention.md, "Sixteenth
-# session"): two consumers, three slots and Q in shared memory were each slower.
-_WS_SETTINGS = {128: dict(STAGES=4, CONSUMER_REGS=160)}
-_WS_MAXNREG = 128
+# session"): 128K `local` 33.8 -> 32.3 ms, `random` 70.1 -> 66.3; 64K 15.7 -> 14.9 / 28.7 -> 27.8; 32K 7.24 -> 6.65
+# / 11.67 -> 10.90. Two consumers (WGS 2), three slots and Q in shared memory were each slower.
+_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160)}
+_WS_MAXNREG = {2: 168, 3: 128}
 WS_VARIANT = {}  # overrides of _WS_SETTINGS (dev_sparse_attention.py --fwd-variants)
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
 
@@ -209,94 +210,37 @@ if HAVE_GLUON:
             gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
     # ---------------------------------------------------------------------------------------------------------------
-    # Warp-specialised variant: one program serves three consecutive tiles of the plan (one consumer warpgroup each)
-    # and a producer warpgroup streams the blocks of all three once through a ring of K / V slots: the merge, in key
-    # row order, of the three tiles' own sorted unions (a block two tiles selected is loaded once). A consumer takes
-    # the stream entries that are its own union's next block and only waits for and releases the others, so its
-    # tensor work is that of its own tile while the loads follow the three tiles' union (neighbouring tiles share
-    # most blocks). Every partition walks the same merge, so they agree on the stream without talking; the plan is
-    # the one the other forward kernels use (merging on the fly costs a few scalar instructions a step, a union of
-    # 12 tokens built beforehand cost 2.8 ms at 128K). Slots are handed back through an `empty` barrier per slot that
-    # each consumer arrives at once per stream entry, so no CTA-wide barrier couples the warpgroups; a consumer that
-    # skips an entry still waits for its K first, which keeps every consumer within STAGES entries of the producer
-    # (and mbarrier phases from aliasing).
+    # Warp-specialised variant: one program serves WGS consecutive 64-row tiles (one consumer warpgroup each) and a
+    # producer warpgroup streams the union of all their blocks once through a ring of K / V slots. A consumer skips
+    # the union entries none of its own tokens selected, so the tensor work stays that of its own tile's union while
+    # the loads follow the larger union of WGS tiles (neighbouring tiles share most blocks). Slots are handed back
+    # through an `empty` barrier per slot that every consumer arrives at once per union entry, so no CTA-wide barrier
+    # couples the warpgroups; a consumer that skips an entry still waits for its K first, which keeps every consumer
+    # within STAGES entries of the producer (and mbarrier phases from aliasing).
     # ---------------------------------------------------------------------------------------------------------------
 
     @gluon.jit
-    def _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t, h, n_tiles, stride_cnt_h):
-        """(union size, first key row) of tile ``t``; past the plan's tiles: an empty union."""
-        ok = t < n_tiles
-        tc = gl.minimum(t, n_tiles - 1)
-        seq = gl.load(tile_seq_ptr + tc)
-        cnt = gl.where(ok, gl.load(ucnt_ptr + h * stride_cnt_h + tc), 0)
-        k0 = gl.load(cu_k_ptr + gl.maximum(seq, 0))
-        return cnt, k0
-
-    @gluon.jit
-    def _ws_key(ub_t, c, cnt, k0, BLOCK_N: gl.constexpr):
-        """Key row of union entry ``c`` of a tile (``ub_t``: its union), or a sentinel past its end (the union has
-        a spare column, so reading entry ``cnt`` stays in bounds)."""
-        return gl.where(c < cnt, k0 + gl.load(ub_t + c) * BLOCK_N, 2147483647)
-
-    @gluon.jit
-    def _ws_merge_start(args):
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr, ubits_ptr, ucnt_ptr,
-         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr, t0, h, n_tiles, stride_qt, stride_qh,
-         stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h,
-         scale_log2) = args
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        base = ub_ptr + h.to(gl.int64) * stride_u_h + t0.to(gl.int64) * stride_u_t
-        ub0 = base
-        ub1 = base + stride_u_t
-        ub2 = base + 2 * stride_u_t
-        cnt0, k00 = _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t0, h, n_tiles, stride_cnt_h)
-        cnt1, k01 = _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t0 + 1, h, n_tiles, stride_cnt_h)
-        cnt2, k02 = _ws_tile(tile_seq_ptr, ucnt_ptr, cu_k_ptr, t0 + 2, h, n_tiles, stride_cnt_h)
-        return (ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, _ws_key(ub0, 0, cnt0, k00, BLOCK_N),
-                _ws_key(ub1, 0, cnt1, k01, BLOCK_N), _ws_key(ub2, 0, cnt2, k02, BLOCK_N))
-
-    @gluon.jit
     def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr, ubits_ptr, ucnt_ptr,
-         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr, t0, h, n_tiles, stride_qt, stride_qh,
-         stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h,
-         scale_log2) = args
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2 = _ws_merge_start(args)
-        c0 = 0
-        c1 = 0
-        c2 = 0
-        i = 0
-        row = gl.minimum(gl.minimum(key0, key1), key2)
-        while row < 2147483647:
+        for i in range(0, cnt):
             slot = i % STAGES
             # a slot is free once every consumer released its previous entry (a fresh barrier passes parity 1)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            row = (k0 + gl.load(ub_h + i) * BLOCK_N).to(gl.int32)
             mbarrier.expect(kbar.index(slot), k_desc.block_type.nbytes)
             _tma_load(k_desc, [row, h * D], kbar.index(slot), k_smem.index(slot))
             mbarrier.expect(vbar.index(slot), v_desc.block_type.nbytes)
             _tma_load(v_desc, [row, h * D], vbar.index(slot), v_smem.index(slot))
-            if key0 == row:
-                c0 += 1
-                key0 = _ws_key(ub0, c0, cnt0, k00, BLOCK_N)
-            if key1 == row:
-                c1 += 1
-                key1 = _ws_key(ub1, c1, cnt1, k01, BLOCK_N)
-            if key2 == row:
-                c2 += 1
-                key2 = _ws_key(ub2, c2, cnt2, k02, BLOCK_N)
-            row = gl.minimum(gl.minimum(key0, key1), key2)
-            i += 1
 
     @gluon.jit
     def _ws_consumer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr,
                      WG: gl.constexpr):
-        """Consumer warpgroup WG: tile t0 + WG of the plan (T tokens x G heads = 64 rows)."""
-        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr, ubits_ptr, ucnt_ptr,
-         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr, t0, h, n_tiles, stride_qt, stride_qh,
-         stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t, stride_cnt_h,
-         scale_log2) = args
+        """Consumer warpgroup WG: rows = tokens WG*T .. WG*T + T - 1 of the program's tile (x G heads)."""
+        (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -305,19 +249,16 @@ if HAVE_GLUON:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         dt: gl.constexpr = q_ptr.dtype.element_ty
-        t = gl.minimum(t0 + WG, n_tiles - 1)
-        nq = gl.where(t0 + WG < n_tiles, gl.load(tile_nq_ptr + t), 0)
-        q0 = gl.load(tile_q0_ptr + t)
-        pos0 = gl.load(tile_pos0_ptr + t)
-        ubits_t = ubits_ptr + h.to(gl.int64) * stride_u_h + (t0 + WG).to(gl.int64) * stride_u_t
-
+        nq_w = nq - WG * T
+        pos0_w = pos0 + WG * T
+        q0_w = q0 + WG * T
         TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
         q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
         tok = rows // G
-        row_ok = (rows < T * G) & (tok < nq)
+        row_ok = (rows < T * G) & (tok < nq_w)
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
-        q = gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
+        q = gl.load(q_ptr + gl.expand_dims((q0_w + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
                     + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
         # Q as the register operand of Q K^T. Triton 3.6 turns the conversion into a shared-memory copy that is
         # re-read at every product; Q in shared memory as the operand was slower (NOTES_sparse_attention.md)
@@ -325,32 +266,24 @@ if HAVE_GLUON:
 
         srow_l: gl.constexpr = gl.SliceLayout(1, s_l)
         stok = gl.arange(0, BLOCK_M, layout=srow_l) // G
-        tok64 = stok.to(gl.int64)
-        pos = pos0 + stok
+        tok64 = stok.to(gl.int64) + WG * T  # the row's bit in the union's token mask
+        pos = pos0_w + stok
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow_l)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=srow_l)
         acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_l)
         zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
-        ub0, ub1, ub2, cnt0, cnt1, cnt2, k00, k01, k02, key0, key1, key2 = _ws_merge_start(args)
-        k0 = k00 if WG == 0 else (k01 if WG == 1 else k02)
-        c0 = 0
-        c1 = 0
-        c2 = 0
-        i = 0
-        row = gl.minimum(gl.minimum(key0, key1), key2)
-        while row < 2147483647:
+        mine = ((1 << T) - 1) << (WG * T)
+        for i in range(0, cnt):
             slot = i % STAGES
             phase = (i // STAGES) & 1
+            bits = gl.load(ubits_h + i)
             # waiting for the K slot also when skipping keeps this warpgroup within STAGES entries of the others
             mbarrier.wait(kbar.index(slot), phase)
-            key_w = key0 if WG == 0 else (key1 if WG == 1 else key2)
-            if key_w == row:  # this tile's next block
-                c_w = c0 if WG == 0 else (c1 if WG == 1 else c2)
-                blk = (row - k0) // BLOCK_N
-                bits = gl.load(ubits_t + c_w)
+            if (bits & mine) != 0:
+                blk = gl.load(ub_h + i)
                 s_t = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
-                p, alpha, m_i, l_i = _softmax_step(s, blk, bits, tok64, pos, pos0, m_i, l_i, scale_log2, BLOCK_N)
+                p, alpha, m_i, l_i = _softmax_step(s, blk, bits, tok64, pos, pos0_w, m_i, l_i, scale_log2, BLOCK_N)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
                 mbarrier.wait(vbar.index(slot), phase)
                 acc_t = warpgroup_mma(gl.convert_layout(p.to(dt), p_l), v_smem.index(slot), acc, is_async=True)
@@ -358,17 +291,6 @@ if HAVE_GLUON:
                 # every warp's slice of the products is done before the slot is released
                 _cta_barrier()
             mbarrier.arrive(empty.index(slot), count=1)
-            if key0 == row:
-                c0 += 1
-                key0 = _ws_key(ub0, c0, cnt0, k00, BLOCK_N)
-            if key1 == row:
-                c1 += 1
-                key1 = _ws_key(ub1, c1, cnt1, k01, BLOCK_N)
-            if key2 == row:
-                c2 += 1
-                key2 = _ws_key(ub2, c2, cnt2, k02, BLOCK_N)
-            row = gl.minimum(gl.minimum(key0, key1), key2)
-            i += 1
 
         orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
         l_o = gl.convert_layout(l_i, orow_l)
@@ -378,8 +300,8 @@ if HAVE_GLUON:
         orows = gl.arange(0, BLOCK_M, layout=orow_l)
         otok = orows // G
         ohead = h * G + orows % G
-        o_ok = (orows < T * G) & (otok < nq)
-        oqrow = (q0 + otok).to(gl.int64)
+        o_ok = (orows < T * G) & (otok < nq_w)
+        oqrow = (q0_w + otok).to(gl.int64)
         od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
         out_lp = out.to(dt)
         omask = gl.expand_dims(o_ok, 1)
@@ -409,15 +331,22 @@ if HAVE_GLUON:
         q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
-        stride_cnt_h, scale_log2, n_tiles,
+        stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr,
+        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
-        """Program p: the plan's tiles 3p, 3p + 1, 3p + 2 of KV head h (tiles past the plan's, or without a
-        sequence, have an empty union and no valid token: their consumer takes no entry and stores nothing)."""
+        """T: tokens per consumer warpgroup (the plan's tiles hold WGS * T). Tiles without a sequence have an empty
+        union and no valid token, so every partition runs zero steps and stores nothing."""
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        t0 = gl.program_id(0) * 3
+        pid_t = gl.program_id(0)
         h = gl.program_id(1)
+        seq = gl.load(tile_seq_ptr + pid_t)
+        q0 = gl.load(tile_q0_ptr + pid_t)
+        nq = gl.load(tile_nq_ptr + pid_t)
+        pos0 = gl.load(tile_pos0_ptr + pid_t)
+        k0 = gl.load(cu_k_ptr + gl.maximum(seq, 0))
+        ubase = h.to(gl.int64) * stride_u_h + pid_t.to(gl.int64) * stride_u_t
+        cnt = gl.load(ucnt_ptr + h * stride_cnt_h + pid_t)
         dt: gl.constexpr = q_ptr.dtype.element_ty
         k_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N, D], v_desc.layout)
@@ -427,17 +356,22 @@ if HAVE_GLUON:
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(vbar.index(st), count=1)
-            mbarrier.init(empty.index(st), count=3)
-        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr, ubits_ptr,
-                ucnt_ptr, tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr, t0, h, n_tiles, stride_qt,
-                stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
-                stride_cnt_h, scale_log2)
+            mbarrier.init(empty.index(st), count=WGS)
+        args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr + ubase,
+                ubits_ptr + ubase, cnt, k0, h, q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt,
+                stride_rh, stride_lse_h, scale_log2)
         # The producer is the default partition (the kernel's num_warps = 4; one thread issues the copies): Triton 3.6
         # builds the default partition's body outside the module, where a reduction cannot find its number of warps.
-        gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
-                            (_ws_consumer0, (args, G, T, D, STORE_RESID)),
-                            (_ws_consumer1, (args, G, T, D, STORE_RESID)),
-                            (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
+        if WGS == 2:
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID))], [4, 4], [CONSUMER_REGS] * 2)
+        else:
+            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer1, (args, G, T, D, STORE_RESID)),
+                                (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
+
 
 
 def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
@@ -466,26 +400,33 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
 
 
 
-def sparse_fwd_sm90_ws_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
-    """Whether ``sparse_fwd_sm90_ws`` runs for this call: where ``sparse_fwd_sm90`` can, at the head dims of
-    ``_WS_SETTINGS`` (d 128)."""
-    return q.shape[-1] in _WS_SETTINGS and sparse_fwd_sm90_supported(q, block_size, block_m, tma)
+def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, hkv: int, block_size: int, T: int, block_m: int, tma: bool) -> int:
+    """Row tiles per program of the warp-specialised forward for this call (``T`` tokens, ``block_m`` rows a row
+    tile), or 0 where it does not run: sm90, bf16 / fp16, d 128, blocks of 16-64 keys loaded as TMA boxes, 64-row
+    tiles, and the program's tokens within the union's 64-bit token mask."""
+    settings = _WS_SETTINGS.get(q.shape[-1])
+    if settings is None or not sparse_fwd_sm90_supported(q, block_size, block_m, tma):
+        return 0
+    wgs = {**settings, **WS_VARIANT}["WGS"]
+    return wgs if T * wgs <= 64 else 0
 
 
 def sparse_fwd_sm90_ws(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
-    """Launch the warp-specialised sm90 forward: the arguments of ``sparse_fwd_sm90``, one program per three of
-    the plan's tiles and KV head."""
+    """Launch the warp-specialised sm90 forward (as ``sparse_fwd_sm90``; ``plan`` built with ``wgs`` row tiles a
+    tile)."""
     hkv, d = k.shape[1], k.shape[2]
     settings = {**_WS_SETTINGS[d], **WS_VARIANT}
-    maxnreg = settings.pop("maxnreg", _WS_MAXNREG)
+    if settings["WGS"] != plan.wgs:
+        raise ValueError(f"plan: built for {plan.wgs} row tiles a program, the kernel runs {settings['WGS']}")
     el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
     k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
                       for x in (k, v))
     rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
-    _sparse_fwd_kernel_sm90_ws[(-(-plan.n_tiles // 3), hkv)](
+    maxnreg = settings.pop("maxnreg", _WS_MAXNREG[settings["WGS"]])
+    _sparse_fwd_kernel_sm90_ws[(plan.n_tiles, hkv)](
         q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
-        plan.ub.stride(1), plan.cnt.stride(0), scale_log2, plan.n_tiles,
-        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, num_warps=4, maxnreg=maxnreg, **settings)
+        plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
+        G=plan.G, T=plan.T // plan.wgs, D=d, STORE_RESID=store_resid, num_warps=4, maxnreg=maxnreg, **settings)

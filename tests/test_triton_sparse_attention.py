@@ -297,10 +297,8 @@ def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
     assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 128, True) == 0  # 128-row tiles
     assert F.sparse_fwd_sm90_ws_tiles(q.float(), 2, 64, 4, 64, True) == 0
     assert F.sparse_fwd_sm90_ws_tiles(q[..., :64], 2, 64, 4, 64, True) == 0  # d 64: the plain Gluon forward
-    monkeypatch.setitem(F.WS_VARIANT, "WGS", 2)
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 32, 64, True) == 2
     plan = SA._Plan(q, torch.zeros(4, 2, 128), torch.zeros(2, 4, 1, dtype=torch.int32), 64,
-                    torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4, None, wgs=3)
+                    torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4, None)
     with pytest.raises(ValueError, match="plan"):
         F.sparse_fwd_sm90_ws(q, torch.zeros(4, 2, 128), None, None, None, None, plan, None, 64, 1.0, False)
 

@@ -43,14 +43,16 @@ _BLOCK_M = 64  # rows per program: one warpgroup's MMA M
 # an SM). d 64 reads Q from shared memory (Triton 3.6 miscompiles the register operand there: see the docstring).
 _SETTINGS = {128: dict(STAGES=2, EARLY_K=False, Q_REGS=True), 64: dict(STAGES=2, EARLY_K=False, Q_REGS=False)}
 # The warp-specialised forward (d 128; at d 64 with G 3 it lost to the forward above, 8.3 against 5.2 ms at 64K):
-# WGS consumer warpgroups of CONSUMER_REGS registers and a producer warpgroup share one program, one program an SM.
-# The launch caps registers at _WS_MAXNREG (all warpgroups x the cap fit the SM's 64K registers); setmaxnreg then
+# _WS_TILES consumer warpgroups of CONSUMER_REGS registers and a producer warpgroup share one program, one program an
+# SM. The launch caps registers at _WS_MAXNREG (four warpgroups x 128 fill the SM's 64K registers); setmaxnreg then
 # moves the producer's share to the consumers (3 x 160 + 32). STAGES K / V slots of 32 KB: 4 (197 KB with the
 # layout-conversion scratch). H200, interleaved, outputs bitwise equal (NOTES_sparse_attention.md, "Sixteenth
 # session"): 128K `local` 33.8 -> 32.3 ms, `random` 70.1 -> 66.3; 64K 15.7 -> 14.9 / 28.7 -> 27.8; 32K 7.24 -> 6.65
-# / 11.67 -> 10.90. Two consumers (WGS 2), three slots and Q in shared memory were each slower.
-_WS_SETTINGS = {128: dict(STAGES=4, WGS=3, CONSUMER_REGS=160)}
-_WS_MAXNREG = {2: 168, 3: 128}
+# / 11.67 -> 10.90, the union of the three tiles built beforehand included. Two consumers a program, three slots and
+# Q in shared memory were each slower, and so was merging the three tiles' own unions in the kernel.
+_WS_TILES = 3
+_WS_SETTINGS = {128: dict(STAGES=4, CONSUMER_REGS=160)}
+_WS_MAXNREG = 128
 WS_VARIANT = {}  # overrides of _WS_SETTINGS (dev_sparse_attention.py --fwd-variants)
 VARIANT = {}  # overrides of the settings, e.g. dict(STAGES=1, maxnreg=128) (dev_sparse_attention.py --fwd-variants)
 
@@ -210,19 +212,20 @@ if HAVE_GLUON:
             gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
     # ---------------------------------------------------------------------------------------------------------------
-    # Warp-specialised variant: one program serves WGS consecutive 64-row tiles (one consumer warpgroup each) and a
-    # producer warpgroup streams the union of all their blocks once through a ring of K / V slots. A consumer skips
+    # Warp-specialised variant: one program serves three consecutive 64-row tiles (one consumer warpgroup each), and
+    # a producer warpgroup streams the union of all their blocks once through a ring of K / V slots. A consumer skips
     # the union entries none of its own tokens selected, so the tensor work stays that of its own tile's union while
-    # the loads follow the larger union of WGS tiles (neighbouring tiles share most blocks). Slots are handed back
-    # through an `empty` barrier per slot that every consumer arrives at once per union entry, so no CTA-wide barrier
-    # couples the warpgroups; a consumer that skips an entry still waits for its K first, which keeps every consumer
-    # within STAGES entries of the producer (and mbarrier phases from aliasing).
+    # the loads follow the union of the three tiles (neighbouring tiles share most blocks). Slots are handed back
+    # through an `empty` barrier per slot that every consumer arrives at once per union entry, so no CTA-wide
+    # barrier couples the warpgroups; a consumer that skips an entry still waits for its K first, which keeps every
+    # consumer within STAGES entries of the producer (and mbarrier phases from aliasing).
     # ---------------------------------------------------------------------------------------------------------------
 
     @gluon.jit
     def _ws_producer(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
         (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
-         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h,
+         scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         for i in range(0, cnt):
@@ -240,7 +243,8 @@ if HAVE_GLUON:
                      WG: gl.constexpr):
         """Consumer warpgroup WG: rows = tokens WG*T .. WG*T + T - 1 of the program's tile (x G heads)."""
         (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_h, ubits_h, cnt, k0, h,
-         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, scale_log2) = args
+         q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h,
+         scale_log2) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = 64
@@ -333,9 +337,9 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_rt, stride_rh, stride_lse_h, stride_u_h, stride_u_t,
         stride_cnt_h, scale_log2,
         G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr, STAGES: gl.constexpr,
-        WGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
     ):
-        """T: tokens per consumer warpgroup (the plan's tiles hold WGS * T). Tiles without a sequence have an empty
+        """T: tokens per consumer warpgroup (the plan's tiles hold 3 T). Tiles without a sequence have an empty
         union and no valid token, so every partition runs zero steps and stores nothing."""
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         pid_t = gl.program_id(0)
@@ -356,22 +360,16 @@ if HAVE_GLUON:
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(vbar.index(st), count=1)
-            mbarrier.init(empty.index(st), count=WGS)
+            mbarrier.init(empty.index(st), count=3)
         args = (q_ptr, o_ptr, r_ptr, lse_ptr, k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, ub_ptr + ubase,
                 ubits_ptr + ubase, cnt, k0, h, q0, nq, pos0, stride_qt, stride_qh, stride_ot, stride_oh, stride_rt,
                 stride_rh, stride_lse_h, scale_log2)
         # The producer is the default partition (the kernel's num_warps = 4; one thread issues the copies): Triton 3.6
         # builds the default partition's body outside the module, where a reduction cannot find its number of warps.
-        if WGS == 2:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID))], [4, 4], [CONSUMER_REGS] * 2)
-        else:
-            gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer0, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer1, (args, G, T, D, STORE_RESID)),
-                                (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
-
+        gl.warp_specialize([(_ws_producer, (args, G, T, D, STORE_RESID)),
+                            (_ws_consumer0, (args, G, T, D, STORE_RESID)),
+                            (_ws_consumer1, (args, G, T, D, STORE_RESID)),
+                            (_ws_consumer2, (args, G, T, D, STORE_RESID))], [4, 4, 4], [CONSUMER_REGS] * 3)
 
 
 def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tma: bool) -> bool:
@@ -404,26 +402,24 @@ def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, hkv: int, block_size: int, T: int,
     """Row tiles per program of the warp-specialised forward for this call (``T`` tokens, ``block_m`` rows a row
     tile), or 0 where it does not run: sm90, bf16 / fp16, d 128, blocks of 16-64 keys loaded as TMA boxes, 64-row
     tiles, and the program's tokens within the union's 64-bit token mask."""
-    settings = _WS_SETTINGS.get(q.shape[-1])
-    if settings is None or not sparse_fwd_sm90_supported(q, block_size, block_m, tma):
+    if q.shape[-1] not in _WS_SETTINGS or not sparse_fwd_sm90_supported(q, block_size, block_m, tma):
         return 0
-    wgs = {**settings, **WS_VARIANT}["WGS"]
-    return wgs if T * wgs <= 64 else 0
+    return _WS_TILES if T * _WS_TILES <= 64 else 0
 
 
 def sparse_fwd_sm90_ws(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
-    """Launch the warp-specialised sm90 forward (as ``sparse_fwd_sm90``; ``plan`` built with ``wgs`` row tiles a
-    tile)."""
+    """Launch the warp-specialised sm90 forward: the arguments of ``sparse_fwd_sm90``, with ``plan`` built for
+    tiles of ``_WS_TILES`` row tiles (``_Plan(..., wgs=3)``)."""
+    if plan.wgs != _WS_TILES:
+        raise ValueError(f"plan: built for {plan.wgs} row tiles a tile, the kernel takes {_WS_TILES}")
     hkv, d = k.shape[1], k.shape[2]
     settings = {**_WS_SETTINGS[d], **WS_VARIANT}
-    if settings["WGS"] != plan.wgs:
-        raise ValueError(f"plan: built for {plan.wgs} row tiles a program, the kernel runs {settings['WGS']}")
+    maxnreg = settings.pop("maxnreg", _WS_MAXNREG)
     el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
     k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
                       for x in (k, v))
     rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
-    maxnreg = settings.pop("maxnreg", _WS_MAXNREG[settings["WGS"]])
     _sparse_fwd_kernel_sm90_ws[(plan.n_tiles, hkv)](
         q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,

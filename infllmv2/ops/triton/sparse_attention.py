@@ -29,8 +29,10 @@ Design (the reuse that a per-token kernel lacks):
   heavily shared blocks (the attention sink) are split over several programs, which accumulate into
   fp32 buffers with atomics.
 
-On Hopper GPUs the forward runs as ``sparse_fwd_sm90.py``'s Gluon kernel instead (``FWD_SM90``): the same work in
-the same order, three programs an SM instead of two.
+On Hopper GPUs the forward runs as ``sparse_fwd_sm90.py``'s Gluon kernels instead: at d 128 the warp-specialised
+one (``FWD_SM90_WS``: three 4-token tiles a program sharing one K / V stream over the union of their blocks, the
+plan's tiles then holding 12 tokens), else the plain one (``FWD_SM90``: the same work in the same order, three
+programs an SM instead of two).
 
 Registered as ``torch.ops.infllmv2.sparse_attention_fwd`` / ``..._bwd`` custom ops with a fake
 implementation and autograd, so torch.compile can trace it.

@@ -471,7 +471,8 @@ def main():
     ap.add_argument("--flag-ab", metavar="ATTR", help="only the interleaved off/on A/B of a boolean switch of the "
                     "sparse_attention module (e.g. ROW_MASK) at --lens x --patterns")
     ap.add_argument("--fwd-variants", metavar="JSON", help="only the interleaved A/B of forward launch variants (a "
-                    "JSON list of dicts: name, gluon, and sparse_fwd_sm90.VARIANT keys) at --lens x --patterns")
+                    "JSON list of dicts: name, gluon, ws, ws_settings, and sparse_fwd_sm90.VARIANT keys) at --lens x "
+                    "--patterns x --shape")
     args = ap.parse_args()
     if args.fwd_variants:
         hq, hkv, d = (int(x) for x in args.shape.split(","))

@@ -30,9 +30,9 @@ Design (the reuse that a per-token kernel lacks):
   fp32 buffers with atomics.
 
 On Hopper GPUs the forward runs as ``sparse_fwd_sm90.py``'s Gluon kernels instead: at d 128 the warp-specialised
-one (``FWD_SM90_WS``: three 4-token tiles a program sharing one K / V stream over the union of their blocks, the
-plan's tiles then holding 12 tokens), else the plain one (``FWD_SM90``: the same work in the same order, three
-programs an SM instead of two).
+one (``FWD_SM90_WS``: three row tiles a program sharing one K / V stream over the union of their blocks, the
+plan's tiles then holding three row tiles' tokens), else the plain one (``FWD_SM90``: the same work in the same
+order, three programs an SM instead of two).
 
 Registered as ``torch.ops.infllmv2.sparse_attention_fwd`` / ``..._bwd`` custom ops with a fake
 implementation and autograd, so torch.compile can trace it.
@@ -47,7 +47,8 @@ import triton.language as tl
 
 from .selection import softmax_scale_or_default
 from .gluon_support import GluonKernel
-from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported, sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
+from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
+from .sparse_fwd_sm90 import sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them K/V load through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -84,6 +84,49 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i
 
     @gluon.jit
+    def _load_q_tile(q_ptr, q0, nq, h, stride_qt, stride_qh, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr,
+                     BLOCK_M: gl.constexpr):
+        """The query tile of the ``nq`` tokens from row ``q0`` and KV head ``h`` (row = token x G + head; rows past
+        them read zeros)."""
+        TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
+        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
+        tok = rows // G
+        row_ok = (rows < T * G) & (tok < nq)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
+        return gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
+                       + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
+
+    @gluon.jit
+    def _store_tile(acc, m_i, l_i, o_ptr, r_ptr, lse_ptr, q0, nq, h, stride_ot, stride_oh, stride_rt, stride_rh,
+                    stride_lse_h, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                    STORE_RESID: gl.constexpr):
+        """The epilogue: O = acc / l, lse (natural log; -inf for rows that see nothing) and, for an exact
+        delta = rowsum(dO * O) in the backward, the rounding residual of O."""
+        o_l: gl.constexpr = acc.type.layout
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+        l_o = gl.convert_layout(l_i, orow_l)
+        has = l_o > 0.0
+        l_safe = gl.where(has, l_o, 1.0)
+        out = acc / gl.expand_dims(l_safe, 1)
+        orows = gl.arange(0, BLOCK_M, layout=orow_l)
+        otok = orows // G
+        ohead = h * G + orows % G
+        o_ok = (orows < T * G) & (otok < nq)
+        oqrow = (q0 + otok).to(gl.int64)
+        od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+        out_lp = out.to(o_ptr.dtype.element_ty)
+        omask = gl.expand_dims(o_ok, 1)
+        gl.store(o_ptr + gl.expand_dims(oqrow * stride_ot + ohead * stride_oh, 1) + gl.expand_dims(od, 0), out_lp,
+                 mask=omask)
+        if STORE_RESID:
+            gl.store(r_ptr + gl.expand_dims(oqrow * stride_rt + ohead * stride_rh, 1) + gl.expand_dims(od, 0),
+                     (out - out_lp.to(gl.float32)).to(o_ptr.dtype.element_ty), mask=omask)
+        m_o = gl.convert_layout(m_i, orow_l)
+        lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
+
+    @gluon.jit
     def _sparse_fwd_kernel_sm90(
         q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,
@@ -126,15 +169,7 @@ if HAVE_GLUON:
                 _load_block(k_desc, k_smem.index(st), kbar.index(st), ub_h, st, cnt, k0, h, D, BLOCK_N)
                 _load_block(v_desc, v_smem.index(st), vbar.index(st), ub_h, st, cnt, k0, h, D, BLOCK_N)
 
-            # the query tile (row = token x G + head)
-            TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
-            q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-            rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
-            tok = rows // G
-            row_ok = (rows < T * G) & (tok < nq)
-            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
-            q = gl.load(q_ptr + gl.expand_dims((q0 + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
-                        + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
+            q = _load_q_tile(q_ptr, q0, nq, h, stride_qt, stride_qh, G, T, D, BLOCK_M)
             if Q_REGS:  # kept in registers as the left operand of Q K^T (see the module docstring)
                 q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
             else:  # from shared memory (d 64: Triton 3.6 miscompiles the register operand, see the docstring)
@@ -188,28 +223,8 @@ if HAVE_GLUON:
                 mbarrier.invalidate(kbar.index(st))
                 mbarrier.invalidate(vbar.index(st))
 
-            # epilogue: O = acc / l, lse (natural log; -inf for rows that see nothing), the rounding residual
-            orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-            l_o = gl.convert_layout(l_i, orow_l)
-            has = l_o > 0.0
-            l_safe = gl.where(has, l_o, 1.0)
-            out = acc / gl.expand_dims(l_safe, 1)
-            orows = gl.arange(0, BLOCK_M, layout=orow_l)
-            otok = orows // G
-            ohead = h * G + orows % G
-            o_ok = (orows < T * G) & (otok < nq)
-            oqrow = (q0 + otok).to(gl.int64)
-            od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
-            out_lp = out.to(dt)
-            omask = gl.expand_dims(o_ok, 1)
-            gl.store(o_ptr + gl.expand_dims(oqrow * stride_ot + ohead * stride_oh, 1) + gl.expand_dims(od, 0), out_lp,
-                     mask=omask)
-            if STORE_RESID:  # for an exact delta = rowsum(dO * O) in the backward
-                gl.store(r_ptr + gl.expand_dims(oqrow * stride_rt + ohead * stride_rh, 1) + gl.expand_dims(od, 0),
-                         (out - out_lp.to(gl.float32)).to(dt), mask=omask)
-            m_o = gl.convert_layout(m_i, orow_l)
-            lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
+            _store_tile(acc, m_i, l_i, o_ptr, r_ptr, lse_ptr, q0, nq, h, stride_ot, stride_oh, stride_rt, stride_rh,
+                        stride_lse_h, G, T, D, BLOCK_M, STORE_RESID)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Warp-specialised variant: one program serves three consecutive 64-row tiles (one consumer warpgroup each), and
@@ -256,14 +271,7 @@ if HAVE_GLUON:
         nq_w = nq - WG * T
         pos0_w = pos0 + WG * T
         q0_w = q0 + WG * T
-        TPW_D: gl.constexpr = D // 8 if D // 8 < 32 else 32
-        q_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_l))
-        tok = rows // G
-        row_ok = (rows < T * G) & (tok < nq_w)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_l))
-        q = gl.load(q_ptr + gl.expand_dims((q0_w + tok).to(gl.int64) * stride_qt + (h * G + rows % G) * stride_qh, 1)
-                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_ok, 1), other=0.0)
+        q = _load_q_tile(q_ptr, q0_w, nq_w, h, stride_qt, stride_qh, G, T, D, BLOCK_M)
         # Q as the register operand of Q K^T. Triton 3.6 turns the conversion into a shared-memory copy that is
         # re-read at every product; Q in shared memory as the operand was slower (NOTES_sparse_attention.md)
         q_op = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
@@ -296,27 +304,8 @@ if HAVE_GLUON:
                 _cta_barrier()
             mbarrier.arrive(empty.index(slot), count=1)
 
-        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-        l_o = gl.convert_layout(l_i, orow_l)
-        has = l_o > 0.0
-        l_safe = gl.where(has, l_o, 1.0)
-        out = acc / gl.expand_dims(l_safe, 1)
-        orows = gl.arange(0, BLOCK_M, layout=orow_l)
-        otok = orows // G
-        ohead = h * G + orows % G
-        o_ok = (orows < T * G) & (otok < nq_w)
-        oqrow = (q0_w + otok).to(gl.int64)
-        od = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
-        out_lp = out.to(dt)
-        omask = gl.expand_dims(o_ok, 1)
-        gl.store(o_ptr + gl.expand_dims(oqrow * stride_ot + ohead * stride_oh, 1) + gl.expand_dims(od, 0), out_lp,
-                 mask=omask)
-        if STORE_RESID:
-            gl.store(r_ptr + gl.expand_dims(oqrow * stride_rt + ohead * stride_rh, 1) + gl.expand_dims(od, 0),
-                     (out - out_lp.to(gl.float32)).to(dt), mask=omask)
-        m_o = gl.convert_layout(m_i, orow_l)
-        lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
+        _store_tile(acc, m_i, l_i, o_ptr, r_ptr, lse_ptr, q0_w, nq_w, h, stride_ot, stride_oh, stride_rt, stride_rh,
+                    stride_lse_h, G, T, D, BLOCK_M, STORE_RESID)
 
     @gluon.jit
     def _ws_consumer0(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):

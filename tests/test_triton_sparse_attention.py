@@ -302,6 +302,44 @@ def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
     with pytest.raises(ValueError, match="plan"):
         F.sparse_fwd_sm90_ws(q, torch.zeros(4, 2, 128), None, None, None, None, plan, None, 64, 1.0, False)
 
+
+def test_sm90_forward_launchers_pass_every_kernel_parameter(monkeypatch):
+    """The Hopper launchers (the kernels themselves need an sm90 GPU) hand each kernel every parameter exactly once,
+    on one program per plan tile and KV head, with the tokens of one row tile as T."""
+    from infllmv2.ops.triton import sparse_fwd_sm90 as F
+    if not F.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    calls = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.__setitem__(self.name, (grid, args, kwargs))
+
+    names = ("_sparse_fwd_kernel_sm90", "_sparse_fwd_kernel_sm90_ws")
+    real = {name: getattr(F, name) for name in names}
+    for name in names:
+        monkeypatch.setattr(F, name, Recorder(name))
+    n, hq, hkv, d = 40, 32, 2, 128
+    q = torch.zeros(n, hq, d, dtype=torch.bfloat16)
+    k = torch.zeros(n, hkv, d, dtype=torch.bfloat16)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    bi = torch.zeros(hkv, n, 3, dtype=torch.int32)
+    out, resid, lse = torch.empty_like(q), torch.empty_like(q), torch.empty(hq, n)
+    plans = {names[0]: SA._Plan(q, k, bi, 64, cu, cu, n, 64), names[1]: SA._Plan(q, k, bi, 64, cu, cu, n, 64, wgs=3)}
+    F.sparse_fwd_sm90(q, k, k, out, resid, lse, plans[names[0]], cu, 64, 1.0, True)
+    F.sparse_fwd_sm90_ws(q, k, k, out, resid, lse, plans[names[1]], cu, 64, 1.0, True)
+    for name in names:
+        grid, args, kwargs = calls[name]
+        params = real[name].arg_names
+        given = list(params[:len(args)]) + [x for x in kwargs if x not in ("num_warps", "maxnreg")]
+        assert sorted(given) == sorted(params), name
+        assert grid == (plans[name].n_tiles, hkv)
+        assert kwargs["T"] == 4 and kwargs["G"] == 16 and kwargs["D"] == d and kwargs["STORE_RESID"] is True
+    assert calls[names[1]][2]["maxnreg"] == F._WS_MAXNREG
+
 def test_full_budget_equals_dense():
     # budget covering every block: equal to dense causal attention (tight fp32 tolerance)
     lens = [70, 33]

@@ -368,23 +368,29 @@ def sparse_fwd_sm90_supported(q: torch.Tensor, block_size: int, block_m: int, tm
             and block_size in (16, 32, 64) and block_m == _BLOCK_M)
 
 
-def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
-    """Launch the sm90 forward (the arguments of the Triton forward's launch in ``sparse_attention._forward``;
-    ``plan`` is its ``_Plan``). K and V (total_k, Hkv, d) are read through TMA descriptors over their
-    (total_k, Hkv * d) views, one block of one head at a time; rows past the end read zeros."""
+def _launch(kernel, q, k, v, out, resid, lse, plan, cu_k, block_size, scale_log2, store_resid, **launch):
+    """Launch a forward kernel, one program per tile of the plan and KV head. K and V (total_k, Hkv, d) are read
+    through TMA descriptors over their (total_k, Hkv * d) views, one block of one head at a time (rows past the end
+    read zeros); ``launch``: the kernel's other constexprs and launch options."""
     hkv, d = k.shape[1], k.shape[2]
     el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
     k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
                       for x in (k, v))
     rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
-    _sparse_fwd_kernel_sm90[(plan.n_tiles, hkv)](
+    kernel[(plan.n_tiles, hkv)](
         q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
         plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
         plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
-        G=plan.G, T=plan.T, D=d, STORE_RESID=store_resid, num_warps=4, **{**_SETTINGS[d], **VARIANT})
+        G=plan.G, D=d, STORE_RESID=store_resid, num_warps=4, **launch)
 
+
+def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale_log2: float, store_resid: bool):
+    """Launch the sm90 forward (the arguments of the Triton forward's launch in ``sparse_attention._forward``;
+    ``plan`` is its ``_Plan``)."""
+    _launch(_sparse_fwd_kernel_sm90, q, k, v, out, resid, lse, plan, cu_k, block_size, scale_log2,
+            store_resid, T=plan.T, **{**_SETTINGS[k.shape[2]], **VARIANT})
 
 
 def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, hkv: int, block_size: int, T: int, block_m: int, tma: bool) -> int:
@@ -401,17 +407,7 @@ def sparse_fwd_sm90_ws(q, k, v, out, resid, lse, plan, cu_k, block_size: int, sc
     tiles of ``_WS_TILES`` row tiles (``_Plan(..., wgs=3)``)."""
     if plan.wgs != _WS_TILES:
         raise ValueError(f"plan: built for {plan.wgs} row tiles a tile, the kernel takes {_WS_TILES}")
-    hkv, d = k.shape[1], k.shape[2]
-    settings = {**_WS_SETTINGS[d], **WS_VARIANT}
+    settings = {**_WS_SETTINGS[k.shape[2]], **WS_VARIANT}
     maxnreg = settings.pop("maxnreg", _WS_MAXNREG)
-    el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    lay = gl.NVMMASharedLayout.get_default_for([block_size, d], el)
-    k_desc, v_desc = (TensorDescriptor(x, [x.shape[0], hkv * d], [x.stride(0), 1], [block_size, d], lay)
-                      for x in (k, v))
-    rs = (resid.stride(0), resid.stride(1)) if store_resid else (0, 0)
-    _sparse_fwd_kernel_sm90_ws[(plan.n_tiles, hkv)](
-        q, k_desc, v_desc, out, resid, lse, plan.ub, plan.ubits, plan.cnt,
-        plan.tile_seq, plan.tile_q0, plan.tile_nq, plan.tile_pos0, cu_k,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), rs[0], rs[1], lse.stride(0), plan.ub.stride(0),
-        plan.ub.stride(1), plan.cnt.stride(0), scale_log2,
-        G=plan.G, T=plan.T // plan.wgs, D=d, STORE_RESID=store_resid, num_warps=4, maxnreg=maxnreg, **settings)
+    _launch(_sparse_fwd_kernel_sm90_ws, q, k, v, out, resid, lse, plan, cu_k, block_size, scale_log2,
+            store_resid, T=plan.T // plan.wgs, maxnreg=maxnreg, **settings)

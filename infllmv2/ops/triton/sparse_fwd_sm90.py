@@ -25,8 +25,8 @@ and P, NOTES_sparse_attention.md).
 ``_sparse_fwd_kernel_sm90_ws`` (d 128, the default there) is the warp-specialised form of the same loop: three such
 tiles a program, one K / V stream over the union of their blocks (see its comment).
 
-Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
-kernel everywhere else, and the GPU tests compare the two on the same inputs.
+Gluon has no CPU interpreter, so these kernels run on sm90 GPUs only; ``sparse_attention._forward`` uses the Triton
+kernel everywhere else, and the GPU tests compare each with it on the same inputs.
 """
 from __future__ import annotations
 

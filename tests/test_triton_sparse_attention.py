@@ -285,8 +285,8 @@ def test_plan_tiles_hold_the_union_of_their_tokens_selections(wgs):
 
 def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
     """Where the warp-specialised Hopper forward runs (the choice itself needs no GPU): d 128, bf16 / fp16, TMA,
-    64-row tiles, and its three row tiles' tokens within the 64-bit token mask; the launcher refuses a plan built
-    for another number of row tiles."""
+    64-row tiles, its three row tiles' tokens within the 64-bit token mask, and a plan the union kernel builds; the
+    launcher refuses a plan built for another number of row tiles."""
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
     monkeypatch.setattr(F, "on_sm90", lambda x: True)
     q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
@@ -297,6 +297,19 @@ def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
     assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 128, True) == 0  # 128-row tiles
     assert F.sparse_fwd_sm90_ws_tiles(q.float(), 2, 64, 4, 64, True) == 0
     assert F.sparse_fwd_sm90_ws_tiles(q[..., :64], 2, 64, 4, 64, True) == 0  # d 64: the plain Gluon forward
+    # the forward's choice: also only where the union kernel builds the plan of three row tiles
+    monkeypatch.setattr(SA, "_INTERPRET", False)
+    monkeypatch.setattr(SA.FWD_SM90_WS, "enabled", True)
+    kv = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    bi96, bi32 = torch.zeros(2, 4, 96, dtype=torch.int32), torch.zeros(2, 4, 32, dtype=torch.int32)
+    assert SA._ws_tiles(q, kv, bi96, 64, None, True) == 3  # G 16: 12 tokens x 96 blocks = 1152 candidates
+    assert SA._ws_tiles(q[:, :8], kv, bi96, 64, None, True) == 0  # G 4: 48 tokens x 96 = 4608, past the kernel
+    assert SA._ws_tiles(q[:, :8], kv, bi32, 64, None, True) == 3  # G 4 at 32 blocks: 1536
+    monkeypatch.setattr(SA, "UNION_KERNEL", False)
+    assert SA._ws_tiles(q, kv, bi96, 64, None, True) == 0
+    monkeypatch.setattr(SA, "UNION_KERNEL", True)
+    monkeypatch.setattr(SA.FWD_SM90_WS, "enabled", False)
+    assert SA._ws_tiles(q, kv, bi96, 64, None, True) == 0
     plan = SA._Plan(q, torch.zeros(4, 2, 128), torch.zeros(2, 4, 1, dtype=torch.int32), 64,
                     torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4, None)
     with pytest.raises(ValueError, match="plan"):

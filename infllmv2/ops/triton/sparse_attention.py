@@ -692,6 +692,18 @@ def _pair_default(pair):
 # --------------------------------------------------------------------------------------------
 
 
+def _ws_tiles(q, k, block_indices, block_size: int, block_m, tma: bool) -> int:
+    """Row tiles a program of the warp-specialised Hopper forward for this call, or 0 (the other kernels run): where
+    ``sparse_fwd_sm90_ws_tiles`` allows it and the union kernel builds its plan. Beyond ``UNION_KERNEL_MAX``
+    candidates a tile (G 4 or 8 at 96 blocks, whose tiles of three row tiles hold 48 or 24 tokens) a torch sort would
+    build it, which was never timed with this kernel (it was timed at G 16: 12-token tiles, 1152 candidates)."""
+    if _INTERPRET or not FWD_SM90_WS.enabled or not UNION_KERNEL:
+        return 0
+    T, bm = _tile_shape(q.shape[1] // k.shape[1], block_m)
+    wgs = sparse_fwd_sm90_ws_tiles(q, k.shape[1], block_size, T, bm, tma)
+    return wgs if _next_pow2(max(T * wgs * block_indices.shape[-1], 16)) <= UNION_KERNEL_MAX else 0
+
+
 def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None,
              need_resid=False, pair=None):
     """-> out, lse, resid. resid (only when need_resid and q is bf16/fp16, else an empty tensor) is
@@ -710,8 +722,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
         tma = _use_tma(k, v, block_size, nb)
         # Hopper: the warp-specialised Gluon forward (tiles of several row tiles), else the Gluon forward, else (or
         # where a Gluon kernel does not build) the Triton one
-        wgs = 0 if _INTERPRET or not FWD_SM90_WS.enabled else sparse_fwd_sm90_ws_tiles(
-            q, k.shape[1], block_size, *_tile_shape(hq // hkv, block_m), tma)
+        wgs = _ws_tiles(q, k, block_indices, block_size, block_m, tma)
         done = False
         if wgs:
             plan = _Plan(q, k, block_indices, block_size, cu_q, cu_k, max_seqlen_k, block_m, wgs=wgs)

@@ -290,13 +290,13 @@ def test_warp_specialised_forward_applies_where_its_tiles_fit(monkeypatch):
     from infllmv2.ops.triton import sparse_fwd_sm90 as F
     monkeypatch.setattr(F, "on_sm90", lambda x: True)
     q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 64, True) == 3  # G 16: 4 tokens a row tile
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 21, 64, True) == 3  # 63 tokens a program
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 32, 64, True) == 0  # 96 tokens: past the mask
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 64, False) == 0  # no TMA
-    assert F.sparse_fwd_sm90_ws_tiles(q, 2, 64, 4, 128, True) == 0  # 128-row tiles
-    assert F.sparse_fwd_sm90_ws_tiles(q.float(), 2, 64, 4, 64, True) == 0
-    assert F.sparse_fwd_sm90_ws_tiles(q[..., :64], 2, 64, 4, 64, True) == 0  # d 64: the plain Gluon forward
+    assert F.sparse_fwd_sm90_ws_tiles(q, 64, 4, 64, True) == 3  # G 16: 4 tokens a row tile
+    assert F.sparse_fwd_sm90_ws_tiles(q, 64, 21, 64, True) == 3  # 63 tokens a program
+    assert F.sparse_fwd_sm90_ws_tiles(q, 64, 32, 64, True) == 0  # 96 tokens: past the mask
+    assert F.sparse_fwd_sm90_ws_tiles(q, 64, 4, 64, False) == 0  # no TMA
+    assert F.sparse_fwd_sm90_ws_tiles(q, 64, 4, 128, True) == 0  # 128-row tiles
+    assert F.sparse_fwd_sm90_ws_tiles(q.float(), 64, 4, 64, True) == 0
+    assert F.sparse_fwd_sm90_ws_tiles(q[..., :64], 64, 4, 64, True) == 0  # d 64: the plain Gluon forward
     # the forward's choice: also only where the union kernel builds the plan of three row tiles
     monkeypatch.setattr(SA, "_INTERPRET", False)
     monkeypatch.setattr(SA.FWD_SM90_WS, "enabled", True)

@@ -100,7 +100,7 @@ def test_sm90_forward_kernel_matches_triton_kernel(lens_q, lens_k, hq, hkv, d, B
     SA = D.SA
     q, k, v, _, bi, cuq, cuk = D.make_case(lens_q, lens_k, hq, hkv, d, B, budget, 1, 4, rho, dtype)
     name = "sparse_fwd_sm90_ws" if ws else "sparse_fwd_sm90"
-    if ws and not sparse_fwd_sm90.sparse_fwd_sm90_ws_tiles(q, hkv, B, *SA._tile_shape(hq // hkv, None), True):
+    if ws and not sparse_fwd_sm90.sparse_fwd_sm90_ws_tiles(q, B, *SA._tile_shape(hq // hkv, None), True):
         pytest.skip("the warp-specialised forward does not apply to this shape")
     calls = []
     real = getattr(SA, name)

@@ -700,7 +700,7 @@ def _ws_tiles(q, k, block_indices, block_size: int, block_m, tma: bool) -> int:
     if _INTERPRET or not FWD_SM90_WS.enabled or not UNION_KERNEL:
         return 0
     T, bm = _tile_shape(q.shape[1] // k.shape[1], block_m)
-    wgs = sparse_fwd_sm90_ws_tiles(q, k.shape[1], block_size, T, bm, tma)
+    wgs = sparse_fwd_sm90_ws_tiles(q, block_size, T, bm, tma)
     return wgs if _next_pow2(max(T * wgs * block_indices.shape[-1], 16)) <= UNION_KERNEL_MAX else 0
 
 

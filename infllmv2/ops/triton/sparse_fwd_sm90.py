@@ -393,7 +393,7 @@ def sparse_fwd_sm90(q, k, v, out, resid, lse, plan, cu_k, block_size: int, scale
             store_resid, T=plan.T, **{**_SETTINGS[k.shape[2]], **VARIANT})
 
 
-def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, hkv: int, block_size: int, T: int, block_m: int, tma: bool) -> int:
+def sparse_fwd_sm90_ws_tiles(q: torch.Tensor, block_size: int, T: int, block_m: int, tma: bool) -> int:
     """Row tiles per program of the warp-specialised forward for this call (``T`` tokens, ``block_m`` rows a row
     tile), or 0 where it does not run: sm90, bf16 / fp16, d 128, blocks of 16-64 keys loaded as TMA boxes, 64-row
     tiles, and the program's tokens within the union's 64-bit token mask."""

@@ -452,6 +452,57 @@ def fwd_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, bu
     return rows
 
 
+def union_variants(variants, lens, patterns, reps=3, hq=32, hkv=2, d=128, B=64, budget=96, init=1, local=32):
+    """The forward's plan (``_Plan``: tile table + union build) under settings of ``sparse_attention`` (each variant a
+    dict of its attributes plus ``name``), for tiles of one row tile (the plain kernels) and of three (the
+    warp-specialised forward), interleaved over `reps` rounds; every plan compared with the torch build."""
+    defaults = {}
+    rows = []
+
+    def use(var):
+        for key, val in defaults.items():
+            setattr(SA, key, val)
+        for key, val in var.items():
+            if key != "name":
+                defaults.setdefault(key, getattr(SA, key))
+                setattr(SA, key, val)
+    try:
+        for n in lens:
+            for pattern in patterns:
+                q = torch.empty(n, hq, d, device=DEV, dtype=torch.bfloat16)
+                k = torch.empty(n, hkv, d, device=DEV, dtype=torch.bfloat16)
+                bi = make_selection(n, n, hkv, B, budget, init, local, 0.97 if pattern == "local" else 0.0)
+                cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+                for wgs in (1, 3):
+                    row = dict(n=n, pattern=pattern, wgs=wgs, ms={}, equal_to_torch={})
+                    for var in variants:
+                        use(var)
+                        plan = SA._Plan(q, k, bi, B, cu, cu, n, None, wgs=wgs)
+                        ub, ubits, cnt = SA._tile_unions_torch(bi, plan.tile_q0, plan.tile_nq, plan.tile_pos0,
+                                                               plan.T, B, plan.u_cap)
+                        live = torch.arange(plan.u_cap, device=DEV)[None, None, :] < cnt[..., None]
+                        row["equal_to_torch"][var["name"]] = bool(
+                            torch.equal(plan.cnt, cnt) and torch.equal(plan.ub[..., :-1][live], ub[..., :-1][live])
+                            and torch.equal(plan.ubits[..., :-1][live], ubits[..., :-1][live]))
+                        del plan, ub, ubits, cnt, live
+                    for _ in range(reps):
+                        for var in variants:
+                            use(var)
+                            row["ms"].setdefault(var["name"], []).append(round(bench(
+                                lambda: SA._Plan(q, k, bi, B, cu, cu, n, None, wgs=wgs), rep=100), 3))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                del q, k, bi
+                torch.cuda.empty_cache()
+    finally:
+        use({})
+    print("n | pattern | tiles of row tiles | " + " | ".join(v["name"] for v in variants) + " (ms, best of rounds)")
+    for r in rows:
+        print(r["n"], "|", r["pattern"], "|", r["wgs"], "|", " | ".join(
+            f"{min(r['ms'][v['name']])}{'' if r['equal_to_torch'][v['name']] else ' WRONG'}" for v in variants))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="32768,65536,131072")
@@ -462,6 +513,8 @@ def main():
     ap.add_argument("--row-mask", default="1", help="row-bias masking variants to compare, e.g. 0,1")
     ap.add_argument("--union-kernel", default="1", help="union build variants to compare, e.g. 0,1")
     ap.add_argument("--chunks", default="256", help="dk/dv chunk sizes (steps of T tokens a program), e.g. 64,256")
+    ap.add_argument("--union-variants", default="", help="settings of sparse_attention.py for the plan's union build "
+                    "(JSON list of dicts: name and attribute values, e.g. UNION_MERGE), timed interleaved at --lens")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the forward and backward")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")
@@ -474,6 +527,14 @@ def main():
                     "JSON list of dicts: name, gluon, ws, ws_settings, and sparse_fwd_sm90.VARIANT keys) at --lens x "
                     "--patterns x --shape")
     args = ap.parse_args()
+    if args.union_variants:
+        rows = union_variants(json.loads(args.union_variants), [int(x) for x in args.lens.split(",")],
+                              args.patterns.split(","))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"dev_sparse_attention_union_variants{args.tag}.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           command=" ".join(sys.argv), rows=rows), f, indent=1)
+        return
     if args.fwd_variants:
         hq, hkv, d = (int(x) for x in args.shape.split(","))
         rows = fwd_variants(json.loads(args.fwd_variants), [int(x) for x in args.lens.split(",")],

@@ -116,7 +116,7 @@ def _kernels():
         # the warp-specialised forward's plan: 12-token tiles, 12 x 96 candidates sorted as 2048 keys (use --warps 8)
         "union": (sparse_attention._tile_union_kernel, union,
                   dict(T=12, TB=2048, PAD=sparse_attention._PAD_KEY, TOK_BITS=sparse_attention._MAX_TOKENS_PER_TILE,
-                       RUN=128, RUN_BITS=7, TB_BITS=11, OR_SCAN=False)),
+                       RUN=128, RUN_BITS=7, TB_BITS=11, OR_SCAN=False, NB_BINS=0)),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
                      TMA=True, ROW_MASK=True)),

@@ -220,10 +220,10 @@ def test_token_index_lists_each_blocks_tokens_once_in_order():
         assert got == want
 
 
-@pytest.mark.parametrize("or_scan", [False, True])
+@pytest.mark.parametrize("mode", ["atomic_or", "or_scan", "histogram"])
 @pytest.mark.parametrize("rows", ["random", "sorted", "sorted_repeats"])
 @pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40), (3, 9, 12)])
-def test_union_kernel_equals_torch(T, budget, u_cap, rows, or_scan, monkeypatch):
+def test_union_kernel_equals_torch(T, budget, u_cap, rows, mode, monkeypatch):
     # the Triton union build against the segmented torch.sort version: block lists with -1 padding, future
     # blocks (dropped), partial last tiles, and u_cap truncation (3, 7, 6). "random" rows (repeats, -1 anywhere)
     # take the kernel's full sort; rows sorted ascending with -1 last, as the selection writes them, take the
@@ -244,11 +244,13 @@ def test_union_kernel_equals_torch(T, budget, u_cap, rows, or_scan, monkeypatch)
         assert bool((bi[..., 1:] >= 0).logical_or(bi[..., 1:] == -1).all())
     merges = SA._next_pow2(T * SA._next_pow2(budget)) == SA._next_pow2(T * budget)
     assert merges == ((T, budget) != (3, 9))
-    monkeypatch.setattr(SA, "UNION_OR_SCAN", or_scan)  # token bits by atomic ORs or by a segmented OR scan
+    # the sort's token bits by atomic ORs or by a segmented OR scan; or no sort, a histogram of the 14 blocks
+    monkeypatch.setattr(SA, "UNION_OR_SCAN", mode == "or_scan")
+    monkeypatch.setattr(SA, "UNION_HIST", mode == "histogram")
     bi = bi.transpose(1, 2).contiguous().transpose(1, 2)  # strided rows: the kernel reads the strides it gets
     tiles = SA._tile_table(cu_q, cu_k, T, sum(lens_q), len(lens_q))
     args = (bi, tiles[1], tiles[2], tiles[3], T, bs, u_cap)
-    ub, ubits, cnt = SA._tile_unions(*args)
+    ub, ubits, cnt = SA._tile_unions(*args, n_blocks=14)
     ub_t, ubits_t, cnt_t = SA._tile_unions_torch(*args)
     valid = (tiles[0] >= 0)[None, :]
     assert torch.equal(torch.where(valid, cnt, 0), torch.where(valid, cnt_t, 0))

@@ -83,6 +83,8 @@ UNION_KERNEL_MAX = 2048
 # sort are left (unsorted rows, e.g. a caller's own, still get the full sort)
 UNION_MERGE = True
 UNION_OR_SCAN = False  # token bits by a segmented OR scan over the sorted keys, not one atomic OR per key
+UNION_HIST = False  # ... by a histogram over the visible blocks (no sort), up to this many of them:
+UNION_HIST_MAX_BINS = 4096
 UNION_WARPS = None  # tuning knob: warps of the union kernel (None: 4 up to 1024 candidates, else 8)
 # Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
 TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
@@ -455,7 +457,7 @@ def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
     T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr, RUN: tl.constexpr,
-    RUN_BITS: tl.constexpr, TB_BITS: tl.constexpr, OR_SCAN: tl.constexpr,
+    RUN_BITS: tl.constexpr, TB_BITS: tl.constexpr, OR_SCAN: tl.constexpr, NB_BINS: tl.constexpr,
 ):
     """One program per (tile, KV head): the sorted union of the blocks its T tokens selected and, per
     union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``). UB must be
@@ -479,6 +481,17 @@ def _tile_union_kernel(
     in_tile = (j < T) & (i < budget) & (j < nq)
     g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + i, mask=in_tile, other=-1)
     valid = in_tile & (g >= 0) & (g * block_size <= pos0 + j)
+    base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
+    if NB_BINS > 0:  # no sort: a histogram over the blocks, whose running count of blocks present places each
+        present = tl.histogram(g, NB_BINS, mask=valid) > 0
+        slot = tl.cumsum(present.to(tl.int32), 0) - 1
+        b = tl.arange(0, NB_BINS)
+        tl.store(UB + base + slot, b, mask=present & (slot < u_cap))
+        seg = tl.gather(slot, tl.where(valid, g, 0), 0)
+        keep = valid & (seg < u_cap)
+        tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << j.to(tl.int64), mask=keep)
+        tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(present.to(tl.int32), 0), u_cap))
+        return
     key = tl.where(valid, g * TOK_BITS + j, PAD)  # (block, token)
     if RUN > 0:
         prev = tl.gather(key, tl.maximum(e - 1, 0), 0)
@@ -497,7 +510,6 @@ def _tile_union_kernel(
     seg = tl.cumsum(first.to(tl.int32), 0) - 1
     keep = ok & (seg < u_cap)
     bits = tl.full([TB], 1, tl.int64) << (key % TOK_BITS).to(tl.int64)
-    base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
     tl.store(UB + base + seg, blk, mask=first & keep)
     if OR_SCAN:  # each entry's token bit OR-ed over its block's run of entries, stored once from the run's end
         next_key = tl.gather(key, tl.minimum(e + 1, TB - 1), 0)
@@ -573,11 +585,13 @@ def _tile_table(cu_q, cu_k, T: int, total_q: int, batch: int):
     return tile_seq, q0.to(torch.int32), nq.to(torch.int32), pos0.to(torch.int32)
 
 
-def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size: int, u_cap: int):
+def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size: int, u_cap: int,
+                 n_blocks: int | None = None):
     """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
     column), int64 bitmask of the tile's tokens selecting each, and the union size. One Triton program
-    per (tile, head) sorts the tile's T * budget candidates in registers; beyond UNION_KERNEL_MAX of them
-    (or with UNION_KERNEL off) a segmented torch.sort does the same."""
+    per (tile, head) sorts the tile's T * budget candidates in registers (or, given ``n_blocks``, the bound of the
+    visible blocks, counts them in a histogram of that many bins); beyond UNION_KERNEL_MAX of them (or with
+    UNION_KERNEL off) a segmented torch.sort does the same."""
     hkv, total_q, budget = block_indices.shape
     n_tiles = tile_q0.shape[0]
     tb = _next_pow2(max(T * budget, 16))
@@ -591,12 +605,14 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
     # one run of slots a token, where that takes no more slots in all: sorted rows then need only the merges
     run = _next_pow2(budget)
     run = run if UNION_MERGE and _next_pow2(max(T * run, 16)) == tb else 0
+    bins = _next_pow2(max(n_blocks or 0, 16))
+    bins = bins if UNION_HIST and n_blocks and bins <= UNION_HIST_MAX_BINS else 0
     if n_tiles and hkv and budget:
         _tile_union_kernel[(n_tiles, hkv)](
             block_indices, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt,
             block_indices.stride(0), block_indices.stride(1), ub.stride(0), ub.stride(1), cnt.stride(0),
             budget, u_cap, block_size, T=T, TB=tb, PAD=_PAD_KEY, TOK_BITS=_MAX_TOKENS_PER_TILE,
-            RUN=run, RUN_BITS=max(run, 1).bit_length() - 1, TB_BITS=tb.bit_length() - 1, OR_SCAN=UNION_OR_SCAN,
+            RUN=run, RUN_BITS=max(run, 1).bit_length() - 1, TB_BITS=tb.bit_length() - 1, OR_SCAN=UNION_OR_SCAN, NB_BINS=bins,
             num_warps=UNION_WARPS or (4 if tb <= 1024 else 8))
     else:
         cnt.zero_()
@@ -728,7 +744,7 @@ class _Plan:
             cu_q, cu_k, self.T, total_q, self.batch)
         self.n_tiles = self.tile_seq.shape[0]
         self.ub, self.ubits, self.cnt = _tile_unions(
-            block_indices, self.tile_q0, self.tile_nq, self.tile_pos0, self.T, block_size, self.u_cap)
+            block_indices, self.tile_q0, self.tile_nq, self.tile_pos0, self.T, block_size, self.u_cap, nb_max)
 
 
 def _use_tma(k, v, block_size: int, nb: int) -> bool:

@@ -514,7 +514,7 @@ def main():
     ap.add_argument("--union-kernel", default="1", help="union build variants to compare, e.g. 0,1")
     ap.add_argument("--chunks", default="256", help="dk/dv chunk sizes (steps of T tokens a program), e.g. 64,256")
     ap.add_argument("--union-variants", default="", help="settings of sparse_attention.py for the plan's union build "
-                    "(JSON list of dicts: name and attribute values, e.g. UNION_MERGE), timed interleaved at --lens")
+                    "(JSON list of dicts: name and attribute values, e.g. UNION_HIST), timed interleaved at --lens")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the forward and backward")
     ap.add_argument("--flex", action="store_true")
     ap.add_argument("--shape", default="32,2,128", help="Hq,Hkv,d")

@@ -113,10 +113,11 @@ def _kernels():
                     EXACT_DELTA=True, TMA=True, ROW_MASK=True)),
         "dkdv": (sparse_attention._sparse_bwd_dkdv_kernel, dkdv,
                  dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, UPCAST=False, PREC="tf32")),
-        # the warp-specialised forward's plan: 12-token tiles, 12 x 96 candidates sorted as 2048 keys (use --warps 8)
+        # the warp-specialised forward's plan: 12-token tiles, 12 x 96 candidates as 2048 keys (--warps 16; the
+        # histogram of 2048 blocks it runs at 128K: -D NB_BINS=2048 --warps 2)
         "union": (sparse_attention._tile_union_kernel, union,
                   dict(T=12, TB=2048, PAD=sparse_attention._PAD_KEY, TOK_BITS=sparse_attention._MAX_TOKENS_PER_TILE,
-                       RUN=128, RUN_BITS=7, TB_BITS=11, OR_SCAN=False, NB_BINS=0)),
+                       NB_BINS=0)),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
                      TMA=True, ROW_MASK=True)),

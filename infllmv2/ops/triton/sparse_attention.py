@@ -79,13 +79,12 @@ DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
 # H200 (512 at G = 16 and 2048 at G = 4 with 96 blocks); larger tiles keep the torch build.
 UNION_KERNEL = os.environ.get("INFLLMV2_SPARSE_UNION_KERNEL", "1") == "1"
 UNION_KERNEL_MAX = 2048
-# ... and take each token's row as a sorted run (the selection writes rows sorted), so that only the merge levels of the
-# sort are left (unsorted rows, e.g. a caller's own, still get the full sort)
-UNION_MERGE = True
-UNION_OR_SCAN = False  # token bits by a segmented OR scan over the sorted keys, not one atomic OR per key
-UNION_HIST = False  # ... by a histogram over the visible blocks (no sort), up to this many of them:
-UNION_HIST_MAX_BINS = 4096
-UNION_WARPS = None  # tuning knob: warps of the union kernel (None: 4 up to 1024 candidates, else 8)
+# ... by a histogram over the visible blocks instead of a sort, for tiles of at least this many candidates (rounded up to
+# a power of two) and up to this many blocks (the histogram's cost grows with both; sizes measured in _tile_unions)
+UNION_HIST = True
+UNION_HIST_MIN_CANDIDATES = 2048
+UNION_HIST_MAX_BINS = 2048
+UNION_WARPS = None  # tuning knob: warps of the union kernel (None: as measured, in _tile_unions)
 # Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
 TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
@@ -416,109 +415,45 @@ def _sparse_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _or_scan_combine(first_a, bits_a, first_b, bits_b):
-    # segmented OR: a segment's first element starts its running OR afresh
-    return first_a | first_b, tl.where(first_b, bits_b, bits_a | bits_b)
-
-
-@triton.jit
-def _bitonic_stage(x, flip, i: tl.constexpr, N_DIMS: tl.constexpr):
-    """One compare-exchange stage of a bitonic network on ``x`` viewed as a 2 x ... x 2 hypercube: pairs of
-    elements 2^i apart; the lower (upper) one of a pair keeps the min (max), or the reverse where ``flip`` is 1."""
-    shape: tl.constexpr = [1] * (N_DIMS - 1 - i) + [2] + [1] * i
-    upper = tl.reshape(tl.arange(0, 2), shape)
-    # the partner: x XOR (the XOR of the pair) along dimension N_DIMS - 1 - i, which holds the pair
-    partner = x ^ tl.reduce(x, N_DIMS - 1 - i, _xor_combine, keep_dims=True)
-    return tl.where((x > partner).to(tl.int32) != (flip ^ upper), partner, x)
-
-
-@triton.jit
-def _xor_combine(a, b):
-    return a ^ b
-
-
-@triton.jit
-def _bitonic_merges(x, RUN_BITS: tl.constexpr, N_DIMS: tl.constexpr):
-    """Sort ``x`` (2^N_DIMS int32, reshaped to a hypercube) whose runs of 2^RUN_BITS elements are already sorted,
-    ascending and descending in turn: only the bitonic network's merge levels above the runs."""
-    x = tl.reshape(x, [2] * N_DIMS)
-    for level in tl.static_range(RUN_BITS + 1, N_DIMS + 1):
-        if level < N_DIMS:  # runs of 2^level elements alternate between ascending and descending
-            flip = tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - 1 - level) + [2] + [1] * level)
-        else:
-            flip = 0
-        for s in tl.static_range(level):
-            x = _bitonic_stage(x, flip, level - 1 - s, N_DIMS)
-    return tl.reshape(x, [2 ** N_DIMS])
-
-
-@triton.jit
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
-    T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr, RUN: tl.constexpr,
-    RUN_BITS: tl.constexpr, TB_BITS: tl.constexpr, OR_SCAN: tl.constexpr, NB_BINS: tl.constexpr,
+    T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr, NB_BINS: tl.constexpr,
 ):
     """One program per (tile, KV head): the sorted union of the blocks its T tokens selected and, per
     union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``). UB must be
     -1 filled and UBITS zeroed; entries past ``u_cap`` are dropped (the count is clamped).
-    RUN > 0: token j's candidates fill the j-th run of RUN slots, every other run reversed. Rows sorted ascending
-    (as the selection writes them, -1 last) then make runs sorted in alternating directions, and only the merge levels
-    of a bitonic sort are left; other rows get the full sort. RUN = 0: the candidates packed, always the full sort."""
+    NB_BINS > 0 (at least the number of blocks any token sees): no sort, a histogram over the blocks places each."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
     nq = tl.load(TILE_NQ + pid_t)
     pos0 = tl.load(TILE_POS0 + pid_t)
     e = tl.arange(0, TB)
-    if RUN > 0:
-        j = e // RUN
-        i = e % RUN
-        i = tl.where(j % 2 == 1, RUN - 1 - i, i)
-    else:
-        j = e // budget
-        i = e % budget
-    in_tile = (j < T) & (i < budget) & (j < nq)
-    g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + i, mask=in_tile, other=-1)
+    j = e // budget
+    in_tile = (e < T * budget) & (j < nq)
+    g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + e % budget, mask=in_tile, other=-1)
     valid = in_tile & (g >= 0) & (g * block_size <= pos0 + j)
     base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
-    if NB_BINS > 0:  # no sort: a histogram over the blocks, whose running count of blocks present places each
+    if NB_BINS > 0:
         present = tl.histogram(g, NB_BINS, mask=valid) > 0
-        slot = tl.cumsum(present.to(tl.int32), 0) - 1
-        b = tl.arange(0, NB_BINS)
-        tl.store(UB + base + slot, b, mask=present & (slot < u_cap))
+        slot = tl.cumsum(present.to(tl.int32), 0) - 1  # a block's place in the union: blocks present below it
+        tl.store(UB + base + slot, tl.arange(0, NB_BINS), mask=present & (slot < u_cap))
         seg = tl.gather(slot, tl.where(valid, g, 0), 0)
-        keep = valid & (seg < u_cap)
-        tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << j.to(tl.int64), mask=keep)
-        tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(present.to(tl.int32), 0), u_cap))
-        return
-    key = tl.where(valid, g * TOK_BITS + j, PAD)  # (block, token)
-    if RUN > 0:
-        prev = tl.gather(key, tl.maximum(e - 1, 0), 0)
-        desc = (e // RUN) % 2 == 1
-        out_of_order = (e % RUN != 0) & tl.where(desc, key > prev, key < prev)
-        if tl.max(out_of_order.to(tl.int32), 0) == 0:
-            key = _bitonic_merges(key, RUN_BITS, TB_BITS)
-        else:
-            key = tl.sort(key)
+        n_union = tl.sum(present.to(tl.int32), 0)
     else:
-        key = tl.sort(key)
-    ok = key != PAD
-    blk = key // TOK_BITS
-    prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
-    first = ok & ((e == 0) | (prev_blk != blk))
-    seg = tl.cumsum(first.to(tl.int32), 0) - 1
-    keep = ok & (seg < u_cap)
-    bits = tl.full([TB], 1, tl.int64) << (key % TOK_BITS).to(tl.int64)
-    tl.store(UB + base + seg, blk, mask=first & keep)
-    if OR_SCAN:  # each entry's token bit OR-ed over its block's run of entries, stored once from the run's end
-        next_key = tl.gather(key, tl.minimum(e + 1, TB - 1), 0)
-        last = ok & ((e == TB - 1) | (next_key // TOK_BITS != blk))
-        _, bits = tl.associative_scan((first, bits), 0, _or_scan_combine)
-        tl.store(UBITS + base + seg, bits, mask=last & keep)
-    else:  # UBITS zeroed
-        tl.atomic_or(UBITS + base + seg, bits, mask=keep)
-    tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(first.to(tl.int32), 0), u_cap))
+        key = tl.sort(tl.where(valid, g * TOK_BITS + j, PAD))  # (block, token)
+        valid = key != PAD
+        blk = key // TOK_BITS
+        j = key % TOK_BITS
+        prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
+        first = valid & ((e == 0) | (prev_blk != blk))
+        seg = tl.cumsum(first.to(tl.int32), 0) - 1
+        tl.store(UB + base + seg, blk, mask=first & (seg < u_cap))
+        n_union = tl.sum(first.to(tl.int32), 0)
+    keep = valid & (seg < u_cap)
+    tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << j.to(tl.int64), mask=keep)
+    tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(n_union, u_cap))
 
 
 # Launch configurations. The interpreter gets one config (autotune with several fails there);
@@ -602,18 +537,18 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
     ub = torch.full((hkv, n_tiles, u_cap + 1), -1, dtype=torch.int32, device=dev)
     ubits = torch.zeros((hkv, n_tiles, u_cap + 1), dtype=torch.int64, device=dev)
     cnt = torch.empty((hkv, n_tiles), dtype=torch.int32, device=dev)
-    # one run of slots a token, where that takes no more slots in all: sorted rows then need only the merges
-    run = _next_pow2(budget)
-    run = run if UNION_MERGE and _next_pow2(max(T * run, 16)) == tb else 0
+    # the histogram (12-token tiles of the warp-specialised forward, H200: 2.53 -> 1.75 ms at 128K, 1.32 -> 0.62 ms
+    # at 64K) where its bins are few; it lost to the sort for 4-token tiles (0.76 -> 2.2 ms at 128K)
     bins = _next_pow2(max(n_blocks or 0, 16))
-    bins = bins if UNION_HIST and n_blocks and bins <= UNION_HIST_MAX_BINS else 0
+    hist = UNION_HIST and n_blocks is not None and tb >= UNION_HIST_MIN_CANDIDATES and bins <= UNION_HIST_MAX_BINS
+    # warps (H200, 128K): the sort of 2048 keys 2.53 ms with 8, 1.99 with 16; the histogram best with 2
+    warps = UNION_WARPS or (2 if hist else 4 if tb <= 1024 else 16)
     if n_tiles and hkv and budget:
         _tile_union_kernel[(n_tiles, hkv)](
             block_indices, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt,
             block_indices.stride(0), block_indices.stride(1), ub.stride(0), ub.stride(1), cnt.stride(0),
             budget, u_cap, block_size, T=T, TB=tb, PAD=_PAD_KEY, TOK_BITS=_MAX_TOKENS_PER_TILE,
-            RUN=run, RUN_BITS=max(run, 1).bit_length() - 1, TB_BITS=tb.bit_length() - 1, OR_SCAN=UNION_OR_SCAN, NB_BINS=bins,
-            num_warps=UNION_WARPS or (4 if tb <= 1024 else 8))
+            NB_BINS=bins if hist else 0, num_warps=warps)
     else:
         cnt.zero_()
     return ub, ubits, cnt

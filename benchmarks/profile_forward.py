@@ -1,13 +1,14 @@
 """Where the complete forward's time goes (GPU): kernels, and the gaps between them.
 
-    python3 benchmarks/profile_forward.py [--lengths 32768 131072] [--pattern local]
+    python3 benchmarks/profile_forward.py [--lengths 32768 131072] [--pattern local] [--selection]
 
 One call of ``infllmv2_attention(..., backend="triton")`` (compression + selection + sparse attention) on
 the harness's inputs (``bench_attention.make_inputs``, standard shape), timed as the harness times it
 (``bench_attention.bench``: the median of at least ten calls; the fourteenth session's results used
 ``do_bench(rep=50)``, a single call at 128K, which read 1-3 ms below the harness) and profiled: per-kernel GPU
 time, the sum of all kernels, and the GPU idle time between the first kernel's start and the last one's end (host
-work the GPU waits for: launches, synchronisations, small torch ops).
+work the GPU waits for: launches, synchronisations, small torch ops), and the host time a call takes to queue its
+work. ``--selection``: the same for the selection alone, with the host functions it spends that time in.
 """
 from __future__ import annotations
 
@@ -54,6 +55,38 @@ def timeline(fn):
                 per_kernel_ms={k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])})
 
 
+def host_ms(fn, calls=20):
+    """Host time a call takes to queue its work (no synchronisation inside the timed calls): where it exceeds the GPU
+    time, the GPU waits for the host, and a benchmark's time is the host's."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return round((t1 - t0) * 1e3 / calls, 3)
+
+
+def host_profile(fn, calls=10, top=15):
+    """The host functions a call spends its time in (cProfile, by own time)."""
+    import cProfile
+    import pstats
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [(f"{os.path.basename(f)}:{line}:{name}", round(tt * 1e3 / calls, 3)) for (f, line, name), (_, _, tt, _, _)
+            in rows]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -63,6 +96,8 @@ def main():
                          "forward stores its rounding residual) and without grad")
     ap.add_argument("--grad", action="store_true",
                     help="inputs that need grad, as the harness's infllmv2_fwd row has them (a training forward)")
+    ap.add_argument("--selection", action="store_true",
+                    help="also the selection alone (as the harness's selection row times it), with its host profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -73,9 +108,14 @@ def main():
         if args.grad:
             q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         full = lambda: infllmv2.infllmv2_attention(q, k, v, cfg, backend="triton")  # noqa: E731
-        row = dict(ms=bench(full), **timeline(full))
+        row = dict(ms=bench(full), host_ms_per_call=host_ms(full), **timeline(full))
         print(n, json.dumps(row), flush=True)
         res[n] = row
+        if args.selection:
+            sel = lambda: infllmv2.select_blocks(q, k, cfg, backend="triton")  # noqa: E731
+            r1 = dict(ms=bench(sel), host_ms_per_call=host_ms(sel), **timeline(sel), host_profile=host_profile(sel))
+            print(n, "selection", json.dumps(r1), flush=True)
+            res[f"{n}_selection"] = r1
         if args.stage2:
             from infllmv2.ops.triton import sparse_attention_triton
             idx = infllmv2.select_blocks(q, k, cfg, backend="triton")

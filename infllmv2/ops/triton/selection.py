@@ -60,7 +60,7 @@ SCORE_SM90 = GluonKernel("scoring")
 LSE_SM90 = GluonKernel("log-sum-exp")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
-_SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: 4, or 8 above 4096 blocks)
+_SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
@@ -77,6 +77,14 @@ def _decode_splits(batch: int, hkv: int) -> tuple:
     """(LSE splits, scoring splits) of one decode step's compressed keys per (sequence, KV head)."""
     n = _DECODE_SPLITS or min(64, max(16, _next_pow2(-(-_DECODE_PROGRAMS // max(1, batch * hkv)))))
     return _DECODE_LSE_SPLITS or n, n
+
+
+def _select_warps(nb_c: int, decode: bool) -> int:
+    """Warps of a top-k program over rows of ``nb_c`` blocks. Two for prefill rows of at most 1024 blocks (H200,
+    interleaved, identical outputs, `dev_selection.py --flag-ab _SELECT_WARPS=None,1,2`: the top-k kernel 0.69 ->
+    0.55 ms at 64K and 0.26 -> 0.19 ms at 32K, whose rows are that narrow; at 2048 blocks two or one warp lost, 2.14 ->
+    2.44 / 3.10 ms at 128K, and so did a decode step at a 128K cache)."""
+    return 2 if nb_c <= 1024 and not decode else 4 if nb_c <= 4096 else 8
 
 
 def _next_pow2(x: int) -> int:
@@ -744,7 +752,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode, SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c),
-            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or (4 if nb_c <= 4096 else 8))),
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
             **pdl)
     return out
 

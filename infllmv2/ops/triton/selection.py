@@ -60,6 +60,10 @@ SCORE_SM90 = GluonKernel("scoring")
 LSE_SM90 = GluonKernel("log-sum-exp")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
+# compressed keys (windows) a compression program writes, per KV head: more programs, more loads in flight (H200,
+# interleaved, identical outputs, `dev_selection.py --flag-ab _COMPRESS_BLOCK_C=32,16,8,4`: 32 -> 8 took the two
+# compression kernels 0.29 -> 0.10 ms at 128K, 0.18 -> 0.05 ms at 64K, 0.21 -> 0.12 ms at Hkv 8 / d 64)
+_COMPRESS_BLOCK_C = 8
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
@@ -190,7 +194,7 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
                                               output_size=total_c)
         else:
             row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
-        BLOCK_C = 16 if _INTERPRET else 32
+        BLOCK_C = 16 if _INTERPRET else _COMPRESS_BLOCK_C
         grid = (triton.cdiv(total_c, BLOCK_C), H)
         _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len,
                                k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,

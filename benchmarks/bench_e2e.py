@@ -323,9 +323,12 @@ def run(args):
                       "local": lambda: random_walk(n, shape["hidden"], device, seed=n).to(dtype)}
             for pattern in args.patterns:
                 x = inputs[pattern]()
-                for name, fn in (("infllmv2", sparse_attn), ("dense", dense_attn)):
-                    if name == "dense" and pattern != args.patterns[0] and not args.dense_each_pattern:
-                        continue  # dense time does not depend on the input: measured once per length
+                paths = (("infllmv2", sparse_attn), ("dense", dense_attn))
+                if args.floor:  # the prefill without attention (each layer's output = its query): the shared floor
+                    paths += (("no_attention", lambda q, k, v: q),)
+                for name, fn in paths:
+                    if name != "infllmv2" and pattern != args.patterns[0] and not args.dense_each_pattern:
+                        continue  # dense (and floor) time does not depend on the input: measured once per length
 
                     def one(name=name, fn=fn, x=x, pattern=pattern):
                         ms = time_once(lambda: model.prefill(x, fn), device, reps=args.prefill_reps)
@@ -396,6 +399,17 @@ def write_outputs(rows, errors, args, config, meta=None):
             s = pick("infllmv2_prefill", n=n, pattern=pat)
             cells += [f"{s:.0f}" if s else "-", f"{d / s:.2f}x" if s and d else "-"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    floors = sorted({r["n"] for r in rows if r["path"] == "no_attention_prefill"})
+    if floors:  # what attention costs inside the prefill: (prefill - floor) / layers
+        layers = FULL_SHAPE["layers"] if not args.tiny else TINY_SHAPE["layers"]
+        lines += ["", f"Attention inside the prefill, per layer: (prefill - no-attention prefill) / {layers} layers.",
+                  "", "| n | no attention ms | dense attention ms a layer | InfLLM-V2 random ms a layer | "
+                  "InfLLM-V2 local ms a layer |", "| --- | --- | --- | --- | --- |"]
+        for n in floors:
+            f0 = pick("no_attention_prefill", n=n)
+            cells = [pick("dense_prefill", n=n)] + [pick("infllmv2_prefill", n=n, pattern=p) for p in ("random", "local")]
+            lines.append(f"| {n} | {f0:.0f} | " + " | ".join(f"{(c - f0) / layers:.1f}" if c else "-" for c in cells)
+                         + " |")
     lines += ["", "## Decode step", "",
               "| n | batch | dense ms | InfLLM-V2 ms | speed-up | no attention ms (floor) | bound: dense / floor |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -448,8 +462,8 @@ def main():
     p.add_argument("--fused-append", action="store_true",
                    help="append compressed keys with one Triton kernel per kind (what the static cache does on CUDA)")
     p.add_argument("--decode-only", action="store_true")
-    p.add_argument("--floor", action="store_true", help="also time the decode step without attention "
-                   "(path no_attention_decode: the floor any attention adds to)")
+    p.add_argument("--floor", action="store_true", help="also time the decode step and the prefill without attention "
+                   "(paths no_attention_decode / no_attention_prefill: the floor any attention adds to)")
     p.add_argument("--replot", help="rewrite the md/png (and json) in --out-dir from an e2e_h200.json")
     args = p.parse_args()
     if args.replot:

@@ -524,9 +524,9 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
                  n_blocks: int | None = None):
     """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
     column), int64 bitmask of the tile's tokens selecting each, and the union size. One Triton program
-    per (tile, head) sorts the tile's T * budget candidates in registers (or, given ``n_blocks``, the bound of the
-    visible blocks, counts them in a histogram of that many bins); beyond UNION_KERNEL_MAX of them (or with
-    UNION_KERNEL off) a segmented torch.sort does the same."""
+    per (tile, head) sorts the tile's T * budget candidates in registers, or counts them in a histogram of
+    ``n_blocks`` bins (the bound of the visible blocks, where given and UNION_HIST applies); beyond UNION_KERNEL_MAX
+    of them (or with UNION_KERNEL off) a segmented torch.sort does the same."""
     hkv, total_q, budget = block_indices.shape
     n_tiles = tile_q0.shape[0]
     tb = _next_pow2(max(T * budget, 16))

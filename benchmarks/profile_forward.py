@@ -57,7 +57,8 @@ def timeline(fn):
 
 def host_ms(fn, calls=20):
     """Host time a call takes to queue its work (no synchronisation inside the timed calls): where it exceeds the GPU
-    time, the GPU waits for the host, and a benchmark's time is the host's."""
+    time, the GPU waits for the host, and a benchmark's time is the host's. An upper bound: once the GPU falls
+    behind, CUDA's launch queue fills and the host waits for it inside the launches (so does ``host_profile``)."""
     import time
     fn()
     torch.cuda.synchronize()

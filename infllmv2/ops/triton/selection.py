@@ -27,6 +27,7 @@ compare selections by score.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -765,7 +766,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
                 NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
 
-        def top_k(ws=ws, c0=c0, nt=nt, nb_c=nb_c, sel_t=sel_t):
+        if side:
+            aux.wait_stream(main)  # this chunk's scores
+        with torch.cuda.stream(aux) if side else contextlib.nullcontext():
             _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
                 ws, out, tile_seq, tile_off, q_start, q_len, k_len,
                 ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
@@ -775,12 +778,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
                 **pdl)
         if side:
-            aux.wait_stream(main)  # this chunk's scores
-            with torch.cuda.stream(aux):
-                top_k()
             released[i % 2] = aux.record_event()
-        else:
-            top_k()
     if side:
         main.wait_stream(aux)  # the output, and the workspaces before they return to the allocator
     return out

@@ -21,7 +21,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, ".")
-from bench_attention import graphed  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import bench, graphed  # noqa: E402  (this script's folder is on sys.path)
 from infllmv2.config import SparseConfig  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 from infllmv2.ops.triton.decode import infllmv2_decode_triton  # noqa: E402
@@ -464,7 +464,7 @@ def _set_attr(path, value):
 
 
 def _flag_rows(attr, values, select, reps, full=None):
-    """``selection.<attr>`` set to each of `values`, interleaved over `reps` rounds: `select`'s do_bench median, its
+    """``selection.<attr>`` set to each of `values`, interleaved over `reps` rounds: `select`'s median (`bench`), its
     kernels (profiler, once) and, when given, `full`'s median; plus whether all settings select identically."""
     rows, sels = {}, {}
     for _ in range(reps):
@@ -473,9 +473,10 @@ def _flag_rows(attr, values, select, reps, full=None):
             row = rows.setdefault(f"{attr}={flag}", dict(select_ms=[], fwd_ms=[], kernels_ms=None))
             if flag not in sels:
                 sels[flag] = select()
-            row["select_ms"].append(round(triton.testing.do_bench(select, warmup=3, rep=20), 3))
+            # bench(): at least 10 timed calls (do_bench's rep=20 ms had left a 13 ms selection one or two)
+            row["select_ms"].append(round(bench(select, rep=50), 3))
             if full is not None:
-                row["fwd_ms"].append(round(triton.testing.do_bench(full, warmup=2, rep=20), 3))
+                row["fwd_ms"].append(round(bench(full, rep=50), 3))
             if row["kernels_ms"] is None:
                 row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
                                      if k_.startswith("_")}
@@ -488,23 +489,26 @@ def _flag_rows(attr, values, select, reps, full=None):
 @section("A/B: settings of a selection-module attribute (prefill and one decode step)")
 def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
     """``selection.<attr>`` set to each of `values` (a switch: True / False), interleaved in one process: the
-    selection (do_bench median), its kernels (profiler), and the complete forward (`infllmv2_attention`, Triton
+    selection (median of `bench`), its kernels (profiler), and the complete forward (`infllmv2_attention`, Triton
     backend, `local` inputs) at each length; then the selection of the Llama-like shape (Hkv 8, d 64: 4x the
-    top-k rows) and one decode step; outputs must be identical."""
+    top-k rows), the 128K selection and complete forward on `random` inputs, and one decode step; outputs must be
+    identical."""
     from bench_attention import make_inputs
     import infllmv2
     cfg = SparseConfig(dense_len=-1)
     out = {}
     default = _get_attr(attr)
     try:
-        for hkv, d, ns in [(2, 128, lengths), (8, 64, [max(lengths)])]:
-            for n in ns:
-                qb, kb, vb = make_inputs(n, 32, hkv, d, "local")  # (1, n, heads, d)
-                cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-                select = lambda: select_blocks_triton(qb[0], kb[0], cfg, cu, cu, n, n)  # noqa: E731
-                full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if hkv == 2 else None
-                out[n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"] = _flag_rows(attr, values, select, reps, full)
-                del qb, kb, vb
+        runs = ([(2, 128, n, "local") for n in lengths] + [(2, 128, max(lengths), "random")]
+                + [(8, 64, max(lengths), "local")])
+        for hkv, d, n, pattern in runs:
+            qb, kb, vb = make_inputs(n, 32, hkv, d, pattern)  # (1, n, heads, d)
+            # as the harness calls it (batched layout: no host synchronisation to size the query tiles)
+            select = lambda: infllmv2.select_blocks(qb, kb, cfg, backend="triton")  # noqa: E731
+            full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if hkv == 2 else None
+            name = n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"
+            out[name if pattern == "local" else f"{name}_{pattern}"] = _flag_rows(attr, values, select, reps, full)
+            del qb, kb, vb
     finally:
         _set_attr(attr, default)
     n = max(lengths)
@@ -660,7 +664,7 @@ def lse_variants(variants, lengths=(131072, 65536, 32768), reps=3):
                             row["lse_inf_same"] = bool(torch.equal(torch.isfinite(seen[0]), fin))
                             row["kernels_ms"] = {k_: round(us / 1e3, 3) for k_, us in _kernel_us(select, 2).items()
                                                  if k_.startswith("_")}
-                        row["select_ms"].append(round(triton.testing.do_bench(select, warmup=3, rep=20), 3))
+                        row["select_ms"].append(round(bench(select, rep=50), 3))
                     except Exception as e:  # noqa: BLE001
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             out[n] = rows
@@ -719,7 +723,8 @@ def main():
         lse_variants(json.loads(args.lse_variants), tuple(int(x) for x in args.lens.split(",")))
     elif args.flag_ab:
         attr, _, vals = args.flag_ab.partition("=")
-        flag_ab(attr, tuple(ast.literal_eval(v) for v in vals.split(",")) if vals else (True, False))
+        # values as a Python list's items: True,False / None,1,2 / (4,0.2,4),(2,0.0,99)
+        flag_ab(attr, tuple(ast.literal_eval(f"[{vals}]")) if vals else (True, False))
     elif args.decode_variants is not None:
         decode_variants(json.loads(args.decode_variants) if args.decode_variants else None)
     elif args.score_variants:

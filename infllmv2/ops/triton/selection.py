@@ -76,6 +76,10 @@ _SELECT_TILE = 1024
 # top-k output positions: a scan within runs of this many blocks, then over the runs' totals (1: one scan over the row;
 # H200, identical outputs: 16 took the top-k 2.45 -> 2.22 ms at 128K, `dev_selection.py --flag-ab _TOPK_SCAN_RUN=16,1`)
 _TOPK_SCAN_RUN = 16
+# The top-k's threshold search (_select_kernel): a halving step every SEARCH_BISECT steps, interpolation kept within
+# [SEARCH_CLAMP, 1 - SEARCH_CLAMP] of the bracket, brackets snapped to keys from step SEARCH_TIGHT on. (2, 0.0, 1 << 30)
+# is the search of the seventeenth session (alternating steps, no clamp, no snapping).
+_TOPK_SEARCH = (4, 0.2, 6)
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -515,7 +519,8 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
-                   PDL: tl.constexpr = False, SCAN_RUN: tl.constexpr = 16):
+                   PDL: tl.constexpr = False, SCAN_RUN: tl.constexpr = 16, SEARCH_BISECT: tl.constexpr = 4,
+                   SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
@@ -551,11 +556,14 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     # per row, search the fp32 bit patterns (scores >= 0 order like their bits) of the candidates for a
     # threshold thr with count(key >= thr) == need (then the selection is {key >= thr}, whatever thr is
     # exactly), or else the need-th largest key itself (lo + 1 == hi: ties are broken below). Invariant:
-    # count(key >= lo) >= need > count(key >= hi). Steps alternate between interpolating the count
-    # linearly between lo and hi (few steps on smooth score distributions) and halving the bracket (at most
-    # 2 x 31 steps on any input, e.g. ties). H200, identical outputs: the bit-by-bit bisection this replaced
-    # took the top-k kernel 3.31 ms at 128K (12.2 ms at Hkv 8, d 64), this search 3.05 (11.0), and skipping the
-    # tie-breaking scan when no row needs it (below) 2.73 ms (10.6)
+    # count(key >= lo) >= need > count(key >= hi). Each step interpolates the count linearly between lo and
+    # hi, kept within the bracket's middle 60% (a bare interpolation crawls on skewed rows), and every
+    # SEARCH_BISECT-th step halves the bracket, so the search ends within about 2 x 31 steps on any input.
+    # From step SEARCH_TIGHT on, a step also moves lo up to the smallest key >= mid and hi down to just above
+    # the largest key < mid: a row whose need-th largest key ties with its neighbours (pooled windows shared
+    # by adjacent blocks: a fifth of the rows) then ends as soon as its bracket holds one key value, where
+    # halving the bit range took up to 31 steps. On pooled 128K rows of both input patterns the search takes
+    # 7.1-7.5 steps a row instead of 12.8 (/tmp-free check: benchmarks/NOTES_selection.md, "Eighteenth").
     kmax = tl.max(key, 1)
     lo = tl.where(need > 0, tl.min(tl.where(cand, key, 0x7FFFFFFF), 1), kmax + 1)
     hi = kmax + 1
@@ -565,18 +573,27 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     step = 0
     while tl.max(tl.where(done, 0, 1), 0) > 0:
         span = hi - lo
-        if step % 2 == 0:
-            frac = (cnt_lo - need).to(tl.float32) / tl.maximum(cnt_lo - cnt_hi, 1).to(tl.float32)
-            off = (span.to(tl.float32) * frac).to(tl.int32)
-        else:
+        if step % SEARCH_BISECT == SEARCH_BISECT - 1:
             off = span // 2
+        else:
+            frac = (cnt_lo - need).to(tl.float32) / tl.maximum(cnt_lo - cnt_hi, 1).to(tl.float32)
+            frac = tl.minimum(tl.maximum(frac, SEARCH_CLAMP), 1.0 - SEARCH_CLAMP)
+            off = (span.to(tl.float32) * frac).to(tl.int32)
         mid = lo + tl.minimum(tl.maximum(off, 1), span - 1)
-        cnt = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
+        ge = key >= mid[:, None]
+        cnt = tl.sum(ge.to(tl.int32), 1)
         up = (cnt >= need) & ~done
         down = (cnt < need) & ~done
-        lo = tl.where(up, mid, lo)
+        if step >= SEARCH_TIGHT:
+            # no key lies in [mid, above) nor in [below + 1, mid): the counts stay those of mid
+            above = tl.min(tl.where(ge, key, 0x7FFFFFFF), 1)
+            below = tl.max(tl.where(ge, -1, key), 1)
+            lo = tl.where(up, above, lo)
+            hi = tl.where(down, below + 1, hi)
+        else:
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(down, mid, hi)
         cnt_lo = tl.where(up, cnt, cnt_lo)
-        hi = tl.where(down, mid, hi)
         cnt_hi = tl.where(down, cnt, cnt_hi)
         done = (cnt_lo == need) | (hi - lo <= 1)
         step += 1
@@ -774,7 +791,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
                 BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
                 LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
-                SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c),
+                SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
+                SEARCH_TIGHT=_TOPK_SEARCH[2],
                 **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
                 **pdl)
         if side:

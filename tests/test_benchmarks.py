@@ -34,3 +34,46 @@ def test_replot_merges_runs(tmp_path):
     assert "| complete fwd vs cuDNN fwd | 131072 | local | 3.25x |" in md
     assert "| decode step vs dense SDPA decode, batch 8, cuda_graph | 131072 | random | 4.00x |" in md
     assert "| decode_step (cuda_graph) | 131072 | 32/2/128 | 96 | random | 0.062 |" in md
+
+
+def _topk_search_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("topk_search_steps", ROOT / "benchmarks/topk_search_steps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_topk_search_transcription_finds_each_rows_threshold():
+    """benchmarks/topk_search_steps.py's NumPy transcription of the top-k kernel's threshold search, under the
+    default and extreme settings, on rows built to be hard (every key equal, long runs of ties, keys spread over
+    the whole exponent range, one candidate) and on real pooled rows: its threshold selects exactly the sort's
+    top `need` keys (ties to lower blocks), and it ends within 2 x 32 steps."""
+    import numpy as np
+    from infllmv2.config import SparseConfig
+    from infllmv2.ops import naive
+    from infllmv2.ops.triton import selection
+    import torch
+    mod = _topk_search_module()
+    rng = np.random.default_rng(0)
+    f32 = lambda a: np.asarray(a, np.float32).view(np.int32).astype(np.int64)  # noqa: E731
+    rows = [(f32(np.ones(300)), 40), (f32(np.repeat(rng.random(30), 10)), 57), (f32(2.0 ** -np.arange(126)), 9),
+            (f32(rng.integers(0, 4, 500)), 100), (f32(rng.random(2048) ** 8), 62), (f32([0.5]), 1)]
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=5, dense_len=-1)
+    q, k = torch.randn(24, 8, 16), torch.randn(700, 2, 16)
+    pooled = mod.pooled_scores(q, k, cfg)
+    # the pooling without the reference's mask equals the reference's
+    assert torch.allclose(pooled, naive.block_scores(q, k, cfg, 16 ** -0.5), rtol=1e-6, atol=0)
+    keys, needs = mod.search_rows(pooled, 700, cfg)
+    rows += [(key, need) for key, need in zip(keys, needs)]
+    for setting in {selection._TOPK_SEARCH, (2, 0.0, 1 << 30), (4, 0.2, 0), (1, 0.2, 0), (1000, 0.45, 0)}:
+        for key, need in rows:
+            thr, cnt_ge, cnt_gt, steps = mod.search(key, need, *setting)
+            assert steps <= 64, (setting, steps)
+            assert cnt_ge == int((key >= thr).sum()) >= need
+            if cnt_ge > need:  # ended on a tie: hi = thr + 1
+                assert cnt_gt == int((key > thr).sum())
+            # the kernel's selection: keys > thr, and keys == thr of rank < need - cnt_hi
+            chosen = np.flatnonzero(key > thr).tolist() + np.flatnonzero(key == thr)[:need - cnt_gt].tolist()
+            order = sorted(np.flatnonzero(key >= 0), key=lambda b: (-key[b], b))  # stable: lower block first
+            assert sorted(chosen) == sorted(order[:need]), setting

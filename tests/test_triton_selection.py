@@ -274,11 +274,11 @@ def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
 
 
-@pytest.mark.parametrize("search", [None, (2, 0.0, 1 << 30), (1, 0.2, 0), (1000, 0.45, 0), (1000, 0.0, 2)])
+@pytest.mark.parametrize("search", [None, (1, 0.2, 0), (1000, 0.45, 0)])
 @pytest.mark.parametrize("case", ["rounded_keys", "zero_queries", "peaked"])
 def test_select_fp32_exact_on_tied_and_skewed_scores(case, search, monkeypatch):
-    """The top-k threshold search (clamped interpolation steps, halving steps, brackets snapped to keys; also
-    the seventeenth session's search and extreme settings) on score rows with many exact ties (integer keys;
+    """The top-k threshold search (clamped interpolation steps, halving steps, brackets snapped to keys; the
+    default and two extremes: halving and snapping at every step, or snapping with no halving) on score rows with many exact ties (integer keys;
     all-zero queries, where every candidate ties) and on very peaked rows, where interpolating the count is a
     poor guess: the selection must still be the reference's."""
     from infllmv2.ops.triton import selection

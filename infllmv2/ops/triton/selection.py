@@ -563,8 +563,9 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
     # the largest key < mid: a row whose need-th largest key ties with its neighbours (pooled windows shared
     # by adjacent blocks: a fifth of the rows) then ends as soon as its bracket holds one key value, where
     # halving the bit range took up to 31 steps. On pooled 128K rows of both input patterns the search takes
-    # 7.4 steps a row instead of 12.7 (`python benchmarks/topk_search_steps.py`, CPU) and the top-k kernel at 128K
-    # 2.5 -> 2.1 ms, at Hkv 8 / d 64 9.0 -> 7.5 ms (H200, identical selections; NOTES_selection.md, "Eighteenth").
+    # 7.4 steps a row instead of 12.7 (`python benchmarks/topk_search_steps.py`, CPU); H200, interleaved, identical
+    # selections: the selection at 128K 12.36 -> 12.09 ms (`local`), 12.91 -> 12.37 (`random`), at Hkv 8 / d 64
+    # 20.2 -> 18.5 ms (benchmarks/README.md, "Eighteenth session").
     kmax = tl.max(key, 1)
     lo = tl.where(need > 0, tl.min(tl.where(cand, key, 0x7FFFFFFF), 1), kmax + 1)
     hi = kmax + 1

@@ -258,6 +258,36 @@ def test_select_with_host_offsets_reads_nothing_back(monkeypatch):
         select_blocks_triton(q, k, cfg, cuq, cuk, 300, 300, host_offsets=(host[0][:-1], host[1]))
 
 
+def test_select_reads_the_layout_back_once(monkeypatch):
+    # without host offsets, the call reads cu_seqlens back to the host once (one drain of the GPU's queue) and
+    # checks and sizes everything from that; it used to take four synchronisations
+    cfg = SparseConfig(**SMALL)
+    lens_k, lens_q = [261, 0, 11, 150, 97], [261, 0, 11, 37, 1]
+    q, k, cuq, cuk = _pack(lens_q, lens_k, 4, 2, 32, torch.float32, seed=4)
+    want = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k), host_offsets=(cuq.tolist(),
+                                                                                              cuk.tolist()))
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        reads.append(t.numel())
+        return tolist(t)
+
+    def no_read(*_):
+        raise AssertionError("a tensor was read back to the host")
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for name in ("item", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
+    monkeypatch.undo()
+    assert reads == [2 * len(cuq)]
+    assert torch.equal(got, want)
+    bad = cuk.clone()
+    bad[2] = bad[1] - 1  # a negative key length: still refused, from the read-back copy
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        select_blocks_triton(q, k, cfg, cuq, bad, max(lens_q), max(lens_k))
+
+
 @pytest.mark.parametrize("trans", [True, False])
 def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
     """Tiles wider than one row group (8-warp tiles of 256 rows on the GPU): rows are (token // TG, head,

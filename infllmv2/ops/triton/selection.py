@@ -848,8 +848,8 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     its keys. Returns (Hkv, total_q, budget) int32 block indices relative to the sequence's key start,
     sorted ascending, padded with -1 (SPEC stage 1). ``max_seqlen_k`` must be >= every key length.
     ``host_offsets`` = (cu_seqlens_q, cu_seqlens_k) as host lists (equal to the tensors) lets the layout be
-    checked and sized on the host: no host synchronisation then, so the caller's host work overlaps the
-    GPU's (without it, one validates the tensors and three size the buffers).
+    checked and sized on the host with no host synchronisation, so the caller's host work overlaps the GPU's;
+    without it the call reads the two tensors back once.
     """
     _check_inputs(q, k, config)
     _check_cu(cu_seqlens_q, "cu_seqlens_q", q.device)
@@ -861,20 +861,19 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     if q_len.numel() == 0:
         return torch.empty((k.shape[1], q.shape[0], config.budget), dtype=torch.int32, device=q.device)
-    host_lens = None
-    if host_offsets is not None:
-        oq, ok = (list(map(int, x)) for x in host_offsets)
-        if len(oq) != cu_seqlens_q.numel() or len(ok) != cu_seqlens_k.numel():
-            raise ValueError("host_offsets must hold as many entries as cu_seqlens_q and cu_seqlens_k")
-        host_lens = ([b - a for a, b in zip(oq, oq[1:])], [b - a for a, b in zip(ok, ok[1:])])
-        cq0, ck0, cqe, cke = oq[0], ok[0], oq[-1], ok[-1]
-        dec_q, dec_k = min(host_lens[0]) < 0, min(host_lens[1]) < 0
-        q_gt_k = any(a > b for a, b in zip(*host_lens))
-        kmax = max(host_lens[1])
-    else:  # one host synchronisation validates the layout
-        cq0, ck0, cqe, cke, dec_q, dec_k, q_gt_k, kmax = torch.stack([
-            cu_seqlens_q[0], cu_seqlens_k[0], cu_seqlens_q[-1], cu_seqlens_k[-1], (q_len < 0).any().int(),
-            (k_len < 0).any().int(), (q_len > k_len).any().int(), k_len.max()]).tolist()
+    if host_offsets is None:
+        # one read-back of the layout, which is then checked and sized on the host (it had taken one host
+        # synchronisation to check it and three to size the buffers: each drains the GPU's queue)
+        both = torch.cat([cu_seqlens_q.long(), cu_seqlens_k.long()]).tolist()
+        host_offsets = (both[:cu_seqlens_q.numel()], both[cu_seqlens_q.numel():])
+    oq, ok = (list(map(int, x)) for x in host_offsets)
+    if len(oq) != cu_seqlens_q.numel() or len(ok) != cu_seqlens_k.numel():
+        raise ValueError("host_offsets must hold as many entries as cu_seqlens_q and cu_seqlens_k")
+    host_lens = ([b - a for a, b in zip(oq, oq[1:])], [b - a for a, b in zip(ok, ok[1:])])
+    cq0, ck0, cqe, cke = oq[0], ok[0], oq[-1], ok[-1]
+    dec_q, dec_k = min(host_lens[0]) < 0, min(host_lens[1]) < 0
+    q_gt_k = any(a > b for a, b in zip(*host_lens))
+    kmax = max(host_lens[1])
     if cq0 != 0 or dec_q or cqe != q.shape[0]:
         raise ValueError(f"cu_seqlens_q must be non-decreasing, start at 0 and end at total_q={q.shape[0]}")
     if ck0 != 0 or dec_k or cke != k.shape[0]:
@@ -884,12 +883,11 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     if int(max_seqlen_k) < kmax:
         raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
     with torch.no_grad():
-        hk = None if host_lens is None else host_lens[1]
         k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride,
-                                       host_k_len=hk)
+                                       host_k_len=host_lens[1])
         if config.lse_approx:
             k2, s2, n2, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.coarse_kernel_size,
-                                           config.coarse_kernel_stride, host_k_len=hk)
+                                           config.coarse_kernel_stride, host_k_len=host_lens[1])
         else:
             k2, s2, n2 = k1, s1, n1
         return _select_core(q, k1, k2, cu_seqlens_q[:-1], q_len, k_len, s1, n1, s2, n2, int(max_seqlen_k),

@@ -51,19 +51,19 @@ def peak_extra_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def random_walk(n, h, d, rho=0.97, chunk=256, seed=0):
+def random_walk(n, h, d, rho=0.97, chunk=256, seed=0, device=DEV):
     """BENCHMARKS.md `local` queries: q[t] = rho q[t-1] + sqrt(1 - rho^2) e[t], per head, computed in chunks."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    e = torch.randn(n, h, d, device=DEV, generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)
+    e = torch.randn(n, h, d, device=device, generator=g)
     b = math.sqrt(1 - rho ** 2)
-    i = torch.arange(chunk, device=DEV)
+    i = torch.arange(chunk, device=device)
     A = torch.where(i[:, None] >= i[None, :], rho ** (i[:, None] - i[None, :]).clamp_min(0).float(), 0.0) * b
     pad = (-n) % chunk
     ep = torch.cat([e, e.new_zeros(pad, h, d)]).view(-1, chunk, h * d)
     within = torch.matmul(A, ep)  # (chunks, chunk, h*d): the walk started from 0 in each chunk
     decay = rho ** (i.float() + 1)
     out = torch.empty_like(within)
-    prev = torch.zeros(h * d, device=DEV)  # the walk starts from 0
+    prev = torch.zeros(h * d, device=device)  # the walk starts from 0
     for c in range(within.shape[0]):
         out[c] = within[c] + decay[:, None] * prev
         prev = out[c, -1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import random_walk  # noqa: E402  (the benchmark's `local` queries, here on the CPU)
 from infllmv2.config import SparseConfig  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 
@@ -62,24 +63,12 @@ def search(key: np.ndarray, need: int, bisect: int, clamp: float, tight: int):
     return lo, cnt_lo, cnt_hi, step
 
 
-def random_walk_queries(n, h, d, rho, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(n, h, d, generator=g)
-    out = torch.empty(n, h, d)
-    prev = torch.zeros(h, d)
-    b = math.sqrt(1 - rho ** 2)
-    for t in range(n):  # the benchmark's walk (bench_attention.random_walk), on the CPU
-        prev = rho * prev + b * e[t]
-        out[t] = prev
-    return out
-
-
 def benchmark_inputs(n, tokens, pattern, hq=32, hkv=2, d=128, seed=0):
     """The last `tokens` queries and all n keys (bf16-rounded, fp32) of the benchmark's `local` / `random` inputs."""
     g = torch.Generator().manual_seed(seed + 1)
     k = torch.randn(n, hkv, d, generator=g).bfloat16().float()
     q = (torch.randn(tokens, hq, d, generator=g) if pattern == "random"
-         else random_walk_queries(n, hq, d, 0.97, seed)[n - tokens:]).bfloat16().float()
+         else random_walk(n, hq, d, seed=seed, device="cpu")[n - tokens:]).bfloat16().float()
     return q, k
 
 

@@ -27,7 +27,6 @@ compare selections by score.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
@@ -65,9 +64,6 @@ _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits 
 # interleaved, identical outputs, `dev_selection.py --flag-ab _COMPRESS_BLOCK_C=32,16,8,4`: 32 -> 8 took the two
 # compression kernels 0.29 -> 0.10 ms at 128K, 0.18 -> 0.05 ms at 64K, 0.21 -> 0.12 ms at Hkv 8 / d 64)
 _COMPRESS_BLOCK_C = 8
-# Prefill: each workspace chunk's top-k on a side stream beside the next chunk's scoring (two workspaces: 256 MiB more
-# memory). Built for the H200 A/B `dev_selection.py --flag-ab TOPK_STREAM`, not measured yet: off.
-TOPK_STREAM = False
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
@@ -648,8 +644,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     Decoding passes ``decode_rows`` = (rows1, rows2) instead: q holds one query per sequence (the last of
     its k_len[i] keys) and the compressed keys of sequence i start at row i * rows1 of k1 (i * rows2 of k2);
     the kernels derive every other quantity from k_len (no launch, no host synchronisation; the other
-    arrays are not read). ``host_lens`` = (q_len, k_len) as host lists spares the host synchronisation that
-    sizing the query tiles otherwise takes.
+    arrays are not read). Prefill needs ``host_lens`` = (q_len, k_len) as host lists, which size the query
+    tiles without a host synchronisation.
     Returns (Hkv, total_q, budget) int32."""
     decode = decode_rows is not None
     total_q, hq, d = q.shape
@@ -701,11 +697,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        if host_lens is not None:
-            n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
-            max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
-        else:
-            n_tiles, max_prefix = torch.stack([tptr[-1].long(), (k_len - q_len).max().long()]).tolist()
+        n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
+        max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
         if n_tiles == 0:
             return out
         tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
@@ -753,18 +746,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
-    # prefill on CUDA with TOPK_STREAM: each chunk's top-k on a side stream, beside the next chunk's scoring, each of
-    # two workspaces alternately (the scoring of chunk i + 2 waits for the top-k of chunk i)
-    side = (TOPK_STREAM and q.is_cuda and not decode and tpc < n_tiles
-            and not torch.cuda.is_current_stream_capturing())
-    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev) for _ in range(1 + side)]
-    if side:
-        main, aux = torch.cuda.current_stream(dev), _side_stream(dev)
-        released = [None, None]  # per workspace: the event after the last top-k that read it
-    for i, c0 in enumerate(range(0, n_tiles, tpc)):
-        ws = wss[i % len(wss)]
-        if side and released[i % 2] is not None:
-            main.wait_event(released[i % 2])
+    ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
+    for c0 in range(0, n_tiles, tpc):
         nt = min(tpc, n_tiles - c0)
         # the chunk's queries see key blocks up to its last key position (a tile's token offset in its
         # sequence is at most its global index x BLOCK_T), so early chunks get a narrower top-k row
@@ -784,36 +767,16 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
                 NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
-
-        if side:
-            aux.wait_stream(main)  # this chunk's scores
-        with torch.cuda.stream(aux) if side else contextlib.nullcontext():
-            _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
-                ws, out, tile_seq, tile_off, q_start, q_len, k_len,
-                ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
-                BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
-                LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
-                SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
-                SEARCH_TIGHT=_TOPK_SEARCH[2],
-                **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
-                **pdl)
-        if side:
-            released[i % 2] = aux.record_event()
-    if side:
-        main.wait_stream(aux)  # the output, and the workspaces before they return to the allocator
+        _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
+            ws, out, tile_seq, tile_off, q_start, q_len, k_len,
+            ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
+            BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
+            LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
+            SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
+            SEARCH_TIGHT=_TOPK_SEARCH[2],
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
+            **pdl)
     return out
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device) -> "torch.cuda.Stream":
-    """One side stream per device for the top-k (see TOPK_STREAM)."""
-    device = torch.device(device)
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[key]
 
 
 def _check_inputs(q, k, config):

@@ -76,6 +76,9 @@ _TOPK_SCAN_RUN = 16
 # [SEARCH_CLAMP, 1 - SEARCH_CLAMP] of the bracket, brackets snapped to keys from step SEARCH_TIGHT on. (2, 0.0, 1 << 30)
 # is the search of the seventeenth session (alternating steps, no clamp, no snapping).
 _TOPK_SEARCH = (4, 0.2, 6)
+# Hopper prefill: the Gluon scoring kernel runs each program's top-k itself, after its scoring loop, with this many
+# warps a row (0: the separate _select_kernel launch per chunk); same search, same selections
+_FUSED_TOPK_WARPS = 2
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -755,10 +758,15 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         nb_c = min(BLOCK_NB, _next_pow2(kpos_max // B + 1))
         # rows per select program: keep a (rows, nb_c) tile at <= _SELECT_TILE elements (registers)
         sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
+        fused = False
         if sm90:
+            fused = bool(_FUSED_TOPK_WARPS)
+            topk = dict(out=out, budget=budget, nb_sel=max(32 * _FUSED_TOPK_WARPS, nb_c, _next_pow2(budget)), search=_TOPK_SEARCH,
+                        warps_per_row=_FUSED_TOPK_WARPS) if fused else {}
             sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
                               c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
-                              config.local_blocks, config.init_blocks)
+                              config.local_blocks, config.init_blocks, **topk)
+            fused = fused and sm90
         if not sm90:
             _score_kernel[(nt, hkv, n_split)](
                 q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
@@ -767,6 +775,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
                 NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
+        if fused:  # the scoring kernel selected this chunk's blocks
+            continue
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,

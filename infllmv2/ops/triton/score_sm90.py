@@ -120,100 +120,14 @@ if HAVE_GLUON:
             _tma_load(k_desc, [c1s + (i + STAGES) * BLOCK_N, h * D], bars.index(slot), k_smem.index(slot))
 
     @gluon.jit
-    def _add_i32(a, b):
-        return a + b
-
-    @gluon.jit
-    def _count_above_below(c0, a0, b0, c1, a1, b1):
-        return c0 + c1, gl.minimum(a0, a1), gl.maximum(b0, b1)
-
-    @gluon.jit
-    def _select_rows(ws_tile, out_h, stride_wr, stride_ot, r0, qs, off, ql, kl, budget, BLOCK_T: gl.constexpr,
-                     BS: gl.constexpr, NB: gl.constexpr, WPR: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr,
-                     SEARCH_BISECT: gl.constexpr, SEARCH_CLAMP: gl.constexpr, SEARCH_TIGHT: gl.constexpr):
-        """Forced blocks + top-k of rows r0 .. r0 + 4 / WPR - 1 of the program's tile (its own pooled scores, from
-        ``ws_tile``; NB >= 32 x WPR blocks, >= the budget) into their output rows: what ``selection._select_kernel``
-        does, with the same search (its comments explain it), hence the same selections. WPR warps a row, 4 / WPR
-        rows at once: with one warp a row the reductions over a row stay within its warp; the warps meet once a
-        search step, to see whether every row is done. A tight step's three reductions are one."""
-        row_l: gl.constexpr = gl.BlockedLayout([1, NB // (32 * WPR)], [1, 32], [4 // WPR, WPR], [1, 0])
-        r = r0 + gl.arange(0, 4 // WPR, layout=gl.SliceLayout(1, row_l))
-        tok = off + r
-        tvalid = (tok < ql) & (r < BLOCK_T)
-        bq1 = (kl - ql + tok) // BS
-        bq = gl.expand_dims(bq1, 1)
-        b = gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(0, row_l)), 0)
-        tv = gl.expand_dims(tvalid, 1)
-        cand = (b >= INIT) & (b < bq - LOCAL) & tv
-        # .cg: other warps of this program stored these scores (ordered by the barrier before the call)
-        sc = gl.load(ws_tile + gl.expand_dims(r.to(gl.int64) * stride_wr, 1) + b, mask=cand, other=0.0,
-                     cache_modifier=".cg")
-        key = gl.where(cand, sc.to(gl.int32, bitcast=True), -1)
-        n_init = gl.minimum(bq1 + 1, INIT)
-        n_local = gl.maximum(bq1 - gl.maximum(bq1 - LOCAL, INIT) + 1, 0)
-        n_forced = gl.where(tvalid, n_init + n_local, 0)
-        n_cand = gl.where(tvalid, gl.maximum(bq1 - LOCAL - INIT, 0), 0)
-        need = gl.minimum(budget - n_forced, n_cand)
-        kmax = gl.max(key, 1)
-        lo = gl.where(need > 0, gl.min(gl.where(cand, key, 0x7FFFFFFF), 1), kmax + 1)
-        hi = kmax + 1
-        cnt_lo = gl.where(need > 0, n_cand, 0)
-        cnt_hi = cnt_lo * 0
-        done = (cnt_lo == need) | (hi - lo <= 1)
-        step = 0
-        while gl.max(gl.where(done, 0, 1), 0) > 0:
-            span = hi - lo
-            if step % SEARCH_BISECT == SEARCH_BISECT - 1:
-                off_ = span // 2
-            else:
-                frac = (cnt_lo - need).to(gl.float32) / gl.maximum(cnt_lo - cnt_hi, 1).to(gl.float32)
-                frac = gl.minimum(gl.maximum(frac, SEARCH_CLAMP), 1.0 - SEARCH_CLAMP)
-                off_ = (span.to(gl.float32) * frac).to(gl.int32)
-            mid = lo + gl.minimum(gl.maximum(off_, 1), span - 1)
-            ge = key >= gl.expand_dims(mid, 1)
-            if step >= SEARCH_TIGHT:
-                cnt, above, below = gl.reduce((ge.to(gl.int32), gl.where(ge, key, 0x7FFFFFFF), gl.where(ge, -1, key)),
-                                              1, _count_above_below)
-                up = (cnt >= need) & ~done
-                down = (cnt < need) & ~done
-                lo = gl.where(up, above, lo)
-                hi = gl.where(down, below + 1, hi)
-            else:
-                cnt = gl.sum(ge.to(gl.int32), 1)
-                up = (cnt >= need) & ~done
-                down = (cnt < need) & ~done
-                lo = gl.where(up, mid, lo)
-                hi = gl.where(down, mid, hi)
-            cnt_lo = gl.where(up, cnt, cnt_lo)
-            cnt_hi = gl.where(down, cnt, cnt_hi)
-            done = (cnt_lo == need) | (hi - lo <= 1)
-            step += 1
-        thr = gl.expand_dims(lo, 1)
-        gt = key > thr
-        eq = key == thr
-        forced = ((b < INIT) | (b >= bq - LOCAL)) & (b <= bq) & tv
-        if gl.max(cnt_lo - need, 0) > 0:  # more keys at a threshold than needed: lower block indices first
-            rank = gl.associative_scan(eq.to(gl.int32), 1, _add_i32) - 1
-            sel = gt | (eq & (rank < gl.expand_dims(need - cnt_hi, 1))) | forced
-        else:
-            sel = gt | eq | forced
-        pos = gl.associative_scan(sel.to(gl.int32), 1, _add_i32) - 1
-        orow = out_h + gl.expand_dims((qs + tok).to(gl.int64) * stride_ot, 1)
-        gl.store(orow + pos, b + gl.zeros_like(key), mask=sel)
-        n_sel = gl.expand_dims(n_forced + gl.maximum(need, 0), 1)
-        gl.store(orow + b, gl.full_like(key, -1), mask=(b >= n_sel) & (b < budget) & tv)
-
-    @gluon.jit
     def _score_kernel_sm90(q_ptr, k_desc, lse_ptr, ws_ptr,
                            tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
-                           out_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, stride_oh, stride_ot,
-                           tile_base, n_tiles, nb_ws, budget, qk_scale,
+                           stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles, nb_ws,
+                           qk_scale,
                            G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
-                           PAIRS: gl.constexpr, TOPK: gl.constexpr = False, NB: gl.constexpr = 128,
-                           WPR: gl.constexpr = 2, SEARCH_BISECT: gl.constexpr = 4,
-                           SEARCH_CLAMP: gl.constexpr = 0.2, SEARCH_TIGHT: gl.constexpr = 6):
+                           PAIRS: gl.constexpr):
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         M: gl.constexpr = GP * BLOCK_T
         lt = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
@@ -309,12 +223,6 @@ if HAVE_GLUON:
                                    qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
             for s in gl.static_range(STAGES):
                 mbarrier.invalidate(bars.index(s))
-        if TOPK:  # each token's forced blocks + top-k, from the rows this program just pooled
-            _cta_barrier()
-            ws_tile = ws_ptr + h * stride_wh + (lt * BLOCK_T).to(gl.int64) * stride_wr
-            for r0 in range(0, BLOCK_T, 4 // WPR):
-                _select_rows(ws_tile, out_ptr + h * stride_oh, stride_wr, stride_ot, r0, qs, off, ql, kl, budget,
-                             BLOCK_T, BS, NB, WPR, LOCAL, INIT, SEARCH_BISECT, SEARCH_CLAMP, SEARCH_TIGHT)
 
 
 def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
@@ -329,14 +237,10 @@ def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: 
 def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
                       tile_base: int, n_tiles: int, nb_ws: int, qk_scale: float, g: int, gp: int, block_t: int,
                       kernel_size: int, kernel_stride: int, r: int, l: int, block_size: int, local_blocks: int,
-                      init_blocks: int, out=None, budget: int = 0, nb_sel: int = 128, search=(4, 0.2, 6),
-                      warps_per_row: int = 2):
+                      init_blocks: int):
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
-    over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
-    With ``out`` (Hkv, total_q, budget) int32, each program then selects its tokens' blocks itself (the top-k of
-    ``selection._select_kernel`` over rows of ``nb_sel`` blocks, a power of two >= 32 x ``warps_per_row`` and >= ``budget``;
-    ``search``: its ``_TOPK_SEARCH``; ``warps_per_row``: 1, 2 or 4 warps a row, so 4, 2 or 1 rows at once)."""
+    over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros."""
     if _PAIRS and _STAGES < 2:
         raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]
@@ -346,20 +250,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
     k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
-    topk = out is not None
-    if topk and warps_per_row not in (1, 2, 4):
-        raise ValueError(f"score_blocks_sm90: warps_per_row must be 1, 2 or 4, got {warps_per_row}")
-    if topk and (nb_sel < max(32 * warps_per_row, budget) or nb_sel & (nb_sel - 1)):
-        raise ValueError(f"score_blocks_sm90: nb_sel must be a power of two >= 32 x warps_per_row and >= budget "
-                         f"({budget}), got {nb_sel}")
-    # the scoring alone takes 122 registers, four programs an SM; the top-k's rows would take more (a row's 64-bit
-    # output pointers), so they are capped where four programs fit (Triton 3.6: 120 registers at 4 warps a row)
-    regs = dict(maxnreg=128) if topk else {}
     _score_kernel_sm90[(n_tiles, hkv)](
-        q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len, out if topk else ws,
-        q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1),
-        out.stride(0) if topk else 0, out.stride(1) if topk else 0, tile_base, n_tiles, nb_ws, budget, qk_scale,
+        q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+        q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,
         G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
-        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, PAIRS=_PAIRS, TOPK=topk, NB=nb_sel if topk else 128,
-        WPR=warps_per_row, SEARCH_BISECT=search[0], SEARCH_CLAMP=search[1], SEARCH_TIGHT=search[2], num_warps=4,
-        **regs)
+        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, PAIRS=_PAIRS, num_warps=4)

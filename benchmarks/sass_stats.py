@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     GluonASTSource = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infllmv2.ops.triton import lse_sm90, score_sm90, select_sm90, selection, sparse_attention, sparse_fwd_sm90  # noqa: E402,E501
+from infllmv2.ops.triton import lse_sm90, score_sm90, selection, sparse_attention, sparse_fwd_sm90  # noqa: E402
 
 
 def _ints(*names):
@@ -84,11 +84,6 @@ def _kernels():
         kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
                                  dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
                                       STAGES=score_sm90._STAGES, PAIRS=score_sm90._PAIRS))
-        # the top-k: (warps, warps a row) of select_sm90._LAUNCH; --warps W -D WPR=N for others
-        kernels["select_sm90"] = (select_sm90._select_kernel_sm90, select,
-                                  dict(BLOCK_T=8, BS=64, NB=2048, WPR=select_sm90._LAUNCH[1], LOCAL=32, INIT=1, FUSE3=True,
-                                       **dict(zip(("SEARCH_BISECT", "SEARCH_CLAMP", "SEARCH_TIGHT"),
-                                                  selection._TOPK_SEARCH))))
         desc = f"tensordesc<bf16[64, 128],{lay!r}>"
         lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
                      **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr", "c2_start_ptr", "c2_len_ptr"),

@@ -192,55 +192,6 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, sta
         assert_selection_matches_by_score(qs, ks, cfg, gi, d ** -0.5, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("g,hkv,d,cfg_kw,lens", [
-    (16, 2, 128, {}, ([37000, 0, 700, 2100, 4099], [37000, 0, 100, 33, 4099])),
-    (16, 2, 128, {}, ([300, 1000, 64, 4095], [300, 1000, 64, 17])),  # rows of < 128 blocks
-    (3, 3, 64, {}, ([9000, 5000], [9000, 5000])),
-    (4, 2, 128, dict(topk=160), ([20000, 777], [20000, 777])),  # budget 192: rows widened to 256
-    (16, 2, 128, dict(block_size=128, topk=16, window_size=1024), ([30000, 4000], [30000, 4000])),
-    (4, 2, 64, dict(block_size=32, kernel_size=32, kernel_stride=16, topk=64, window_size=512),
-     ([6000, 2500], [6000, 2500])),
-    (16, 1, 128, dict(init_blocks=0), ([70000], [70000])),  # rows of 2048 blocks (128K's) and more
-])
-@pytest.mark.parametrize("launch", [None, (4, 4, False), (8, 8, False), (2, 2, True), (4, 1, True)])
-def test_sm90_topk_kernel_equals_triton_kernel(g, hkv, d, cfg_kw, lens, launch, monkeypatch):
-    """The Gluon top-k (``select_sm90.py``) against the Triton top-k on the same pooled scores: the same search and
-    tie rule, so bitwise the same selections, padding included, at each (warps, warps a row, fused reduction)."""
-    from infllmv2.ops.triton import select_blocks_triton, select_sm90, selection
-    if torch.cuda.get_device_capability()[0] != 9 or not select_sm90.HAVE_GLUON:
-        pytest.skip("needs an sm90 GPU and Triton's Gluon")
-    monkeypatch.setattr(selection, "_SELECT_SM90_LAUNCH", launch)
-    calls = []
-    real = selection.select_blocks_sm90
-    monkeypatch.setattr(selection, "select_blocks_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    cfg = SparseConfig(dense_len=-1, **cfg_kw)
-    lens_k, lens_q = lens
-    torch.manual_seed(2)
-    k = torch.randn(sum(lens_k), hkv, d, device=DEV, dtype=torch.bfloat16)
-    q = torch.randn(sum(lens_q), hkv * g, d, device=DEV, dtype=torch.bfloat16)
-    # the first quarter of the keys repeats block-wise: tied block scores, so the tie rule runs
-    n_rep = sum(lens_k) // 4 // 128 * 128
-    kr = k[:n_rep].view(-1, 128, hkv, d)
-    kr[:, 64:] = kr[:, :64]
-    cuq, cuk = _cu(lens_q), _cu(lens_k)
-    monkeypatch.setattr(selection.SELECT_SM90, "enabled", True)
-    got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
-    n_calls = len(calls)
-    assert n_calls, "the sm90 top-k kernel did not run"
-    monkeypatch.setattr(selection.SELECT_SM90, "enabled", False)
-    ref = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
-    assert len(calls) == n_calls
-    assert torch.equal(got, ref)
-    # every row written in full: min(budget, bq + 1) ascending past blocks, the current one included, then -1
-    bq = torch.cat([(lk - lq + torch.arange(lq)) // cfg.block_size for lq, lk in zip(lens_q, lens_k)]).to(DEV)
-    slot = torch.arange(cfg.budget, device=DEV)
-    valid = slot < torch.clamp(bq + 1, max=cfg.budget)[:, None]
-    assert torch.equal(got >= 0, valid.expand_as(got))
-    assert (got[:, :, 1:] > got[:, :, :-1])[valid[None, :, 1:].expand(hkv, -1, -1)].all()
-    assert (got <= bq[:, None]).all()
-    assert ((got == bq[:, None]).sum(-1) == 1).all()
-
-
 @pytest.mark.parametrize("g,hkv,d,dtype,cfg_kw", [
     (16, 2, 128, torch.bfloat16, {}), (3, 3, 64, torch.bfloat16, {}), (4, 2, 128, torch.float16, {}),
     (32, 1, 128, torch.bfloat16, {}), (1, 4, 64, torch.bfloat16, {}),

@@ -38,7 +38,6 @@ from ...config import SparseConfig
 from .gluon_support import GluonKernel
 from .lse_sm90 import lse_sm90, lse_sm90_supported
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
-from .select_sm90 import select_blocks_sm90, select_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
 
@@ -59,7 +58,6 @@ _DECODE_PROGRAMS = 256
 SCORE_SM90 = GluonKernel("scoring")
 # prefill log-sum-exp on Hopper by the Gluon kernel of lse_sm90.py (the same switch rules)
 LSE_SM90 = GluonKernel("log-sum-exp")
-SELECT_SM90 = GluonKernel("top-k")
 _DECODE_SPLITS = None  # tuning knob: a fixed number of splits for the scoring (and the LSE) instead
 _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits (None: the scoring's)
 # compressed keys (windows) a compression program writes, per KV head: more programs, more loads in flight (H200,
@@ -78,7 +76,6 @@ _TOPK_SCAN_RUN = 16
 # [SEARCH_CLAMP, 1 - SEARCH_CLAMP] of the bracket, brackets snapped to keys from step SEARCH_TIGHT on. (2, 0.0, 1 << 30)
 # is the search of the seventeenth session (alternating steps, no clamp, no snapping).
 _TOPK_SEARCH = (4, 0.2, 6)
-_SELECT_SM90_LAUNCH = None  # tuning knob: (warps, warps a row) of the sm90 top-k kernel (None: its default)
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -770,13 +767,6 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
                 NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
-        # Hopper prefill: the Gluon top-k (select_sm90.py), the same selections, unless a launch setting is asked for
-        if (SELECT_SM90.enabled and not _INTERPRET and select_sm90_supported(ws, decode) and default_launch
-                and select_warps is None and _SELECT_WARPS is None
-                and SELECT_SM90(select_blocks_sm90, ws, out, tile_seq, tile_off, q_start, q_len, k_len, c0, nt, budget,
-                                nb_c, BLOCK_T, B, config.local_blocks, config.init_blocks, _TOPK_SEARCH,
-                                _SELECT_SM90_LAUNCH)):
-            continue
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,

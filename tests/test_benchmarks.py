@@ -77,3 +77,18 @@ def test_topk_search_transcription_finds_each_rows_threshold():
             chosen = np.flatnonzero(key > thr).tolist() + np.flatnonzero(key == thr)[:need - cnt_gt].tolist()
             order = sorted(np.flatnonzero(key >= 0), key=lambda b: (-key[b], b))  # stable: lower block first
             assert sorted(chosen) == sorted(order[:need]), setting
+
+
+def test_e2e_tiny_runs_both_paths_and_its_decode_check_passes(tmp_path):
+    """``bench_e2e.py --tiny``: the e2e model (fused QKV / gate-up products, residual adds in the products' epilogue)
+    on the CPU; its check asserts that a sparse decode step whose budget covers the cache gives the dense step's
+    logits, and a failed check lands in ``errors``."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_e2e.py"), "--tiny", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tiny check: sparse decode step (covering budget) == dense decode step (logits)" in run.stdout
+    res = json.loads((tmp_path / "e2e_h200.json").read_text())
+    assert res["errors"] == [] and res["model"] == "tiny"
+    paths = {(r["path"], r["n"]) for r in res["rows"]}
+    for path in ("dense_prefill", "infllmv2_prefill", "dense_decode", "infllmv2_decode"):
+        assert {(path, 256), (path, 384)} <= paths, path

@@ -6,7 +6,9 @@ Runs ``bench_e2e.Llama.prefill`` (MiniCPM4-8B shape, random bf16 weights, ``--la
 attention replaced by nothing (each layer's attention output = its query, as ``bench_e2e.py --floor``), profiles
 one call and sums the GPU kernel time into matrix products and the rest (norms, RoPE, SiLU x up, residual adds,
 copies), then (``--compile``) does the same with those elementwise pieces compiled by ``torch.compile``
-(``Llama(..., compile_pointwise=True)``, what ``bench_e2e.py`` runs by default on CUDA). Prints a table; writes ``$OUT/profile_e2e_nonattn.json`` when OUT is set.
+(``Llama(..., compile_pointwise=True)``, what ``bench_e2e.py`` runs by default on CUDA). Prints the results as JSON
+and writes them to ``$OUT/profile_e2e_nonattn.json`` when OUT is set. ``matmul_tflops`` is the model's FLOP count
+over the time of the kernels classed as products (by name).
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def main():
     x = torch.randn(args.n, shape["hidden"], device="cuda", dtype=torch.bfloat16)
     noattn = lambda q, k, v: q  # noqa: E731
     run = lambda: model.prefill(x, noattn)  # noqa: E731
-    res = dict(n=args.n, layers=args.layers, command="python3 benchmarks/profile_e2e_nonattn.py " + " ".join(sys.argv[1:]))
+    res = dict(n=args.n, layers=args.layers,
+               command="python3 benchmarks/profile_e2e_nonattn.py " + " ".join(sys.argv[1:]))
     flops = 2 * args.n * args.layers * shape["hidden"] * (
         (shape["hq"] + 2 * shape["hkv"]) * shape["d"] + shape["hq"] * shape["d"] + 3 * shape["inter"])
     res["eager_ms_per_layer"] = round(gpu_ms(run) / args.layers, 2)

@@ -5,8 +5,9 @@
 Runs ``bench_e2e.Llama.prefill`` (MiniCPM4-8B shape, random bf16 weights, ``--layers`` of its 32 layers) with
 attention replaced by nothing (each layer's attention output = its query, as ``bench_e2e.py --floor``), profiles
 one call and sums the GPU kernel time into matrix products and the rest (norms, RoPE, SiLU x up, residual adds,
-copies), then (``--compile``) does the same with those elementwise pieces compiled by ``torch.compile``
-(``Llama(..., compile_pointwise=True)``, what ``bench_e2e.py`` runs by default on CUDA). Prints the results as JSON
+copies); the call is timed as ``bench_e2e.py`` times it (best of 3). With ``--compile`` it does the same with those
+elementwise pieces compiled by ``torch.compile`` (``Llama(..., compile_pointwise=True)``, what ``bench_e2e.py`` runs
+by default on CUDA). Prints the results as JSON
 and writes them to ``$OUT/profile_e2e_nonattn.json`` when OUT is set. ``matmul_tflops`` is the model's FLOP count
 over the time of the kernels classed as products (by name).
 """
@@ -21,21 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_e2e import FULL_SHAPE, Llama  # noqa: E402
-
-
-def gpu_ms(fn, reps=3):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from bench_e2e import FULL_SHAPE, Llama, time_once  # noqa: E402
 
 
 def kernel_split(fn):
@@ -74,7 +61,7 @@ def main():
                command="python3 benchmarks/profile_e2e_nonattn.py " + " ".join(sys.argv[1:]))
     flops = 2 * args.n * args.layers * shape["hidden"] * (
         (shape["hq"] + 2 * shape["hkv"]) * shape["d"] + shape["hq"] * shape["d"] + 3 * shape["inter"])
-    res["eager_ms_per_layer"] = round(gpu_ms(run) / args.layers, 2)
+    res["eager_ms_per_layer"] = round(time_once(run, "cuda", reps=3) / args.layers, 2)
     split, top = kernel_split(run)
     res["eager_split_ms_per_layer"] = {k: round(v / args.layers, 2) for k, v in split.items()}
     res["matmul_tflops"] = round(flops / (split["matmul"] / 1e3) / 1e12, 1)
@@ -82,7 +69,8 @@ def main():
     if args.compile:
         model_c = Llama(shape, "cuda", torch.bfloat16, compile_pointwise=True)
         run = lambda: model_c.prefill(x, noattn)  # noqa: E731
-        res["compiled_ms_per_layer"] = round(gpu_ms(run) / args.layers, 2)
+        run()  # compiles
+        res["compiled_ms_per_layer"] = round(time_once(run, "cuda", reps=3) / args.layers, 2)
         split, top = kernel_split(run)
         res["compiled_split_ms_per_layer"] = {k: round(v / args.layers, 2) for k, v in split.items()}
         res["compiled_top_other_kernels_ms"] = top

@@ -220,11 +220,13 @@ def test_token_index_lists_each_blocks_tokens_once_in_order():
         assert got == want
 
 
-@pytest.mark.parametrize("mode", ["sort", "histogram"])
+@pytest.mark.parametrize("mode", ["sort", "histogram", "bitmap"])
 @pytest.mark.parametrize("rows", ["random", "sorted"])
 @pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40)])
-def test_union_kernel_equals_torch(T, budget, u_cap, rows, mode, monkeypatch):
-    # the Triton union build (its sort, or its histogram over the 14 blocks) against the segmented torch.sort
+@pytest.mark.parametrize("bs", [4, 1])
+def test_union_kernel_equals_torch(T, budget, u_cap, bs, rows, mode, monkeypatch):
+    # the Triton union build (its sort, its histogram over the 14 or 50 blocks, or the tokens' bitmaps of them: one
+    # 32-bit word or two) against the segmented torch.sort
     # version: block lists with -1 padding, future blocks (dropped), partial last tiles, and u_cap truncation
     # (3, 7, 6); "random" rows (repeats, -1 anywhere) and rows of distinct blocks sorted with -1 last, as the
     # selection writes them
@@ -232,19 +234,20 @@ def test_union_kernel_equals_torch(T, budget, u_cap, rows, mode, monkeypatch):
     lens_q, lens_k = [37, 0, 9], [50, 4, 9]
     cu_q = torch.tensor([0, 37, 37, 46], dtype=torch.int32)
     cu_k = torch.tensor([0, 50, 54, 63], dtype=torch.int32)
-    hkv, bs = 2, 4
-    bi = torch.randint(-1, 14, (hkv, sum(lens_q), budget), generator=gen, dtype=torch.int32)
+    hkv, nb = 2, -(-50 // bs)
+    bi = torch.randint(-1, nb, (hkv, sum(lens_q), budget), generator=gen, dtype=torch.int32)
     if rows == "sorted":
         bi = torch.where(torch.rand(bi.shape, generator=gen) < 0.2, -1,
-                         torch.rand(hkv, sum(lens_q), 14, generator=gen).argsort(-1)[..., :budget].int())
+                         torch.rand(hkv, sum(lens_q), nb, generator=gen).argsort(-1)[..., :budget].int())
         bi = torch.where(bi >= 0, bi, 1 << 20).sort(-1).values  # valid blocks ascending, then the -1 padding
         bi = torch.where(bi == 1 << 20, -1, bi)
     bi = bi.transpose(1, 2).contiguous().transpose(1, 2)  # strided rows: the kernel reads the strides it gets
+    monkeypatch.setattr(SA, "UNION_BITMAP_MAX_BINS", 64 if mode == "bitmap" else 0)
     monkeypatch.setattr(SA, "UNION_HIST", mode == "histogram")
     monkeypatch.setattr(SA, "UNION_HIST_MIN_CANDIDATES", 0)  # at these sizes too
     tiles = SA._tile_table(cu_q, cu_k, T, sum(lens_q), len(lens_q))
     args = (bi, tiles[1], tiles[2], tiles[3], T, bs, u_cap)
-    ub, ubits, cnt = SA._tile_unions(*args, n_blocks=14)
+    ub, ubits, cnt = SA._tile_unions(*args, n_blocks=nb)
     ub_t, ubits_t, cnt_t = SA._tile_unions_torch(*args)
     valid = (tiles[0] >= 0)[None, :]
     assert torch.equal(torch.where(valid, cnt, 0), torch.where(valid, cnt_t, 0))

@@ -85,6 +85,10 @@ UNION_HIST = True
 UNION_HIST_MIN_CANDIDATES = 2048
 UNION_HIST_MAX_BINS = 2048
 UNION_WARPS = None  # tuning knob: warps of the union kernel (None: as measured, in _tile_unions)
+# ... or, up to this many visible blocks, from per-token bitmaps of the selected blocks (``_row_bitmap_kernel``): the
+# union is an OR of the tile's bitmaps and each block's token mask their bits, with no sort, histogram or atomics
+# (0: off)
+UNION_BITMAP_MAX_BINS = 4096
 # Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
 TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
 # Rows that did not select a block get -inf through a per-row bias folded into the score scaling, and the
@@ -456,6 +460,76 @@ def _tile_union_kernel(
     tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(n_union, u_cap))
 
 
+@triton.jit
+def _seg_or(v1, w1, v2, w2):
+    # segmented OR scan: runs of equal keys (words) restart it
+    return tl.where(w1 == w2, v1 | v2, v2), w2
+
+
+@triton.jit
+def _row_bitmap_kernel(BI, WORDS, n_rows, budget, stride_bh, stride_bt, stride_wh, stride_wt,
+                       W: tl.constexpr, ROWS: tl.constexpr, BP: tl.constexpr):
+    """One program per (ROWS query rows, KV head): each row's selected blocks as W 32-bit words (block b: bit b % 32 of
+    word b // 32; blocks >= 32 W dropped). WORDS must be zeroed. A row sorted ascending with -1 last (as the selection
+    writes it) has each word's blocks side by side: a segmented OR scan collects them and one store a word writes
+    them; any other row (repeats, -1 anywhere, any order) ORs its blocks in atomically."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, BP)
+    ptr = BI + h.to(tl.int64) * stride_bh + r.to(tl.int64)[:, None] * stride_bt + e[None, :]
+    row_ok = (r < n_rows)[:, None]
+    g = tl.load(ptr, mask=row_ok & (e[None, :] < budget), other=-1)
+    g_next = tl.load(ptr + 1, mask=row_ok & (e[None, :] + 1 < budget), other=-1)
+    valid = (g >= 0) & (g < W * 32)
+    valid_next = (g_next >= 0) & (g_next < W * 32)
+    big = W * 32
+    ordered = tl.where(valid, g, big) <= tl.where(valid_next, g_next, big)
+    row_sorted = tl.min(ordered.to(tl.int32), 1) > 0
+    word = tl.where(valid, g >> 5, -1)
+    bit = tl.where(valid, tl.full(g.shape, 1, tl.int32) << (g & 31), 0)
+    acc, _ = tl.associative_scan((bit, word), 1, _seg_or)
+    run_end = valid & (~valid_next | ((g_next >> 5) != word))
+    wptr = WORDS + h.to(tl.int64) * stride_wh + r.to(tl.int64)[:, None] * stride_wt + word
+    tl.store(wptr, acc, mask=row_sorted[:, None] & run_end)
+    tl.atomic_or(wptr, bit, mask=~row_sorted[:, None] & valid)
+
+
+@triton.jit
+def _tile_union_bitmap_kernel(
+    WORDS, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
+    stride_wh, stride_wt, stride_u_h, stride_u_t, stride_cnt_h, u_cap, block_size, W: tl.constexpr,
+):
+    """The output of ``_tile_union_kernel`` from the tokens' bitmaps (``_row_bitmap_kernel``): the union's words are
+    the OR of the tile's rows (each cut to the blocks its token may see), a block's token mask is the bits of its
+    column, and a cumulative sum over the present blocks places them in ascending order. UB -1 filled, UBITS zeroed."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
+    nq = tl.load(TILE_NQ + pid_t)
+    pos0 = tl.load(TILE_POS0 + pid_t)
+    wi = tl.arange(0, W)
+    bi = tl.arange(0, 32)
+    union = tl.zeros([W], tl.int32)
+    masks = tl.zeros([W, 32], tl.int64)
+    row = WORDS + h.to(tl.int64) * stride_wh + q0 * stride_wt + wi
+    for j in range(nq):
+        w = tl.load(row + j * stride_wt)
+        # the blocks the token may see: bits up to (its position // block_size), computed in 64 bits (32 bits set)
+        last = tl.minimum(tl.maximum((pos0 + j) // block_size - wi * 32, -1), 31)
+        w = w & ((tl.full([W], 1, tl.int64) << (last + 1)) - 1).to(tl.int32)
+        union = union | w
+        masks = masks | (((w[:, None] >> bi[None, :]) & 1).to(tl.int64) << j)
+    present = tl.reshape(((union[:, None] >> bi[None, :]) & 1) != 0, [W * 32])
+    masks = tl.reshape(masks, [W * 32])
+    slot = tl.cumsum(present.to(tl.int32), 0) - 1
+    keep = present & (slot < u_cap)
+    base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
+    tl.store(UB + base + slot, tl.arange(0, W * 32), mask=keep)
+    tl.store(UBITS + base + slot, masks, mask=keep)
+    tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(tl.sum(present.to(tl.int32), 0), u_cap))
+
+
 # Launch configurations. The interpreter gets one config (autotune with several fails there);
 # on the GPU the tile shape (BLOCK_M, hence T) is chosen on the host because the union depends on
 # it; warps/stages are autotuned.
@@ -524,19 +598,33 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
                  n_blocks: int | None = None):
     """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
     column), int64 bitmask of the tile's tokens selecting each, and the union size. One Triton program
-    per (tile, head) sorts the tile's T * budget candidates in registers, or counts them in a histogram of
-    ``n_blocks`` bins (the bound of the visible blocks, where given and UNION_HIST applies); beyond UNION_KERNEL_MAX
-    of them (or with UNION_KERNEL off) a segmented torch.sort does the same."""
+    per (tile, head) ORs its tokens' bitmaps of selected blocks where ``n_blocks`` (the bound of the visible blocks)
+    is given and at most UNION_BITMAP_MAX_BINS; else it sorts the tile's T * budget candidates in registers, or counts
+    them in a histogram of ``n_blocks`` bins (where UNION_HIST applies); beyond UNION_KERNEL_MAX of them (or with
+    UNION_KERNEL off) a segmented torch.sort does the same."""
     hkv, total_q, budget = block_indices.shape
     n_tiles = tile_q0.shape[0]
     tb = _next_pow2(max(T * budget, 16))
-    if not UNION_KERNEL or tb > UNION_KERNEL_MAX or (block_indices.device.type == "cpu" and not _INTERPRET):
+    bitmap = n_blocks is not None and 0 < n_blocks <= UNION_BITMAP_MAX_BINS and T <= _MAX_TOKENS_PER_TILE
+    if (not UNION_KERNEL or (tb > UNION_KERNEL_MAX and not bitmap)
+            or (block_indices.device.type == "cpu" and not _INTERPRET)):
         return _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T, block_size, u_cap)
     dev = block_indices.device
     block_indices = block_indices.contiguous()
     ub = torch.full((hkv, n_tiles, u_cap + 1), -1, dtype=torch.int32, device=dev)
     ubits = torch.zeros((hkv, n_tiles, u_cap + 1), dtype=torch.int64, device=dev)
     cnt = torch.empty((hkv, n_tiles), dtype=torch.int32, device=dev)
+    if bitmap and n_tiles and hkv and budget:
+        n_words = _next_pow2(-(-n_blocks // 32))
+        words = torch.zeros((hkv, total_q, n_words), dtype=torch.int32, device=dev)
+        rows = 16
+        _row_bitmap_kernel[(triton.cdiv(total_q, rows), hkv)](
+            block_indices, words, total_q, budget, block_indices.stride(0), block_indices.stride(1),
+            words.stride(0), words.stride(1), W=n_words, ROWS=rows, BP=_next_pow2(budget), num_warps=4)
+        _tile_union_bitmap_kernel[(n_tiles, hkv)](
+            words, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt, words.stride(0), words.stride(1), ub.stride(0),
+            ub.stride(1), cnt.stride(0), u_cap, block_size, W=n_words, num_warps=UNION_WARPS or 4)
+        return ub, ubits, cnt
     # the histogram (12-token tiles of the warp-specialised forward, H200: 2.53 -> 1.75 ms at 128K, 1.32 -> 0.62 ms
     # at 64K) where its bins are few; it lost to the sort for 4-token tiles (0.76 -> 2.2 ms at 128K)
     bins = _next_pow2(max(n_blocks or 0, 16))

@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|union|fwd|fwd_sm90|fwd_sm90_ws|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...] [--sass FILE]
+    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|union|union_bitmap|row_bitmap|fwd|fwd_sm90|fwd_sm90_ws|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...] [--sass FILE]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -58,6 +58,11 @@ def _kernels():
     union = dict(BI="*i32", **_ptrs("*i32", "TILE_Q0", "TILE_NQ", "TILE_POS0", "UB"), UBITS="*i64", UCNT="*i32",
                  **_ints("stride_bh", "stride_bt", "stride_u_h", "stride_u_t", "stride_cnt_h", "budget", "u_cap",
                          "block_size"))
+    union_bitmap = dict(WORDS="*i32", **_ptrs("*i32", "TILE_Q0", "TILE_NQ", "TILE_POS0", "UB"), UBITS="*i64",
+                        UCNT="*i32", **_ints("stride_wh", "stride_wt", "stride_u_h", "stride_u_t", "stride_cnt_h",
+                                             "u_cap", "block_size"))
+    row_bitmap = dict(BI="*i32", WORDS="*i32", **_ints("n_rows", "budget", "stride_bh", "stride_bt", "stride_wh",
+                                                       "stride_wt"))
     fwd = dict(Q="*bf16", K="tensordesc<bf16[64, 128]>", V="tensordesc<bf16[64, 128]>", O="*bf16", R="*bf16",
                LSE="*fp32", UB="*i32", UBITS="*i64", UCNT="*i32",
                **_ptrs("*i32", "TILE_SEQ", "TILE_Q0", "TILE_NQ", "TILE_POS0", "CU_K"),
@@ -114,11 +119,12 @@ def _kernels():
                     EXACT_DELTA=True, TMA=True, ROW_MASK=True)),
         "dkdv": (sparse_attention._sparse_bwd_dkdv_kernel, dkdv,
                  dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, UPCAST=False, PREC="tf32")),
-        # the warp-specialised forward's plan: 12-token tiles, 12 x 96 candidates as 2048 keys (--warps 16; the
-        # histogram of 2048 blocks it runs at 128K: -D NB_BINS=2048 --warps 2)
+        # the union build by a sort: 12-token tiles, 12 x 96 candidates as 2048 keys (--warps 16; the warp-specialised
+        # forward's plan uses the bitmap build instead, "union_bitmap" --warps 2)
         "union": (sparse_attention._tile_union_kernel, union,
-                  dict(T=12, TB=2048, PAD=sparse_attention._PAD_KEY, TOK_BITS=sparse_attention._MAX_TOKENS_PER_TILE,
-                       NB_BINS=0)),
+                  dict(T=12, TB=2048, PAD=sparse_attention._PAD_KEY, TOK_BITS=sparse_attention._MAX_TOKENS_PER_TILE)),
+        "union_bitmap": (sparse_attention._tile_union_bitmap_kernel, union_bitmap, dict(W=64)),
+        "row_bitmap": (sparse_attention._row_bitmap_kernel, row_bitmap, dict(W=64, ROWS=16, BP=128)),
         "fwd": (sparse_attention._sparse_fwd_kernel, fwd,
                 dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", STORE_RESID=False,
                      TMA=True, ROW_MASK=True)),

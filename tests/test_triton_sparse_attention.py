@@ -220,13 +220,13 @@ def test_token_index_lists_each_blocks_tokens_once_in_order():
         assert got == want
 
 
-@pytest.mark.parametrize("mode", ["sort", "histogram", "bitmap"])
+@pytest.mark.parametrize("mode", ["sort", "bitmap"])
 @pytest.mark.parametrize("rows", ["random", "sorted"])
 @pytest.mark.parametrize("T,budget,u_cap", [(4, 5, 20), (3, 7, 6), (16, 3, 40)])
 @pytest.mark.parametrize("bs", [4, 1])
 def test_union_kernel_equals_torch(T, budget, u_cap, bs, rows, mode, monkeypatch):
-    # the Triton union build (its sort, its histogram over the 14 or 50 blocks, or the tokens' bitmaps of them: one
-    # 32-bit word or two) against the segmented torch.sort
+    # the Triton union build (its sort, or the tokens' bitmaps of the 14 or 50 blocks: one 32-bit word or two)
+    # against the segmented torch.sort
     # version: block lists with -1 padding, future blocks (dropped), partial last tiles, and u_cap truncation
     # (3, 7, 6); "random" rows (repeats, -1 anywhere) and rows of distinct blocks sorted with -1 last, as the
     # selection writes them
@@ -243,8 +243,7 @@ def test_union_kernel_equals_torch(T, budget, u_cap, bs, rows, mode, monkeypatch
         bi = torch.where(bi == 1 << 20, -1, bi)
     bi = bi.transpose(1, 2).contiguous().transpose(1, 2)  # strided rows: the kernel reads the strides it gets
     monkeypatch.setattr(SA, "UNION_BITMAP_MAX_BINS", 64 if mode == "bitmap" else 0)
-    monkeypatch.setattr(SA, "UNION_HIST", mode == "histogram")
-    monkeypatch.setattr(SA, "UNION_HIST_MIN_CANDIDATES", 0)  # at these sizes too
+    monkeypatch.setattr(SA, "UNION_BITMAP_MIN_CANDIDATES", 0)  # at these sizes too
     tiles = SA._tile_table(cu_q, cu_k, T, sum(lens_q), len(lens_q))
     args = (bi, tiles[1], tiles[2], tiles[3], T, bs, u_cap)
     ub, ubits, cnt = SA._tile_unions(*args, n_blocks=nb)

@@ -79,15 +79,12 @@ DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
 # H200 (512 at G = 16 and 2048 at G = 4 with 96 blocks); larger tiles keep the torch build.
 UNION_KERNEL = os.environ.get("INFLLMV2_SPARSE_UNION_KERNEL", "1") == "1"
 UNION_KERNEL_MAX = 2048
-# ... by a histogram over the visible blocks instead of a sort, for tiles of at least this many candidates (rounded up to
-# a power of two) and up to this many blocks (the histogram's cost grows with both; sizes measured in _tile_unions)
-UNION_HIST = True
-UNION_HIST_MIN_CANDIDATES = 2048
-UNION_HIST_MAX_BINS = 2048
 UNION_WARPS = None  # tuning knob: warps of the union kernel (None: as measured, in _tile_unions)
-# ... or, up to this many visible blocks, from per-token bitmaps of the selected blocks (``_row_bitmap_kernel``): the
-# union is an OR of the tile's bitmaps and each block's token mask their bits, with no sort, histogram or atomics
-# (0: off)
+# ... or, for tiles of at least this many candidates (T * budget rounded up to a power of two) and up to this many
+# visible blocks, from per-token bitmaps of the selected blocks (``_row_bitmap_kernel``): the union is an OR of the
+# tile's bitmaps and each block's token mask their bits, with no sort or atomics (H200, 12-token tiles at 128K:
+# 2.25 -> 0.66 ms; it lost to the sort for 4-token tiles, 0.75-0.95 -> 0.85-1.03 ms)
+UNION_BITMAP_MIN_CANDIDATES = 1024
 UNION_BITMAP_MAX_BINS = 4096
 # Load K/V blocks of the forward and dq kernels as TMA boxes (tensor descriptors) where the GPU has TMA.
 TMA_LOADS = os.environ.get("INFLLMV2_SPARSE_TMA", "1") == "1"
@@ -422,12 +419,12 @@ def _sparse_bwd_dkdv_kernel(
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
-    T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr, NB_BINS: tl.constexpr,
+    T: tl.constexpr, TB: tl.constexpr, PAD: tl.constexpr, TOK_BITS: tl.constexpr,
 ):
     """One program per (tile, KV head): the sorted union of the blocks its T tokens selected and, per
-    union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``). UB must be
-    -1 filled and UBITS zeroed; entries past ``u_cap`` are dropped (the count is clamped).
-    NB_BINS > 0 (at least the number of blocks any token sees): no sort, a histogram over the blocks places each."""
+    union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``), by a sort of the tile's
+    (block, token) keys in registers. UB must be -1 filled and UBITS zeroed; entries past ``u_cap`` are dropped (the
+    count is clamped)."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
@@ -439,22 +436,15 @@ def _tile_union_kernel(
     g = tl.load(BI + h.to(tl.int64) * stride_bh + (q0 + j) * stride_bt + e % budget, mask=in_tile, other=-1)
     valid = in_tile & (g >= 0) & (g * block_size <= pos0 + j)
     base = h.to(tl.int64) * stride_u_h + pid_t.to(tl.int64) * stride_u_t
-    if NB_BINS > 0:
-        present = tl.histogram(g, NB_BINS, mask=valid) > 0
-        slot = tl.cumsum(present.to(tl.int32), 0) - 1  # a block's place in the union: blocks present below it
-        tl.store(UB + base + slot, tl.arange(0, NB_BINS), mask=present & (slot < u_cap))
-        seg = tl.gather(slot, tl.where(valid, g, 0), 0)
-        n_union = tl.sum(present.to(tl.int32), 0)
-    else:
-        key = tl.sort(tl.where(valid, g * TOK_BITS + j, PAD))  # (block, token)
-        valid = key != PAD
-        blk = key // TOK_BITS
-        j = key % TOK_BITS
-        prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
-        first = valid & ((e == 0) | (prev_blk != blk))
-        seg = tl.cumsum(first.to(tl.int32), 0) - 1
-        tl.store(UB + base + seg, blk, mask=first & (seg < u_cap))
-        n_union = tl.sum(first.to(tl.int32), 0)
+    key = tl.sort(tl.where(valid, g * TOK_BITS + j, PAD))  # (block, token)
+    valid = key != PAD
+    blk = key // TOK_BITS
+    j = key % TOK_BITS
+    prev_blk = tl.gather(blk, tl.maximum(e - 1, 0), 0)
+    first = valid & ((e == 0) | (prev_blk != blk))
+    seg = tl.cumsum(first.to(tl.int32), 0) - 1
+    tl.store(UB + base + seg, blk, mask=first & (seg < u_cap))
+    n_union = tl.sum(first.to(tl.int32), 0)
     keep = valid & (seg < u_cap)
     tl.atomic_or(UBITS + base + seg, tl.full([TB], 1, tl.int64) << j.to(tl.int64), mask=keep)
     tl.store(UCNT + h * stride_cnt_h + pid_t, tl.minimum(n_union, u_cap))
@@ -599,13 +589,13 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
     """Per (KV head, tile): sorted union of selected blocks (-1 padded, width u_cap + 1 incl. a dump
     column), int64 bitmask of the tile's tokens selecting each, and the union size. One Triton program
     per (tile, head) ORs its tokens' bitmaps of selected blocks where ``n_blocks`` (the bound of the visible blocks)
-    is given and at most UNION_BITMAP_MAX_BINS; else it sorts the tile's T * budget candidates in registers, or counts
-    them in a histogram of ``n_blocks`` bins (where UNION_HIST applies); beyond UNION_KERNEL_MAX of them (or with
-    UNION_KERNEL off) a segmented torch.sort does the same."""
+    is given and UNION_BITMAP_* allow; else it sorts the tile's T * budget candidates in registers; beyond
+    UNION_KERNEL_MAX of them (or with UNION_KERNEL off) a segmented torch.sort does the same."""
     hkv, total_q, budget = block_indices.shape
     n_tiles = tile_q0.shape[0]
     tb = _next_pow2(max(T * budget, 16))
-    bitmap = n_blocks is not None and 0 < n_blocks <= UNION_BITMAP_MAX_BINS and T <= _MAX_TOKENS_PER_TILE
+    bitmap = (n_blocks is not None and 0 < n_blocks <= UNION_BITMAP_MAX_BINS and tb >= UNION_BITMAP_MIN_CANDIDATES
+              and T <= _MAX_TOKENS_PER_TILE)
     if (not UNION_KERNEL or (tb > UNION_KERNEL_MAX and not bitmap)
             or (block_indices.device.type == "cpu" and not _INTERPRET)):
         return _tile_unions_torch(block_indices, tile_q0, tile_nq, tile_pos0, T, block_size, u_cap)
@@ -623,20 +613,15 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
             words.stride(0), words.stride(1), W=n_words, ROWS=rows, BP=_next_pow2(budget), num_warps=4)
         _tile_union_bitmap_kernel[(n_tiles, hkv)](
             words, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt, words.stride(0), words.stride(1), ub.stride(0),
-            ub.stride(1), cnt.stride(0), u_cap, block_size, W=n_words, num_warps=UNION_WARPS or 4)
+            ub.stride(1), cnt.stride(0), u_cap, block_size, W=n_words, num_warps=UNION_WARPS or 2)
         return ub, ubits, cnt
-    # the histogram (12-token tiles of the warp-specialised forward, H200: 2.53 -> 1.75 ms at 128K, 1.32 -> 0.62 ms
-    # at 64K) where its bins are few; it lost to the sort for 4-token tiles (0.76 -> 2.2 ms at 128K)
-    bins = _next_pow2(max(n_blocks or 0, 16))
-    hist = UNION_HIST and n_blocks is not None and tb >= UNION_HIST_MIN_CANDIDATES and bins <= UNION_HIST_MAX_BINS
-    # warps (H200, 128K): the sort of 2048 keys 2.53 ms with 8, 1.99 with 16; the histogram best with 2
-    warps = UNION_WARPS or (2 if hist else 4 if tb <= 1024 else 16)
+    # warps (H200, 128K): the sort of 2048 keys 2.53 ms with 8, 1.99 with 16
+    warps = UNION_WARPS or (4 if tb <= 1024 else 16)
     if n_tiles and hkv and budget:
         _tile_union_kernel[(n_tiles, hkv)](
             block_indices, tile_q0, tile_nq, tile_pos0, ub, ubits, cnt,
             block_indices.stride(0), block_indices.stride(1), ub.stride(0), ub.stride(1), cnt.stride(0),
-            budget, u_cap, block_size, T=T, TB=tb, PAD=_PAD_KEY, TOK_BITS=_MAX_TOKENS_PER_TILE,
-            NB_BINS=bins if hist else 0, num_warps=warps)
+            budget, u_cap, block_size, T=T, TB=tb, PAD=_PAD_KEY, TOK_BITS=_MAX_TOKENS_PER_TILE, num_warps=warps)
     else:
         cnt.zero_()
     return ub, ubits, cnt

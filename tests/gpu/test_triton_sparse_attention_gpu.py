@@ -48,8 +48,9 @@ def test_g3_and_g1():
 
 
 def test_union_kernel_tma_and_row_mask_agree_with_the_plain_paths(monkeypatch):
-    # full size, local pattern: the Triton union build equals the torch.sort build, and TMA loads with
-    # row-bias masking give the outputs and gradients of pointer loads with per-element masks
+    # full size, local pattern: the Triton union builds (the sort of 4-token tiles, the bitmaps of 12-token ones)
+    # equal the torch.sort build, and TMA loads with row-bias masking give the outputs and gradients of pointer
+    # loads with per-element masks
     D = _dev()
     SA = D.SA
     n, hq, hkv, d, B = 32768, 32, 2, 128, 64
@@ -58,12 +59,15 @@ def test_union_kernel_tma_and_row_mask_agree_with_the_plain_paths(monkeypatch):
     k, v = (torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     bi = D.make_selection(n, n, hkv, B, 96, 1, 32, 0.97)
     cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-    plan = SA._Plan(q, k, bi, B, cu, cu, n, None)
-    ub, ubits, cnt = SA._tile_unions_torch(bi, plan.tile_q0, plan.tile_nq, plan.tile_pos0, plan.T, B, plan.u_cap)
-    live = torch.arange(plan.u_cap, device="cuda")[None, None, :] < cnt[..., None]
-    assert torch.equal(plan.cnt, cnt)
-    assert torch.equal(plan.ub[..., :-1][live], ub[..., :-1][live])
-    assert torch.equal(plan.ubits[..., :-1][live], ubits[..., :-1][live])
+    for wgs in (1, 3):
+        plan = SA._Plan(q, k, bi, B, cu, cu, n, None, wgs=wgs)
+        ub, ubits, cnt = SA._tile_unions_torch(bi, plan.tile_q0, plan.tile_nq, plan.tile_pos0, plan.T, B,
+                                               plan.u_cap)
+        live = torch.arange(plan.u_cap, device="cuda")[None, None, :] < cnt[..., None]
+        assert int(cnt.max()) > 96
+        assert torch.equal(plan.cnt, cnt)
+        assert torch.equal(plan.ub[..., :-1][live], ub[..., :-1][live])
+        assert torch.equal(plan.ubits[..., :-1][live], ubits[..., :-1][live])
     runs = []
     for fast in (True, False):
         monkeypatch.setattr(SA, "TMA_LOADS", fast)

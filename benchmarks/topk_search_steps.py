@@ -1,7 +1,7 @@
 """Steps of the top-k's threshold search, offline (CPU, no GPU): settings of ``selection._TOPK_SEARCH`` compared.
 
     python benchmarks/topk_search_steps.py [--n 131072] [--tokens 1024] [--patterns local,random]
-        [--settings "(4,0.2,6),(2,0.0,1073741824)"]
+        [--settings "(4,0.2,6),(2,0.0,1073741824)"] [--seeded 19,20,21,22]
 
 The Triton top-k (``selection._select_kernel``) finds, per (token, KV head) row, a threshold on the fp32 bit patterns
 of the candidate block scores by a search whose every step is a reduction over the row (a count; from step
@@ -31,16 +31,20 @@ from infllmv2.config import SparseConfig  # noqa: E402
 from infllmv2.ops import naive  # noqa: E402
 
 
-def search(key: np.ndarray, need: int, bisect: int, clamp: float, tight: int):
+def search(key: np.ndarray, need: int, bisect: int, clamp: float, tight: int, start=None):
     """The kernel's search on one row. key: int64 bit patterns of the candidates' scores (>= 0), -1 elsewhere.
     Returns (thr, count(key >= thr), count(key > thr), steps): the selection is every key > thr plus the lowest-index
-    keys == thr up to `need`."""
+    keys == thr up to `need`. ``start``: a bracket (lo, hi, count(key >= lo), count(key >= hi)) to begin from instead
+    of the row's [min, max + 1] (``search_seeded``)."""
     cand = key >= 0
     n_cand = int(cand.sum())
-    kmax = int(key.max())
-    lo = int(key[cand].min()) if need > 0 else kmax + 1
-    hi = kmax + 1
-    cnt_lo, cnt_hi = (n_cand if need > 0 else 0), 0
+    if start is not None:
+        lo, hi, cnt_lo, cnt_hi = start
+    else:
+        kmax = int(key.max())
+        lo = int(key[cand].min()) if need > 0 else kmax + 1
+        hi = kmax + 1
+        cnt_lo, cnt_hi = (n_cand if need > 0 else 0), 0
     step = 0
     while not (cnt_lo == need or hi - lo <= 1):
         span = hi - lo
@@ -61,6 +65,31 @@ def search(key: np.ndarray, need: int, bisect: int, clamp: float, tight: int):
             cnt_hi = cnt
         step += 1
     return lo, cnt_lo, cnt_hi, step
+
+
+def reductions(steps: int, tight: int) -> int:
+    """Row reductions of a search from [min, max + 1]: the min and the max, one count a step, and from step `tight` on
+    the two snapping reductions (the nearest keys above and below)."""
+    return 2 + steps + 2 * max(0, steps - tight)
+
+
+def search_seeded(key: np.ndarray, need: int, guess, delta: int, bisect: int, clamp: float, tight: int):
+    """A search a program running over consecutive rows could do (not in the kernel: it lost offline): begin from the
+    bracket [guess - delta, guess + delta) around the previous row's threshold (two counts), widened to the row's min
+    or max (one reduction more) on the side the threshold fell outside. Returns (thr, count >=, count >, reductions)."""
+    cand = key >= 0
+    if need <= 0 or guess is None:
+        thr, ge, gt, steps = search(key, need, bisect, clamp, tight)
+        return thr, ge, gt, reductions(steps, tight)
+    lo, hi = guess - delta, guess + delta
+    cnt_lo, cnt_hi = int((key >= lo).sum()), int((key >= hi).sum())
+    red = 2
+    if cnt_lo < need:  # the threshold lies below the bracket
+        lo, hi, cnt_lo, cnt_hi, red = int(key[cand].min()), lo, int(cand.sum()), cnt_lo, red + 1
+    elif cnt_hi >= need:  # ... above it
+        lo, hi, cnt_lo, cnt_hi, red = hi, int(key.max()) + 1, cnt_hi, 0, red + 1
+    thr, ge, gt, steps = search(key, need, bisect, clamp, tight, start=(lo, hi, cnt_lo, cnt_hi))
+    return thr, ge, gt, red + steps + 2 * max(0, steps - tight)
 
 
 def benchmark_inputs(n, tokens, pattern, hq=32, hkv=2, d=128, seed=0):
@@ -127,14 +156,16 @@ def main():
     ap.add_argument("--patterns", default="local,random")
     ap.add_argument("--settings", default="(4,0.2,6),(4,0.2,4),(2,0.0,1073741824)",
                     help="(SEARCH_BISECT, SEARCH_CLAMP, SEARCH_TIGHT) tuples; (2,0.0,1073741824) is the old search")
+    ap.add_argument("--seeded", default="", help="also the search seeded by the previous row's threshold, with "
+                    "brackets of +- 2^D bit patterns for these D, e.g. 19,20,21,22 (under the first setting)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args()
     if not 0 < args.tokens <= args.n:
         raise SystemExit(f"--tokens must be in 1..--n (got {args.tokens}, --n {args.n})")
     settings = list(ast.literal_eval(f"[{args.settings}]"))
     out = dict(command="python benchmarks/topk_search_steps.py " + " ".join(sys.argv[1:]), rows=[])
-    print("| pattern | setting | steps mean | p90 | max | rows | tied at the threshold |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| pattern | setting | steps mean | p90 | max | row reductions mean | rows | tied at the threshold |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for pattern in args.patterns.split(","):
         t0 = time.time()
         cfg = SparseConfig(dense_len=-1)
@@ -146,10 +177,25 @@ def main():
             ties += int(0 < nd < len(v) and v[nd - 1] == v[nd])
         for st in settings:
             steps = np.array([search(k, nd, *st)[3] for k, nd in zip(keys, needs)])
+            red = np.array([reductions(x, st[2]) for x in steps])
             row = dict(pattern=pattern, setting=list(st), mean=round(float(steps.mean()), 2),
-                       p90=float(np.percentile(steps, 90)), max=int(steps.max()), rows=len(steps), tied=ties)
+                       p90=float(np.percentile(steps, 90)), max=int(steps.max()),
+                       reductions=round(float(red.mean()), 2), rows=len(steps), tied=ties)
             out["rows"].append(row)
-            print(f"| {pattern} | {st} | {row['mean']} | {row['p90']:.0f} | {row['max']} | {len(steps)} | {ties} |",
+            print(f"| {pattern} | {st} | {row['mean']} | {row['p90']:.0f} | {row['max']} | {row['reductions']} | "
+                  f"{len(steps)} | {ties} |", flush=True)
+        for d in (int(x) for x in args.seeded.split(",") if x):
+            red, prev = [], None
+            for i, (k, nd) in enumerate(zip(keys, needs)):
+                if i % args.tokens == 0:  # a new KV head: no previous row
+                    prev = None
+                thr, _, _, r = search_seeded(k, nd, prev, 1 << d, *settings[0])
+                red.append(r)
+                prev = thr
+            row = dict(pattern=pattern, setting=list(settings[0]), seeded_delta_log2=d,
+                       reductions=round(float(np.mean(red)), 2), rows=len(red), tied=ties)
+            out["rows"].append(row)
+            print(f"| {pattern} | {settings[0]} seeded +- 2^{d} | | | | {row['reductions']} | {len(red)} | {ties} |",
                   flush=True)
         print(f"<!-- {pattern}: {time.time() - t0:.0f} s -->")
     if args.out:

@@ -77,6 +77,19 @@ def test_topk_search_transcription_finds_each_rows_threshold():
             chosen = np.flatnonzero(key > thr).tolist() + np.flatnonzero(key == thr)[:need - cnt_gt].tolist()
             order = sorted(np.flatnonzero(key >= 0), key=lambda b: (-key[b], b))  # stable: lower block first
             assert sorted(chosen) == sorted(order[:need]), setting
+    # the search seeded by a guess (the previous row's threshold): brackets that hold the threshold, miss it below or
+    # above, or have no guess, select the sort's top `need` keys too
+    for key, need in rows:
+        order = sorted(np.flatnonzero(key >= 0), key=lambda b: (-key[b], b))
+        thr0 = mod.search(key, need, *selection._TOPK_SEARCH)[0]
+        for guess in (None, thr0, thr0 + 5, int(key.max()) + 1000, 0):
+            for delta in (1, 1 << 20):
+                thr, cnt_ge, cnt_gt, _ = mod.search_seeded(key, need, guess, delta, *selection._TOPK_SEARCH)
+                assert cnt_ge == int((key >= thr).sum()) >= need
+                if cnt_ge > need:
+                    assert cnt_gt == int((key > thr).sum())
+                chosen = np.flatnonzero(key > thr).tolist() + np.flatnonzero(key == thr)[:need - cnt_gt].tolist()
+                assert sorted(chosen) == sorted(order[:need]), (guess, delta)
 
 
 def test_e2e_tiny_runs_both_paths_and_its_decode_check_passes(tmp_path):

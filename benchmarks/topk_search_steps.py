@@ -74,9 +74,11 @@ def reductions(steps: int, tight: int) -> int:
 
 
 def search_seeded(key: np.ndarray, need: int, guess, delta: int, bisect: int, clamp: float, tight: int):
-    """A search a program running over consecutive rows could do (not in the kernel: it lost offline): begin from the
-    bracket [guess - delta, guess + delta) around the previous row's threshold (two counts), widened to the row's min
-    or max (one reduction more) on the side the threshold fell outside. Returns (thr, count >=, count >, reductions)."""
+    """A search a program running over consecutive rows could do: begin from the bracket [guess - delta, guess +
+    delta) around the previous row's threshold (two counts), widened to the row's min or max (one reduction more) on
+    the side the threshold fell outside. Returns (thr, count >=, count >, reductions). Built into the kernel in commit
+    b8bd9f7 (the two counts packed into one reduction, programs over 8 rows in turn) and reverted: no faster on the
+    H200 (benchmarks/NOTES_selection.md, "Twentieth session")."""
     cand = key >= 0
     if need <= 0 or guess is None:
         thr, ge, gt, steps = search(key, need, bisect, clamp, tight)

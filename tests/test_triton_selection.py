@@ -110,29 +110,6 @@ def test_select_fp32_exact_scan_runs(run, lens, monkeypatch):
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), i
 
 
-@pytest.mark.parametrize("seed,groups", [(0, 8), (1, 8), (20, 3), (30, 8), (20, 1)])
-def test_select_fp32_exact_with_seeded_search(seed, groups, monkeypatch):
-    """The top-k programs run over `groups` groups of rows in turn, each row's search starting from a bracket of
-    +- 2^seed bit patterns around the previous group's threshold: a bracket of 2 (the threshold mostly outside it:
-    widened to the row's min or max), 2^20 (inside for about a quarter of the rows here), 2^30 (always inside, clamped at 0), or no seed; the
-    group count does not divide the programs' rows, and groups cross tiles and sequences. The selection must be the
-    reference's either way, written whole: new tensors start out poisoned (a wrong count would leave entries
-    unwritten, which memory holding a previous case's result could hide)."""
-    from infllmv2.ops.triton import selection
-    monkeypatch.setattr(selection, "_TOPK_SEED", seed)
-    monkeypatch.setattr(selection, "_TOPK_SEED_GROUPS", groups)
-    cfg = SparseConfig(**dict(SMALL, topk=10))
-    lens_q, lens_k = [300, 9, 257], [700, 9, 257]
-    q, k, cuq, cuk = _pack(lens_q, lens_k, 4, 2, 32, torch.float32, seed=5)
-    empty = torch.empty
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(77))
-        got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
-    for i in range(len(lens_q)):
-        ref = naive.select_blocks(q[cuq[i]:cuq[i + 1]], k[cuk[i]:cuk[i + 1]], cfg, 32 ** -0.5)
-        assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), i
-
-
 @pytest.mark.parametrize("lse_approx", [True, False])
 def test_select_fp32_exact_long_rows(lse_approx):
     """Rows long enough that most key tiles are visible to every token of a query tile (the LSE kernel

@@ -76,10 +76,6 @@ _TOPK_SCAN_RUN = 16
 # [SEARCH_CLAMP, 1 - SEARCH_CLAMP] of the bracket, brackets snapped to keys from step SEARCH_TIGHT on. (2, 0.0, 1 << 30)
 # is the search of the seventeenth session (alternating steps, no clamp, no snapping).
 _TOPK_SEARCH = (4, 0.2, 6)
-# The top-k programs run over _TOPK_SEED_GROUPS groups of rows in turn, each group's search seeded by the previous
-# group's thresholds (+- 2^_TOPK_SEED bit patterns; 0: no seed) where the rows are neighbouring tokens (prefill)
-_TOPK_SEED_GROUPS = 8
-_TOPK_SEED = 16  # at most 30
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -516,36 +512,15 @@ def _forced_blocks(bq, INIT: tl.constexpr, LOCAL: tl.constexpr):
 
 @triton.jit
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-                   stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget, n_groups,
+                   stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
                    PDL: tl.constexpr = False, SCAN_RUN: tl.constexpr = 16, SEARCH_BISECT: tl.constexpr = 4,
-                   SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6, GROUPS: tl.constexpr = 1,
-                   SEED: tl.constexpr = 0):
-    """One program per (GROUPS x SEL_T tokens of a query tile chunk, KV head): forced blocks + top-k, SEL_T rows at a
-    time; with SEED > 0 each group's search starts from a bracket of +- 2^SEED bit patterns around the threshold the
-    previous group's row found (the token SEL_T before it)."""
+                   SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6):
+    """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
+    slot0 = tl.program_id(0) * SEL_T
     h = tl.program_id(1)
-    prev_thr = tl.full((SEL_T,), -1, tl.int32)
-    for it in range(GROUPS):
-        grp = tl.program_id(0) * GROUPS + it
-        if grp < n_groups:
-            prev_thr = _select_rows(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-                                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget, grp * SEL_T, h,
-                                    prev_thr, BLOCK_T, SEL_T, BLOCK_NB, BUDGET_P, BS, LOCAL, INIT, DECODE, SCAN_RUN,
-                                    SEARCH_BISECT, SEARCH_CLAMP, SEARCH_TIGHT, SEED)
-
-
-@triton.jit
-def _select_rows(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-                 stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget, slot0, h, prev_thr,
-                 BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                 BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr,
-                 SCAN_RUN: tl.constexpr, SEARCH_BISECT: tl.constexpr, SEARCH_CLAMP: tl.constexpr,
-                 SEARCH_TIGHT: tl.constexpr, SEED: tl.constexpr):
-    """SEL_T rows of the top-k from workspace slot ``slot0``; ``prev_thr``: each row's seed (< 0: none). Returns the
-    rows' thresholds (-1 where a row has nothing to search), the next rows' seeds."""
     tile = tile_base + slot0 // BLOCK_T
     if DECODE:  # as in _load_tile_rows: tile i is sequence i's single query, row i of q
         seq = tile
@@ -587,43 +562,11 @@ def _select_rows(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len
     # 7.4 steps a row instead of 12.7 (`python benchmarks/topk_search_steps.py`, CPU); H200, interleaved, identical
     # selections: the selection at 128K 12.36 -> 12.09 ms (`local`), 12.91 -> 12.37 (`random`), at Hkv 8 / d 64
     # 20.2 -> 18.5 ms (benchmarks/README.md, "Eighteenth session").
-    # The bracket starts at the row's [min, max + 1] (two reductions), or with SEED at [seed - 2^SEED, seed + 2^SEED)
-    # around the previous token's threshold: both counts in one reduction (packed in 16-bit halves: a row holds fewer
-    # than 2^15 candidates), widened to the min or the max on the side the threshold fell outside. Neighbouring
-    # tokens' thresholds lie close (median 2^14-2^16 bit patterns apart on the pooled 128K rows): 12.9 -> 8.2
-    # (`local`) / 9.5 (`random`) reductions a row (`python benchmarks/topk_search_steps.py --seeded 16`).
-    seeded = (prev_thr >= 0) & (need > 0) & (need < n_cand)
-    hit = tl.zeros((SEL_T,), tl.int1)
-    below = tl.zeros((SEL_T,), tl.int1)
-    above = tl.zeros((SEL_T,), tl.int1)
-    glo = tl.zeros((SEL_T,), tl.int32)
-    ghi = tl.zeros((SEL_T,), tl.int32)
-    c_glo = tl.zeros((SEL_T,), tl.int32)
-    c_ghi = tl.zeros((SEL_T,), tl.int32)
-    if SEED > 0:
-        if tl.max(seeded.to(tl.int32), 0) > 0:
-            glo = tl.maximum(prev_thr - (1 << SEED), 0)
-            ghi = prev_thr + tl.minimum(1 << SEED, 0x7FFFFFFF - prev_thr)  # no int32 overflow
-            both = tl.sum((key >= glo[:, None]).to(tl.int32) + ((key >= ghi[:, None]).to(tl.int32) << 16), 1)
-            c_glo = both & 0xFFFF
-            c_ghi = both >> 16
-            below = seeded & (c_glo < need)
-            above = seeded & (c_ghi >= need)
-            hit = seeded & ~below & ~above
-    kmax = tl.zeros((SEL_T,), tl.int32)
-    kmin = tl.zeros((SEL_T,), tl.int32)
-    if tl.max((~hit & ~below).to(tl.int32), 0) > 0:
-        kmax = tl.max(key, 1)
-    if tl.max((~hit & ~above).to(tl.int32), 0) > 0:
-        kmin = tl.min(tl.where(cand, key, 0x7FFFFFFF), 1)
-    lo = tl.where(need > 0, kmin, kmax + 1)
+    kmax = tl.max(key, 1)
+    lo = tl.where(need > 0, tl.min(tl.where(cand, key, 0x7FFFFFFF), 1), kmax + 1)
     hi = kmax + 1
     cnt_lo = tl.where(need > 0, n_cand, 0)
     cnt_hi = tl.zeros((SEL_T,), tl.int32)
-    lo = tl.where(hit | above, tl.where(hit, glo, ghi), lo)
-    hi = tl.where(hit | below, tl.where(hit, ghi, glo), hi)
-    cnt_lo = tl.where(hit | above, tl.where(hit, c_glo, c_ghi), cnt_lo)
-    cnt_hi = tl.where(hit | below, tl.where(hit, c_ghi, c_glo), cnt_hi)
     done = (cnt_lo == need) | (hi - lo <= 1)
     step = 0
     while tl.max(tl.where(done, 0, 1), 0) > 0:
@@ -641,10 +584,10 @@ def _select_rows(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len
         down = (cnt < need) & ~done
         if step >= SEARCH_TIGHT:
             # no key lies in [mid, above) nor in [below + 1, mid): the counts stay those of mid
-            above_mid = tl.min(tl.where(ge, key, 0x7FFFFFFF), 1)
-            below_mid = tl.max(tl.where(ge, -1, key), 1)
-            lo = tl.where(up, above_mid, lo)
-            hi = tl.where(down, below_mid + 1, hi)
+            above = tl.min(tl.where(ge, key, 0x7FFFFFFF), 1)
+            below = tl.max(tl.where(ge, -1, key), 1)
+            lo = tl.where(up, above, lo)
+            hi = tl.where(down, below + 1, hi)
         else:
             lo = tl.where(up, mid, lo)
             hi = tl.where(down, mid, hi)
@@ -676,7 +619,6 @@ def _select_rows(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len
     o = tl.arange(0, BUDGET_P)[None, :]
     tl.store(obase[:, None] + o, tl.full((SEL_T, BUDGET_P), -1, tl.int32),
              mask=(o >= n_sel[:, None]) & (o < budget) & tvalid[:, None])
-    return tl.where(tvalid & (need > 0), thr, -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -825,15 +767,13 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
                 NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
-        n_groups = nt * BLOCK_T // sel_t
-        groups = 1 if decode else _TOPK_SEED_GROUPS  # a decode step's rows are different sequences: nothing to seed
-        _select_kernel[(triton.cdiv(n_groups, groups), hkv)](
+        _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
-            ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget, n_groups,
+            ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
-            SEARCH_TIGHT=_TOPK_SEARCH[2], GROUPS=groups, SEED=_TOPK_SEED if groups > 1 else 0,
+            SEARCH_TIGHT=_TOPK_SEARCH[2],
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
             **pdl)
     return out

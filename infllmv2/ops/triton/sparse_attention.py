@@ -14,7 +14,8 @@ Design (the reuse that a per-token kernel lacks):
 * Before the kernels, on the GPU with fixed-size tensors only (no host synchronisation), the
   per-(head, tile) **union** of the blocks its tokens selected is built (sorted, -1 padded, plus a
   count) together with, per union entry, an int64 **bitmask** of the tile's tokens that selected
-  it (``_tile_union_kernel``: one program per (tile, head) sorts the candidates in registers).
+  it (``_tile_union_kernel``: one program per (tile, head) sorts the candidates in registers; for large tiles,
+  ``_row_bitmap_kernel`` + ``_tile_union_bitmap_kernel`` OR the tokens' bitmaps of selected blocks instead).
   The kernels loop over the union, load each K/V block once for the whole tile, and mask rows
   whose token did not select the block (a per-row -inf bias folded into the score scaling) and, on
   blocks that reach past the tile's first token, causality: semantics stay exactly per token. On

@@ -77,7 +77,8 @@ PAIR_BLOCKS = os.environ.get("INFLLMV2_SPARSE_PAIR", "0") == "1"
 DEFAULT_BLOCK_M = int(os.environ.get("INFLLMV2_SPARSE_BLOCK_M", "64"))
 # Build the per-tile unions with one Triton kernel (sort in registers) instead of a segmented torch.sort,
 # up to this many candidates (T * budget, rounded up to a power of two) per tile: the sizes measured on the
-# H200 (512 at G = 16 and 2048 at G = 4 with 96 blocks); larger tiles keep the torch build.
+# H200 (512 at G = 16 and 2048 at G = 4 with 96 blocks); larger tiles keep the torch build unless the bitmap build
+# below takes them.
 UNION_KERNEL = os.environ.get("INFLLMV2_SPARSE_UNION_KERNEL", "1") == "1"
 UNION_KERNEL_MAX = 2048
 UNION_WARPS = None  # tuning knob: warps of the union kernel (None: as measured, in _tile_unions)

@@ -716,7 +716,8 @@ def main():
     ap.add_argument("--lse-variants", metavar="JSON",
                     help="only launch variants of the sm90 LSE kernel (and of the sm90 scoring kernel: "
                          "\"score.ATTR\" keys), a JSON list of dicts (see lse_variants)")
-    ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants")
+    ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants and --flag-ab (whose "
+                    "random, Hkv 8 and decode rows run at the longest)")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     if args.lse_variants:
@@ -724,7 +725,8 @@ def main():
     elif args.flag_ab:
         attr, _, vals = args.flag_ab.partition("=")
         # values as a Python list's items: True,False / None,1,2 / (4,0.2,4),(2,0.0,99)
-        flag_ab(attr, tuple(ast.literal_eval(f"[{vals}]")) if vals else (True, False))
+        flag_ab(attr, tuple(ast.literal_eval(f"[{vals}]")) if vals else (True, False),
+                tuple(int(x) for x in args.lens.split(",")))
     elif args.decode_variants is not None:
         decode_variants(json.loads(args.decode_variants) if args.decode_variants else None)
     elif args.score_variants:

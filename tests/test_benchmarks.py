@@ -105,3 +105,25 @@ def test_e2e_tiny_runs_both_paths_and_its_decode_check_passes(tmp_path):
     paths = {(r["path"], r["n"]) for r in res["rows"]}
     for path in ("dense_prefill", "infllmv2_prefill", "dense_decode", "infllmv2_decode"):
         assert {(path, 256), (path, 384)} <= paths, path
+
+
+def test_e2e_ab_variants_set_and_restore_module_attributes():
+    """``benchmarks/e2e_ab.py``'s variants: each sets ``module.ATTR`` of ``infllmv2.ops.triton`` for its turn, the
+    next variant starts from the defaults again, and an attribute the module lacks is refused by name."""
+    import pytest
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e_ab
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from infllmv2.ops.triton import selection, sparse_attention as SA
+    bins, seed_tile = SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE
+    use = e2e_ab._setter(None)
+    use({"name": "a", "sparse_attention.UNION_BITMAP_MAX_BINS": 0, "selection._SELECT_TILE": 512})
+    assert (SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE) == (0, 512)
+    use({"name": "b", "selection._SELECT_TILE": 256})
+    assert (SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE) == (bins, 256)
+    use({})
+    assert (SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE) == (bins, seed_tile)
+    with pytest.raises(SystemExit, match="NO_SUCH"):
+        use({"name": "c", "selection.NO_SUCH": 1})

@@ -214,6 +214,16 @@ def random_walk(n, dim, device, rho=0.97, chunk=256, seed=0):
     return out.view(-1, dim)[:n]
 
 
+def prefill_input(model, n, pattern, device, dtype):
+    """The benchmark's prefill input of n tokens (n, hidden): embeddings of random token ids (`random`, seed n) or the
+    `local` random walk (seed n)."""
+    if pattern == "local":
+        return random_walk(n, model.s["hidden"], device, seed=n).to(dtype)
+    ids = torch.randint(0, model.s["vocab"], (n,), device=device,
+                        generator=torch.Generator(device=device).manual_seed(n))
+    return model.embed[ids]
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
@@ -335,12 +345,8 @@ def run(args):
         sync(device)
         print(f"warm-up done at {time.perf_counter() - t_start:.1f}s", flush=True)
         for n in lengths:
-            ids = torch.randint(0, shape["vocab"], (n,), device=device,
-                                generator=torch.Generator(device=device).manual_seed(n))
-            inputs = {"random": lambda: model.embed[ids],
-                      "local": lambda: random_walk(n, shape["hidden"], device, seed=n).to(dtype)}
             for pattern in args.patterns:
-                x = inputs[pattern]()
+                x = prefill_input(model, n, pattern, device, dtype)
                 paths = (("infllmv2", sparse_attn), ("dense", dense_attn))
                 if args.floor:  # the prefill without attention (each layer's output = its query): the shared floor
                     paths += (("no_attention", lambda q, k, v: q),)

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import FULL_SHAPE, Llama, _meta, random_walk, time_once  # noqa: E402
+from bench_e2e import FULL_SHAPE, Llama, _meta, prefill_input, time_once  # noqa: E402
 
 from infllmv2 import SparseConfig, infllmv2_attention  # noqa: E402
 from infllmv2.attention import dense_attention_sdpa  # noqa: E402
@@ -65,12 +65,7 @@ def main():
     shape, n = FULL_SHAPE, args.length
     model = Llama(shape, "cuda", torch.bfloat16, compile_pointwise=True)
     config, scale = SparseConfig(), shape["d"] ** -0.5
-    if args.pattern == "local":
-        x = random_walk(n, shape["hidden"], "cuda", seed=n).to(torch.bfloat16)
-    else:
-        ids = torch.randint(0, shape["vocab"], (n,), device="cuda",
-                            generator=torch.Generator(device="cuda").manual_seed(n))
-        x = model.embed[ids]
+    x = prefill_input(model, n, args.pattern, "cuda", torch.bfloat16)
     sparse = lambda q, k, v: infllmv2_attention(q, k, v, config, softmax_scale=scale, backend="auto")  # noqa: E731
 
     def dense(q, k, v):

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import bench, make_inputs, overlap_stats  # noqa: E402
-from bench_e2e import FULL_SHAPE, Llama, random_walk  # noqa: E402
+from bench_e2e import FULL_SHAPE, Llama, prefill_input  # noqa: E402
 
 from infllmv2 import SparseConfig, infllmv2_attention, select_blocks  # noqa: E402
 
@@ -49,12 +49,7 @@ def main():
     shape, n = FULL_SHAPE, args.length
     model = Llama(shape, "cuda", torch.bfloat16)
     config, scale = SparseConfig(), shape["d"] ** -0.5
-    if args.pattern == "local":
-        x = random_walk(n, shape["hidden"], "cuda", seed=n).to(torch.bfloat16)
-    else:
-        ids = torch.randint(0, shape["vocab"], (n,), device="cuda",
-                            generator=torch.Generator(device="cuda").manual_seed(n))
-        x = model.embed[ids]
+    x = prefill_input(model, n, args.pattern, "cuda", torch.bfloat16)
     kept, in_model = [], []
 
     def attn(q, k, v):

@@ -418,6 +418,14 @@ def _sparse_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _union_tile(TILE_Q0, TILE_NQ, TILE_POS0):
+    """A union program's (tile, KV head) and its tile: first query row, tokens, first token's position."""
+    pid_t = tl.program_id(0)
+    return (pid_t, tl.program_id(1), tl.load(TILE_Q0 + pid_t).to(tl.int64), tl.load(TILE_NQ + pid_t),
+            tl.load(TILE_POS0 + pid_t))
+
+
+@triton.jit
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
@@ -427,11 +435,7 @@ def _tile_union_kernel(
     union entry, the bitmask of those tokens (the torch version is ``_tile_unions_torch``), by a sort of the tile's
     (block, token) keys in registers. UB must be -1 filled and UBITS zeroed; entries past ``u_cap`` are dropped (the
     count is clamped)."""
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
-    q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
-    nq = tl.load(TILE_NQ + pid_t)
-    pos0 = tl.load(TILE_POS0 + pid_t)
+    pid_t, h, q0, nq, pos0 = _union_tile(TILE_Q0, TILE_NQ, TILE_POS0)
     e = tl.arange(0, TB)
     j = e // budget
     in_tile = (e < T * budget) & (j < nq)
@@ -495,11 +499,7 @@ def _tile_union_bitmap_kernel(
     """The output of ``_tile_union_kernel`` from the tokens' bitmaps (``_row_bitmap_kernel``): the union's words are
     the OR of the tile's rows (each cut to the blocks its token may see), a block's token mask is the bits of its
     column, and a cumulative sum over the present blocks places them in ascending order. UB -1 filled, UBITS zeroed."""
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
-    q0 = tl.load(TILE_Q0 + pid_t).to(tl.int64)
-    nq = tl.load(TILE_NQ + pid_t)
-    pos0 = tl.load(TILE_POS0 + pid_t)
+    pid_t, h, q0, nq, pos0 = _union_tile(TILE_Q0, TILE_NQ, TILE_POS0)
     wi = tl.arange(0, W)
     bi = tl.arange(0, 32)
     union = tl.zeros([W], tl.int32)

@@ -65,6 +65,11 @@ _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits 
 # compression kernels 0.29 -> 0.10 ms at 128K, 0.18 -> 0.05 ms at 64K, 0.21 -> 0.12 ms at Hkv 8 / d 64)
 _COMPRESS_BLOCK_C = 8
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
+# tuning knob: a register cap of the top-k kernel (None: the compiler's 69 at rows of 2048 blocks, seven programs an
+# SM). Offline (`benchmarks/sass_stats.py select --maxnreg 64`, Triton 3.6): 64 spills nothing, runs 4% more
+# instructions and fits eight programs; not measured on a GPU yet (`dev_selection.py --flag-ab
+# "_SELECT_MAXNREG=None,64,56"`)
+_SELECT_MAXNREG = None
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
@@ -774,7 +779,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
             SEARCH_TIGHT=_TOPK_SEARCH[2],
-            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode),
+                                          **({"maxnreg": _SELECT_MAXNREG} if _SELECT_MAXNREG else {}))),
             **pdl)
     return out
 

@@ -118,7 +118,7 @@ def test_e2e_ab_variants_set_and_restore_module_attributes():
         sys.path.remove(str(ROOT / "benchmarks"))
     from infllmv2.ops.triton import selection, sparse_attention as SA
     bins, seed_tile = SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE
-    use = e2e_ab._setter(None)
+    use = e2e_ab._setter()
     use({"name": "a", "sparse_attention.UNION_BITMAP_MAX_BINS": 0, "selection._SELECT_TILE": 512})
     assert (SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE) == (0, 512)
     use({"name": "b", "selection._SELECT_TILE": 256})

@@ -716,6 +716,7 @@ def main():
     ap.add_argument("--lse-variants", metavar="JSON",
                     help="only launch variants of the sm90 LSE kernel (and of the sm90 scoring kernel: "
                          "\"score.ATTR\" keys), a JSON list of dicts (see lse_variants)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds of --flag-ab")
     ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants and --flag-ab (whose "
                     "random, Hkv 8 and decode rows run at the longest)")
     args = ap.parse_args()
@@ -726,7 +727,7 @@ def main():
         attr, _, vals = args.flag_ab.partition("=")
         # values as a Python list's items: True,False / None,1,2 / (4,0.2,4),(2,0.0,99)
         flag_ab(attr, tuple(ast.literal_eval(f"[{vals}]")) if vals else (True, False),
-                tuple(int(x) for x in args.lens.split(",")))
+                tuple(int(x) for x in args.lens.split(",")), reps=args.reps)
     elif args.decode_variants is not None:
         decode_variants(json.loads(args.decode_variants) if args.decode_variants else None)
     elif args.score_variants:

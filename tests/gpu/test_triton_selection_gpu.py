@@ -50,8 +50,11 @@ def test_selection_vs_reference(dtype, g, hkv, d, approx):
             assert (gi == ref).all(-1).float().mean().item() >= 0.99
 
 
-def test_selection_128k_invariants_and_memory():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_selection_128k_invariants_and_memory(overlap, monkeypatch):
     from infllmv2.ops.triton import select_blocks_triton
+    from infllmv2.ops.triton import selection as S
+    monkeypatch.setattr(S, "TOPK_OVERLAP", overlap)  # two workspaces: still within 1 GiB
     cfg = SparseConfig(dense_len=-1)
     n = 131072
     torch.manual_seed(0)
@@ -84,6 +87,30 @@ def test_selection_128k_invariants_and_memory():
     sg = torch.gather(scp, -1, torch.where(got < 0, nb, got.long())).sum(-1)
     sr = torch.gather(scp, -1, torch.where(ref < 0, nb, ref.long())).sum(-1)
     torch.testing.assert_close(sg, sr, rtol=1e-3, atol=1e-3)
+
+
+def test_topk_overlap_selects_identically(monkeypatch):
+    """TOPK_OVERLAP: each workspace chunk's top-k beside the next chunk's scoring (on a side stream) selects exactly
+    what the one-stream path selects (a small workspace: many chunks, both workspaces reused; an empty sequence), and
+    the output is complete on the caller's stream when the call returns."""
+    from infllmv2.ops.triton import select_blocks_triton
+    from infllmv2.ops.triton import selection as S
+    cfg = SparseConfig(dense_len=-1)
+    lens = [20000, 0, 9000]
+    torch.manual_seed(0)
+    q = torch.randn(sum(lens), 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(sum(lens), 2, 128, device=DEV, dtype=torch.bfloat16)
+    cu = _cu(lens)
+    monkeypatch.setattr(S, "_WORKSPACE_BYTES", 8 << 20)
+    monkeypatch.setattr(S, "TOPK_OVERLAP", False)
+    ref = select_blocks_triton(q, k, cfg, cu, cu, max(lens), max(lens))
+    monkeypatch.setattr(S, "TOPK_OVERLAP", True)
+    side = []  # the overlapped path ran (it needs at least _OVERLAP_MIN_CHUNKS chunks)
+    stream_of = S._score_stream
+    monkeypatch.setattr(S, "_score_stream", lambda dev: side.append(dev) or stream_of(dev))
+    got = select_blocks_triton(q, k, cfg, cu, cu, max(lens), max(lens))
+    assert side
+    assert torch.equal(got, ref)
 
 
 def test_decode_vs_reference_and_prefill():

@@ -27,6 +27,7 @@ compare selections by score.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -65,11 +66,15 @@ _DECODE_LSE_SPLITS = None  # tuning knob: the LSE kernel's own number of splits 
 # compression kernels 0.29 -> 0.10 ms at 128K, 0.18 -> 0.05 ms at 64K, 0.21 -> 0.12 ms at Hkv 8 / d 64)
 _COMPRESS_BLOCK_C = 8
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
-# tuning knob: a register cap of the top-k kernel (None: the compiler's 69 at rows of 2048 blocks, seven programs an
-# SM). Offline (`benchmarks/sass_stats.py select --maxnreg 64`, Triton 3.6): 64 spills nothing, runs 4% more
-# instructions and fits eight programs; not measured on a GPU yet (`dev_selection.py --flag-ab
-# "_SELECT_MAXNREG=None,64,56"`)
-_SELECT_MAXNREG = None
+# Hopper prefill with at least _OVERLAP_MIN_CHUNKS workspace chunks: each chunk's top-k runs on the caller's stream
+# beside the next chunk's scoring, which runs on a high-priority side stream (two workspaces: 256 MiB more). The
+# scoring's four programs an SM fill the registers, so the two share SMs where the scoring's programs run out: the
+# top-k fills the tail of the next chunk's scoring instead of waiting for it. (Three scoring programs an SM, to make
+# room for top-k programs beside them, lost: 12.2 -> 12.6 ms at 128K.) H200, interleaved, identical selections:
+# see benchmarks/README.md, "Twenty-first session".
+TOPK_OVERLAP = True
+_OVERLAP_MIN_CHUNKS = 3
+_SCORE_STREAM_PRIORITY = -1  # the side stream's (CUDA: lower is higher; the caller's stream is usually 0)
 # block scores (rows x blocks) a top-k program holds: fewer registers, more programs per SM to hide the search's
 # reduction latency (H200, interleaved, identical outputs: 4096 -> 1024 took the top-k 4.87 -> 3.13 ms at 128K and
 # 0.70 -> 0.33 ms at 32K; Nsight Compute had read 215 registers and 2 programs per SM at 4096)
@@ -751,9 +756,16 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
-    ws = torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
-    for c0 in range(0, n_tiles, tpc):
+    overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc
+               and not torch.cuda.is_current_stream_capturing())
+    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev) for _ in range(1 + bool(overlap))]
+    if overlap:
+        main, side = torch.cuda.current_stream(dev), _score_stream(dev)
+        side.wait_stream(main)  # the log-sum-exps, the inputs
+        released = [None, None]  # per workspace: the event after the last top-k that read it
+    for i, c0 in enumerate(range(0, n_tiles, tpc)):
         nt = min(tpc, n_tiles - c0)
+        ws = wss[i % len(wss)]
         # the chunk's queries see key blocks up to its last key position (a tile's token offset in its
         # sequence is at most its global index x BLOCK_T), so early chunks get a narrower top-k row
         kpos_max = min(max_seqlen_k, max_prefix + (c0 + nt) * BLOCK_T) - 1
@@ -761,9 +773,14 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         # rows per select program: keep a (rows, nb_c) tile at <= _SELECT_TILE elements (registers)
         sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
         if sm90:
-            sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
-                              c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
-                              config.local_blocks, config.init_blocks)
+            with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+                if overlap and released[i % 2] is not None:
+                    side.wait_event(released[i % 2])
+                sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
+                                  c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
+                                  config.local_blocks, config.init_blocks)
+            if overlap:
+                main.wait_stream(side)  # this chunk's scores
         if not sm90:
             _score_kernel[(nt, hkv, n_split)](
                 q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
@@ -779,10 +796,24 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
             SEARCH_TIGHT=_TOPK_SEARCH[2],
-            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode),
-                                          **({"maxnreg": _SELECT_MAXNREG} if _SELECT_MAXNREG else {}))),
+            **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
             **pdl)
+        if overlap:
+            released[i % 2] = main.record_event()
     return out
+
+
+_SCORE_STREAMS: dict = {}
+
+
+def _score_stream(device) -> "torch.cuda.Stream":
+    """One high-priority side stream per device for the scoring beside the top-k (TOPK_OVERLAP): when both kernels
+    have programs waiting, the SMs take the scoring's first."""
+    device = torch.device(device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), _SCORE_STREAM_PRIORITY)
+    if key not in _SCORE_STREAMS:
+        _SCORE_STREAMS[key] = torch.cuda.Stream(device=device, priority=_SCORE_STREAM_PRIORITY)
+    return _SCORE_STREAMS[key]
 
 
 def _check_inputs(q, k, config):

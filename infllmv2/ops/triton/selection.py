@@ -68,10 +68,13 @@ _COMPRESS_BLOCK_C = 8
 _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_warps)
 # Hopper prefill with at least _OVERLAP_MIN_CHUNKS workspace chunks: each chunk's top-k runs on the caller's stream
 # beside the next chunk's scoring, which runs on a high-priority side stream (two workspaces: 256 MiB more). The
-# scoring's four programs an SM fill the registers, so the two share SMs where the scoring's programs run out: the
-# top-k fills the tail of the next chunk's scoring instead of waiting for it. (Three scoring programs an SM, to make
-# room for top-k programs beside them, lost: 12.2 -> 12.6 ms at 128K.) H200, interleaved, identical selections:
-# see benchmarks/README.md, "Twenty-first session".
+# scoring's four programs an SM fill the registers, so the top-k mostly fills the tails the scoring leaves. H200,
+# interleaved, identical selections (`dev_selection.py --flag-ab TOPK_OVERLAP=False,True --reps 5`): selection at 128K
+# 12.08 -> 11.84 ms `local`, 12.50 -> 12.19 `random`, 18.59 -> 17.70 at Hkv 8 / d 64; 96K 7.07 -> 6.96. At 64K (two
+# chunks) it gained nothing. Lost: the side stream at the caller's priority (11.98 against 11.88 ms), a third
+# workspace (no gain), and room made for top-k programs beside the scoring (three scoring programs an SM: 12.6 ms;
+# register caps of 112 / 64 that fit one top-k program beside four: 12.03 against 11.85) (benchmarks/README.md,
+# "Twenty-first session").
 TOPK_OVERLAP = True
 _OVERLAP_MIN_CHUNKS = 3
 _SCORE_STREAM_PRIORITY = -1  # the side stream's (CUDA: lower is higher; the caller's stream is usually 0)
@@ -758,14 +761,15 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     tpc = min(tpc, n_tiles)
     overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc
                and not torch.cuda.is_current_stream_capturing())
-    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev) for _ in range(1 + bool(overlap))]
+    n_ws = 2 if overlap else 1  # the scoring of chunk i waits for the top-k of chunk i - 2
+    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev) for _ in range(n_ws)]
+    released = [None] * n_ws  # per workspace: the event after the last top-k that read it
     if overlap:
         main, side = torch.cuda.current_stream(dev), _score_stream(dev)
         side.wait_stream(main)  # the log-sum-exps, the inputs
-        released = [None, None]  # per workspace: the event after the last top-k that read it
     for i, c0 in enumerate(range(0, n_tiles, tpc)):
         nt = min(tpc, n_tiles - c0)
-        ws = wss[i % len(wss)]
+        ws = wss[i % n_ws]
         # the chunk's queries see key blocks up to its last key position (a tile's token offset in its
         # sequence is at most its global index x BLOCK_T), so early chunks get a narrower top-k row
         kpos_max = min(max_seqlen_k, max_prefix + (c0 + nt) * BLOCK_T) - 1
@@ -774,8 +778,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         sel_t = max(1, min(BLOCK_T, _SELECT_TILE // nb_c))
         if sm90:
             with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
-                if overlap and released[i % 2] is not None:
-                    side.wait_event(released[i % 2])
+                if released[i % n_ws] is not None:
+                    side.wait_event(released[i % n_ws])
                 sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
                                   c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
                                   config.local_blocks, config.init_blocks)
@@ -799,7 +803,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
             **pdl)
         if overlap:
-            released[i % 2] = main.record_event()
+            released[i % n_ws] = main.record_event()
     return out
 
 

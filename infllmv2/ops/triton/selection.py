@@ -70,11 +70,11 @@ _SELECT_WARPS = None  # tuning knob: warps of the top-k kernel (None: _select_wa
 # beside the next chunk's scoring, which runs on a high-priority side stream (two workspaces: 256 MiB more). The
 # scoring's four programs an SM fill the registers, so the top-k mostly fills the tails the scoring leaves. H200,
 # interleaved, identical selections (`dev_selection.py --flag-ab TOPK_OVERLAP=False,True --reps 5`): selection at 128K
-# 12.08 -> 11.84 ms `local`, 12.50 -> 12.19 `random`, 18.59 -> 17.70 at Hkv 8 / d 64; 96K 7.07 -> 6.96. At 64K (two
-# chunks) it gained nothing. Lost: the side stream at the caller's priority (11.98 against 11.88 ms), a third
-# workspace (no gain), and room made for top-k programs beside the scoring (three scoring programs an SM: 12.6 ms;
-# register caps of 112 / 64 that fit one top-k program beside four: 12.03 against 11.85) (benchmarks/README.md,
-# "Twenty-first session").
+# 12.08 -> 11.84 ms `local`, 12.50 -> 12.19 `random`, 18.59 -> 17.70 at Hkv 8 / d 64; 96K 7.09 -> 6.97. At 64K (two
+# chunks) it lost 0.1 ms, hence _OVERLAP_MIN_CHUNKS. Lost: the side stream at the caller's priority (11.98 against
+# 11.88 ms), a third workspace (no gain), and room made for top-k programs beside the scoring (three scoring programs
+# an SM: 12.6 against 12.2 ms without overlap; register caps of 112 / 64 that fit one top-k program beside four: 12.04
+# against 11.85) (benchmarks/README.md, "Twenty-first session").
 TOPK_OVERLAP = True
 _OVERLAP_MIN_CHUNKS = 3
 _SCORE_STREAM_PRIORITY = -1  # the side stream's (CUDA: lower is higher; the caller's stream is usually 0)

@@ -1,6 +1,6 @@
 """Static look at a kernel's machine code for the H100/H200 (sm90), without a GPU.
 
-    python benchmarks/sass_stats.py score|score_sm90|lse|lse_sm90|select|union|union_bitmap|row_bitmap|fwd|fwd_sm90|fwd_sm90_ws|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...] [--sass FILE]
+    python benchmarks/sass_stats.py score|score_sm90|score_sm90_ws|lse|lse_sm90|select|union|union_bitmap|row_bitmap|fwd|fwd_sm90|fwd_sm90_ws|dq|dkdv [--warps 4] [--stages 2] [--maxnreg N] [-D NAME=VALUE ...] [--sass FILE]
 
 Compiles one of the stage-1 / stage-2 kernels at the standard shape (Hq 32, Hkv 2, d 128, bf16) with the same
 integer specialisation the JIT gives real launches (pointers and strides divisible by 16), then prints its
@@ -88,7 +88,11 @@ def _kernels():
                             "nb_ws"), qk_scale="fp32")
         kernels["score_sm90"] = (score_sm90._score_kernel_sm90, sm90,
                                  dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32, INIT=1,
-                                      STAGES=score_sm90._STAGES, PAIRS=score_sm90._PAIRS))
+                                      STAGES=score_sm90._STAGES, PAIRS=score_sm90._PAIRS, GROUP=0))
+        kernels["score_sm90_ws"] = (score_sm90._score_kernel_sm90_ws, sm90,
+                                    dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32,
+                                         INIT=1, STAGES=score_sm90._WS_STAGES,
+                                         CONSUMER_REGS=score_sm90._WS_CONSUMER_REGS))
         desc = f"tensordesc<bf16[64, 128],{lay!r}>"
         lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
                      **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr", "c2_start_ptr", "c2_len_ptr"),

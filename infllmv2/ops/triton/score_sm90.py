@@ -25,6 +25,7 @@ compare the two on the same inputs.
 from __future__ import annotations
 
 import torch
+import triton
 
 from .gluon_support import HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, on_sm90
 from .gluon_support import cta_barrier as _cta_barrier
@@ -40,6 +41,11 @@ _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
 # _PAIRS: the second tile's product is issued beside the first's exponentials; it needs _STAGES >= 2.
 _STAGES = 1
 _PAIRS = False
+# The warp-specialised variant (_score_kernel_sm90_ws): 4 query tiles a program, or 0: off (not yet measured).
+WS_TILES = 0
+_WS_STAGES = 4
+_WS_CONSUMER_REGS = 112
+_WS_MAXNREG = 96  # 20 warps x 32 x 96 = 61440 registers at launch; setmaxnreg: 4 x 128 x 112 + 128 x 24
 
 
 if HAVE_GLUON:
@@ -108,6 +114,45 @@ if HAVE_GLUON:
                        + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(rvalid, 1), other=0.0)
 
     @gluon.jit
+    def _tile_prologue(q_ptr, lse_ptr, q_smem, qs, ql, kl, off, c1n, h, stride_qt, stride_qh, stride_lt,
+                       G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                       BLOCK_N: gl.constexpr, KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr):
+        """What one query tile's window loop needs (the tile's BLOCK_T tokens from ``off`` in a sequence of ``ql``
+        queries from row ``qs`` and ``kl`` keys, ``c1n`` fine keys; KV head h): the query tile stored in ``q_smem``
+        as the MMA's B operand, each column's log-sum-exp, each token's last visible window and a zero pooling
+        carry. Returns (B operand, lse per column, last window per token, carry)."""
+        M: gl.constexpr = GP * BLOCK_T
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
+        # the query tile (rows head x BLOCK_T + token), through shared memory as the MMA's B operand
+        q = load_query_rows(q_ptr, qs, ql, off, h, 0, stride_qt, stride_qh, G, BLOCK_T, M, D, 4)
+        q_smem.store(q)
+        fence_async_shared()
+        _cta_barrier()
+        q_op = q_smem.permute((1, 0))
+
+        # per column: log-sum-exp (+inf for padded heads, 0 for rows that see nothing)
+        cl: gl.constexpr = gl.SliceLayout(0, mma_l)
+        cols = gl.arange(0, M, layout=cl)
+        ctok = off + cols % BLOCK_T
+        cg = cols // BLOCK_T
+        cvalid = (ctok < ql) & (cg < G)
+        part = gl.load(lse_ptr + (qs + ctok).to(gl.int64) * stride_lt + h * G + cg, mask=cvalid, other=float("inf"))
+        lse_c = gl.where(part == float("-inf"), 0.0, part)
+
+        # per token: last visible window (-1: none), in the layout of the group sums
+        sg0 = gl.sum(gl.reshape(gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l), [BLOCK_N, GP, BLOCK_T]), 1)
+        tl_: gl.constexpr = gl.SliceLayout(0, sg0.type.layout)
+        tt = gl.arange(0, BLOCK_T, layout=tl_)
+        ttok = off + tt
+        tvalid0 = ttok < ql
+        tpos = kl - ql + ttok
+        wlast = gl.where(tpos + 1 >= KS1, (tpos + 1 - KS1) // ST1, -1)
+        wlast = gl.where(tvalid0, gl.minimum(wlast, c1n - 1), -1)
+        pool_l: gl.constexpr = _pool_layout(BLOCK_N, BLOCK_T, R).type.layout
+        carry = gl.zeros([BLOCK_T], gl.float32, layout=gl.SliceLayout(0, pool_l))
+        return q_op, lse_c, wlast, carry
+
+    @gluon.jit
     def _refill(k_desc, k_smem, bars, i, n_it, c1s, h, BLOCK_N: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr):
         """Tile i's product is done: load tile i + STAGES into its slot. The barrier first: each warp's wait covers
@@ -127,13 +172,18 @@ if HAVE_GLUON:
                            G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
-                           PAIRS: gl.constexpr):
+                           PAIRS: gl.constexpr, GROUP: gl.constexpr = 0):
+        """GROUP > 0: only the tiles the warp-specialised kernel leaves out (``_score_kernel_sm90_ws`` with GROUP
+        tiles a program: those of another sequence than their group's first tile)."""
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         M: gl.constexpr = GP * BLOCK_T
         lt = n_tiles - 1 - gl.program_id(0)  # heaviest (latest) tiles first
         tile = tile_base + lt
         h = gl.program_id(1)
         seq = gl.load(tile_seq_ptr + tile)
+        mine = True
+        if GROUP > 0:
+            mine = gl.load(tile_seq_ptr + tile_base + (lt // GROUP) * GROUP) != seq
         off = gl.load(tile_off_ptr + tile)
         qs = gl.load(q_start_ptr + seq)
         ql = gl.load(q_len_ptr + seq)
@@ -142,40 +192,14 @@ if HAVE_GLUON:
         c1n = gl.load(c1_len_ptr + seq)
         t_max = kl - ql + gl.minimum(off + BLOCK_T, ql) - 1
         nbc = t_max // BS - LOCAL  # candidate blocks [INIT, nbc): windows j < nbc * R
-        if nbc > INIT:
+        if (nbc > INIT) & mine:
             mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, M, 16])
-            # the query tile (rows head x BLOCK_T + token), through shared memory as the MMA's B operand
-            q = load_query_rows(q_ptr, qs, ql, off, h, 0, stride_qt, stride_qh, G, BLOCK_T, M, D, 4)
             q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [M, D],
                                                gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                                     rank=2))
-            q_smem.store(q)
-            fence_async_shared()
-            _cta_barrier()
-            q_op = q_smem.permute((1, 0))
-
-            # per column: log-sum-exp (+inf for padded heads, 0 for rows that see nothing)
-            cl: gl.constexpr = gl.SliceLayout(0, mma_l)
-            cols = gl.arange(0, M, layout=cl)
-            ctok = off + cols % BLOCK_T
-            cg = cols // BLOCK_T
-            cvalid = (ctok < ql) & (cg < G)
-            part = gl.load(lse_ptr + (qs + ctok).to(gl.int64) * stride_lt + h * G + cg, mask=cvalid,
-                           other=float("inf"))
-            lse_c = gl.where(part == float("-inf"), 0.0, part)
-
-            # per token: last visible window (-1: none), in the layout of the group sums
-            sg0 = gl.sum(gl.reshape(gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l), [BLOCK_N, GP, BLOCK_T]), 1)
-            tl_: gl.constexpr = gl.SliceLayout(0, sg0.type.layout)
-            tt = gl.arange(0, BLOCK_T, layout=tl_)
-            ttok = off + tt
-            tvalid0 = ttok < ql
-            tpos = kl - ql + ttok
-            wlast = gl.where(tpos + 1 >= KS1, (tpos + 1 - KS1) // ST1, -1)
-            wlast = gl.where(tvalid0, gl.minimum(wlast, c1n - 1), -1)
-            pool_l: gl.constexpr = _pool_layout(BLOCK_N, BLOCK_T, R).type.layout
-            carry = gl.zeros([BLOCK_T], gl.float32, layout=gl.SliceLayout(0, pool_l))
+            q_op, lse_c, wlast, carry = _tile_prologue(q_ptr, lse_ptr, q_smem, qs, ql, kl, off, c1n, h, stride_qt,
+                                                       stride_qh, stride_lt, G, GP, BLOCK_T, D, BLOCK_N, KS1, ST1, R)
             ws_h = ws_ptr + h * stride_wh
             n_tok = ql - off
 
@@ -225,6 +249,159 @@ if HAVE_GLUON:
                 mbarrier.invalidate(bars.index(s))
 
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # Warp-specialised variant (``WS_TILES`` = 4; built offline in the twenty-first session, not yet run on a GPU): one
+    # program serves four consecutive query tiles of one sequence, one consumer warpgroup each, and a producer
+    # warpgroup streams the fine-key window tiles once through a ring of ``_WS_STAGES`` slots for all four, where the
+    # kernel above loads them once a tile. That is a quarter of the K traffic into shared memory and a ring deep enough
+    # to hide the loads, at the same four warpgroups an SM (four consumers of ``_WS_CONSUMER_REGS`` = 112 registers,
+    # which spill nothing, and a producer of 24). A consumer releases a slot through the slot's ``empty`` barrier once
+    # its product is done, before its exponentials, and a consumer whose tile sees fewer windows still waits for each
+    # slot and releases it, which keeps the four within ``_WS_STAGES`` tiles of each other. Tiles of another sequence
+    # than their group's first tile (at most three at each sequence's start) are left to the kernel above
+    # (``GROUP``), so the four always share their keys.
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _ws_tile_windows(tile, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr,
+                         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, R: gl.constexpr, BS: gl.constexpr,
+                         LOCAL: gl.constexpr, INIT: gl.constexpr):
+        """(the tile's first token, window tiles it scores): 0 tiles for a tile past ``t_end`` or of another
+        sequence than ``seq``."""
+        tile_c = gl.minimum(tile, t_end - 1)
+        off = gl.load(tile_off_ptr + tile_c)
+        ql = gl.load(q_len_ptr + seq)
+        kl = gl.load(k_len_ptr + seq)
+        nbc = (kl - ql + gl.minimum(off + BLOCK_T, ql) - 1) // BS - LOCAL
+        ok = (tile < t_end) & (gl.load(tile_seq_ptr + tile_c) == seq) & (nbc > INIT)
+        return off, gl.where(ok, gl.cdiv(nbc * R, BLOCK_N), 0)
+
+    @gluon.jit
+    def _ws_score_producer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                           KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+         q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
+         tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        c1s = gl.load(c1_start_ptr + seq)
+        for i in range(0, n_it_max):
+            slot = i % STAGES
+            # a slot is free once every consumer released its previous tile (a fresh barrier passes parity 1)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(kbar.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [c1s + i * BLOCK_N, h * D], kbar.index(slot), k_smem.index(slot))
+
+    @gluon.jit
+    def _ws_score_consumer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                           KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup WG: query tile t0 + WG of the program's group."""
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+         q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
+         tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
+        STAGES: gl.constexpr = k_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        M: gl.constexpr = GP * BLOCK_T
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
+        tile = t0 + WG
+        off, n_it = _ws_tile_windows(tile, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
+                                     BLOCK_N, R, BS, LOCAL, INIT)
+        qs = gl.load(q_start_ptr + seq)
+        ql = gl.load(q_len_ptr + seq)
+        kl = gl.load(k_len_ptr + seq)
+        c1n = gl.load(c1_len_ptr + seq)
+        q_op, lse_c, wlast, carry = _tile_prologue(q_ptr, lse_ptr, q_smem.index(WG), qs, ql, kl, off, c1n, h,
+                                                   stride_qt, stride_qh, stride_lt, G, GP, BLOCK_T, D, BLOCK_N, KS1,
+                                                   ST1, R)
+        ws_h = ws_ptr + h * stride_wh
+        n_tok = ql - off
+        b_lim = gl.minimum(nb_ws, (kl - ql + gl.minimum(off + BLOCK_T, ql) - 1) // BS - LOCAL)
+        zero = gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l)
+        for i in range(0, n_it_max):
+            slot = i % STAGES
+            mbarrier.wait(kbar.index(slot), (i // STAGES) & 1)
+            if i < n_it:
+                acc = warpgroup_mma(k_smem.index(slot), q_op, zero, use_acc=False, is_async=True)
+                s_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                # every warp's slice of the product is done before the slot is released
+                _cta_barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
+                carry = _pool_tile(s_i, i * BLOCK_N, lse_c, wlast, carry, ws_h, (tile - tile_base) * BLOCK_T,
+                                   stride_wr, n_tok, b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
+            else:
+                mbarrier.arrive(empty.index(slot), count=1)
+
+    @gluon.jit
+    def _ws_score_consumer0(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 0)
+
+    @gluon.jit
+    def _ws_score_consumer1(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 1)
+
+    @gluon.jit
+    def _ws_score_consumer2(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 2)
+
+    @gluon.jit
+    def _ws_score_consumer3(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 3)
+
+    @gluon.jit
+    def _score_kernel_sm90_ws(q_ptr, k_desc, lse_ptr, ws_ptr,
+                              tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr,
+                              c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles,
+                              nb_ws, qk_scale,
+                              G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
+                              KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
+                              BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr):
+        """One program per group of four query tiles of the chunk [tile_base, tile_base + n_tiles) (groups from
+        tile_base on, the latest first) and KV head; see the comment above."""
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        M: gl.constexpr = GP * BLOCK_T
+        grp = gl.cdiv(n_tiles, 4) - 1 - gl.program_id(0)  # heaviest (latest) groups first
+        h = gl.program_id(1)
+        t0 = tile_base + grp * 4
+        t_end = tile_base + n_tiles
+        seq = gl.load(tile_seq_ptr + t0)
+        # the group's window tiles: its last tile of the sequence sees the most
+        n_it_max = 0
+        for c in gl.static_range(4):
+            _, n_c = _ws_tile_windows(t0 + c, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
+                                      BLOCK_N, R, BS, LOCAL, INIT)
+            n_it_max = gl.maximum(n_it_max, n_c)
+        dt: gl.constexpr = q_ptr.dtype.element_ty
+        q_smem = gl.allocate_shared_memory(dt, [4, M, D], gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                                                element_bitwidth=16, rank=2))
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+        kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(kbar.index(st), count=1)
+            mbarrier.init(empty.index(st), count=4)
+        args = (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+                q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
+                tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale)
+        # the producer is the default partition (4 warps; one thread issues the copies), as in sparse_fwd_sm90.py
+        gl.warp_specialize([(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
+                            (_ws_score_consumer0, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
+                            (_ws_score_consumer1, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
+                            (_ws_score_consumer2, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
+                            (_ws_score_consumer3, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT))],
+                           [4, 4, 4, 4], [CONSUMER_REGS] * 4)
+
+
 def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
     """Whether ``score_blocks_sm90`` can run on these inputs (else the Triton scoring kernel does): query tiles
     of ``128 / gp`` tokens (128 rows), and fine keys to describe (a TMA descriptor has no empty dimension)."""
@@ -237,10 +414,13 @@ def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: 
 def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
                       tile_base: int, n_tiles: int, nb_ws: int, qk_scale: float, g: int, gp: int, block_t: int,
                       kernel_size: int, kernel_stride: int, r: int, l: int, block_size: int, local_blocks: int,
-                      init_blocks: int):
+                      init_blocks: int, one_sequence: bool = False):
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
-    over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros."""
+    over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
+    With ``WS_TILES`` the warp-specialised kernel scores the chunk in groups of four tiles from ``tile_base`` on
+    (``tile_base`` must be a multiple of four), and the one-tile kernel the tiles whose group starts in another
+    sequence (none when the caller knows the tiles are of ``one_sequence``)."""
     if _PAIRS and _STAGES < 2:
         raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]
@@ -250,8 +430,17 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     el = gl.bfloat16 if k1.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], el)
     k_desc = TensorDescriptor(k2d, list(k2d.shape), list(k2d.stride()), [_BLOCK_N, d], lay)
-    _score_kernel_sm90[(n_tiles, hkv)](
-        q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
-        q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale,
-        G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
-        LOCAL=local_blocks, INIT=init_blocks, STAGES=_STAGES, PAIRS=_PAIRS, num_warps=4)
+    args = (q, k_desc, lse, ws, tile_seq, tile_off, q_start, q_len, k_len, c1_start, c1_len,
+            q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale)
+    consts = dict(G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
+                  LOCAL=local_blocks, INIT=init_blocks)
+    if WS_TILES:
+        if WS_TILES != 4 or tile_base % 4:
+            raise ValueError(f"score_sm90.WS_TILES: 4 tiles a program from a multiple of 4 (got WS_TILES={WS_TILES}, "
+                             f"tile_base={tile_base})")
+        _score_kernel_sm90_ws[(triton.cdiv(n_tiles, 4), hkv)](
+            *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, num_warps=4, maxnreg=_WS_MAXNREG)
+        if one_sequence:
+            return
+    _score_kernel_sm90[(n_tiles, hkv)](*args, **consts, STAGES=_STAGES, PAIRS=_PAIRS, GROUP=4 if WS_TILES else 0,
+                                       num_warps=4)

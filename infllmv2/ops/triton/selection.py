@@ -38,6 +38,7 @@ import triton.language as tl
 from ...config import SparseConfig
 from .gluon_support import GluonKernel
 from .lse_sm90 import lse_sm90, lse_sm90_supported
+from . import score_sm90
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
@@ -758,6 +759,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
+    if sm90 and score_sm90.WS_TILES:  # the warp-specialised scoring's groups of tiles start at each chunk's start
+        tpc = max(score_sm90.WS_TILES, tpc // score_sm90.WS_TILES * score_sm90.WS_TILES)
     tpc = min(tpc, n_tiles)
     overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc
                and not torch.cuda.is_current_stream_capturing())
@@ -782,7 +785,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                     side.wait_event(released[i % n_ws])
                 sm90 = SCORE_SM90(score_blocks_sm90, q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
                                   c1_start, c1_len, c0, nt, nb_ws, qk_scale, g, GP, BLOCK_T, lc, sc, R, L, B,
-                                  config.local_blocks, config.init_blocks)
+                                  config.local_blocks, config.init_blocks, one_sequence=nseq == 1)
             if overlap:
                 main.wait_stream(side)  # this chunk's scores
         if not sm90:

@@ -92,7 +92,8 @@ def _kernels():
         kernels["score_sm90_ws"] = (score_sm90._score_kernel_sm90_ws, sm90,
                                     dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32,
                                          INIT=1, STAGES=score_sm90._WS_STAGES,
-                                         CONSUMER_REGS=score_sm90._WS_CONSUMER_REGS))
+                                         CONSUMER_REGS=score_sm90._WS_CONSUMER_REGS,
+                                         PINGPONG=score_sm90._WS_PINGPONG))
         desc = f"tensordesc<bf16[64, 128],{lay!r}>"
         lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
                      **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr", "c2_start_ptr", "c2_len_ptr"),

@@ -45,7 +45,8 @@ _PAIRS = False
 WS_TILES = 0
 _WS_STAGES = 4
 _WS_CONSUMER_REGS = 112
-_WS_MAXNREG = 96  # 20 warps x 32 x 96 = 61440 registers at launch; setmaxnreg: 4 x 128 x 112 + 128 x 24
+_WS_MAXNREG = 96  # 20 warps x 32 x 96 = 61440 registers at launch; setmaxnreg: 4 x 128 x 112 + 128 x 32
+_WS_PINGPONG = False  # the consumers issue their products in turn (see _ws_score_consumer)
 
 
 if HAVE_GLUON:
@@ -254,12 +255,12 @@ if HAVE_GLUON:
     # program serves four consecutive query tiles of one sequence, one consumer warpgroup each, and a producer
     # warpgroup streams the fine-key window tiles once through a ring of ``_WS_STAGES`` slots for all four, where the
     # kernel above loads them once a tile. That is a quarter of the K traffic into shared memory and a ring deep enough
-    # to hide the loads, at the same four warpgroups an SM (four consumers of ``_WS_CONSUMER_REGS`` = 112 registers,
-    # which spill nothing, and a producer of 24). A consumer releases a slot through the slot's ``empty`` barrier once
-    # its product is done, before its exponentials, and a consumer whose tile sees fewer windows still waits for each
-    # slot and releases it, which keeps the four within ``_WS_STAGES`` tiles of each other. Tiles of another sequence
-    # than their group's first tile (at most three at each sequence's start) are left to the kernel above
-    # (``GROUP``), so the four always share their keys.
+    # to hide the loads, at the same four warpgroups an SM: four consumers of ``_WS_CONSUMER_REGS`` = 112 registers
+    # (no spill at G 16; 48 B at G 4, whose tiles hold 32 tokens) and a producer of 32. A consumer releases a slot
+    # through the slot's ``empty`` barrier once its product is done, before its exponentials, and a consumer whose
+    # tile sees fewer windows still waits for each slot and releases it, which keeps the four within ``_WS_STAGES``
+    # tiles of each other. Tiles of another sequence than their group's first tile (at most three at each sequence's
+    # start) are left to the kernel above (``GROUP``), so the four always share their keys.
     # ---------------------------------------------------------------------------------------------------------------
 
     @gluon.jit
@@ -279,8 +280,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_score_producer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
-        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr, q_start_ptr,
          q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
          tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -296,9 +297,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_score_consumer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, WG: gl.constexpr):
-        """Consumer warpgroup WG: query tile t0 + WG of the program's group."""
-        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr,
+                           WG: gl.constexpr):
+        """Consumer warpgroup WG: query tile t0 + WG of the program's group. PINGPONG: the consumers issue their
+        products in turn (FlashAttention-3's order: each product is queued on the tensor cores behind the previous
+        consumer's, so it finishes early and its exponentials run beside the next consumers' products); ``turn``
+        holds one barrier a consumer, which the consumer before it arrives at once it has issued."""
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr, q_start_ptr,
          q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
          tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -322,8 +327,12 @@ if HAVE_GLUON:
         for i in range(0, n_it_max):
             slot = i % STAGES
             mbarrier.wait(kbar.index(slot), (i // STAGES) & 1)
+            if PINGPONG:  # consumer 0's first wait passes on the fresh barrier (parity 1)
+                mbarrier.wait(turn.index(WG), (i & 1) ^ (1 if WG == 0 else 0))
             if i < n_it:
                 acc = warpgroup_mma(k_smem.index(slot), q_op, zero, use_acc=False, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index((WG + 1) % 4), count=1)
                 s_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 # every warp's slice of the product is done before the slot is released
                 _cta_barrier()
@@ -331,31 +340,33 @@ if HAVE_GLUON:
                 carry = _pool_tile(s_i, i * BLOCK_N, lse_c, wlast, carry, ws_h, (tile - tile_base) * BLOCK_T,
                                    stride_wr, n_tok, b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
             else:
+                if PINGPONG:
+                    mbarrier.arrive(turn.index((WG + 1) % 4), count=1)
                 mbarrier.arrive(empty.index(slot), count=1)
 
     @gluon.jit
     def _ws_score_consumer0(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                             KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 0)
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 0)
 
     @gluon.jit
     def _ws_score_consumer1(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                             KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 1)
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 1)
 
     @gluon.jit
     def _ws_score_consumer2(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                             KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 2)
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 2)
 
     @gluon.jit
     def _ws_score_consumer3(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                             KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 3)
+                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
+        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 3)
 
     @gluon.jit
     def _score_kernel_sm90_ws(q_ptr, k_desc, lse_ptr, ws_ptr,
@@ -365,7 +376,7 @@ if HAVE_GLUON:
                               G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                               KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                               BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr):
+                              CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
         """One program per group of four query tiles of the chunk [tile_base, tile_base + n_tiles) (groups from
         tile_base on, the latest first) and KV head; see the comment above."""
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -387,19 +398,23 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
         kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(empty.index(st), count=4)
-        args = (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
-                q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
-                tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale)
+        for c in gl.static_range(4):
+            mbarrier.init(turn.index(c), count=1)
+        args = (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr,
+                q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt,
+                stride_wh, stride_wr, tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale)
         # the producer is the default partition (4 warps; one thread issues the copies), as in sparse_fwd_sm90.py
-        gl.warp_specialize([(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
-                            (_ws_score_consumer0, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
-                            (_ws_score_consumer1, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
-                            (_ws_score_consumer2, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
-                            (_ws_score_consumer3, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT))],
-                           [4, 4, 4, 4], [CONSUMER_REGS] * 4)
+        gl.warp_specialize(
+            [(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
+             (_ws_score_consumer0, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
+             (_ws_score_consumer1, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
+             (_ws_score_consumer2, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
+             (_ws_score_consumer3, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG))],
+            [4, 4, 4, 4], [CONSUMER_REGS] * 4)
 
 
 def score_sm90_supported(q: torch.Tensor, k1: torch.Tensor, gp: int, r: int, l: int, decode: bool) -> bool:
@@ -439,7 +454,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
             raise ValueError(f"score_sm90.WS_TILES: 4 tiles a program from a multiple of 4 (got WS_TILES={WS_TILES}, "
                              f"tile_base={tile_base})")
         _score_kernel_sm90_ws[(triton.cdiv(n_tiles, 4), hkv)](
-            *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, num_warps=4, maxnreg=_WS_MAXNREG)
+            *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, PINGPONG=_WS_PINGPONG, num_warps=4,
+            maxnreg=_WS_MAXNREG)
         if one_sequence:
             return
     _score_kernel_sm90[(n_tiles, hkv)](*args, **consts, STAGES=_STAGES, PAIRS=_PAIRS, GROUP=4 if WS_TILES else 0,

@@ -717,10 +717,16 @@ def main():
                     help="only launch variants of the sm90 LSE kernel (and of the sm90 scoring kernel: "
                          "\"score.ATTR\" keys), a JSON list of dicts (see lse_variants)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds of --flag-ab")
+    ap.add_argument("--set", action="append", default=[], metavar="ATTR=VALUE",
+                    help="set a selection-module attribute for the whole run (a Python literal), e.g. "
+                         "score_sm90.WS_TILES=4 before --flag-ab score_sm90._WS_PINGPONG")
     ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants and --flag-ab (whose "
                     "random, Hkv 8 and decode rows run at the longest)")
     args = ap.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    for item in args.set:
+        attr, _, val = item.partition("=")
+        _set_attr(attr, ast.literal_eval(val))
     if args.lse_variants:
         lse_variants(json.loads(args.lse_variants), tuple(int(x) for x in args.lens.split(",")))
     elif args.flag_ab:

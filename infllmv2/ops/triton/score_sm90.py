@@ -345,30 +345,6 @@ if HAVE_GLUON:
                 mbarrier.arrive(empty.index(slot), count=1)
 
     @gluon.jit
-    def _ws_score_consumer0(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
-                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 0)
-
-    @gluon.jit
-    def _ws_score_consumer1(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
-                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 1)
-
-    @gluon.jit
-    def _ws_score_consumer2(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
-                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 2)
-
-    @gluon.jit
-    def _ws_score_consumer3(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
-                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
-        _ws_score_consumer(args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 3)
-
-    @gluon.jit
     def _score_kernel_sm90_ws(q_ptr, k_desc, lse_ptr, ws_ptr,
                               tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr,
                               c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles,
@@ -410,10 +386,10 @@ if HAVE_GLUON:
         # the producer is the default partition (4 warps; one thread issues the copies), as in sparse_fwd_sm90.py
         gl.warp_specialize(
             [(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
-             (_ws_score_consumer0, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
-             (_ws_score_consumer1, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
-             (_ws_score_consumer2, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
-             (_ws_score_consumer3, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG))],
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 0)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 1)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 2)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 3))],
             [4, 4, 4, 4], [CONSUMER_REGS] * 4)
 
 

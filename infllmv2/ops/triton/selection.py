@@ -15,7 +15,9 @@ Pipeline (SPEC "Stage 1"), no gradients:
    (window j overlaps block b iff ``j*sc < (b+1)*B`` and ``j*sc + lc > b*B``). Only the pooled
    (token, block) scores of one chunk of query tiles are written, to a fixed-size fp32 workspace
    (at most ``_WORKSPACE_BYTES``): nothing of size n x n1 is ever stored. On Hopper GPUs the prefill
-   scoring runs as ``score_sm90.py``'s Gluon kernel instead: the same work and results, laid out by hand.
+   scoring runs as ``score_sm90.py``'s Gluon kernel instead: the same work and results, laid out by hand,
+   on a side stream with two workspaces, so each chunk's top-k runs beside the next chunk's scoring
+   (``TOPK_OVERLAP``).
 4. ``_select_kernel``: one program per (token, KV head): forced blocks + exact top-k of the
    candidate blocks by a threshold search on the fp32 bit patterns (scores are >= 0, so the bits
    order like the values; interpolation steps alternate with halving steps); ties prefer the lower

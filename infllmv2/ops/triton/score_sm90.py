@@ -18,6 +18,10 @@ H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCOR
 (benchmarks/README.md, "Twelfth session", with pairs); one tile a step at four programs an SM then took the
 128K scoring from 8.40 to 7.16 ms and 64K from 2.15 to 1.75 ms (interleaved, "Fifteenth session").
 
+``_score_kernel_sm90_ws`` (off: ``WS_TILES = 0``; built in the twenty-first session, not yet measured) is a
+warp-specialised form: four query tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see
+its comment).
+
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests
 compare the two on the same inputs.

@@ -208,6 +208,7 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     # final weights equal the single-process run with the same global batch
     import json
     import shutil
+    import socket
     import subprocess
     import sys
 
@@ -227,11 +228,18 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "infllmv2.train", "--out", str(one), "--micro-batch", "2", *common],
-                   check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-                    "-m", "infllmv2.train", "--out", str(two), "--micro-batch", "1", "--parallel", parallel, *common],
-                   check=True, env=env, capture_output=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "infllmv2.train", "--out", str(one), "--micro-batch", "2", *common],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    # a port free now (a fixed one per pytest process was taken again by the next parametrisation's rendezvous
+    # while the last one's socket lingered: one CI failure)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "infllmv2.train",
+                          "--out", str(two), "--micro-batch", "1", "--parallel", parallel, *common],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
     la = [r["loss"] for r in read_loss_log(str(one / "loss.jsonl"))]
     lb = [r["loss"] for r in read_loss_log(str(two / "loss.jsonl"))]
     assert len(la) == len(lb) == 3

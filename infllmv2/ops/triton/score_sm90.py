@@ -271,15 +271,15 @@ if HAVE_GLUON:
     def _ws_tile_windows(tile, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr,
                          BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, R: gl.constexpr, BS: gl.constexpr,
                          LOCAL: gl.constexpr, INIT: gl.constexpr):
-        """(the tile's first token, window tiles it scores): 0 tiles for a tile past ``t_end`` or of another
-        sequence than ``seq``."""
+        """(the tile's first token, its candidate blocks' end nbc, the window tiles it scores): 0 tiles for a tile
+        past ``t_end`` or of another sequence than ``seq``."""
         tile_c = gl.minimum(tile, t_end - 1)
         off = gl.load(tile_off_ptr + tile_c)
         ql = gl.load(q_len_ptr + seq)
         kl = gl.load(k_len_ptr + seq)
         nbc = (kl - ql + gl.minimum(off + BLOCK_T, ql) - 1) // BS - LOCAL
         ok = (tile < t_end) & (gl.load(tile_seq_ptr + tile_c) == seq) & (nbc > INIT)
-        return off, gl.where(ok, gl.cdiv(nbc * R, BLOCK_N), 0)
+        return off, nbc, gl.where(ok, gl.cdiv(nbc * R, BLOCK_N), 0)
 
     @gluon.jit
     def _ws_score_producer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
@@ -315,7 +315,7 @@ if HAVE_GLUON:
         M: gl.constexpr = GP * BLOCK_T
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M, 16])
         tile = t0 + WG
-        off, n_it = _ws_tile_windows(tile, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
+        off, nbc, n_it = _ws_tile_windows(tile, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
                                      BLOCK_N, R, BS, LOCAL, INIT)
         qs = gl.load(q_start_ptr + seq)
         ql = gl.load(q_len_ptr + seq)
@@ -326,7 +326,7 @@ if HAVE_GLUON:
                                                    ST1, R)
         ws_h = ws_ptr + h * stride_wh
         n_tok = ql - off
-        b_lim = gl.minimum(nb_ws, (kl - ql + gl.minimum(off + BLOCK_T, ql) - 1) // BS - LOCAL)
+        b_lim = gl.minimum(nb_ws, nbc)
         zero = gl.zeros([BLOCK_N, M], gl.float32, layout=mma_l)
         for i in range(0, n_it_max):
             slot = i % STAGES
@@ -369,7 +369,7 @@ if HAVE_GLUON:
         # the group's window tiles: its last tile of the sequence sees the most
         n_it_max = 0
         for c in gl.static_range(4):
-            _, n_c = _ws_tile_windows(t0 + c, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
+            _, _, n_c = _ws_tile_windows(t0 + c, t_end, seq, tile_seq_ptr, tile_off_ptr, q_len_ptr, k_len_ptr, BLOCK_T,
                                       BLOCK_N, R, BS, LOCAL, INIT)
             n_it_max = gl.maximum(n_it_max, n_c)
         dt: gl.constexpr = q_ptr.dtype.element_ty
@@ -413,9 +413,9 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
     over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
-    With ``WS_TILES`` the warp-specialised kernel scores the chunk in groups of four tiles from ``tile_base`` on
-    (``tile_base`` must be a multiple of four), and the one-tile kernel the tiles whose group starts in another
-    sequence (none when the caller knows the tiles are of ``one_sequence``)."""
+    With ``WS_TILES`` the warp-specialised kernel scores the chunk in groups of four tiles from ``tile_base`` on,
+    and the one-tile kernel the tiles whose group starts in another sequence (none when the caller knows the tiles
+    are of ``one_sequence``)."""
     if _PAIRS and _STAGES < 2:
         raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]
@@ -430,9 +430,8 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     consts = dict(G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
                   LOCAL=local_blocks, INIT=init_blocks)
     if WS_TILES:
-        if WS_TILES != 4 or tile_base % 4:
-            raise ValueError(f"score_sm90.WS_TILES: 4 tiles a program from a multiple of 4 (got WS_TILES={WS_TILES}, "
-                             f"tile_base={tile_base})")
+        if WS_TILES != 4:
+            raise ValueError(f"score_sm90.WS_TILES: 0 (off) or 4 tiles a program, got {WS_TILES}")
         _score_kernel_sm90_ws[(triton.cdiv(n_tiles, 4), hkv)](
             *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, PINGPONG=_WS_PINGPONG, num_warps=4,
             maxnreg=_WS_MAXNREG)

@@ -40,7 +40,7 @@ import triton.language as tl
 from ...config import SparseConfig
 from .gluon_support import GluonKernel
 from .lse_sm90 import lse_sm90, lse_sm90_supported
-from . import score_sm90
+from . import score_sm90  # noqa: F401  (its switches, for dev_selection.py --set / --flag-ab)
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]
@@ -775,8 +775,6 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
-    if sm90 and score_sm90.WS_TILES:  # the warp-specialised scoring's groups of tiles start at each chunk's start
-        tpc = max(score_sm90.WS_TILES, tpc // score_sm90.WS_TILES * score_sm90.WS_TILES)
     tpc = min(tpc, n_tiles)
     overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc
                and not torch.cuda.is_current_stream_capturing())

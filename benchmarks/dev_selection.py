@@ -487,12 +487,12 @@ def _flag_rows(attr, values, select, reps, full=None):
 
 
 @section("A/B: settings of a selection-module attribute (prefill and one decode step)")
-def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
+def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3, shapes=((8, 64),)):
     """``selection.<attr>`` set to each of `values` (a switch: True / False), interleaved in one process: the
     selection (median of `bench`), its kernels (profiler), and the complete forward (`infllmv2_attention`, Triton
     backend, `local` inputs) at each length; then the selection of the Llama-like shape (Hkv 8, d 64: 4x the
-    top-k rows), the 128K selection and complete forward on `random` inputs, and one decode step; outputs must be
-    identical."""
+    top-k rows; `shapes`: (Hkv, d) pairs, 32 query heads, at the longest length), the 128K selection and complete
+    forward on `random` inputs, and one decode step; outputs must be identical."""
     from bench_attention import make_inputs
     import infllmv2
     cfg = SparseConfig(dense_len=-1)
@@ -500,13 +500,14 @@ def flag_ab(attr, values=(True, False), lengths=(131072, 32768, 65536), reps=3):
     default = _get_attr(attr)
     try:
         runs = ([(2, 128, n, "local") for n in lengths] + [(2, 128, max(lengths), "random")]
-                + [(8, 64, max(lengths), "local")])
+                + [(hkv, d, max(lengths), "local") for hkv, d in shapes])
         for hkv, d, n, pattern in runs:
             qb, kb, vb = make_inputs(n, 32, hkv, d, pattern)  # (1, n, heads, d)
             # as the harness calls it (batched layout: no host synchronisation to size the query tiles)
             select = lambda: infllmv2.select_blocks(qb, kb, cfg, backend="triton")  # noqa: E731
-            full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if hkv == 2 else None
-            name = n if hkv == 2 else f"{n}_hkv{hkv}_d{d}"
+            std = (hkv, d) == (2, 128)
+            full = (lambda: infllmv2.infllmv2_attention(qb, kb, vb, cfg, backend="triton")) if std else None
+            name = n if std else f"{n}_hkv{hkv}_d{d}"
             out[name if pattern == "local" else f"{name}_{pattern}"] = _flag_rows(attr, values, select, reps, full)
             del qb, kb, vb
     finally:
@@ -717,9 +718,11 @@ def main():
                     help="only launch variants of the sm90 LSE kernel (and of the sm90 scoring kernel: "
                          "\"score.ATTR\" keys), a JSON list of dicts (see lse_variants)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds of --flag-ab")
+    ap.add_argument("--shapes", default="8:64", help="--flag-ab's other shapes, HKV:D pairs (32 query heads), "
+                    "selection only, at the longest length")
     ap.add_argument("--set", action="append", default=[], metavar="ATTR=VALUE",
                     help="set a selection-module attribute for the whole run (a Python literal), e.g. "
-                         "score_sm90.WS_TILES=4 before --flag-ab score_sm90._WS_PINGPONG")
+                         "score_sm90.WS_TILES=0 before --flag-ab _TOPK_SCAN_RUN=8,16")
     ap.add_argument("--lens", default="131072,65536,32768", help="lengths of --lse-variants and --flag-ab (whose "
                     "random, Hkv 8 and decode rows run at the longest)")
     args = ap.parse_args()
@@ -733,7 +736,8 @@ def main():
         attr, _, vals = args.flag_ab.partition("=")
         # values as a Python list's items: True,False / None,1,2 / (4,0.2,4),(2,0.0,99)
         flag_ab(attr, tuple(ast.literal_eval(f"[{vals}]")) if vals else (True, False),
-                tuple(int(x) for x in args.lens.split(",")), reps=args.reps)
+                tuple(int(x) for x in args.lens.split(",")), reps=args.reps,
+                shapes=tuple(tuple(int(v) for v in x.split(":")) for x in args.shapes.split(",")))
     elif args.decode_variants is not None:
         decode_variants(json.loads(args.decode_variants) if args.decode_variants else None)
     elif args.score_variants:

@@ -92,8 +92,7 @@ def _kernels():
         kernels["score_sm90_ws"] = (score_sm90._score_kernel_sm90_ws, sm90,
                                     dict(G=16, GP=16, BLOCK_T=8, D=128, KS1=32, ST1=16, R=4, L=2, BS=64, LOCAL=32,
                                          INIT=1, STAGES=score_sm90._WS_STAGES,
-                                         CONSUMER_REGS=score_sm90._WS_CONSUMER_REGS,
-                                         PINGPONG=score_sm90._WS_PINGPONG))
+                                         CONSUMER_REGS=score_sm90._WS_CONSUMER_REGS))
         desc = f"tensordesc<bf16[64, 128],{lay!r}>"
         lse90 = dict(q_ptr="*bf16", k1_desc=desc, k2_desc=desc, lse_ptr="*fp32",
                      **_ptrs("*i32", *lay_names, "c1_start_ptr", "c1_len_ptr", "c2_start_ptr", "c2_len_ptr"),
@@ -117,7 +116,7 @@ def _kernels():
         "lse": (selection._lse_kernel, lse, dict(stage1, KS2=128, ST2=64, LSE_APPROX=True)),
         "select": (selection._select_kernel, select,
                    dict(BLOCK_T=8, SEL_T=1, BLOCK_NB=2048, BUDGET_P=128, BS=64, LOCAL=32, INIT=1, DECODE=False,
-                        PDL=False, SCAN_RUN=16, COUNT_BY_SIGN=selection._TOPK_COUNT_BY_SIGN,
+                        PDL=False, SCAN_RUN=16,
                         **dict(zip(("SEARCH_BISECT", "SEARCH_CLAMP", "SEARCH_TIGHT"), selection._TOPK_SEARCH)))),
         "dq": (sparse_attention._sparse_bwd_dq_kernel, dq,
                dict(G=16, T=4, BLOCK_M=64, BLOCK_N=64, D=128, NB=1, UPCAST=False, PREC="tf32", HAS_RESID=True,

@@ -110,13 +110,10 @@ def test_select_fp32_exact_scan_runs(run, lens, monkeypatch):
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), i
 
 
-@pytest.mark.parametrize("lse_approx,count_by_sign", [(True, False), (False, False), (True, True)])
-def test_select_fp32_exact_long_rows(lse_approx, count_by_sign, monkeypatch):
+@pytest.mark.parametrize("lse_approx", [True, False])
+def test_select_fp32_exact_long_rows(lse_approx):
     """Rows long enough that most key tiles are visible to every token of a query tile (the LSE kernel
-    skips the per-row visibility mask there: coarse keys with lse_approx, fine keys without); the top-k's counts
-    also by the sign of key - threshold (``_TOPK_COUNT_BY_SIGN``)."""
-    from infllmv2.ops.triton import selection
-    monkeypatch.setattr(selection, "_TOPK_COUNT_BY_SIGN", count_by_sign)
+    skips the per-row visibility mask there: coarse keys with lse_approx, fine keys without)."""
     cfg = SparseConfig(lse_approx=lse_approx, **SMALL)
     lens_k, lens_q = [1300], [300]
     q, k, cuq, cuk = _pack(lens_q, lens_k, 2, 1, 16, torch.float32, seed=11)
@@ -307,19 +304,17 @@ def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
         assert torch.equal(got[:, cuq[i]:cuq[i + 1]], ref), f"sequence {i}"
 
 
-@pytest.mark.parametrize("count_by_sign", [False, True])
 @pytest.mark.parametrize("search", [None, (1, 0.2, 0), (1000, 0.45, 0)])
 @pytest.mark.parametrize("case", ["rounded_keys", "zero_queries", "peaked"])
-def test_select_fp32_exact_on_tied_and_skewed_scores(case, search, count_by_sign, monkeypatch):
+def test_select_fp32_exact_on_tied_and_skewed_scores(case, search, monkeypatch):
     """The top-k threshold search (clamped interpolation steps, halving steps, brackets snapped to keys; the
-    default and two extremes: halving and snapping at every step, or snapping with no halving; its counts by a
-    compare a key or by the sign of key - threshold) on score rows with many exact ties (integer keys; all-zero
+    default and two extremes: halving and snapping at every step, or snapping with no halving; counts by the sign
+    of key - threshold) on score rows with many exact ties (integer keys; all-zero
     queries, where every candidate ties) and on very peaked rows, where interpolating the count is a poor guess:
     the selection must still be the reference's."""
     from infllmv2.ops.triton import selection
     if search is not None:
         monkeypatch.setattr(selection, "_TOPK_SEARCH", search)
-    monkeypatch.setattr(selection, "_TOPK_COUNT_BY_SIGN", count_by_sign)
     cfg = SparseConfig(**dict(SMALL, topk=5))
     g = torch.Generator().manual_seed(3)
     n = 520

@@ -185,24 +185,31 @@ def test_decode_cuda_graph_replays_equal_eager_steps():
     (16, 2, 128, dict(block_size=128, topk=16, window_size=1024)),  # 8 windows a block
     (4, 2, 64, dict(block_size=32, kernel_size=32, kernel_stride=16, topk=64, window_size=512)),  # 2 a block
 ])
-@pytest.mark.parametrize("pairs,stages,ws,pingpong", [(False, 1, 0, False), (False, 2, 0, False), (True, 2, 0, False),
-                                                     (False, 1, 4, False), (False, 1, 4, True)])
-def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, stages, ws, pingpong, monkeypatch):
+@pytest.mark.parametrize("pairs,stages,ws", [(False, 1, 0), (False, 2, 0), (True, 2, 0), (False, 1, 4)])
+def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, stages, ws, monkeypatch):
     """The Gluon scoring kernel (Hopper) against the Triton one on the same inputs: the same products,
     exponentials and sums, so the same selections up to summation-order near-ties; window tiles one a step through
     one TMA slot (the default) or two, or in pairs (``score_sm90._PAIRS``, ``_STAGES``), or the warp-specialised
     kernel (``WS_TILES``: four tiles a program, with the tiles of a group that starts in another sequence left to the
-    one-tile kernel; a small workspace, so chunks start at tiles other than 0), its consumers' products in turn or
-    not (``_WS_PINGPONG``)."""
+    one-tile kernel; a small workspace, so chunks start at tiles other than 0; at every G, where the default keeps it
+    to G >= 16)."""
     from infllmv2.ops.triton import score_sm90, select_blocks_triton, selection
     if torch.cuda.get_device_capability()[0] != 9 or not score_sm90.HAVE_GLUON:
         pytest.skip("needs an sm90 GPU and Triton's Gluon")
     monkeypatch.setattr(score_sm90, "_PAIRS", pairs)
     monkeypatch.setattr(score_sm90, "_STAGES", stages)
     monkeypatch.setattr(score_sm90, "WS_TILES", ws)
-    monkeypatch.setattr(score_sm90, "_WS_PINGPONG", pingpong)
+    ws_launches = []
     if ws:
         monkeypatch.setattr(selection, "_WORKSPACE_BYTES", 16 << 20)
+        monkeypatch.setattr(score_sm90, "_WS_MIN_GP", 0)
+        real_ws = score_sm90._score_kernel_sm90_ws
+
+        class WsSpy:  # counts the warp-specialised kernel's launches
+            def __getitem__(self, grid):
+                ws_launches.append(grid)
+                return real_ws[grid]
+        monkeypatch.setattr(score_sm90, "_score_kernel_sm90_ws", WsSpy())
     calls = []
     real = selection.score_blocks_sm90
     monkeypatch.setattr(selection, "score_blocks_sm90", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
@@ -216,6 +223,7 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, sta
     got = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
     n_calls = len(calls)
     assert n_calls, "the sm90 scoring kernel did not run"
+    assert bool(ws_launches) == bool(ws), ws_launches
     monkeypatch.setattr(selection.SCORE_SM90, "enabled", False)
     ref = select_blocks_triton(q, k, cfg, cuq, cuk, max(lens_q), max(lens_k))
     assert len(calls) == n_calls

@@ -18,9 +18,8 @@ H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCOR
 (benchmarks/README.md, "Twelfth session", with pairs); one tile a step at four programs an SM then took the
 128K scoring from 8.40 to 7.16 ms and 64K from 2.15 to 1.75 ms (interleaved, "Fifteenth session").
 
-``_score_kernel_sm90_ws`` (off: ``WS_TILES = 0``; built in the twenty-first session, not yet measured) is a
-warp-specialised form: four query tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see
-its comment).
+``_score_kernel_sm90_ws`` (``WS_TILES``, for groups of 16 padded heads or more) is a warp-specialised form: four query
+tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see its comment and ``_WS_MIN_GP``).
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests
@@ -45,12 +44,15 @@ _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
 # _PAIRS: the second tile's product is issued beside the first's exponentials; it needs _STAGES >= 2.
 _STAGES = 1
 _PAIRS = False
-# The warp-specialised variant (_score_kernel_sm90_ws): 4 query tiles a program, or 0: off (not yet measured).
-WS_TILES = 0
+# The warp-specialised variant (_score_kernel_sm90_ws): 4 query tiles a program (0: off), for groups of at least
+# _WS_MIN_GP padded heads. H200, interleaved, identical selections (benchmarks/README.md, "Twenty-second session"),
+# selection at 128K: G 16 / d 128 11.90 -> 11.67 ms (`local`), 12.39 -> 11.92 (`random`), 64K equal; G 4 / d 64
+# 17.68 -> 18.95 (its consumers spill 48 B, and its key tiles are half the bytes, so sharing them saves less).
+WS_TILES = 4
+_WS_MIN_GP = 16
 _WS_STAGES = 4
 _WS_CONSUMER_REGS = 112
 _WS_MAXNREG = 96  # 20 warps x 32 x 96 = 61440 registers at launch; setmaxnreg: 4 x 128 x 112 + 128 x 32
-_WS_PINGPONG = False  # the consumers issue their products in turn (see _ws_score_consumer)
 
 
 if HAVE_GLUON:
@@ -255,7 +257,7 @@ if HAVE_GLUON:
 
 
     # ---------------------------------------------------------------------------------------------------------------
-    # Warp-specialised variant (``WS_TILES`` = 4; built offline in the twenty-first session, not yet run on a GPU): one
+    # Warp-specialised variant (``WS_TILES`` = 4, used for GP >= ``_WS_MIN_GP``; twenty-first / second sessions): one
     # program serves four consecutive query tiles of one sequence, one consumer warpgroup each, and a producer
     # warpgroup streams the fine-key window tiles once through a ring of ``_WS_STAGES`` slots for all four, where the
     # kernel above loads them once a tile. That is a quarter of the K traffic into shared memory and a ring deep enough
@@ -284,8 +286,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_score_producer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr):
-        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr):
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
          q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
          tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -301,13 +303,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_score_consumer(args, G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
-                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, PINGPONG: gl.constexpr,
-                           WG: gl.constexpr):
-        """Consumer warpgroup WG: query tile t0 + WG of the program's group. PINGPONG: the consumers issue their
-        products in turn (FlashAttention-3's order: each product is queued on the tensor cores behind the previous
-        consumer's, so it finishes early and its exponentials run beside the next consumers' products); ``turn``
-        holds one barrier a consumer, which the consumer before it arrives at once it has issued."""
-        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr, q_start_ptr,
+                           BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup WG: query tile t0 + WG of the program's group. (FlashAttention-3's ping-pong order of
+        the consumers' products, by a ring of ``turn`` barriers, lost: 11.63 -> 11.79 ms at 128K, H200.)"""
+        (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
          q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
          tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
         STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -331,12 +330,8 @@ if HAVE_GLUON:
         for i in range(0, n_it_max):
             slot = i % STAGES
             mbarrier.wait(kbar.index(slot), (i // STAGES) & 1)
-            if PINGPONG:  # consumer 0's first wait passes on the fresh barrier (parity 1)
-                mbarrier.wait(turn.index(WG), (i & 1) ^ (1 if WG == 0 else 0))
             if i < n_it:
                 acc = warpgroup_mma(k_smem.index(slot), q_op, zero, use_acc=False, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index((WG + 1) % 4), count=1)
                 s_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 # every warp's slice of the product is done before the slot is released
                 _cta_barrier()
@@ -344,8 +339,6 @@ if HAVE_GLUON:
                 carry = _pool_tile(s_i, i * BLOCK_N, lse_c, wlast, carry, ws_h, (tile - tile_base) * BLOCK_T,
                                    stride_wr, n_tok, b_lim, qk_scale, GP, BLOCK_T, BLOCK_N, R, L)
             else:
-                if PINGPONG:
-                    mbarrier.arrive(turn.index((WG + 1) % 4), count=1)
                 mbarrier.arrive(empty.index(slot), count=1)
 
     @gluon.jit
@@ -356,7 +349,7 @@ if HAVE_GLUON:
                               G: gl.constexpr, GP: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr,
                               KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                               BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, STAGES: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+                              CONSUMER_REGS: gl.constexpr):
         """One program per group of four query tiles of the chunk [tile_base, tile_base + n_tiles) (groups from
         tile_base on, the latest first) and KV head; see the comment above."""
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -378,22 +371,19 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
         kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(kbar.index(st), count=1)
             mbarrier.init(empty.index(st), count=4)
-        for c in gl.static_range(4):
-            mbarrier.init(turn.index(c), count=1)
-        args = (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, turn, tile_seq_ptr, tile_off_ptr,
+        args = (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr,
                 q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt,
                 stride_wh, stride_wr, tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale)
         # the producer is the default partition (4 warps; one thread issues the copies), as in sparse_fwd_sm90.py
         gl.warp_specialize(
-            [(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG)),
-             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 0)),
-             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 1)),
-             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 2)),
-             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, PINGPONG, 3))],
+            [(_ws_score_producer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 0)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 1)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 2)),
+             (_ws_score_consumer, (args, G, GP, BLOCK_T, D, KS1, ST1, R, L, BS, LOCAL, INIT, 3))],
             [4, 4, 4, 4], [CONSUMER_REGS] * 4)
 
 
@@ -413,9 +403,9 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
     over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
-    With ``WS_TILES`` the warp-specialised kernel scores the chunk in groups of four tiles from ``tile_base`` on,
-    and the one-tile kernel the tiles whose group starts in another sequence (none when the caller knows the tiles
-    are of ``one_sequence``)."""
+    With ``WS_TILES`` (and ``gp >= _WS_MIN_GP``) the warp-specialised kernel scores the chunk in groups of four tiles
+    from ``tile_base`` on, and the one-tile kernel the tiles whose group starts in another sequence (none when the
+    caller knows the tiles are of ``one_sequence``)."""
     if _PAIRS and _STAGES < 2:
         raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]
@@ -429,13 +419,14 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
             q.stride(0), q.stride(1), lse.stride(1), ws.stride(0), ws.stride(1), tile_base, n_tiles, nb_ws, qk_scale)
     consts = dict(G=g, GP=gp, BLOCK_T=block_t, D=d, KS1=kernel_size, ST1=kernel_stride, R=r, L=l, BS=block_size,
                   LOCAL=local_blocks, INIT=init_blocks)
-    if WS_TILES:
-        if WS_TILES != 4:
-            raise ValueError(f"score_sm90.WS_TILES: 0 (off) or 4 tiles a program, got {WS_TILES}")
+    if WS_TILES not in (0, 4):
+        raise ValueError(f"score_sm90.WS_TILES: 0 (off) or 4 tiles a program, got {WS_TILES}")
+    grouped = WS_TILES and gp >= _WS_MIN_GP
+    if grouped:
         _score_kernel_sm90_ws[(triton.cdiv(n_tiles, 4), hkv)](
-            *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, PINGPONG=_WS_PINGPONG, num_warps=4,
+            *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, num_warps=4,
             maxnreg=_WS_MAXNREG)
         if one_sequence:
             return
-    _score_kernel_sm90[(n_tiles, hkv)](*args, **consts, STAGES=_STAGES, PAIRS=_PAIRS, GROUP=4 if WS_TILES else 0,
+    _score_kernel_sm90[(n_tiles, hkv)](*args, **consts, STAGES=_STAGES, PAIRS=_PAIRS, GROUP=4 if grouped else 0,
                                        num_warps=4)

@@ -92,10 +92,6 @@ _TOPK_SCAN_RUN = 16
 # [SEARCH_CLAMP, 1 - SEARCH_CLAMP] of the bracket, brackets snapped to keys from step SEARCH_TIGHT on. (2, 0.0, 1 << 30)
 # is the search of the seventeenth session (alternating steps, no clamp, no snapping).
 _TOPK_SEARCH = (4, 0.2, 6)
-# The top-k's counts from the sign of key - mid instead of a compare a key (_select_kernel's COUNT_BY_SIGN; the same
-# counts). Offline (Triton 3.6, rows of 2048 blocks): a plain search step 122 -> 91 instructions, most of the saving
-# on the ALU pipe that bounds the kernel (88% in Nsight Compute). Not yet measured on a GPU: off.
-_TOPK_COUNT_BY_SIGN = False
 # query rows one warpgroup's scoring MMA holds as columns: rows are grouped head-major in runs of this many
 # (tokens x heads), so the group sum never crosses warpgroups (tests shrink it to exercise several groups)
 _GROUP_COLUMNS = 128
@@ -536,8 +532,7 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
                    BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
                    PDL: tl.constexpr = False, SCAN_RUN: tl.constexpr = 16, SEARCH_BISECT: tl.constexpr = 4,
-                   SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6,
-                   COUNT_BY_SIGN: tl.constexpr = False):
+                   SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
     slot0 = tl.program_id(0) * SEL_T
@@ -599,17 +594,15 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
             frac = tl.minimum(tl.maximum(frac, SEARCH_CLAMP), 1.0 - SEARCH_CLAMP)
             off = (span.to(tl.float32) * frac).to(tl.int32)
         mid = lo + tl.minimum(tl.maximum(off, 1), span - 1)
-        if COUNT_BY_SIGN:
-            # key - mid is negative exactly where key < mid (keys in [-1, 2^31), mid in [0, 2^31): no overflow), so
-            # its sign bit, shifted down (-1 below mid, else 0), counts the keys below mid. The kernel is bound by its
-            # ALU pipe, and this takes an add (on the FMA pipe) and half a shift a key where a compare, a select and
-            # a predicate copy took the ALU (offline, Triton 3.6: see benchmarks/NOTES_selection.md)
-            below_mid = (key - mid[:, None]) >> 31
-            cnt = BLOCK_NB + tl.sum(below_mid, 1)
-            ge = below_mid == 0
-        else:
-            ge = key >= mid[:, None]
-            cnt = tl.sum(ge.to(tl.int32), 1)
+        # key - mid is negative exactly where key < mid (keys in [-1, 2^31), mid in [0, 2^31): no overflow), so its
+        # sign bit, shifted down (-1 below mid, else 0), counts the keys below mid. The kernel is bound by its ALU
+        # pipe (88% in Nsight Compute), and this takes an add (on the FMA pipe) and half a shift a key where a
+        # compare, a select and a predicate copy took the ALU: a plain step 122 -> 91 instructions (Triton 3.6);
+        # H200, interleaved, identical selections: 128K 12.02 -> 11.74 ms (`local`), 12.35 -> 12.10 (`random`),
+        # Hkv 8 / d 64 17.69 -> 16.46 (benchmarks/README.md, "Twenty-second session")
+        below_mid = (key - mid[:, None]) >> 31
+        cnt = BLOCK_NB + tl.sum(below_mid, 1)
+        ge = below_mid == 0
         up = (cnt >= need) & ~done
         down = (cnt < need) & ~done
         if step >= SEARCH_TIGHT:
@@ -816,7 +809,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             BLOCK_T=BLOCK_T, SEL_T=sel_t, BLOCK_NB=nb_c, BUDGET_P=_next_pow2(budget), BS=B,
             LOCAL=config.local_blocks, INIT=config.init_blocks, DECODE=decode,
             SCAN_RUN=min(_TOPK_SCAN_RUN, nb_c), SEARCH_BISECT=_TOPK_SEARCH[0], SEARCH_CLAMP=_TOPK_SEARCH[1],
-            SEARCH_TIGHT=_TOPK_SEARCH[2], COUNT_BY_SIGN=_TOPK_COUNT_BY_SIGN,
+            SEARCH_TIGHT=_TOPK_SEARCH[2],
             **({} if _INTERPRET else dict(num_warps=select_warps or _SELECT_WARPS or _select_warps(nb_c, decode))),
             **pdl)
         if overlap:

@@ -191,8 +191,8 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, sta
     exponentials and sums, so the same selections up to summation-order near-ties; window tiles one a step through
     one TMA slot (the default) or two, or in pairs (``score_sm90._PAIRS``, ``_STAGES``), or the warp-specialised
     kernel (``WS_TILES``: four tiles a program, with the tiles of a group that starts in another sequence left to the
-    one-tile kernel; a small workspace, so chunks start at tiles other than 0; at every G, where the default keeps it
-    to G >= 16)."""
+    one-tile kernel; a small workspace, so chunks start at tiles other than 0; at every G and d, where the default keeps
+    it to G >= 16 at d 128)."""
     from infllmv2.ops.triton import score_sm90, select_blocks_triton, selection
     if torch.cuda.get_device_capability()[0] != 9 or not score_sm90.HAVE_GLUON:
         pytest.skip("needs an sm90 GPU and Triton's Gluon")
@@ -203,6 +203,7 @@ def test_sm90_scoring_kernel_matches_triton_kernel(g, hkv, d, cfg_kw, pairs, sta
     if ws:
         monkeypatch.setattr(selection, "_WORKSPACE_BYTES", 16 << 20)
         monkeypatch.setattr(score_sm90, "_WS_MIN_GP", 0)
+        monkeypatch.setattr(score_sm90, "_WS_HEAD_DIMS", (64, 128))
         real_ws = score_sm90._score_kernel_sm90_ws
 
         class WsSpy:  # counts the warp-specialised kernel's launches

@@ -18,7 +18,7 @@ H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCOR
 (benchmarks/README.md, "Twelfth session", with pairs); one tile a step at four programs an SM then took the
 128K scoring from 8.40 to 7.16 ms and 64K from 2.15 to 1.75 ms (interleaved, "Fifteenth session").
 
-``_score_kernel_sm90_ws`` (``WS_TILES``, for groups of 16 padded heads or more) is a warp-specialised form: four query
+``_score_kernel_sm90_ws`` (``WS_TILES``, for groups of 16 padded heads or more at d 128) is a warp-specialised form: four query
 tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see its comment and ``_WS_MIN_GP``).
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
@@ -45,11 +45,14 @@ _ROWS = 128  # query rows per warpgroup (tokens x padded heads, the MMA's N)
 _STAGES = 1
 _PAIRS = False
 # The warp-specialised variant (_score_kernel_sm90_ws): 4 query tiles a program (0: off), for groups of at least
-# _WS_MIN_GP padded heads. H200, interleaved, identical selections (benchmarks/README.md, "Twenty-second session"),
-# selection at 128K: G 16 / d 128 11.90 -> 11.67 ms (`local`), 12.39 -> 11.92 (`random`), 64K equal; G 4 / d 64
-# 17.68 -> 18.95 (its consumers spill 48 B, and its key tiles are half the bytes, so sharing them saves less).
+# _WS_MIN_GP padded heads at head dim 128, the only shape where it won. H200, interleaved, identical selections
+# (benchmarks/README.md, "Twenty-second session"), selection at 128K, 32 query heads: G 16 / d 128 11.55 -> 11.32 ms
+# (`local`), 11.88 -> 11.53 (`random`), 64K equal; lost at G 16 / d 64 9.03 -> 9.14, G 8 / d 128 13.95 -> 14.10,
+# G 4 / d 128 19.10 -> 19.91, G 8 / d 64 11.23 -> 11.94, G 4 / d 64 16.50 -> 17.65: with d 64 a key tile is half the
+# bytes, so sharing it saves less, and tiles of fewer heads hold more tokens, whose pooling the consumers spill.
 WS_TILES = 4
 _WS_MIN_GP = 16
+_WS_HEAD_DIMS = (128,)
 _WS_STAGES = 4
 _WS_CONSUMER_REGS = 112
 _WS_MAXNREG = 96  # 20 warps x 32 x 96 = 61440 registers at launch; setmaxnreg: 4 x 128 x 112 + 128 x 32
@@ -403,7 +406,7 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
     over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
-    With ``WS_TILES`` (and ``gp >= _WS_MIN_GP``) the warp-specialised kernel scores the chunk in groups of four tiles
+    With ``WS_TILES`` (and ``gp >= _WS_MIN_GP``, ``d in _WS_HEAD_DIMS``) the warp-specialised kernel scores the chunk in groups of four tiles
     from ``tile_base`` on, and the one-tile kernel the tiles whose group starts in another sequence (none when the
     caller knows the tiles are of ``one_sequence``)."""
     if _PAIRS and _STAGES < 2:
@@ -421,7 +424,7 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
                   LOCAL=local_blocks, INIT=init_blocks)
     if WS_TILES not in (0, 4):
         raise ValueError(f"score_sm90.WS_TILES: 0 (off) or 4 tiles a program, got {WS_TILES}")
-    grouped = WS_TILES and gp >= _WS_MIN_GP
+    grouped = WS_TILES and gp >= _WS_MIN_GP and d in _WS_HEAD_DIMS
     if grouped:
         _score_kernel_sm90_ws[(triton.cdiv(n_tiles, 4), hkv)](
             *args, **consts, STAGES=_WS_STAGES, CONSUMER_REGS=_WS_CONSUMER_REGS, num_warps=4,

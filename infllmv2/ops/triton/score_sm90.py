@@ -18,8 +18,9 @@ H200, identical selections (``python3 benchmarks/dev_selection.py --flag-ab SCOR
 (benchmarks/README.md, "Twelfth session", with pairs); one tile a step at four programs an SM then took the
 128K scoring from 8.40 to 7.16 ms and 64K from 2.15 to 1.75 ms (interleaved, "Fifteenth session").
 
-``_score_kernel_sm90_ws`` (``WS_TILES``, for groups of 16 padded heads or more at d 128) is a warp-specialised form: four query
-tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see its comment and ``_WS_MIN_GP``).
+``_score_kernel_sm90_ws`` (``WS_TILES``, for groups of 16 padded heads or more at d 128) is a warp-specialised form:
+four query tiles a program, one consumer warpgroup each, sharing one stream of key tiles (see its comment and
+``_WS_MIN_GP``).
 
 Gluon has no CPU interpreter, so this kernel runs on sm90 GPUs only; ``selection._select_core`` uses the Triton
 kernel everywhere else (CPU interpreter, decoding, fp32, d other than 64 / 128, other GPUs), and the GPU tests
@@ -308,7 +309,7 @@ if HAVE_GLUON:
                            KS1: gl.constexpr, ST1: gl.constexpr, R: gl.constexpr, L: gl.constexpr,
                            BS: gl.constexpr, LOCAL: gl.constexpr, INIT: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: query tile t0 + WG of the program's group. (FlashAttention-3's ping-pong order of
-        the consumers' products, by a ring of ``turn`` barriers, lost: 11.63 -> 11.79 ms at 128K, H200.)"""
+        the consumers' products, by a ring of ``turn`` barriers, lost: 11.63 -> 11.81 ms at 128K, H200.)"""
         (q_ptr, k_desc, lse_ptr, ws_ptr, q_smem, k_smem, kbar, empty, tile_seq_ptr, tile_off_ptr, q_start_ptr,
          q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr,
          tile_base, t0, t_end, seq, h, n_it_max, nb_ws, qk_scale) = args
@@ -406,9 +407,9 @@ def score_blocks_sm90(q, k1, lse, ws, tile_seq, tile_off, q_start, q_len, k_len,
     """Launch the sm90 scoring kernel on one chunk of query tiles (the arguments of the Triton kernel's prefill
     launch in ``selection._select_core``). The fine keys ``k1`` (rows, Hkv, d) are read through a TMA descriptor
     over their (rows, Hkv * d) view, one 64-window tile of one head at a time; tiles past the end read zeros.
-    With ``WS_TILES`` (and ``gp >= _WS_MIN_GP``, ``d in _WS_HEAD_DIMS``) the warp-specialised kernel scores the chunk in groups of four tiles
-    from ``tile_base`` on, and the one-tile kernel the tiles whose group starts in another sequence (none when the
-    caller knows the tiles are of ``one_sequence``)."""
+    With ``WS_TILES`` (and ``gp >= _WS_MIN_GP``, ``d in _WS_HEAD_DIMS``) the warp-specialised kernel scores the
+    chunk in groups of four tiles from ``tile_base`` on, and the one-tile kernel the tiles whose group starts in
+    another sequence (none when the caller knows the tiles are of ``one_sequence``)."""
     if _PAIRS and _STAGES < 2:
         raise ValueError(f"score_sm90._PAIRS needs _STAGES >= 2 (two tiles in flight), got _STAGES={_STAGES}")
     hkv, d = k1.shape[1], k1.shape[2]

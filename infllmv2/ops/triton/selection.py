@@ -598,7 +598,7 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
         # sign bit, shifted down (-1 below mid, else 0), counts the keys below mid. The kernel is bound by its ALU
         # pipe (88% in Nsight Compute), and this takes an add (on the FMA pipe) and half a shift a key where a
         # compare, a select and a predicate copy took the ALU: a plain step 122 -> 91 instructions (Triton 3.6);
-        # H200, interleaved, identical selections: 128K 12.02 -> 11.74 ms (`local`), 12.35 -> 12.10 (`random`),
+        # H200, interleaved, identical selections: 128K 12.02 -> 11.74 ms (`local`), 12.38 -> 12.11 (`random`),
         # Hkv 8 / d 64 17.69 -> 16.46 (benchmarks/README.md, "Twenty-second session")
         below_mid = (key - mid[:, None]) >> 31
         cnt = BLOCK_NB + tl.sum(below_mid, 1)

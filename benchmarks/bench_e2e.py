@@ -2,9 +2,10 @@
 
 Model: hidden 4096, 32 layers, 32 query / 2 KV heads, head dim 128, intermediate 16384, vocab 73448,
 random bf16 weights (std 1/sqrt(fan_in)); a self-contained Llama block (RMSNorm, RoPE, GQA attention,
-SwiGLU MLP) so the device needs no transformers. On CUDA its prefill runs the norms, RoPE and SiLU x up as
-``torch.compile`` kernels, as a serving stack fuses them (``--eager-pointwise``: eager PyTorch, which spent 30% of
-the prefill's non-attention time in elementwise kernels at 128K). Measured, in one process:
+SwiGLU MLP) so the device needs no transformers. On CUDA its prefill and decode step run the norms, RoPE and SiLU x
+up as ``torch.compile`` kernels, as a serving stack fuses them (``--eager-pointwise``: eager PyTorch, which spent 30% of
+the prefill's non-attention time in elementwise kernels at 128K, and about a quarter of the decode step's).
+Measured, in one process:
 
 * prefill (time to first token: the whole prompt through all layers + the last token's logits), batch 1,
   at 32K/64K/96K/128K: ``dense_prefill`` (SDPA, cuDNN backend) and ``infllmv2_prefill``
@@ -59,7 +60,9 @@ class Llama:
         """``compile_pointwise``: the prefill's norms, RoPE and SiLU x up run as ``torch.compile`` kernels (one
         fused kernel each, as a serving stack fuses them) instead of eager PyTorch's chains of elementwise kernels:
         at 128K those took 36 of the 120 ms a layer spends outside attention, 7 ms compiled
-        (``benchmarks/profile_e2e_nonattn.py``). Dense and sparse prefill share them; decoding stays eager."""
+        (``benchmarks/profile_e2e_nonattn.py``). Dense and sparse prefill and decoding share them (the decode step
+        at 128K, batch 8, spent about 75 of its 237 us a layer outside attention in eager elementwise kernels,
+        ``benchmarks/profile_e2e_decode.py``)."""
         self.s = shape
         self.device, self.dtype = device, dtype
         self.ops = dict(rms=self.rms, rope=self.rope, silu_mul=_silu_mul)
@@ -170,10 +173,10 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
     cos, sin = st.cos[pos], st.sin[pos]  # (b, d)
     lens = (pos + 1).to(torch.int32)
     scale = model.s["d"] ** -0.5
+    rms, rope = model.ops["rms"], model.ops["rope"]
     for li, L in enumerate(model.layers):
-        q, k, v = model.qkv(L, model.rms(x, L["n1"]))  # (b, H, d)
-        q = q * cos[:, None] + torch.cat([-q[..., q.shape[-1] // 2:], q[..., :q.shape[-1] // 2]], -1) * sin[:, None]
-        k = k * cos[:, None] + torch.cat([-k[..., k.shape[-1] // 2:], k[..., :k.shape[-1] // 2]], -1) * sin[:, None]
+        q, k, v = model.qkv(L, rms(x, L["n1"]))  # (b, H, d)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # cos / sin (b, d): one position a row
         kc, vc = st.k[li], st.v[li]
         kc[rows, pos] = k
         vc[rows, pos] = v
@@ -186,9 +189,9 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
         else:
             o = F.scaled_dot_product_attention(q[:, :, None], kc[:, :n_ctx].transpose(1, 2),
                                                vc[:, :n_ctx].transpose(1, 2), scale=scale, enable_gqa=True)[:, :, 0]
-        x = x + o.reshape(b, -1) @ L["wo"].t()
-        x = model.mlp(L, x, b)
-    out = model.rms(x, model.norm) @ model.head.t()
+        x = torch.addmm(x, o.reshape(b, -1), L["wo"].t())
+        x = model.mlp(L, x, b, model.ops)
+    out = rms(x, model.norm) @ model.head.t()
     return out if logits else out.argmax(-1)
 
 
@@ -489,7 +492,8 @@ def main():
     p.add_argument("--floor", action="store_true", help="also time the decode step and the prefill without attention "
                    "(paths no_attention_decode / no_attention_prefill: the floor any attention adds to)")
     p.add_argument("--eager-pointwise", action="store_true",
-                   help="prefill norms, RoPE and SiLU x up in eager PyTorch (the default on CUDA: torch.compile)")
+                   help="norms, RoPE and SiLU x up in eager PyTorch, prefill and decode (the default on CUDA: "
+                   "torch.compile)")
     p.add_argument("--replot", help="rewrite the md/png (and json) in --out-dir from an e2e_h200.json")
     args = p.parse_args()
     if args.replot:

@@ -2,10 +2,10 @@
 
     python3 benchmarks/profile_e2e_decode.py [--n 131072] [--batches 1 8] [--layers 8]
 
-Builds ``bench_e2e.Llama`` (MiniCPM4-8B shape, random bf16 weights, ``--layers`` of its 32 layers) and the static
-decode cache of ``bench_e2e.DecodeState`` at ``--n`` tokens, then for InfLLM-V2 (fused compressed-key append, as
-``bench_e2e.py --fused-append``), dense SDPA and no attention (``--floor``'s step) times one decode step under a CUDA
-graph (median of ``do_bench``) and profiles one eager step: the GPU time of each kernel, summed over the step and
+Builds ``bench_e2e.Llama`` (MiniCPM4-8B shape, random bf16 weights, ``--layers`` of its 32 layers; its pointwise
+ops compiled unless ``--eager-pointwise``) and the static decode cache of ``bench_e2e.DecodeState`` at ``--n``
+tokens, then for InfLLM-V2 (fused compressed-key append, as ``bench_e2e.py --fused-append``), dense SDPA and no
+attention (``--floor``'s step) times one decode step under a CUDA graph (median of ``do_bench``) and profiles one eager step: the GPU time of each kernel, summed over the step and
 divided by the layer count. The difference between the InfLLM-V2 and no-attention steps is what attention costs in
 the model (the harness's ``decode_step`` row times the decode kernels alone, with the compressed keys warm in L2).
 Prints JSON and writes it to ``$OUT/profile_e2e_decode.json`` when OUT is set.
@@ -46,12 +46,14 @@ def main():
     ap.add_argument("--n", type=int, default=131072, help="tokens in the cache")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--eager-pointwise", action="store_true", help="norms, RoPE and SiLU x up in eager PyTorch "
+                    "(default: torch.compile, as bench_e2e.py runs them)")
     args = ap.parse_args()
     if args.n <= 0 or args.layers <= 0 or min(args.batches) <= 0:
         raise SystemExit("--n, --layers and --batches must be positive")
     from triton.testing import do_bench
     shape = dict(FULL_SHAPE, layers=args.layers)
-    model = Llama(shape, "cuda", torch.bfloat16)
+    model = Llama(shape, "cuda", torch.bfloat16, compile_pointwise=not args.eager_pointwise)
     config = SparseConfig()
     full = DecodeState(model, max(args.batches), args.n + 1, config)
     out = dict(command="python3 benchmarks/profile_e2e_decode.py " + " ".join(sys.argv[1:]),

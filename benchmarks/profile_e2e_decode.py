@@ -5,9 +5,10 @@
 Builds ``bench_e2e.Llama`` (MiniCPM4-8B shape, random bf16 weights, ``--layers`` of its 32 layers; its pointwise
 ops compiled unless ``--eager-pointwise``) and the static decode cache of ``bench_e2e.DecodeState`` at ``--n``
 tokens, then for InfLLM-V2 (fused compressed-key append, as ``bench_e2e.py --fused-append``), dense SDPA and no
-attention (``--floor``'s step) times one decode step under a CUDA graph (median of ``do_bench``) and profiles one eager step: the GPU time of each kernel, summed over the step and
-divided by the layer count. The difference between the InfLLM-V2 and no-attention steps is what attention costs in
-the model (the harness's ``decode_step`` row times the decode kernels alone, with the compressed keys warm in L2).
+attention (``--floor``'s step) times one decode step under a CUDA graph (median of ``do_bench``) and profiles one
+eager step: the GPU time of each kernel, summed over the step and divided by the layer count. The difference between
+the InfLLM-V2 and no-attention steps is what attention costs in the model (the harness's ``decode_step`` row times the
+decode kernels alone, with the compressed keys warm in L2).
 Prints JSON and writes it to ``$OUT/profile_e2e_decode.json`` when OUT is set.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main():
         tokens = torch.randint(0, shape["vocab"], (b,), device="cuda")
         pos = torch.full((b,), args.n, dtype=torch.long, device="cuda")
         for name, sparse in (("infllmv2", True), ("dense", False), ("no_attention", None)):
-            fn = lambda: decode_step(model, st, tokens, pos, args.n + 1, config, sparse, fused_append=True)  # noqa: E731
+            def fn(st=st, tokens=tokens, pos=pos, sparse=sparse):
+                return decode_step(model, st, tokens, pos, args.n + 1, config, sparse, fused_append=True)
             g = graphed(fn)
             ms = do_bench(g, warmup=5, rep=100, return_mode="median")
             del g

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import shlex
 import sys
@@ -451,9 +452,13 @@ def score_variants(lengths=(131072, 32768, 65536), reps=3):
 
 
 def _get_attr(path):
-    """``selection.<path>``; a dotted path reaches into an object (``SCORE_SM90.enabled``)."""
+    """``selection.<path>``; a dotted path reaches into an object (``SCORE_SM90.enabled``) or starts at another
+    module of ``infllmv2.ops.triton`` (``score_sm90.WS_TILES``)."""
+    names = path.split(".")
     obj = sel_mod
-    for name in path.split("."):
+    if not hasattr(sel_mod, names[0]):
+        obj = importlib.import_module(f"infllmv2.ops.triton.{names.pop(0)}")
+    for name in names:
         obj = getattr(obj, name)
     return obj
 

@@ -14,7 +14,6 @@ Prints JSON and writes it to ``$OUT/profile_e2e_decode.json`` when OUT is set.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -24,22 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import graphed  # noqa: E402
 from bench_e2e import FULL_SHAPE, DecodeState, Llama, decode_step  # noqa: E402
+from dev_selection import _kernel_us  # noqa: E402
 from infllmv2.config import SparseConfig  # noqa: E402
-
-
-def kernel_us(fn, layers):
-    """GPU time of one eager call by kernel name, us a layer, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    per = collections.Counter()
-    for e in prof.key_averages():
-        if e.device_type is not None and str(e.device_type).endswith("CUDA"):
-            per[e.key[:60]] += e.self_device_time_total / layers
-    return {k: round(v, 2) for k, v in per.most_common()}
 
 
 def main():
@@ -69,8 +54,9 @@ def main():
             g = graphed(fn)
             ms = do_bench(g, warmup=5, rep=100, return_mode="median")
             del g
+            per_kernel = sorted(_kernel_us(fn, reps=1).items(), key=lambda kv: -kv[1])  # us a step, by name
             row = dict(path=name, batch=b, graph_us_per_layer=round(1e3 * ms / args.layers, 1),
-                       kernels_us_per_layer=kernel_us(fn, args.layers))
+                       kernels_us_per_layer={k: round(us / args.layers, 2) for k, us in per_kernel})
             out["rows"].append(row)
             print(json.dumps(row)[:600], flush=True)
     print("batch | path | graph us a layer | top kernels (us a layer)")

@@ -309,9 +309,9 @@ def test_select_fp32_exact_several_head_major_row_groups(monkeypatch, trans):
 def test_select_fp32_exact_on_tied_and_skewed_scores(case, search, monkeypatch):
     """The top-k threshold search (clamped interpolation steps, halving steps, brackets snapped to keys; the
     default and two extremes: halving and snapping at every step, or snapping with no halving; counts by the sign
-    of key - threshold) on score rows with many exact ties (integer keys; all-zero
-    queries, where every candidate ties) and on very peaked rows, where interpolating the count is a poor guess:
-    the selection must still be the reference's."""
+    of key - threshold) on score rows with many exact ties (integer keys; all-zero queries, where every candidate
+    ties) and on very peaked rows, where interpolating the count is a poor guess: the selection must still be the
+    reference's."""
     from infllmv2.ops.triton import selection
     if search is not None:
         monkeypatch.setattr(selection, "_TOPK_SEARCH", search)

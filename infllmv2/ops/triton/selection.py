@@ -40,7 +40,6 @@ import triton.language as tl
 from ...config import SparseConfig
 from .gluon_support import GluonKernel
 from .lse_sm90 import lse_sm90, lse_sm90_supported
-from . import score_sm90  # noqa: F401  (its switches, for dev_selection.py --set / --flag-ab)
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
 
 __all__ = ["compress_keys_varlen", "select_blocks_triton"]

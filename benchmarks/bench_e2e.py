@@ -14,8 +14,9 @@ Measured, in one process:
   (``pattern: local``);
 * one decode step (all layers + logits + argmax) with a filled KV cache of n tokens, batch 1 and 8,
   captured in a CUDA graph: ``dense_decode`` (SDPA over the static cache) and ``infllmv2_decode``
-  (incremental compressed-key update of ``infllmv2.cache.StaticCompressedKeys`` + the Triton decode
-  kernel given the cached fine/coarse keys). The cache holds random keys/values (``pattern: random``).
+  (``infllmv2_with_kvcache``: the cache write with the incremental compressed-key update of
+  ``infllmv2.cache.StaticCompressedKeys``, then the Triton decode kernels given the cached fine/coarse keys). The cache
+  holds random keys/values (``pattern: random``).
 
 Writes e2e_h200.json (layout of attention_h200.json), e2e_h200.md and e2e_h200.png to --out-dir
 (rows are also appended to e2e_rows.jsonl as they come, so a timeout keeps them).
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from infllmv2 import SparseConfig, infllmv2_attention  # noqa: E402
+from infllmv2 import SparseConfig, infllmv2_attention, infllmv2_with_kvcache  # noqa: E402
 from infllmv2.attention import dense_attention_sdpa  # noqa: E402
 from infllmv2.cache import StaticCompressedKeys  # noqa: E402
 
@@ -71,15 +72,19 @@ class Llama:
         g = torch.Generator(device=device).manual_seed(seed)
         h, hq, hkv, d, inter = shape["hidden"], shape["hq"], shape["hkv"], shape["d"], shape["inter"]
 
-        def lin(out_f, in_f):
-            return (torch.randn(out_f, in_f, device=device, dtype=dtype, generator=g) * in_f ** -0.5)
+        def lin(in_f, out_f):
+            """A layer's weight stored (in, out), its product x @ w: at batch 8 cuBLAS streamed the MLP's weights
+            4-7% faster in this layout than (out, in) with x @ w.t(), and the others equally fast (decode, H200,
+            ``benchmarks/dev_skinny_gemm.py``)."""
+            return (torch.randn(in_f, out_f, device=device, dtype=dtype, generator=g) * in_f ** -0.5)
 
         self.embed = torch.randn(shape["vocab"], h, device=device, dtype=dtype, generator=g)
-        self.head = lin(shape["vocab"], h)
+        # the head stays (vocab, hidden) with x @ head.t(): 144 us against 149 us transposed at batch 8
+        self.head = lin(h, shape["vocab"]).t().contiguous()
         self.layers = []
         for _ in range(shape["layers"]):
-            self.layers.append(dict(wqkv=lin((hq + 2 * hkv) * d, h), wo=lin(h, hq * d), w13=lin(2 * inter, h),
-                                    w2=lin(h, inter), n1=torch.ones(h, device=device, dtype=dtype),
+            self.layers.append(dict(wqkv=lin(h, (hq + 2 * hkv) * d), wo=lin(hq * d, h), w13=lin(h, 2 * inter),
+                                    w2=lin(inter, h), n1=torch.ones(h, device=device, dtype=dtype),
                                     n2=torch.ones(h, device=device, dtype=dtype)))
         self.norm = torch.ones(h, device=device, dtype=dtype)
         inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
@@ -104,7 +109,7 @@ class Llama:
 
     def qkv(self, L, h):
         s = self.s
-        qkv = h @ L["wqkv"].t()
+        qkv = h @ L["wqkv"]
         q, k, v = qkv.split([s["hq"] * s["d"], s["hkv"] * s["d"], s["hkv"] * s["d"]], -1)
         return (q.unflatten(-1, (s["hq"], s["d"])), k.unflatten(-1, (s["hkv"], s["d"])),
                 v.unflatten(-1, (s["hkv"], s["d"])))
@@ -114,10 +119,10 @@ class Llama:
         out = torch.empty_like(x)
         for a in range(0, x.shape[0], chunk):
             h = rms(x[a:a + chunk], L["n2"])
-            gu = h @ L["w13"].t()
+            gu = h @ L["w13"]
             g_, u = gu.chunk(2, -1)
             # the residual add in the product's epilogue (cuBLAS beta = 1): one pass over the rows less
-            torch.addmm(x[a:a + chunk], silu_mul(g_, u), L["w2"].t(), out=out[a:a + chunk])
+            torch.addmm(x[a:a + chunk], silu_mul(g_, u), L["w2"], out=out[a:a + chunk])
         return out
 
     @torch.no_grad()
@@ -130,7 +135,7 @@ class Llama:
             q, k, v = self.qkv(L, rms(x, L["n1"]))
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             o = attn(q[None], k[None], v[None])[0]
-            x = torch.addmm(x, o.reshape(n, -1), L["wo"].t())
+            x = torch.addmm(x, o.reshape(n, -1), L["wo"])
             del q, k, v, o
             x = self.mlp(L, x, mlp_chunk, self.ops)
         return rms(x[-1:], self.norm) @ self.head.t()
@@ -165,7 +170,10 @@ class DecodeState:
 def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=False, logits=False):
     """One token per row at position ``pos`` (b,) long (its key/value are written there); attention over
     the ``n_ctx`` = pos + 1 first cache slots (equal lengths, static shapes). Returns the argmax ids (the logits
-    with ``logits``)."""
+    with ``logits``). ``fused_append``: each layer's cache write is one Triton launch (the new key / value, and for
+    InfLLM-V2 the compressed windows they complete: ``infllmv2_with_kvcache``); else index writes, and torch's
+    compressed-key append before the decode kernel."""
+    from infllmv2.cache import append_windows
     from infllmv2.ops.triton import infllmv2_decode_triton
     b = tokens.shape[0]
     rows = torch.arange(b, device=tokens.device)
@@ -178,18 +186,26 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
         q, k, v = model.qkv(L, rms(x, L["n1"]))  # (b, H, d)
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # cos / sin (b, d): one position a row
         kc, vc = st.k[li], st.v[li]
-        kc[rows, pos] = k
-        vc[rows, pos] = v
-        if sparse is None:  # no attention at all: the step's floor (weights, norms, RoPE, logits)
-            o = q
-        elif sparse:
-            c = st.comp[li]
-            c.append(kc, lens, fused=fused_append)
-            o = infllmv2_decode_triton(q, kc, vc, lens, config, scale, k_fine=c.fine, k_coarse=c.coarse)
+        if sparse and fused_append:
+            o = infllmv2_with_kvcache(q[:, None], kc, vc, lens - 1, config, k=k[:, None], v=v[:, None],
+                                      compressed_keys=st.comp[li], softmax_scale=scale, backend="triton")[:, 0]
         else:
-            o = F.scaled_dot_product_attention(q[:, :, None], kc[:, :n_ctx].transpose(1, 2),
-                                               vc[:, :n_ctx].transpose(1, 2), scale=scale, enable_gqa=True)[:, :, 0]
-        x = torch.addmm(x, o.reshape(b, -1), L["wo"].t())
+            if fused_append:
+                append_windows([], kc, lens, fused=True, new=(k, v, vc))
+            else:
+                kc[rows, pos] = k
+                vc[rows, pos] = v
+            if sparse is None:  # no attention at all: the step's floor (weights, norms, RoPE, cache write, logits)
+                o = q
+            elif sparse:
+                c = st.comp[li]
+                c.append(kc, lens)
+                o = infllmv2_decode_triton(q, kc, vc, lens, config, scale, k_fine=c.fine, k_coarse=c.coarse)
+            else:
+                o = F.scaled_dot_product_attention(q[:, :, None], kc[:, :n_ctx].transpose(1, 2),
+                                                   vc[:, :n_ctx].transpose(1, 2), scale=scale,
+                                                   enable_gqa=True)[:, :, 0]
+        x = torch.addmm(x, o.reshape(b, -1), L["wo"])
         x = model.mlp(L, x, b, model.ops)
     out = rms(x, model.norm) @ model.head.t()
     return out if logits else out.argmax(-1)
@@ -374,10 +390,15 @@ def run(args):
             st = DecodeState(model, 2, max(lengths) + 1, cover)
             tokens = torch.tensor([5, 7])
             pos = torch.full((2,), max(lengths), dtype=torch.long)
-            st2 = DecodeState(model, 2, max(lengths) + 1, cover)
-            a = decode_step(model, st, tokens, pos, max(lengths) + 1, cover, True, logits=True)
+            st2, st3 = (DecodeState(model, 2, max(lengths) + 1, cover) for _ in range(2))
             b = decode_step(model, st2, tokens, pos, max(lengths) + 1, cover, False, logits=True)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            for fused, state in ((False, st), (True, st3)):  # index writes + append / infllmv2_with_kvcache
+                a = decode_step(model, state, tokens, pos, max(lengths) + 1, cover, True, fused, logits=True)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            for ka, kb in zip(st3.k + st3.v, st2.k + st2.v):  # the same cache writes (up to the layers' rounding)
+                torch.testing.assert_close(ka, kb, rtol=1e-4, atol=1e-4)
+            assert torch.equal(st3.k[0], st2.k[0]) and not torch.equal(st3.k[0], DecodeState(model, 2, max(
+                lengths) + 1, cover).k[0])  # layer 0 sees the same input: bitwise, and the step did write
             print("tiny check: sparse decode step (covering budget) == dense decode step (logits)", flush=True)
         attempt("tiny check", check)
     return rows, errors, config
@@ -487,7 +508,8 @@ def main():
     p.add_argument("--decode-rep-ms", type=int, default=100)
     p.add_argument("--prefill-only", action="store_true")
     p.add_argument("--fused-append", action="store_true",
-                   help="append compressed keys with one Triton kernel per kind (what the static cache does on CUDA)")
+                   help="each layer's decode cache write in one Triton launch (the new key / value, and for InfLLM-V2 "
+                   "the compressed windows: infllmv2_with_kvcache, as a serving loop calls it); else index writes")
     p.add_argument("--decode-only", action="store_true")
     p.add_argument("--floor", action="store_true", help="also time the decode step and the prefill without attention "
                    "(paths no_attention_decode / no_attention_prefill: the floor any attention adds to)")

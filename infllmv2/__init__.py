@@ -3,11 +3,12 @@
 Data flows one way: ``SparseConfig`` -> ``select_blocks`` (stage 1) -> ``sparse_attention`` (stage 2)
 -> ``infllmv2_attention`` (the switch) -> ``enable(model)`` (transformers integration).
 """
-from .attention import infllmv2_attention, select_blocks, sparse_attention
+from .attention import infllmv2_attention, infllmv2_with_kvcache, select_blocks, sparse_attention
 from .config import SparseConfig
 
 __version__ = "0.1.0"
-__all__ = ["SparseConfig", "infllmv2_attention", "select_blocks", "sparse_attention", "enable", "disable",
+__all__ = ["SparseConfig", "infllmv2_attention", "infllmv2_with_kvcache", "select_blocks", "sparse_attention",
+           "enable", "disable",
            "InfLLMv2Cache", "InfLLMv2StaticCache"]
 
 

@@ -1,4 +1,5 @@
-"""Public API: ``infllmv2_attention`` (the switch), ``select_blocks`` (stage 1), ``sparse_attention`` (stage 2).
+"""Public API: ``infllmv2_attention`` (the switch), ``select_blocks`` (stage 1), ``sparse_attention`` (stage 2),
+``infllmv2_with_kvcache`` (one decode step against a static KV cache).
 
 Layouts (as flash-attn): batched ``q (batch, seqlen_q, Hq, d)``, ``k, v (batch, seqlen_k, Hkv, d)``, or
 packed ``(total, heads, d)`` with int32 ``cu_seqlens``. Queries are the LAST ``seqlen_q`` positions of
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from .config import SparseConfig, as_sparse_config
 from .ops import naive, torch_chunked
 
-__all__ = ["infllmv2_attention", "select_blocks", "sparse_attention", "BACKENDS", "triton_available"]
+__all__ = ["infllmv2_attention", "select_blocks", "sparse_attention", "infllmv2_with_kvcache", "BACKENDS",
+           "triton_available"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -369,3 +371,105 @@ def sparse_attention(q, k, v, block_indices, *, block_size: int = 64, cu_seqlens
     out, lse = _sparse_packed(qp, kp, vp, block_indices.to(torch.int32).contiguous(), offs_q, offs_k, block_size,
                               scale, backend)
     return (unpack(out), lse) if return_lse else unpack(out)
+
+
+def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_keys, cache_leftpad, config):
+    _check_tensor("q", q, (4,))
+    if q.shape[1] != 1:
+        raise ValueError(f"q must be (batch, 1, Hq, d), one new token a row, got {tuple(q.shape)} (several "
+                         "tokens: infllmv2_attention with the cache's keys)")
+    b, _, hq, d = q.shape
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, (4,))
+        if x.shape[0] != b or x.shape[3] != d or x.shape != k_cache.shape:
+            raise ValueError(f"{name} must be (batch={b}, max_len, Hkv, d={d}) like k_cache, got {tuple(x.shape)}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must have q's dtype {q.dtype} and device {q.device}, got {x.dtype} {x.device}")
+    hkv = k_cache.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q's heads ({hq}) must be a multiple of k_cache's ({hkv})")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new token's key and value) or both left out")
+    for name, x in (("k", k), ("v", v)):
+        if x is not None:
+            _check_tensor(name, x, (4,))
+            if tuple(x.shape) != (b, 1, hkv, d) or x.device != q.device:
+                raise ValueError(f"{name} must be (batch={b}, 1, Hkv={hkv}, d={d}) on {q.device}, got "
+                                 f"{tuple(x.shape)} on {x.device}")
+    for name, x in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+        if x is None and name == "cache_leftpad":
+            continue
+        if not isinstance(x, torch.Tensor) or x.shape != (b,) or x.dtype != torch.int32 or x.device != q.device:
+            raise ValueError(f"{name} must be a (batch={b},) int32 tensor on {q.device}, got "
+                             f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
+    if compressed_keys is not None:
+        from .cache import StaticCompressedKeys
+        if not isinstance(compressed_keys, StaticCompressedKeys):
+            raise TypeError(f"compressed_keys must be an infllmv2.cache.StaticCompressedKeys, got "
+                            f"{type(compressed_keys).__name__}")
+        want = [(config.kernel_size, config.kernel_stride)]
+        if config.lse_approx:
+            want.append((config.coarse_kernel_size, config.coarse_kernel_stride))
+        if list(compressed_keys.specs) != want:
+            raise ValueError(f"compressed_keys hold windows {compressed_keys.specs}, config asks for {want}")
+        for buf in compressed_keys.buffers:
+            if buf.shape[0] != b or buf.shape[2:] != k_cache.shape[2:] or buf.device != q.device:
+                raise ValueError(f"compressed_keys buffers must be (batch={b}, n, Hkv={hkv}, d={d}) on {q.device}, "
+                                 f"got {tuple(buf.shape)} on {buf.device}")
+    # the cache's extent, read on the host unless a graph is being captured or compiled (then trusted)
+    if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        n = cache_seqlens.long() + (0 if k is None else 1)
+        end = n + (0 if cache_leftpad is None else cache_leftpad.long())
+        if bool((n < 1).any()) or bool((end > k_cache.shape[1]).any()) or (
+                cache_leftpad is not None and bool((cache_leftpad < 0).any())):
+            raise ValueError(f"every row needs 1 to max_len={k_cache.shape[1]} keys in the cache, from slot "
+                             "cache_leftpad (the new token counted): check cache_seqlens and cache_leftpad")
+
+
+def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[SparseConfig] = None, *, k=None,
+                          v=None, compressed_keys=None, cache_leftpad=None, softmax_scale=None,
+                          backend: str = "auto"):
+    """One decode step against a static KV cache, as flash-attn's ``flash_attn_with_kvcache`` for one token.
+
+    q: (batch, 1, Hq, d), the newest token of each row; k_cache, v_cache: (batch, max_len, Hkv, d), row i's
+    keys in slots ``cache_leftpad[i] : cache_leftpad[i] + cache_seqlens[i]`` (cache_leftpad default 0);
+    cache_seqlens: (batch,) int32, the keys already in the cache.
+    k, v: optional (batch, 1, Hkv, d), the new token's key and value: written into k_cache / v_cache in place at
+    slot ``cache_leftpad + cache_seqlens`` (the caller then adds 1 to its lengths), their completed compressed
+    windows appended to ``compressed_keys``, and attended to (on CUDA all in one launch before the kernels).
+    compressed_keys: the cache's ``infllmv2.cache.StaticCompressedKeys`` (each row's fine / coarse compressed
+    keys, kept up to date here when k is given): each step then costs O(selected keys); None compresses the
+    whole cache at every call.
+    -> (batch, 1, Hq, d). Per row: fewer keys than ``config.dense_len`` attend to all of them, otherwise to the
+    selected blocks (SPEC stage 1 + 2). Fixed shapes, no host synchronisation under ``torch.compile`` or CUDA
+    graph capture (eagerly the lengths are checked on the host). backend: "auto" (Triton on CUDA for fp16 /
+    bf16 and head dims 32 / 64 / 128), "triton", or "torch" ("reference" runs the torch path too).
+    """
+    config = as_sparse_config(config)
+    if config.use_nope:
+        raise ValueError("config.use_nope=True needs pre-RoPE keys for the selection, which a KV cache of "
+                         "post-RoPE keys does not hold")
+    _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_keys, cache_leftpad, config)
+    scale = _scale(softmax_scale, q.shape[-1])
+    backend = _resolve_backend(backend, q)
+    from .cache import StaticCompressedKeys, append_windows
+    lens = cache_seqlens if k is None else cache_seqlens + 1
+    if k is not None:
+        kinds = compressed_keys.kinds() if compressed_keys is not None else []
+        append_windows(kinds, k_cache, lens, cache_leftpad, fused=backend == "triton",
+                       new=(k[:, 0], v[:, 0], v_cache))
+    if backend == "triton":
+        from .ops.triton import infllmv2_decode_triton
+        fine, coarse = (compressed_keys.fine, compressed_keys.coarse) if compressed_keys is not None else (None, None)
+        out = infllmv2_decode_triton(q[:, 0], k_cache, v_cache, lens, config, scale, k_fine=fine, k_coarse=coarse,
+                                     cache_leftpad=cache_leftpad)
+    else:
+        from .ops.torch_decode import decode_static
+        if compressed_keys is None:  # from scratch (a host loop over the rows)
+            b, max_len, hkv, d = k_cache.shape
+            compressed_keys = StaticCompressedKeys(b, max_len, hkv, d, config, k_cache.dtype, k_cache.device)
+            compressed_keys.prefill(k_cache, lens, cache_leftpad)
+        leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(lens)
+        out = decode_static(q[:, 0], k_cache, v_cache, lens, leftpad, compressed_keys.fine, compressed_keys.coarse,
+                            config, scale)
+    return out[:, None]

@@ -350,37 +350,52 @@ class StaticCompressedKeys:
     def coarse(self) -> Optional[torch.Tensor]:
         return self.buffers[1] if len(self.buffers) > 1 else None
 
-    def prefill(self, k_cache: torch.Tensor, lens: torch.Tensor) -> None:
+    def prefill(self, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor] = None) -> None:
+        """Fill from scratch from row i's keys ``k_cache[i, leftpad[i] : leftpad[i] + lens[i]]`` (host loop)."""
+        first = [0] * len(lens) if leftpad is None else leftpad.tolist()
         for (kern, s), buf in zip(self.specs, self.buffers):
             for i, n in enumerate(lens.tolist()):
                 if n >= kern:
-                    c = k_cache[i, :n].to(_pool_dtype(k_cache.dtype)).unfold(0, kern, s).mean(-1)
+                    keys = k_cache[i, first[i]:first[i] + n]
+                    c = keys.to(_pool_dtype(k_cache.dtype)).unfold(0, kern, s).mean(-1)
                     buf[i, :c.shape[0]] = c.to(buf.dtype)
 
-    def append(self, k_cache: torch.Tensor, lens: torch.Tensor, fused: bool = False) -> None:
-        append_windows([(kern, s, buf) for (kern, s), buf in zip(self.specs, self.buffers)], k_cache, lens,
-                       fused=fused)
+    def append(self, k_cache: torch.Tensor, lens: torch.Tensor, fused: bool = False, leftpad=None, new=None) -> None:
+        """``append_windows`` for this cache's kinds (see there)."""
+        append_windows(self.kinds(), k_cache, lens, leftpad, fused=fused, new=new)
+
+    def kinds(self) -> list:
+        """[(kernel, stride, buffer)] of the fine and (with ``lse_approx``) coarse compressed keys."""
+        return [(kern, s, buf) for (kern, s), buf in zip(self.specs, self.buffers)]
 
 
 def append_windows(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor] = None,
-                   fused: bool = False) -> None:
+                   fused: bool = False, new: Optional[tuple] = None) -> None:
     """After ONE new key per row: write the window it completes (if any) into each kind's buffer.
 
-    kinds: [(kernel, stride, buf (batch, n_max, H, d))]; k_cache (batch, max_len, H, d); lens (batch,) keys
-    per row, the new one counted; leftpad (batch,) the slot of each row's first key (default 0). Fixed
-    shapes, no host synchronisation (CUDA graphs, torch.compile); ``fused``: one Triton launch per kind.
+    kinds: [(kernel, stride, buf (batch, n_max, H, d))] (may be empty); k_cache (batch, max_len, H, d); lens
+    (batch,) keys per row, the new one counted (>= 1); leftpad (batch,) the slot of each row's first key (default
+    0). ``new``: optional (k, v, v_cache), the new key and value (batch, H, d) and the value cache: first written
+    at slot ``leftpad + lens - 1`` of k_cache and v_cache (a decode step's cache write). Fixed shapes, no host
+    synchronisation (CUDA graphs, torch.compile). ``fused``: all of it in one Triton launch (at most two kinds,
+    the fine and the coarse keys), where the torch path takes two index writes and several kernels a kind.
     """
     if fused:
-        _append_triton(kinds, k_cache, lens, leftpad)
+        _append_triton(kinds, k_cache, lens, leftpad, new)
         return
     b = k_cache.shape[0]
     rows = torch.arange(b, device=k_cache.device)
     lens = lens.to(torch.long)
-    first = 0 if leftpad is None else leftpad.to(torch.long)[:, None]
+    first = torch.zeros_like(lens) if leftpad is None else leftpad.to(torch.long)
+    if new is not None:
+        k_new, v_new, v_cache = new
+        slot = first + lens - 1
+        k_cache[rows, slot] = k_new.to(k_cache.dtype)
+        v_cache[rows, slot] = v_new.to(v_cache.dtype)
     for kern, s, buf in kinds:
         start = lens - kern                                   # the window ending at the new key
         done = (start >= 0) & (torch.remainder(start, s) == 0)
-        pos = first + start.clamp_min(0)[:, None] + torch.arange(kern, device=k_cache.device)[None, :]
+        pos = first[:, None] + start.clamp_min(0)[:, None] + torch.arange(kern, device=k_cache.device)[None, :]
         win = k_cache[rows[:, None], pos.clamp_max(k_cache.shape[1] - 1)]   # (b, kern, H, d)
         mean = win.to(_pool_dtype(k_cache.dtype)).mean(1).to(buf.dtype)
         j = torch.div(start.clamp_min(0), s, rounding_mode="floor").clamp_max(buf.shape[1] - 1)
@@ -388,65 +403,30 @@ def append_windows(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Op
         buf[rows, j] = torch.where(done[:, None, None], mean, old)
 
 
-_APPEND_KERNEL = None
-
-
-def _append_kernel():
-    global _APPEND_KERNEL
-    if _APPEND_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _append(k_ptr, buf_ptr, lens_ptr, pad_ptr, stride_kb, stride_kt, stride_kh, stride_bb, stride_bj,
-                    stride_bh, n_buf, D, KERN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_PAD: tl.constexpr):
-            row = tl.program_id(0)
-            h = tl.program_id(1)
-            L = tl.load(lens_ptr + row).to(tl.int64)
-            start = L - KERN
-            ok = (start >= 0) & ((start % STRIDE) == 0) & (start // STRIDE < n_buf)
-            t = tl.arange(0, BLOCK_T)
-            dd = tl.arange(0, BLOCK_D)
-            lim_t = tl.where(ok, KERN, 0)
-            lim_d = tl.where(ok, D, 0)
-            m = (t[:, None] < lim_t) & (dd[None, :] < lim_d)
-            base = k_ptr + row.to(tl.int64) * stride_kb + h * stride_kh
-            if HAS_PAD:  # the row's keys start at this slot
-                base += tl.load(pad_ptr + row).to(tl.int64) * stride_kt
-            x = tl.load(base + (start + t)[:, None] * stride_kt + dd[None, :], mask=m, other=0.0).to(tl.float32)
-            mean = tl.sum(x, 0) / KERN
-            j = tl.where(ok, start // STRIDE, 0)
-            dst = buf_ptr + row.to(tl.int64) * stride_bb + j * stride_bj + h * stride_bh + dd
-            tl.store(dst, mean.to(buf_ptr.dtype.element_ty), mask=dd < lim_d)
-
-        _APPEND_KERNEL = _append
-    return _APPEND_KERNEL
-
-
-def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor]) -> None:
-    """Fused ``append_windows``: grid (batch, Hkv) per kind, as one custom op (opaque to torch.compile)."""
+def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor],
+                   new: Optional[tuple]) -> None:
+    """Fused ``append_windows``: one launch, grid (batch, Hkv), as one custom op (opaque to torch.compile)."""
+    if len(kinds) > 2:
+        raise ValueError(f"the fused append takes at most two kinds of compressed keys, got {len(kinds)}")
     if k_cache.stride(-1) != 1:
         raise ValueError("k_cache must be contiguous in its last dimension")
+    k_new, v_new, v_cache = new if new is not None else (None, None, None)
+    if v_cache is not None and v_cache.stride(-1) != 1:
+        raise ValueError("v_cache must be contiguous in its last dimension")
     _append_windows_op([buf for _, _, buf in kinds], k_cache, lens.to(torch.int32),
                        None if leftpad is None else leftpad.to(torch.int32),
-                       [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds])
+                       [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds], k_new, v_new, v_cache)
 
 
-@torch.library.custom_op("infllmv2::append_windows", mutates_args=("bufs",))
+@torch.library.custom_op("infllmv2::append_windows", mutates_args=("bufs", "k_cache", "v_cache"))
 def _append_windows_op(bufs: List[torch.Tensor], k_cache: torch.Tensor, lens: torch.Tensor,
-                       leftpad: Optional[torch.Tensor], kernels: List[int], strides: List[int]) -> None:
-    kern_fn = _append_kernel()
-    b, _, h, d = k_cache.shape
-    pad = lens if leftpad is None else leftpad
-    block_d = 1 << max(4, (d - 1).bit_length())
-    for kern, stride, buf in zip(kernels, strides, bufs):
-        block_t = 1 << max(4, (kern - 1).bit_length())
-        kern_fn[(b, h)](k_cache, buf, lens, pad, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                        buf.stride(0), buf.stride(1), buf.stride(2), buf.shape[1], d,
-                        KERN=kern, STRIDE=stride, BLOCK_T=block_t, BLOCK_D=block_d, HAS_PAD=leftpad is not None)
+                       leftpad: Optional[torch.Tensor], kernels: List[int], strides: List[int],
+                       k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor],
+                       v_cache: Optional[torch.Tensor]) -> None:
+    from .ops.triton.append import append_token
+    append_token(bufs, k_cache, lens, leftpad, kernels, strides, k_new, v_new, v_cache)
 
 
 @_append_windows_op.register_fake
-def _(bufs, k_cache, lens, leftpad, kernels, strides) -> None:
+def _(bufs, k_cache, lens, leftpad, kernels, strides, k_new, v_new, v_cache) -> None:
     return None

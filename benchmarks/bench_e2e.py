@@ -180,6 +180,7 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
     x = model.embed[tokens]  # (b, hidden)
     cos, sin = st.cos[pos], st.sin[pos]  # (b, d)
     lens = (pos + 1).to(torch.int32)
+    cached = pos.to(torch.int32)  # keys in the cache before this token's
     scale = model.s["d"] ** -0.5
     rms, rope = model.ops["rms"], model.ops["rope"]
     for li, L in enumerate(model.layers):
@@ -187,7 +188,7 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # cos / sin (b, d): one position a row
         kc, vc = st.k[li], st.v[li]
         if sparse and fused_append:
-            o = infllmv2_with_kvcache(q[:, None], kc, vc, lens - 1, config, k=k[:, None], v=v[:, None],
+            o = infllmv2_with_kvcache(q[:, None], kc, vc, cached, config, k=k[:, None], v=v[:, None],
                                       compressed_keys=st.comp[li], softmax_scale=scale, backend="triton")[:, 0]
         else:
             if fused_append:

@@ -146,3 +146,27 @@ def test_with_kvcache_rejects_bad_input():
         with pytest.raises((ValueError, TypeError), match=msg):
             infllmv2_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
                                   args.pop("config"), **args)
+
+
+def test_with_kvcache_step_compiles_fullgraph():
+    # the torch path under torch.compile(fullgraph=True): no graph break (no host synchronisation), and the
+    # compiled steps give the eager steps' outputs, cache writes and compressed keys
+    config = SMALL.replace(dense_len=150)
+    lens = [146, 30, 200]
+    states = [_start(lens, 224, 4, 2, 16, config, leftpad=True, seed=6) for _ in range(2)]
+    step = torch.compile(infllmv2_with_kvcache, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(7)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    for _ in range(3):
+        q = torch.randn(3, 1, 4, 16, generator=g)
+        k, v = torch.randn(3, 1, 2, 16, generator=g), torch.randn(3, 1, 2, 16, generator=g)
+        outs = []
+        for fn, (kc, vc, pad, _, _, ck) in zip((infllmv2_with_kvcache, step), states):
+            outs.append(fn(q, kc, vc, seqlens, config, k=k, v=v, compressed_keys=ck, cache_leftpad=pad,
+                           backend="torch"))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        seqlens += 1
+    (kc0, vc0, _, _, _, ck0), (kc1, vc1, _, _, _, ck1) = states
+    assert torch.equal(kc0, kc1) and torch.equal(vc0, vc1)
+    for a, b in zip(ck0.buffers, ck1.buffers):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -413,6 +413,8 @@ def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Op
     k_new, v_new, v_cache = new if new is not None else (None, None, None)
     if v_cache is not None and v_cache.stride(-1) != 1:
         raise ValueError("v_cache must be contiguous in its last dimension")
+    if k_new is not None:  # the kernel reads a row's head dim as one contiguous vector
+        k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
     _append_windows_op([buf for _, _, buf in kinds], k_cache, lens.to(torch.int32),
                        None if leftpad is None else leftpad.to(torch.int32),
                        [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds], k_new, v_new, v_cache)

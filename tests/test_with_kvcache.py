@@ -107,12 +107,15 @@ def test_append_windows_writes_new_token_rounded_to_cache_dtype(fused):
             assert not buf[i, want.shape[0]:].any()
 
 
-def test_append_windows_write_only_with_no_kinds():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_append_windows_write_only_with_no_kinds_strided_input(fused):
     kc, vc = torch.zeros(2, 10, 1, 16), torch.zeros(2, 10, 1, 16)
-    k, v = torch.ones(2, 1, 16), torch.full((2, 1, 16), 2.0)
-    append_windows([], kc, torch.tensor([3, 10], dtype=torch.int32), fused=True, new=(k, v, vc))
-    assert kc[0, 2].eq(1).all() and kc[1, 9].eq(1).all() and vc[0, 2].eq(2).all() and vc[1, 9].eq(2).all()
-    assert kc.sum() == 2 * 16 and vc.sum() == 2 * 2 * 16
+    k = torch.arange(2 * 32, dtype=torch.float32).view(2, 1, 32)[..., ::2]  # head dim with stride 2
+    v = -torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 16)
+    append_windows([], kc, torch.tensor([3, 10], dtype=torch.int32), fused=fused, new=(k, v, vc))
+    assert torch.equal(kc[0, 2], k[0]) and torch.equal(kc[1, 9], k[1])
+    assert torch.equal(vc[0, 2], v[0]) and torch.equal(vc[1, 9], v[1])
+    assert kc.abs().sum() == k.abs().sum() and vc.abs().sum() == v.abs().sum()  # nothing written elsewhere
 
 
 def test_with_kvcache_rejects_bad_input():

@@ -102,3 +102,23 @@ def test_one_launch_write_rounds_fp32_keys_to_the_cache_dtype():
         for i, n in enumerate(lens.tolist()):
             want = naive.compress_keys(kc[i, :n].float(), kern, s)
             torch.testing.assert_close(buf[i, :want.shape[0]], want, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_step_compiles_fullgraph():
+    # the Triton path's custom ops (the one-launch write, the decode kernels) under torch.compile(fullgraph=True):
+    # no graph break, and the compiled steps write and return what the eager steps do
+    lens, hq, hkv, d = [9000, 12000], 32, 2, 128
+    states = [_state(lens, 12064, hkv, d, 3) for _ in range(2)]
+    step = torch.compile(infllmv2_with_kvcache, fullgraph=True, dynamic=False)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        q = torch.randn(2, 1, hq, d, device="cuda", generator=g).bfloat16()
+        k = torch.randn(2, 1, hkv, d, device="cuda", generator=g).bfloat16()
+        outs = [fn(q, kc, vc, seqlens, CONFIG, k=k, v=k, compressed_keys=ck, cache_leftpad=pad)
+                for fn, (kc, vc, pad, ck) in zip((infllmv2_with_kvcache, step), states)]
+        assert torch.equal(outs[0], outs[1])
+        seqlens += 1
+    for a, b in zip((states[0][0], states[0][1], *states[0][3].buffers), (states[1][0], states[1][1],
+                                                                         *states[1][3].buffers)):
+        assert torch.equal(a, b)

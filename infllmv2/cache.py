@@ -19,7 +19,9 @@ and drop one stride from the tail. The tail here is a view of the cache itself (
   compressed keys preallocated for ``max_cache_len``), for ``generate()`` with a static cache.
 * ``StaticCompressedKeys``: the preallocated, CUDA-graph-capturable variant (gpt-fast style) for a
   static KV cache ``(batch, max_len, Hkv, d)`` with per-row lengths: a decode step appends at most one
-  fine and one coarse key per row with fixed shapes and no host synchronisation.
+  fine and one coarse key per row with fixed shapes and no host synchronisation. ``infllmv2_with_kvcache``
+  (``attention.py``) takes one and keeps it up to date; ``append_windows`` is its write (on CUDA one launch of
+  ``ops/triton/append.py`` for the new key / value and both kinds of windows).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 from .config import SparseConfig
 
 __all__ = ["InfLLMv2Cache", "InfLLMv2StaticCache", "InfLLMv2Layer", "PooledKeys", "StaticCompressedKeys",
-           "compress_from_scratch"]
+           "append_windows", "compress_from_scratch"]
 
 _LAST = threading.local()  # the layer whose update() ran last (fallback lookup by tensor identity)
 

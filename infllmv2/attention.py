@@ -419,9 +419,8 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
     # the cache's extent, read on the host unless a graph is being captured or compiled (then trusted)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         n = cache_seqlens.long() + (0 if k is None else 1)
-        end = n + (0 if cache_leftpad is None else cache_leftpad.long())
-        if bool((n < 1).any()) or bool((end > k_cache.shape[1]).any()) or (
-                cache_leftpad is not None and bool((cache_leftpad < 0).any())):
+        first = torch.zeros_like(n) if cache_leftpad is None else cache_leftpad.long()
+        if bool(((n < 1) | (first < 0) | (first + n > k_cache.shape[1])).any()):  # one host read
             raise ValueError(f"every row needs 1 to max_len={k_cache.shape[1]} keys in the cache, from slot "
                              "cache_leftpad (the new token counted): check cache_seqlens and cache_leftpad")
 
@@ -452,6 +451,9 @@ def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[S
     _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_keys, cache_leftpad, config)
     scale = _scale(softmax_scale, q.shape[-1])
     backend = _resolve_backend(backend, q)
+    if backend == "triton" and compressed_keys is not None and any(b.dtype != q.dtype for b in compressed_keys.buffers):
+        raise ValueError(f"compressed_keys must hold q's dtype {q.dtype} for the Triton kernels, got "
+                         f"{[b.dtype for b in compressed_keys.buffers]}")  # checked before anything is written
     from .cache import StaticCompressedKeys, append_windows
     lens = cache_seqlens if k is None else cache_seqlens + 1
     if k is not None:

@@ -142,6 +142,9 @@ def test_with_kvcache_rejects_bad_input():
         (dict(compressed_keys=StaticCompressedKeys(3, 64, 2, 16, config, torch.float32, "cpu")), "batch=2"),
         (dict(config=config.replace(use_nope=True)), "use_nope"),
         (dict(backend="cuda"), "backend must be one of"),
+        (dict(compressed_keys=StaticCompressedKeys(2, 64, 2, 16, config, torch.float64, "cpu"), backend="triton",
+              q=torch.zeros(2, 1, 4, 32), k_cache=torch.zeros(2, 64, 2, 32), v_cache=torch.zeros(2, 64, 2, 32)),
+         "compressed_keys buffers must be"),
     ]
     for kw, msg in cases:
         args = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=sl, config=config)
@@ -149,6 +152,13 @@ def test_with_kvcache_rejects_bad_input():
         with pytest.raises((ValueError, TypeError), match=msg):
             infllmv2_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
                                   args.pop("config"), **args)
+    # Triton: compressed keys of another dtype than q are refused before the cache is written
+    kc32, vc32 = torch.zeros(2, 64, 2, 32), torch.zeros(2, 64, 2, 32)
+    ck = StaticCompressedKeys(2, 64, 2, 32, config, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="compressed_keys must hold q's dtype"):
+        infllmv2_with_kvcache(torch.zeros(2, 1, 4, 32), kc32, vc32, sl, config, k=torch.ones(2, 1, 2, 32),
+                              v=torch.ones(2, 1, 2, 32), compressed_keys=ck, backend="triton")
+    assert not kc32.any() and not vc32.any()
 
 
 def test_with_kvcache_step_compiles_fullgraph():

@@ -7,9 +7,8 @@ ops compiled unless ``--eager-pointwise``) and the static decode cache of ``benc
 tokens, then for InfLLM-V2 (``infllmv2_with_kvcache``, as ``bench_e2e.py --fused-append``), dense SDPA and no
 attention (``--floor``'s step; both write the cache in one launch too) times one decode step under a CUDA graph
 (median of ``do_bench``) and profiles one eager step: the GPU time of each kernel, summed over the step and divided
-by the layer count. The difference between
-the InfLLM-V2 and no-attention steps is what attention costs in the model (the harness's ``decode_step`` row times the
-decode kernels alone, with the compressed keys warm in L2).
+by the layer count. The difference between the InfLLM-V2 and no-attention steps is what attention costs in the model
+(the harness's ``decode_step`` row times the decode kernels alone, with the compressed keys warm in L2).
 Prints JSON and writes it to ``$OUT/profile_e2e_decode.json`` when OUT is set.
 """
 from __future__ import annotations

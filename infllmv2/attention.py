@@ -375,10 +375,9 @@ def sparse_attention(q, k, v, block_indices, *, block_size: int = 64, cu_seqlens
 
 def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_keys, cache_leftpad, config):
     _check_tensor("q", q, (4,))
-    if q.shape[1] != 1:
-        raise ValueError(f"q must be (batch, 1, Hq, d), one new token a row, got {tuple(q.shape)} (several "
-                         "tokens: infllmv2_attention with the cache's keys)")
-    b, _, hq, d = q.shape
+    b, sq, hq, d = q.shape
+    if sq < 1:
+        raise ValueError(f"q must be (batch, seqlen_q >= 1, Hq, d), got {tuple(q.shape)}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x, (4,))
         if x.shape[0] != b or x.shape[3] != d or x.shape != k_cache.shape:
@@ -393,8 +392,8 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
     for name, x in (("k", k), ("v", v)):
         if x is not None:
             _check_tensor(name, x, (4,))
-            if tuple(x.shape) != (b, 1, hkv, d) or x.device != q.device:
-                raise ValueError(f"{name} must be (batch={b}, 1, Hkv={hkv}, d={d}) on {q.device}, got "
+            if tuple(x.shape) != (b, sq, hkv, d) or x.device != q.device:
+                raise ValueError(f"{name} must be (batch={b}, seqlen_q={sq}, Hkv={hkv}, d={d}) on {q.device}, got "
                                  f"{tuple(x.shape)} on {x.device}")
     for name, x in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if x is None and name == "cache_leftpad":
@@ -418,31 +417,34 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
                                  f"got {tuple(buf.shape)} on {buf.device}")
     # the cache's extent, read on the host unless a graph is being captured or compiled (then trusted)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        n = cache_seqlens.long() + (0 if k is None else 1)
+        n = cache_seqlens.long() + (0 if k is None else sq)  # keys after the call; the first query sees n - sq + 1
         first = torch.zeros_like(n) if cache_leftpad is None else cache_leftpad.long()
-        if bool(((n < 1) | (first < 0) | (first + n > k_cache.shape[1])).any()):  # one host read
-            raise ValueError(f"every row needs 1 to max_len={k_cache.shape[1]} keys in the cache, from slot "
-                             "cache_leftpad (the new token counted): check cache_seqlens and cache_leftpad")
+        if bool(((n < sq) | (first < 0) | (first + n > k_cache.shape[1])).any()):  # one host read
+            raise ValueError(f"every row needs seqlen_q={sq} to max_len={k_cache.shape[1]} keys in the cache, from "
+                             "slot cache_leftpad (the new tokens counted): check cache_seqlens and cache_leftpad")
 
 
 def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[SparseConfig] = None, *, k=None,
                           v=None, compressed_keys=None, cache_leftpad=None, softmax_scale=None,
                           backend: str = "auto"):
-    """One decode step against a static KV cache, as flash-attn's ``flash_attn_with_kvcache`` for one token.
+    """Decoding against a static KV cache, as flash-attn's ``flash_attn_with_kvcache``.
 
-    q: (batch, 1, Hq, d), the newest token of each row; k_cache, v_cache: (batch, max_len, Hkv, d), row i's
-    keys in slots ``cache_leftpad[i] : cache_leftpad[i] + cache_seqlens[i]`` (cache_leftpad default 0);
-    cache_seqlens: (batch,) int32, the keys already in the cache.
-    k, v: optional (batch, 1, Hkv, d), the new token's key and value: written into k_cache / v_cache in place at
-    slot ``cache_leftpad + cache_seqlens`` (the caller then adds 1 to its lengths), their completed compressed
-    windows appended to ``compressed_keys``, and attended to (on CUDA all in one launch before the kernels).
+    q: (batch, seqlen_q, Hq, d), the newest tokens of each row (one when decoding; a few to verify a speculative
+    draft); k_cache, v_cache: (batch, max_len, Hkv, d), row i's keys in slots
+    ``cache_leftpad[i] : cache_leftpad[i] + cache_seqlens[i]`` (cache_leftpad default 0); cache_seqlens: (batch,)
+    int32, the keys already in the cache.
+    k, v: optional (batch, seqlen_q, Hkv, d), the new tokens' keys and values: written into k_cache / v_cache in
+    place from slot ``cache_leftpad + cache_seqlens`` on (the caller then adds seqlen_q to its lengths), their
+    completed compressed windows appended to ``compressed_keys``, and attended to. Without k / v the queries are the
+    last seqlen_q of the cached keys. Query t sees the keys up to its own position (causal).
     compressed_keys: the cache's ``infllmv2.cache.StaticCompressedKeys`` (each row's fine / coarse compressed
     keys, kept up to date here when k is given): each step then costs O(selected keys); None compresses the
     whole cache at every call.
-    -> (batch, 1, Hq, d). Per row: fewer keys than ``config.dense_len`` attend to all of them, otherwise to the
-    selected blocks (SPEC stage 1 + 2). Fixed shapes, no host synchronisation under ``torch.compile`` or CUDA
-    graph capture (eagerly the lengths are checked on the host). backend: "auto" (Triton on CUDA for fp16 /
-    bf16 and head dims 32 / 64 / 128), "triton", or "torch" ("reference" runs the torch path too).
+    -> (batch, seqlen_q, Hq, d). Per query: fewer keys than ``config.dense_len`` attend to all of them, otherwise to
+    the selected blocks (SPEC stage 1 + 2). Each token is one decode step (on CUDA: one launch for its cache write,
+    then the decode kernels). Fixed shapes, no host synchronisation under ``torch.compile`` or CUDA graph capture
+    (eagerly the lengths are checked on the host). backend: "auto" (Triton on CUDA for fp16 / bf16 and head dims
+    32 / 64 / 128), "triton", or "torch" ("reference" runs the torch path too).
     """
     config = as_sparse_config(config)
     if config.use_nope:
@@ -455,23 +457,27 @@ def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[S
         raise ValueError(f"compressed_keys must hold q's dtype {q.dtype} for the Triton kernels, got "
                          f"{[b.dtype for b in compressed_keys.buffers]}")  # checked before anything is written
     from .cache import StaticCompressedKeys, append_windows
-    lens = cache_seqlens if k is None else cache_seqlens + 1
-    if k is not None:
-        kinds = compressed_keys.kinds() if compressed_keys is not None else []
-        append_windows(kinds, k_cache, lens, cache_leftpad, fused=backend == "triton",
-                       new=(k[:, 0], v[:, 0], v_cache))
-    if backend == "triton":
-        from .ops.triton import infllmv2_decode_triton
-        fine, coarse = (compressed_keys.fine, compressed_keys.coarse) if compressed_keys is not None else (None, None)
-        out = infllmv2_decode_triton(q[:, 0], k_cache, v_cache, lens, config, scale, k_fine=fine, k_coarse=coarse,
-                                     cache_leftpad=cache_leftpad)
-    else:
-        from .ops.torch_decode import decode_static
-        if compressed_keys is None:  # from scratch (a host loop over the rows)
-            b, max_len, hkv, d = k_cache.shape
-            compressed_keys = StaticCompressedKeys(b, max_len, hkv, d, config, k_cache.dtype, k_cache.device)
-            compressed_keys.prefill(k_cache, lens, cache_leftpad)
-        leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(lens)
-        out = decode_static(q[:, 0], k_cache, v_cache, lens, leftpad, compressed_keys.fine, compressed_keys.coarse,
-                            config, scale)
-    return out[:, None]
+    sq = q.shape[1]
+    if backend != "triton" and compressed_keys is None:  # the torch path needs them: from scratch (host loop)
+        b, max_len, hkv, d = k_cache.shape
+        compressed_keys = StaticCompressedKeys(b, max_len, hkv, d, config, k_cache.dtype, k_cache.device)
+        compressed_keys.prefill(k_cache, cache_seqlens, cache_leftpad)  # new tokens' windows are appended below
+    outs = []
+    for t in range(sq):  # token t: its key / value written, then its query over the keys up to it
+        lens = cache_seqlens + (t + 1 if k is not None else t + 1 - sq)
+        if k is not None:
+            kinds = compressed_keys.kinds() if compressed_keys is not None else []
+            append_windows(kinds, k_cache, lens, cache_leftpad, fused=backend == "triton",
+                           new=(k[:, t], v[:, t], v_cache))
+        if backend == "triton":
+            from .ops.triton import infllmv2_decode_triton
+            fine, coarse = ((compressed_keys.fine, compressed_keys.coarse) if compressed_keys is not None
+                            else (None, None))
+            outs.append(infllmv2_decode_triton(q[:, t], k_cache, v_cache, lens, config, scale, k_fine=fine,
+                                               k_coarse=coarse, cache_leftpad=cache_leftpad))
+        else:
+            from .ops.torch_decode import decode_static
+            leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(lens)
+            outs.append(decode_static(q[:, t], k_cache, v_cache, lens, leftpad, compressed_keys.fine,
+                                      compressed_keys.coarse, config, scale))
+    return torch.stack(outs, 1)

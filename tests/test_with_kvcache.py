@@ -61,6 +61,37 @@ def test_with_kvcache_steps_match_reference(backend, leftpad, lse_approx):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_with_kvcache_several_tokens_a_call_are_causal(backend):
+    # three new tokens a call (a speculative draft): query t over the keys up to its own token, against the
+    # reference; then the last two cached tokens' queries again without k / v (read only)
+    config = SMALL.replace(dense_len=150)
+    lens, hq, hkv, d = [146, 3, 180], 4, 2, 32
+    kc, vc, pad, rec_k, rec_v, ck = _start(lens, 224, hq, hkv, d, config, leftpad=True, seed=8)
+    g = torch.Generator().manual_seed(9)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    for _ in range(2):
+        q = torch.randn(3, 3, hq, d, generator=g)
+        k, v = torch.randn(3, 3, hkv, d, generator=g), torch.randn(3, 3, hkv, d, generator=g)
+        out = infllmv2_with_kvcache(q, kc, vc, seqlens, config, k=k, v=v, compressed_keys=ck, cache_leftpad=pad,
+                                    backend=backend)
+        assert out.shape == q.shape
+        for i in range(3):
+            for t in range(3):
+                keys = torch.cat([rec_k[i], k[i, :t + 1]])
+                ref, _ = naive.infllmv2_attention(q[i, t:t + 1], keys, torch.cat([rec_v[i], v[i, :t + 1]]), config)
+                torch.testing.assert_close(out[i, t], ref[0], atol=1e-5, rtol=1e-5)
+            rec_k[i], rec_v[i] = torch.cat([rec_k[i], k[i]]), torch.cat([rec_v[i], v[i]])
+        seqlens += 3
+    again = infllmv2_with_kvcache(q[:, 1:], kc, vc, seqlens, config, compressed_keys=ck, cache_leftpad=pad,
+                                  backend=backend)
+    torch.testing.assert_close(again, out[:, 1:], atol=1e-5, rtol=1e-5)
+    for (kern, s), buf in zip(ck.specs, ck.buffers):
+        for i in range(3):
+            want = naive.compress_keys(rec_k[i], kern, s)
+            torch.testing.assert_close(buf[i, :want.shape[0]], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_with_kvcache_without_compressed_keys(backend):
     # compressed_keys=None compresses the cache from scratch: the same outputs; and without k/v the cache is only read
     config = SMALL.replace(dense_len=-1)
@@ -125,7 +156,9 @@ def test_with_kvcache_rejects_bad_input():
     sl = torch.tensor([10, 20], dtype=torch.int32)
     k = torch.zeros(2, 1, 2, 16)
     cases = [
-        (dict(q=torch.zeros(2, 2, 4, 16)), "q must be"),
+        (dict(q=torch.zeros(2, 0, 4, 16)), "seqlen_q >= 1"),
+        (dict(q=torch.zeros(2, 2, 4, 16), k=k, v=k), "k must be \\(batch=2, seqlen_q=2"),
+        (dict(q=torch.zeros(2, 11, 4, 16)), "seqlen_q=11"),
         (dict(q=torch.zeros(2, 4, 16)), "q must have rank 4"),
         (dict(q=torch.zeros(2, 1, 3, 16)), "multiple of k_cache"),
         (dict(v_cache=torch.zeros(2, 64, 2, 8)), "v_cache must be"),

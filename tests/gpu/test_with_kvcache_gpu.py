@@ -122,3 +122,23 @@ def test_triton_step_compiles_fullgraph():
     for a, b in zip((states[0][0], states[0][1], *states[0][3].buffers), (states[1][0], states[1][1],
                                                                          *states[1][3].buffers)):
         assert torch.equal(a, b)
+
+
+def test_several_tokens_a_call_equal_one_token_calls():
+    # a speculative draft of three tokens in one call: the same writes and outputs as three one-token calls, bitwise
+    lens, hq, hkv, d = [8191, 15000], 32, 2, 128
+    states = [_state(lens, 15040, hkv, d, 5) for _ in range(2)]
+    g = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(2, 3, hq, d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(2, 3, hkv, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(2, 3, hkv, d, device="cuda", generator=g).bfloat16()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kc, vc, pad, ck = states[0]
+    together = infllmv2_with_kvcache(q, kc, vc, seqlens, CONFIG, k=k, v=v, compressed_keys=ck, cache_leftpad=pad)
+    kc, vc, pad, ck = states[1]
+    alone = [infllmv2_with_kvcache(q[:, t:t + 1], kc, vc, seqlens + t, CONFIG, k=k[:, t:t + 1], v=v[:, t:t + 1],
+                                   compressed_keys=ck, cache_leftpad=pad) for t in range(3)]
+    assert torch.equal(together, torch.cat(alone, 1))
+    for a, b in zip((states[0][0], states[0][1], *states[0][3].buffers), (states[1][0], states[1][1],
+                                                                         *states[1][3].buffers)):
+        assert torch.equal(a, b)

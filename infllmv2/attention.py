@@ -480,4 +480,4 @@ def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[S
             leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(lens)
             outs.append(decode_static(q[:, t], k_cache, v_cache, lens, leftpad, compressed_keys.fine,
                                       compressed_keys.coarse, config, scale))
-    return torch.stack(outs, 1)
+    return outs[0][:, None] if sq == 1 else torch.stack(outs, 1)  # one token: a view, no copy kernel

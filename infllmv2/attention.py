@@ -462,22 +462,25 @@ def infllmv2_with_kvcache(q, k_cache, v_cache, cache_seqlens, config: Optional[S
         b, max_len, hkv, d = k_cache.shape
         compressed_keys = StaticCompressedKeys(b, max_len, hkv, d, config, k_cache.dtype, k_cache.device)
         compressed_keys.prefill(k_cache, cache_seqlens, cache_leftpad)  # new tokens' windows are appended below
+    kinds = compressed_keys.kinds() if compressed_keys is not None else []
+    fine, coarse = (compressed_keys.fine, compressed_keys.coarse) if compressed_keys is not None else (None, None)
+    if backend == "triton":
+        from .ops.triton import infllmv2_decode_triton
+
+        def decode_one(qt, lens):
+            return infllmv2_decode_triton(qt, k_cache, v_cache, lens, config, scale, k_fine=fine, k_coarse=coarse,
+                                          cache_leftpad=cache_leftpad)
+    else:
+        from .ops.torch_decode import decode_static
+        leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(cache_seqlens)
+
+        def decode_one(qt, lens):
+            return decode_static(qt, k_cache, v_cache, lens, leftpad, fine, coarse, config, scale)
     outs = []
     for t in range(sq):  # token t: its key / value written, then its query over the keys up to it
         lens = cache_seqlens + (t + 1 if k is not None else t + 1 - sq)
         if k is not None:
-            kinds = compressed_keys.kinds() if compressed_keys is not None else []
             append_windows(kinds, k_cache, lens, cache_leftpad, fused=backend == "triton",
                            new=(k[:, t], v[:, t], v_cache))
-        if backend == "triton":
-            from .ops.triton import infllmv2_decode_triton
-            fine, coarse = ((compressed_keys.fine, compressed_keys.coarse) if compressed_keys is not None
-                            else (None, None))
-            outs.append(infllmv2_decode_triton(q[:, t], k_cache, v_cache, lens, config, scale, k_fine=fine,
-                                               k_coarse=coarse, cache_leftpad=cache_leftpad))
-        else:
-            from .ops.torch_decode import decode_static
-            leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros_like(lens)
-            outs.append(decode_static(q[:, t], k_cache, v_cache, lens, leftpad, compressed_keys.fine,
-                                      compressed_keys.coarse, config, scale))
+        outs.append(decode_one(q[:, t], lens))
     return outs[0][:, None] if sq == 1 else torch.stack(outs, 1)  # one token: a view, no copy kernel

@@ -357,10 +357,8 @@ class StaticCompressedKeys:
         first = [0] * len(lens) if leftpad is None else leftpad.tolist()
         for (kern, s), buf in zip(self.specs, self.buffers):
             for i, n in enumerate(lens.tolist()):
-                if n >= kern:
-                    keys = k_cache[i, first[i]:first[i] + n]
-                    c = keys.to(_pool_dtype(k_cache.dtype)).unfold(0, kern, s).mean(-1)
-                    buf[i, :c.shape[0]] = c.to(buf.dtype)
+                c = compress_from_scratch(k_cache[i, first[i]:first[i] + n], kern, s)
+                buf[i, :c.shape[0]] = c.to(buf.dtype)
 
     def append(self, k_cache: torch.Tensor, lens: torch.Tensor, fused: bool = False, leftpad=None, new=None) -> None:
         """``append_windows`` for this cache's kinds (see there)."""

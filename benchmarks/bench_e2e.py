@@ -46,7 +46,7 @@ from infllmv2.attention import dense_attention_sdpa  # noqa: E402
 from infllmv2.cache import StaticCompressedKeys  # noqa: E402
 
 FULL_SHAPE = dict(hidden=4096, layers=32, hq=32, hkv=2, d=128, inter=16384, vocab=73448)
-TINY_SHAPE = dict(hidden=128, layers=2, hq=8, hkv=2, d=32, inter=256, vocab=101)
+TINY_SHAPE = dict(hidden=128, layers=2, hq=8, hkv=2, d=32, inter=256, vocab=112)  # vocab % 16 == 0 for --weights int4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,14 +56,69 @@ def _silu_mul(g_, u):
     return F.silu(g_) * u
 
 
+class Int4Weight:
+    """A layer weight in 4 bits a value, for ``--weights int4``: group-wise asymmetric quantization along the input
+    dimension (groups of ``group``: w = (q - 8) * scale + zero, q in 0..15, scale and zero bf16), run by torch's own
+    weight-only int4 kernel (``aten._weight_int4pack_mm``, tinygemm, as gpt-fast's and torchao's int4 weight-only
+    paths; ``..._for_cpu`` on the CPU). The paper's decode speed-ups come from a 4-bit model: quarter-size weights leave
+    attention a larger share of the step. ``w``: (in, out), as the bf16 model stores it."""
+
+    def __init__(self, w, group=128, inner_k_tiles=8, keep_q=None):
+        k, n = w.shape
+        n_mult = 8 if w.is_cuda else 16  # the kernels' layouts
+        if k % group or k % (inner_k_tiles * 16) or n % n_mult:
+            raise ValueError(f"int4 weights need in % {max(group, inner_k_tiles * 16)} == 0 and out % {n_mult} == 0, "
+                             f"got ({k}, {n})")
+        wg = w.t().float().reshape(n, k // group, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-6).to(torch.bfloat16)  # the kernel reads them in bf16: round first,
+        zero = (lo + 8 * scale).to(torch.bfloat16)                     # then put each weight on that grid
+        grid0 = zero.float() - 8 * scale.float()
+        q = ((wg - grid0[..., None]) / scale.float()[..., None]).round().clamp_(0, 15).to(torch.int32).reshape(n, k)
+        self.scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (k/g, n, 2)
+        self.group, self.in_features, self.out_features = group, k, n
+        self.q = q if (not w.is_cuda if keep_q is None else keep_q) else None  # for dequantize(): checks and tests
+        if w.is_cuda:  # two values a byte, the even column in the high nibble
+            self.packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
+                                                                     inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def dequantize(self, q=None):
+        """The (in, out) weight the kernel multiplies by, in fp32 (``q``: the 4-bit values, (out, in) int32)."""
+        q = self.q if q is None else q
+        sz = self.scales_zeros.float().transpose(0, 1)  # (n, k/g, 2)
+        w = (q.reshape(self.out_features, -1, self.group).float() - 8) * sz[..., :1] + sz[..., 1:]
+        return w.reshape(self.out_features, self.in_features).t()
+
+    def __rmatmul__(self, x):  # x (m, in) @ self -> (m, out) in x's dtype
+        return self._mm(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros).to(x.dtype)
+
+
+def linear(x, w):
+    """x @ w for a bf16 (in, out) weight or an ``Int4Weight``."""
+    return w.__rmatmul__(x) if isinstance(w, Int4Weight) else x @ w
+
+
+def add_linear_(x, a, w):
+    """x += a @ w, in place: in the product's epilogue (cuBLAS beta = 1) for bf16 weights; into another tensor cuBLAS
+    would first copy x (2.3 us a layer of the decode step at batch 8, profile_e2e_decode.py)."""
+    return x.add_(linear(a, w)) if isinstance(w, Int4Weight) else x.addmm_(a, w)
+
+
 class Llama:
-    def __init__(self, shape, device, dtype, seed=0, compile_pointwise=False):
+    def __init__(self, shape, device, dtype, seed=0, compile_pointwise=False, weights="bf16"):
         """``compile_pointwise``: the prefill's norms, RoPE and SiLU x up run as ``torch.compile`` kernels (one
         fused kernel each, as a serving stack fuses them) instead of eager PyTorch's chains of elementwise kernels:
         at 128K those took 36 of the 120 ms a layer spends outside attention, 7 ms compiled
         (``benchmarks/profile_e2e_nonattn.py``). Dense and sparse prefill and decoding share them (the decode step
         at 128K, batch 8, spent about 75 of its 237 us a layer outside attention in eager elementwise kernels,
-        ``benchmarks/profile_e2e_decode.py``)."""
+        ``benchmarks/profile_e2e_decode.py``). ``weights="int4"``: the layers' and the head's weights as
+        ``Int4Weight`` (decode only: the kernel is for few rows), built from the same random bf16 weights."""
+        if weights not in ("bf16", "int4"):
+            raise ValueError(f"weights must be 'bf16' or 'int4', got {weights!r}")
         self.s = shape
         self.device, self.dtype = device, dtype
         self.ops = dict(rms=self.rms, rope=self.rope, silu_mul=_silu_mul)
@@ -76,11 +131,14 @@ class Llama:
             """A layer's weight stored (in, out), its product x @ w: at batch 8 cuBLAS streamed the MLP's weights
             4-7% faster in this layout than (out, in) with x @ w.t(), and the others equally fast (decode, H200,
             ``benchmarks/dev_skinny_gemm.py``)."""
-            return (torch.randn(in_f, out_f, device=device, dtype=dtype, generator=g) * in_f ** -0.5)
+            w = torch.randn(in_f, out_f, device=device, dtype=dtype, generator=g) * in_f ** -0.5
+            return Int4Weight(w) if weights == "int4" else w
 
         self.embed = torch.randn(shape["vocab"], h, device=device, dtype=dtype, generator=g)
-        # the head stays (vocab, hidden) with x @ head.t(): 144 us against 149 us transposed at batch 8
-        self.head = lin(h, shape["vocab"]).t().contiguous()
+        # a bf16 head stays (vocab, hidden) with x @ head.t(): 144 us against 149 us transposed at batch 8
+        self.head = lin(h, shape["vocab"])
+        if weights == "bf16":
+            self.head = self.head.t().contiguous()
         self.layers = []
         for _ in range(shape["layers"]):
             self.layers.append(dict(wqkv=lin(h, (hq + 2 * hkv) * d), wo=lin(hq * d, h), w13=lin(h, 2 * inter),
@@ -109,7 +167,7 @@ class Llama:
 
     def qkv(self, L, h):
         s = self.s
-        qkv = h @ L["wqkv"]
+        qkv = linear(h, L["wqkv"])
         q, k, v = qkv.split([s["hq"] * s["d"], s["hkv"] * s["d"], s["hkv"] * s["d"]], -1)
         return (q.unflatten(-1, (s["hq"], s["d"])), k.unflatten(-1, (s["hkv"], s["d"])),
                 v.unflatten(-1, (s["hkv"], s["d"])))
@@ -119,11 +177,8 @@ class Llama:
         rms, silu_mul = (ops["rms"], ops["silu_mul"]) if ops else (self.rms, _silu_mul)
         for a in range(0, x.shape[0], chunk):
             h = rms(x[a:a + chunk], L["n2"])
-            gu = h @ L["w13"]
-            g_, u = gu.chunk(2, -1)
-            # the residual add in the product's epilogue (cuBLAS beta = 1) and in place: into another tensor it
-            # costs a copy of x first (2.3 us a layer of the decode step at batch 8, profile_e2e_decode.py)
-            x[a:a + chunk].addmm_(silu_mul(g_, u), L["w2"])
+            g_, u = linear(h, L["w13"]).chunk(2, -1)
+            add_linear_(x[a:a + chunk], silu_mul(g_, u), L["w2"])
         return x
 
     @torch.no_grad()
@@ -137,10 +192,13 @@ class Llama:
             q, k, v = self.qkv(L, rms(x, L["n1"]))
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             o = attn(q[None], k[None], v[None])[0]
-            x.addmm_(o.reshape(n, -1), L["wo"])
+            add_linear_(x, o.reshape(n, -1), L["wo"])
             del q, k, v, o
             x = self.mlp(L, x, mlp_chunk, self.ops)
-        return rms(x[-1:], self.norm) @ self.head.t()
+        return self.logits(rms(x[-1:], self.norm))
+
+    def logits(self, h):
+        return linear(h, self.head) if isinstance(self.head, Int4Weight) else h @ self.head.t()
 
 
 class DecodeState:
@@ -208,9 +266,9 @@ def decode_step(model, st, tokens, pos, n_ctx, config, sparse, fused_append=Fals
                 o = F.scaled_dot_product_attention(q[:, :, None], kc[:, :n_ctx].transpose(1, 2),
                                                    vc[:, :n_ctx].transpose(1, 2), scale=scale,
                                                    enable_gqa=True)[:, :, 0]
-        x.addmm_(o.reshape(b, -1), L["wo"])  # in place (x is this step's own)
+        add_linear_(x, o.reshape(b, -1), L["wo"])  # in place (x is this step's own)
         x = model.mlp(L, x, b, model.ops)
-    out = rms(x, model.norm) @ model.head.t()
+    out = model.logits(rms(x, model.norm))
     return out if logits else out.argmax(-1)
 
 
@@ -293,6 +351,7 @@ def run(args):
         json.dump(_meta(), f)
 
     def add(**row):
+        row.setdefault("weights", args.weights)
         row.setdefault("hq", shape["hq"])
         row.setdefault("hkv", shape["hkv"])
         row.setdefault("d", shape["d"])
@@ -311,8 +370,11 @@ def run(args):
                 torch.cuda.empty_cache()
 
     t_start = time.perf_counter()
-    model = Llama(shape, device, dtype, compile_pointwise=device == "cuda" and not args.eager_pointwise)
+    model = Llama(shape, device, dtype, compile_pointwise=device == "cuda" and not args.eager_pointwise,
+                  weights=args.weights)
     print(f"model built in {time.perf_counter() - t_start:.1f}s", flush=True)
+    if args.weights == "int4":  # the kernel against the weights it stands for, at the model's product shapes
+        attempt("int4 check", lambda: check_int4(shape, device, dtype, add))
     scale = shape["d"] ** -0.5
 
     def dense_attn(q, k, v):
@@ -407,6 +469,21 @@ def run(args):
     return rows, errors, config
 
 
+def check_int4(shape, device, dtype, add, batch=8):
+    """``Int4Weight``'s kernel at the model's product shapes against x @ its dequantized weight in fp32; rows of path
+    ``int4_check`` record the largest error against the reference's largest value. Raises past bf16 rounding."""
+    g = torch.Generator(device=device).manual_seed(11)
+    h, inter, qkv = shape["hidden"], shape["inter"], (shape["hq"] + 2 * shape["hkv"]) * shape["d"]
+    for k, n in ((h, qkv), (shape["hq"] * shape["d"], h), (h, 2 * inter), (inter, h), (h, shape["vocab"])):
+        w = Int4Weight(torch.randn(k, n, device=device, dtype=dtype, generator=g) * k ** -0.5, keep_q=True)
+        x = torch.randn(batch, k, device=device, dtype=dtype, generator=g)
+        ref = x.float() @ w.dequantize()
+        err = (linear(x, w).float() - ref).abs().max().item() / ref.abs().max().item()
+        add(path="int4_check", n=k, batch=batch, out_features=n, rel_err=err)
+        if not err < 1e-2:  # bf16 output rounding is 2^-9 of the largest value; a wrong layout gives O(1)
+            raise AssertionError(f"int4 product ({k} -> {n}) off by {err:.3g} of its largest value")
+
+
 def _meta():
     try:
         import triton
@@ -423,8 +500,10 @@ def write_outputs(rows, errors, args, config, meta=None):
     if meta is None:
         meta = _meta()
     res = dict(meta)
+    wdesc = "random bf16 weights" if args.weights == "bf16" else ("random bf16 weights quantized to int4 (groups of "
+                                                                  "128, torch's weight-only int4 kernel)")
     res.update(model="Llama, MiniCPM4-8B shape (hidden 4096, 32 layers, 32/2 heads, d 128, inter 16384), "
-                     "random bf16 weights" if not args.tiny else "tiny", sparse_config=config.to_dict(),
+                     + wdesc if not args.tiny else "tiny", weights=args.weights, sparse_config=config.to_dict(),
                rows=rows, errors=errors)
     with open(os.path.join(args.out_dir, "e2e_h200.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -437,7 +516,7 @@ def write_outputs(rows, errors, args, config, meta=None):
 
     lines = [f"# End-to-end benchmark ({res['gpu']}, torch {res['torch']}, triton {res['triton']}, {res['date']})",
              "", f"Command: `{res['command']}`", "",
-             "Llama with the MiniCPM4-8B shape, random bf16 weights; InfLLM-V2 default config "
+             f"Llama with the MiniCPM4-8B shape, {wdesc}; InfLLM-V2 default config "
              "(96 blocks = 6144 visible tokens, dense_len 8192). Prefill = whole prompt + last logits, batch 1; "
              "decode = one step (all layers + logits), CUDA graph, random KV cache.", "",
              "## Prefill (time to first token)", "",
@@ -470,6 +549,10 @@ def write_outputs(rows, errors, args, config, meta=None):
         fl = [f"{f0:.3f}", f"{d / f0:.2f}x" if d else "-"] if f0 else ["-", "-"]
         lines.append(" | ".join([f"| {n} | {b} | {d:.3f} | {s:.3f} | {d / s:.2f}x" if d and s else
                                  f"| {n} | {b} | {d} | {s} | -"] + fl) + " |")
+    checks = [r for r in rows if r["path"] == "int4_check"]
+    if checks:
+        lines += ["", "int4 products against x @ the dequantized weight (fp32), batch 8: largest error / largest value "
+                  + ", ".join(f"{r['n']}->{r['out_features']} {r['rel_err']:.1e}" for r in checks)]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
     with open(os.path.join(args.out_dir, "e2e_h200.md"), "w") as f:
@@ -519,8 +602,13 @@ def main():
     p.add_argument("--eager-pointwise", action="store_true",
                    help="norms, RoPE and SiLU x up in eager PyTorch, prefill and decode (the default on CUDA: "
                    "torch.compile)")
+    p.add_argument("--weights", choices=["bf16", "int4"], default="bf16",
+                   help="int4: the layers' and the head's weights in 4 bits (groups of 128, torch's weight-only int4 "
+                   "kernel, as the paper's 4-bit model); decode only")
     p.add_argument("--replot", help="rewrite the md/png (and json) in --out-dir from an e2e_h200.json")
     args = p.parse_args()
+    if args.weights == "int4" and not (args.decode_only or args.replot):
+        p.error("--weights int4 needs --decode-only (the int4 kernel is for few rows a product, not a prefill)")
     if args.replot:
         if args.replot.endswith(".jsonl"):  # rows of an interrupted run + its e2e_meta.json
             res = json.load(open(os.path.join(os.path.dirname(args.replot), "e2e_meta.json")))
@@ -530,6 +618,7 @@ def main():
             res = json.load(open(args.replot))
         meta = {k: res[k] for k in ("gpu", "torch", "triton", "date", "command")}
         args.tiny = res.get("model") == "tiny"
+        args.weights = res.get("weights", "bf16")
         write_outputs(res["rows"], res.get("errors", []), args, SparseConfig.from_dict(res["sparse_config"]), meta=meta)
         return
     rows, errors, config = run(args)

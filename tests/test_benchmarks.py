@@ -107,6 +107,61 @@ def test_e2e_tiny_runs_both_paths_and_its_decode_check_passes(tmp_path):
         assert {(path, 256), (path, 384)} <= paths, path
 
 
+def test_e2e_int4_weight_rounds_to_its_group_grid_and_its_kernel_multiplies_by_it():
+    """``bench_e2e.Int4Weight`` (``--weights int4``): every weight lands within half a step of its group's 16-level
+    grid from the group's min to its max (an independent quantizer here), and torch's int4 kernel multiplies by exactly
+    the dequantized weight, up to bf16 rounding; bad shapes are refused."""
+    import pytest
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    g = torch.Generator().manual_seed(0)
+    k, n = 256, 48
+    w = torch.randn(k, n, generator=g) * torch.linspace(0.1, 3.0, n)  # columns of different ranges
+    q = bench_e2e.Int4Weight(w)
+    groups = w.t().reshape(n, k // 128, 128)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    per_weight = lambda t: t.reshape(n, -1).repeat_interleave(128, 1).t()  # noqa: E731  (n, k/128, 1) -> (k, n)
+    deq = q.dequantize()
+    # scale and zero are stored in bf16 (relative rounding <= 2^-8), zero = lo + 8 scale from the rounded scale: level
+    # j's value moves by at most 2^-8 |zero| + (8 + |j - 8|) 2^-8 step <= 2^-8 (|zero| + 16 step), a small part of a
+    # step; every weight lands on a level j = 0..15 of that grid, within half a step of its value
+    moved = per_weight(2.0 ** -8 * (1.01 * (lo + 8 * step).abs() + 16 * step))
+    assert (moved < 0.1 * per_weight(step)).all()
+    level = (deq - per_weight(lo)) / per_weight(step)
+    assert ((level - level.round()).abs() * per_weight(step) <= moved).all()
+    assert level.round().min() == 0 and level.round().max() == 15
+    assert ((deq - w).abs() <= per_weight(step) / 2 + moved).all()
+    x = torch.randn(5, k, generator=g).to(torch.bfloat16)
+    ref = x.float() @ deq
+    torch.testing.assert_close(bench_e2e.linear(x, q).float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="int4 weights need"):
+        bench_e2e.Int4Weight(torch.randn(200, 48))
+
+
+def test_e2e_tiny_int4_decode_runs_and_checks_its_products(tmp_path):
+    """``bench_e2e.py --tiny --decode-only --weights int4``: every path's decode step on 4-bit weights, the run's own
+    product check recorded, and the prefill refused with int4 by name."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_e2e.py"), "--tiny", "--out-dir", str(tmp_path), "--weights",
+           "int4"]
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert bad.returncode != 0 and "--weights int4 needs --decode-only" in bad.stderr
+    run = subprocess.run(cmd + ["--decode-only", "--floor", "--lengths", "256"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tiny check: sparse decode step (covering budget) == dense decode step (logits)" in run.stdout
+    res = json.loads((tmp_path / "e2e_h200.json").read_text())
+    assert res["errors"] == [] and res["weights"] == "int4"
+    checks = [r for r in res["rows"] if r["path"] == "int4_check"]
+    assert len(checks) == 5 and all(r["rel_err"] < 1e-2 for r in checks)
+    assert {r["path"] for r in res["rows"] if r["path"] != "int4_check"} == {
+        "dense_decode", "infllmv2_decode", "no_attention_decode"}
+
+
 def test_e2e_ab_variants_set_and_restore_module_attributes():
     """``benchmarks/e2e_ab.py``'s variants: each sets ``module.ATTR`` of ``infllmv2.ops.triton`` for its turn, the
     next variant starts from the defaults again, and an attribute the module lacks is refused by name."""

@@ -74,7 +74,8 @@ class Int4Weight:
         scale = ((hi - lo) / 15).clamp_min(1e-6).to(torch.bfloat16)  # the kernel reads them in bf16: round first,
         zero = (lo + 8 * scale).to(torch.bfloat16)                     # then put each weight on that grid
         grid0 = zero.float() - 8 * scale.float()
-        q = ((wg - grid0[..., None]) / scale.float()[..., None]).round().clamp_(0, 15).to(torch.int32).reshape(n, k)
+        q = ((wg - grid0[..., None]) / scale.float()[..., None]).round().clamp_(0, 15).to(torch.int32)
+        q = q.reshape(n, k).contiguous()  # wg is a view of w's transpose
         self.scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (k/g, n, 2)
         self.group, self.in_features, self.out_features = group, k, n
         self.q = q if (not w.is_cuda if keep_q is None else keep_q) else None  # for dequantize(): checks and tests

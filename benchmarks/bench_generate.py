@@ -1,0 +1,284 @@
+"""What a transformers user sees (issue 4): ``generate()`` on a MiniCPM4-8B-shaped ``LlamaForCausalLM``, dense (SDPA)
+against the same model after ``infllmv2.enable(model)``.
+
+Model: transformers' own Llama (hidden 4096, 32 layers, 32 query / 2 KV heads, head dim 128, intermediate 16384,
+vocab 73448), random bf16 weights (transformers' initialisation), on one GPU; the same weights serve both paths
+(``enable`` / ``disable`` switch the attention in place). InfLLM-V2 runs its default config. Measured, batch 1:
+
+* ``*_ttft``: time to first token, ``generate(max_new_tokens=1)`` with generate's default cache (transformers'
+  ``DynamicCache``; on an enabled model an ``InfLLMv2Cache``), from random token ids (``pattern: random``) or from
+  input embeddings that follow BENCHMARKS.md's ``local`` random walk (``pattern: local``), at each length;
+* ``*_decode_eager``: one decode step of that default generate loop (eager PyTorch):
+  (time of ``max_new_tokens=1 + T`` - time of ``max_new_tokens=1``) / T;
+* ``*_decode_compiled``: one decode step with a static cache passed in (``StaticCache`` /
+  ``InfLLMv2StaticCache`` of n + 1 + T slots, reset between calls), whose decode steps transformers compiles
+  (``generation_config.compile_config``: fullgraph, CUDA graphs); same difference of two calls, after a first
+  call that compiles. The run asserts that the longer call's tokens begin with the shorter one's (the reset
+  cache replays exactly).
+
+Dense prefill runs SDPA with cuDNN first in the backend priority (the fastest dense prefill on the H200,
+``bench_attention.py``), and so does every other SDPA call in both paths. Writes ``generate_h200.json`` and
+``generate_h200.md`` to ``--out-dir`` (rows also to ``generate_rows.jsonl`` as they come). ``--tiny``: a small model on
+the CPU, whose check asserts that with a budget covering every sequence the enabled model generates the dense
+model's tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if "--tiny" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import infllmv2  # noqa: E402
+from bench_e2e import FULL_SHAPE, random_walk  # noqa: E402
+from infllmv2.models.transformers import ATTN_IMPLEMENTATION  # noqa: E402
+
+TINY_SHAPE = dict(hidden=128, layers=2, hq=8, hkv=2, d=32, inter=256, vocab=112)
+TINY_CONFIG = infllmv2.SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=32, topk=4,
+                                    dense_len=128)
+
+
+def build_model(shape, device, dtype):
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["hq"], num_key_value_heads=shape["hkv"],
+        head_dim=shape["d"], max_position_embeddings=262144, rope_theta=1e6, pad_token_id=0, bos_token_id=1,
+        eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 on the device: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None  # every call generates exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def cache_kwarg(model):
+    import inspect
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def sdpa_priority(device):
+    """cuDNN first for every SDPA call (dense prefill and decode, and InfLLM-V2's own dense calls alike)."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
+
+
+def prompt(model, n, pattern, device, shape):
+    """generate() kwargs of an n-token prompt: random token ids (seed n) or the `local` random walk as embeddings."""
+    if pattern == "local":
+        x = random_walk(n, shape["hidden"], device, seed=n).to(model.dtype)[None]
+        return dict(inputs_embeds=x, attention_mask=torch.ones(1, n, dtype=torch.long, device=device))
+    g = torch.Generator(device=device).manual_seed(n)
+    return dict(input_ids=torch.randint(3, shape["vocab"], (1, n), device=device, generator=g))
+
+
+def run(args):
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = TINY_SHAPE if args.tiny else FULL_SHAPE
+    lengths = args.lengths or ([192, 256] if args.tiny else [32768, 65536, 131072])
+    decode_lengths = args.decode_lengths or ([256] if args.tiny else [131072])
+    config = TINY_CONFIG if args.tiny else infllmv2.SparseConfig()
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows, errors = [], []
+    jsonl = os.path.join(args.out_dir, "generate_rows.jsonl")
+
+    def add(**row):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def attempt(label, fn):
+        try:
+            fn()
+        except Exception as e:  # a failed row is reported, the run goes on
+            traceback.print_exc()
+            errors.append(f"{label}: {type(e).__name__}: {e}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    t_start = time.perf_counter()
+    model = build_model(shape, device, dtype)
+    ck = cache_kwarg(model)
+    print(f"model built in {time.perf_counter() - t_start:.1f}s", flush=True)
+    modes = {"dense": lambda: infllmv2.disable(model),
+             "infllmv2": lambda: infllmv2.enable(model, config, backend="auto")}
+    T = args.new_tokens
+
+    with torch.no_grad(), sdpa_priority(device):
+        # warm-up: each path's kernels compiled / autotuned on a sparse-length prompt
+        warm = lengths[0] if args.tiny else 16384
+        for name, switch in modes.items():
+            switch()
+            model.generate(**prompt(model, warm, "random", device, shape), max_new_tokens=2)
+        sync(device)
+        print(f"warm-up done at {time.perf_counter() - t_start:.1f}s", flush=True)
+
+        # ---- time to first token, and the default (eager) decode loop
+        for n in lengths:
+            for pattern in args.patterns:
+                for name, switch in modes.items():
+                    if name == "dense" and pattern != args.patterns[0]:
+                        continue  # dense time does not depend on the input
+
+                    def one(name=name, switch=switch, pattern=pattern, n=n):
+                        switch()
+                        kw = prompt(model, n, pattern, device, shape)
+                        ms1, _ = timed(lambda: model.generate(**kw, max_new_tokens=1), device)
+                        add(path=f"{name}_ttft", n=n, batch=1, pattern=pattern if name == "infllmv2" else None,
+                            ms=ms1)
+                        if pattern == args.patterns[0]:
+                            msT, _ = timed(lambda: model.generate(**kw, max_new_tokens=1 + T), device)
+                            add(path=f"{name}_decode_eager", n=n, batch=1, ms=(msT - ms1) / T, new_tokens=T)
+                    attempt(f"{name} ttft n={n} {pattern}", one)
+            print(f"ttft n={n} done at {time.perf_counter() - t_start:.1f}s", flush=True)
+
+        # ---- decode steps compiled by transformers, static caches passed in
+        from transformers import StaticCache
+
+        from infllmv2.cache import InfLLMv2StaticCache
+        for n in decode_lengths:
+            for name, switch in modes.items():
+                def one(name=name, switch=switch, n=n):
+                    switch()
+                    kw = prompt(model, n, "random", device, shape)
+                    make = InfLLMv2StaticCache if name == "infllmv2" else StaticCache
+                    cache = make(config=model.config, max_cache_len=n + 1 + T)
+
+                    def gen(t):
+                        cache.reset()
+                        return model.generate(**kw, max_new_tokens=t, **{ck: cache})
+                    gen(2)  # compiles the decode step
+                    ms1, short = timed(lambda: gen(2), device)
+                    msT, long = timed(lambda: gen(2 + T), device)
+                    if not torch.equal(long[:, :short.shape[1]], short):
+                        raise AssertionError(f"{name}: the reset static cache did not replay the same tokens")
+                    add(path=f"{name}_decode_compiled", n=n, batch=1, ms=(msT - ms1) / T, new_tokens=T,
+                        compiled=model.generation_config.disable_compile is not True and device == "cuda")
+                    del cache
+                attempt(f"{name} compiled decode n={n}", one)
+            print(f"compiled decode n={n} done at {time.perf_counter() - t_start:.1f}s", flush=True)
+
+        if args.tiny:  # the enabled model with a budget covering every sequence generates the dense model's tokens
+            def check():
+                kw = prompt(model, max(lengths), "random", device, shape)
+                infllmv2.disable(model)
+                dense = model.generate(**kw, max_new_tokens=8)
+                infllmv2.enable(model, config.replace(topk=64), backend="auto")
+                if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+                    raise AssertionError("enable() did not switch the attention")
+                sparse = model.generate(**kw, max_new_tokens=8)
+                infllmv2.disable(model)
+                if not torch.equal(dense, sparse):
+                    raise AssertionError(f"covering budget: {sparse.tolist()} != dense {dense.tolist()}")
+                print("tiny check: enabled model with a covering budget generates the dense tokens", flush=True)
+            attempt("tiny check", check)
+    return rows, errors, config
+
+
+def write_outputs(rows, errors, args, config):
+    import triton
+    meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (tiny smoke test)",
+            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "command": "python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:])}
+    try:
+        import transformers
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    res = dict(meta, model="tiny" if args.tiny else "transformers LlamaForCausalLM, MiniCPM4-8B shape, random bf16",
+               sparse_config=config.to_dict(), rows=rows, errors=errors)
+    with open(os.path.join(args.out_dir, "generate_h200.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    def pick(path, n, pattern=None):
+        for r in rows:
+            if r["path"] == path and r["n"] == n and r.get("pattern") == pattern:
+                return r["ms"]
+        return None
+
+    def cell(ms, digits):
+        return "-" if ms is None else f"{ms:.{digits}f}"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    lines = [f"# transformers generate(), dense vs infllmv2.enable ({meta['gpu']}, torch {meta['torch']}, "
+             f"transformers {meta.get('transformers')}, {meta['date']})", "", f"Command: `{meta['command']}`", "",
+             f"{res['model']}, batch 1; InfLLM-V2 config {config.to_dict()}.",
+             "", "## Time to first token (generate, default cache)", "",
+             "| n | dense ms | InfLLM-V2 random ms | speed-up | InfLLM-V2 local ms | speed-up |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n in sorted({r["n"] for r in rows if r["path"].endswith("_ttft")}):
+        d, r_, l_ = pick("dense_ttft", n), pick("infllmv2_ttft", n, "random"), pick("infllmv2_ttft", n, "local")
+        lines.append(f"| {n} | {cell(d, 0)} | {cell(r_, 0)} | {ratio(d, r_)} | {cell(l_, 0)} | {ratio(d, l_)} |")
+    lines += ["", "## One decode step", "", "| n | loop | dense ms | InfLLM-V2 ms | speed-up |", "| --- | --- | --- | --- | --- |"]
+    for kind, label in (("eager", "generate's default cache, eager"),
+                        ("compiled", "static cache, steps compiled by transformers")):
+        for n in sorted({r["n"] for r in rows if r["path"].endswith(f"_decode_{kind}")}):
+            d, s = pick(f"dense_decode_{kind}", n), pick(f"infllmv2_decode_{kind}", n)
+            lines.append(f"| {n} | {label} | {cell(d, 2)} | {cell(s, 2)} | {ratio(d, s)} |")
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
+    with open(os.path.join(args.out_dir, "generate_h200.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test with a correctness check)")
+    p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths of the time to first token")
+    p.add_argument("--decode-lengths", type=int, nargs="+", help="prompt lengths of the compiled decode steps")
+    p.add_argument("--patterns", nargs="+", default=["random", "local"], choices=["random", "local"])
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (T)")
+    args = p.parse_args()
+    if args.new_tokens < 1:
+        p.error("--new-tokens must be >= 1")
+    for name in ("lengths", "decode_lengths"):
+        if any(n < 1 for n in getattr(args, name) or []):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    rows, errors, config = run(args)
+    write_outputs(rows, errors, args, config)
+
+
+if __name__ == "__main__":
+    main()

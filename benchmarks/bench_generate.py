@@ -193,7 +193,7 @@ def run(args):
 
         # ---- time to first token and the default (eager) decode loop: the best of two calls (a first call at a new
         # length also compiles the Triton kernels specialised on it: first_call_ms)
-        for n in lengths:
+        for n in ([] if args.compiled_decode_only else lengths):
             for pattern in args.patterns:
                 for mode in ("dense", "infllmv2"):
                     if mode == "dense" and pattern != args.patterns[0]:
@@ -228,10 +228,14 @@ def run(args):
                         return generate_clocked(model, kw, 1 + args.new_tokens, device, **{ck: cache})
                     _, _, first = gen()  # compiles the decode step
                     _, step_ms, again = gen()
-                    if not torch.equal(first, again):
-                        raise AssertionError(f"{mode}: the reset static cache did not replay the same tokens")
+                    new_first, new_again = first[0, -args.new_tokens - 1:], again[0, -args.new_tokens - 1:]
+                    if new_first[0] != new_again[0]:  # the prefill's token: the reset cache starts afresh
+                        raise AssertionError(f"{mode}: the reset static cache changed the prefill's token")
+                    # later tokens may legitimately differ: the first call's early steps run before CUDA-graph
+                    # capture, and this random model's near-tied logits flip on such rounding differences
                     add(path=f"{mode}_decode_compiled", n=n, batch=1, ms=step_ms, new_tokens=args.new_tokens,
-                        compiled=device == "cuda" and not model.generation_config.disable_compile)
+                        compiled=device == "cuda" and not model.generation_config.disable_compile,
+                        replay_agree=(new_first == new_again).float().mean().item())
                     del cache
                 attempt(f"{mode} compiled decode n={n}", one)
             print(f"compiled decode n={n} done at {time.perf_counter() - t_start:.1f}s", flush=True)
@@ -317,6 +321,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths of the time to first token")
     p.add_argument("--decode-lengths", type=int, nargs="+", help="prompt lengths of the compiled decode steps")
     p.add_argument("--patterns", nargs="+", default=["random", "local"], choices=["random", "local"])
+    p.add_argument("--compiled-decode-only", action="store_true", help="only the compiled decode steps")
     p.add_argument("--new-tokens", type=int, default=32, help="compiled decode steps a call (median timed)")
     p.add_argument("--eager-tokens", type=int, default=8, help="eager decode steps a call (median timed)")
     args = p.parse_args()

@@ -271,8 +271,10 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
     from ..cache import append_windows
 
     lens = mask.sum(1, dtype=torch.int32)
-    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code
-    slot = torch.arange(mask.shape[1], dtype=torch.int32, device=mask.device)
+    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code. int64
+    # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
+    # kernel that failed to compile (an int32 accumulator re-assigned int64; bench_generate.py, 128K)
+    slot = torch.arange(mask.shape[1], dtype=torch.int64, device=mask.device)
     leftpad = torch.where(mask.bool(), slot, mask.shape[1]).amin(1).to(torch.int32)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager: rows with holes in their mask take the general path (traced code trusts the layout)

@@ -126,3 +126,21 @@ def test_generate_with_transformers_compiled_static_steps():
             torch.testing.assert_close(a[agree].float(), b[agree].float(), atol=3e-2, rtol=3e-2)
         agree &= dynamic.sequences[:, n + t] == static.sequences[:, n + t]
     assert agree.float().mean() >= 0.5  # a wrong left padding broke every padded row from the first step
+
+
+def test_compiled_static_decode_with_a_cache_of_131105_slots():
+    """transformers' compiled decode steps with an ``InfLLMv2StaticCache`` of 128K + 33 slots, batch 1 (as
+    ``benchmarks/bench_generate.py`` runs it): with int32 slot indices inductor split the first-filled-slot reduction
+    over the mask into a Triton kernel that failed to compile. The compiled steps follow the dynamic cache's logits
+    while the greedy tokens agree."""
+    model = _model()
+    ids, mask = _left_padded([1800], seed=2)
+    n = ids.shape[1]
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=6, **{CACHE: InfLLMv2Cache()}, **KW)
+        static = model.generate(ids, attention_mask=mask, max_new_tokens=6, **KW,
+                                **{CACHE: InfLLMv2StaticCache(config=model.config, max_cache_len=131105)})
+    for t, (a, b) in enumerate(zip(dynamic.logits, static.logits)):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+        if dynamic.sequences[0, n + t] != static.sequences[0, n + t]:
+            break

@@ -1,0 +1,88 @@
+"""Where an eager decode step of transformers' Llama goes (the default ``generate()`` loop, no compilation): dense
+against ``infllmv2.enable``, MiniCPM4-8B shape, batch 1, one prompt length.
+
+    python3 benchmarks/profile_generate_eager.py [--n 32768] [--steps 6]
+
+Prefills the prompt into generate's default cache (``DynamicCache`` / ``InfLLMv2Cache``), then runs decode steps as
+generate does (``model(next_token, cache=...)``), each waited for: wall time a step, and under the profiler the host
+time of the top operators and the GPU kernel time a step. Prints a table; JSON to ``$OUT/profile_generate_eager.json``
+(or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import infllmv2  # noqa: E402
+from bench_e2e import FULL_SHAPE  # noqa: E402
+from bench_generate import build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_generate_eager.json"))
+    args = p.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+    model = build_model(FULL_SHAPE, "cuda", torch.bfloat16)
+    ck = cache_kwarg(model)
+    res = {"command": "python3 benchmarks/profile_generate_eager.py " + " ".join(sys.argv[1:]), "n": args.n, "rows": []}
+    with torch.no_grad(), sdpa_priority("cuda"):
+        for mode in ("dense", "infllmv2"):
+            if mode == "dense":
+                infllmv2.disable(model)
+                cache = DynamicCache()
+            else:
+                infllmv2.enable(model)
+                cache = infllmv2.InfLLMv2Cache()
+            ids = prompt(model, args.n, "random", "cuda", FULL_SHAPE)["input_ids"]
+            out = model(input_ids=ids, logits_to_keep=1, **{ck: cache})
+            tok = out.logits[:, -1:].argmax(-1)
+
+            def step():
+                nonlocal tok
+                o = model(input_ids=tok, logits_to_keep=1, **{ck: cache})
+                tok = o.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+            for _ in range(3):  # warm: kernels of the new lengths compiled
+                step()
+            walls = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                walls.append((time.perf_counter() - t0) * 1e3)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    step()
+            ev = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / args.steps
+            top = sorted((e for e in ev if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)[:15]
+            row = {"mode": mode, "wall_ms_median": sorted(walls)[len(walls) // 2], "walls_ms": walls,
+                   "gpu_kernel_ms_per_step": gpu_us / 1e3,
+                   "top_host_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / args.steps, 3)
+                                                for e in top},
+                   "host_calls_per_step": {e.key: e.count // args.steps for e in top}}
+            res["rows"].append(row)
+            print(json.dumps(row, indent=1), flush=True)
+            del cache
+            torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("| mode | step ms (wall) | GPU kernels ms | top host op |")
+    print("| --- | --- | --- | --- |")
+    for r in res["rows"]:
+        k, v = next(iter(r["top_host_ops_ms_per_step"].items()))
+        print(f"| {r['mode']} | {r['wall_ms_median']:.2f} | {r['gpu_kernel_ms_per_step']:.2f} | {k} {v:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()

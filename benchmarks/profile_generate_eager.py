@@ -22,29 +22,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import infllmv2  # noqa: E402
 from bench_e2e import FULL_SHAPE  # noqa: E402
-from bench_generate import build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
+from bench_generate import TINY_CONFIG, TINY_SHAPE, build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke test)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_generate_eager.json"))
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
-    model = build_model(FULL_SHAPE, "cuda", torch.bfloat16)
+    dev, shape = ("cpu", TINY_SHAPE) if args.tiny else ("cuda", FULL_SHAPE)
+    model = build_model(shape, dev, torch.float32 if args.tiny else torch.bfloat16)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     ck = cache_kwarg(model)
     res = {"command": "python3 benchmarks/profile_generate_eager.py " + " ".join(sys.argv[1:]), "n": args.n, "rows": []}
-    with torch.no_grad(), sdpa_priority("cuda"):
+    with torch.no_grad(), sdpa_priority(dev):
         for mode in ("dense", "infllmv2"):
             if mode == "dense":
                 infllmv2.disable(model)
                 cache = DynamicCache()
             else:
-                infllmv2.enable(model)
+                infllmv2.enable(model, TINY_CONFIG if args.tiny else None)
                 cache = infllmv2.InfLLMv2Cache()
-            ids = prompt(model, args.n, "random", "cuda", FULL_SHAPE)["input_ids"]
+            ids = prompt(model, args.n, "random", dev, shape)["input_ids"]
             out = model(input_ids=ids, logits_to_keep=1, **{ck: cache})
             tok = out.logits[:, -1:].argmax(-1)
 
@@ -52,7 +55,7 @@ def main():
                 nonlocal tok
                 o = model(input_ids=tok, logits_to_keep=1, **{ck: cache})
                 tok = o.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
+                sync()
             for _ in range(3):  # warm: kernels of the new lengths compiled
                 step()
             walls = []
@@ -74,7 +77,8 @@ def main():
             res["rows"].append(row)
             print(json.dumps(row, indent=1), flush=True)
             del cache
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print("| mode | step ms (wall) | GPU kernels ms | top host op |")

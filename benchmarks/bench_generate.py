@@ -14,15 +14,15 @@ vocab 73448), random bf16 weights (transformers' initialisation), on one GPU; th
 * ``*_decode_compiled``: the median decode step with a static cache passed in (``StaticCache`` /
   ``InfLLMv2StaticCache`` of n + 1 + ``--new-tokens`` slots, reset between calls), whose decode steps transformers
   compiles (fullgraph, CUDA graphs), timed on the call after the one that compiles; the run asserts that both calls
-  give the same tokens (the reset cache replays exactly). ``dense_gqa``: the dense path with
-  ``TRANSFORMERS_SDPA_FORCE_GQA=1``: transformers otherwise repeats each KV head for its query heads in memory
-  before SDPA whenever it passes a mask, as a static cache's decode steps do.
+  start from the prefill's token, and records how many new tokens agree (``replay_agree``).
 
 The times come from a logits processor that changes nothing: it waits for the device and notes the time at each
-step, as a streaming client needs each token on the host. The time-to-first-token calls run SDPA with cuDNN first in
-the backend priority (the fastest dense prefill on the H200, ``bench_attention.py``), in both paths; decode steps keep
-SDPA's default order (eager cuDNN builds a plan for every new key length: 1.9 ms of host time a layer,
-``profile_generate_eager.py``). Writes ``generate_h200.json`` and
+step, as a streaming client needs each token on the host. The time-to-first-token calls and the compiled decode
+steps run SDPA with cuDNN first in the backend priority, in both paths: the fastest dense prefill on the H200
+(``bench_attention.py``), and the fastest dense kernel for a static cache's masked decode step (54.8 ms a step at 128K,
+216 ms in SDPA's default order, ``results/generate_h200_decode*.json``). The eager decode steps keep SDPA's default
+order: eager cuDNN builds a plan for every new key length, 1.9 ms of host time a layer
+(``profile_generate_eager.py``). Writes ``generate_h200.json`` and
 ``generate_h200.md`` to ``--out-dir`` (rows also to ``generate_rows.jsonl`` as they come). ``--tiny``: a small model on
 the CPU, whose check asserts that with a budget covering every sequence the enabled model generates the dense
 model's tokens.
@@ -175,15 +175,8 @@ def run(args):
     print(f"model built in {time.perf_counter() - t_start:.1f}s", flush=True)
 
     def use(mode):
-        """dense: transformers' SDPA as it comes; dense_gqa: the same with TRANSFORMERS_SDPA_FORCE_GQA=1, which keeps
-        SDPA's grouped-query kernels under an attention mask (a static cache's decode steps pass one; without it
-        transformers repeats each KV head for its 16 query heads before the call); infllmv2: ``enable``."""
-        os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-        if mode == "infllmv2":
-            return infllmv2.enable(model, config, backend="auto")
-        if mode == "dense_gqa":
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
-        return infllmv2.disable(model)
+        """dense: transformers' SDPA; infllmv2: ``enable`` (the same weights)."""
+        return infllmv2.enable(model, config, backend="auto") if mode == "infllmv2" else infllmv2.disable(model)
 
     with torch.no_grad():
         # warm-up: each path's kernels compiled / autotuned on a sparse-length prompt
@@ -224,7 +217,7 @@ def run(args):
 
         from infllmv2.cache import InfLLMv2StaticCache
         for n in decode_lengths:
-            for mode in ("dense", "dense_gqa", "infllmv2"):
+            for mode in ("dense", "infllmv2"):
                 def one(mode=mode, n=n):
                     use(mode)
                     kw = prompt(model, n, "random", device, shape)
@@ -233,7 +226,8 @@ def run(args):
 
                     def gen():
                         cache.reset()
-                        return generate_clocked(model, kw, 1 + args.new_tokens, device, **{ck: cache})
+                        with sdpa_priority(device):
+                            return generate_clocked(model, kw, 1 + args.new_tokens, device, **{ck: cache})
                     _, _, first = gen()  # compiles the decode step
                     _, step_ms, again = gen()
                     new_first, new_again = first[0, -args.new_tokens - 1:], again[0, -args.new_tokens - 1:]
@@ -266,20 +260,20 @@ def run(args):
     return rows, errors, config
 
 
-def write_outputs(rows, errors, args, config):
-    import triton
-    meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (tiny smoke test)",
-            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": "python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:])}
-    try:
+def write_outputs(rows, errors, args, config, res=None):
+    """generate_h200.json / .md in --out-dir; ``res``: a results JSON to re-render (--replot), its meta kept."""
+    if res is None:
+        import triton
         import transformers
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    res = dict(meta, model="tiny" if args.tiny else "transformers LlamaForCausalLM, MiniCPM4-8B shape, random bf16",
-               sparse_config=config.to_dict(), rows=rows, errors=errors)
-    with open(os.path.join(args.out_dir, "generate_h200.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (tiny smoke test)",
+                "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+                "date": datetime.date.today().isoformat(),
+                "command": "python3 benchmarks/bench_generate.py " + " ".join(sys.argv[1:])}
+        res = dict(meta, model="tiny" if args.tiny else "transformers LlamaForCausalLM, MiniCPM4-8B shape, random bf16",
+                   sparse_config=config.to_dict(), rows=rows, errors=errors)
+        with open(os.path.join(args.out_dir, "generate_h200.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    meta = res
 
     def pick(path, n, pattern=None, key="ms"):
         for r in rows:
@@ -296,7 +290,7 @@ def write_outputs(rows, errors, args, config):
     lines = [f"# transformers generate(), dense vs infllmv2.enable ({meta['gpu']}, torch {meta['torch']}, "
              f"transformers {meta.get('transformers')}, {meta['date']})", "", f"Command: `{meta['command']}`", "",
              f"{res['model']}, batch 1; InfLLM-V2 config {config.to_dict()}.", "",
-             "## Time to first token (generate, default cache; second call, first call in brackets)", "",
+             "## Time to first token (generate, default cache; first call in brackets)", "",
              "| n | dense ms | InfLLM-V2 random ms | speed-up | InfLLM-V2 local ms | speed-up |",
              "| --- | --- | --- | --- | --- | --- |"]
     for n in sorted({r["n"] for r in rows if r["path"].endswith("_ttft")}):
@@ -305,16 +299,20 @@ def write_outputs(rows, errors, args, config):
                  pick("infllmv2_ttft", n, "local", "first_call_ms")]
         lines.append(f"| {n} | {cell(d, 0)} ({cell(first[0], 0)}) | {cell(r_, 0)} ({cell(first[1], 0)}) | "
                      f"{ratio(d, r_)} | {cell(l_, 0)} ({cell(first[2], 0)}) | {ratio(d, l_)} |")
+    gqa = any(r["path"].startswith("dense_gqa") for r in rows)  # older runs: TRANSFORMERS_SDPA_FORCE_GQA=1 too
     lines += ["", "## One decode step (median over the call's steps, each waited for on the host)", "",
-              "| n | loop | dense ms | dense, GQA kernels ms | InfLLM-V2 ms | speed-up vs dense | vs dense GQA |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| n | loop | dense ms | " + ("dense, GQA kernels ms | " if gqa else "") + "InfLLM-V2 ms | speed-up |"
+              + (" vs dense GQA |" if gqa else ""), "| --- " * (5 + 2 * gqa) + "|"]
     for kind, label in (("eager", "default cache, eager"), ("compiled", "static cache, compiled by transformers")):
         for n in sorted({r["n"] for r in rows if r["path"].endswith(f"_decode_{kind}")}):
             pat = "random" if kind == "eager" and "random" in args.patterns else None
             d, g, s_ = pick(f"dense_decode_{kind}", n), pick(f"dense_gqa_decode_{kind}", n), pick(
                 f"infllmv2_decode_{kind}", n, pat if kind == "eager" else None)
-            lines.append(f"| {n} | {label} | {cell(d, 2)} | {cell(g, 2)} | {cell(s_, 2)} | {ratio(d, s_)} | "
-                         f"{ratio(g, s_)} |")
+            cells = [cell(d, 2)] + ([cell(g, 2)] if gqa else []) + [cell(s_, 2), ratio(d, s_)] + (
+                [ratio(g, s_)] if gqa else [])
+            lines.append(f"| {n} | {label} | " + " | ".join(cells) + " |")
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}"]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors]
     with open(os.path.join(args.out_dir, "generate_h200.md"), "w") as f:
@@ -332,7 +330,15 @@ def main():
     p.add_argument("--compiled-decode-only", action="store_true", help="only the compiled decode steps")
     p.add_argument("--new-tokens", type=int, default=32, help="compiled decode steps a call (median timed)")
     p.add_argument("--eager-tokens", type=int, default=8, help="eager decode steps a call (median timed)")
+    p.add_argument("--replot", help="rewrite --out-dir's generate_h200.md from this results JSON (no GPU)")
     args = p.parse_args()
+    if args.replot:
+        os.makedirs(args.out_dir, exist_ok=True)
+        res = json.load(open(args.replot))
+        args.patterns = sorted({r["pattern"] for r in res["rows"] if r.get("pattern")}) or args.patterns
+        write_outputs(res["rows"], res.get("errors", []), args, infllmv2.SparseConfig.from_dict(res["sparse_config"]),
+                      res)
+        return
     for name in ("new_tokens", "eager_tokens"):
         if getattr(args, name) < 2:
             p.error(f"--{name.replace('_', '-')} must be >= 2 (a median of steps)")

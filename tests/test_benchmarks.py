@@ -162,6 +162,34 @@ def test_e2e_tiny_int4_decode_runs_and_checks_its_products(tmp_path):
         "dense_decode", "infllmv2_decode", "no_attention_decode"}
 
 
+def test_generate_tiny_runs_every_row_and_its_check_passes(tmp_path):
+    """``bench_generate.py --tiny``: transformers' generate() on a small Llama, dense and ``infllmv2.enable``d, every
+    row (time to first token on both patterns, eager and static-cache decode steps); its check asserts that with a
+    budget covering the sequence the enabled model generates the dense model's tokens. ``--replot`` re-renders the
+    table from the JSON alone."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_generate.py"), "--tiny", "--out-dir", str(tmp_path),
+           "--new-tokens", "4", "--eager-tokens", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tiny check: enabled model with a covering budget generates the dense tokens" in run.stdout
+    res = json.loads((tmp_path / "generate_h200.json").read_text())
+    assert res["errors"] == [] and res["model"] == "tiny"
+    got = {(r["path"], r["n"], r.get("pattern")) for r in res["rows"]}
+    for n in (192, 256):
+        assert {("dense_ttft", n, None), ("infllmv2_ttft", n, "random"), ("infllmv2_ttft", n, "local"),
+                ("dense_decode_eager", n, None), ("infllmv2_decode_eager", n, "random")} <= got
+    assert {("dense_decode_compiled", 256, None), ("infllmv2_decode_compiled", 256, None)} <= got
+    assert all(r["ms"] > 0 for r in res["rows"])
+    table = (tmp_path / "generate_h200.md").read_text()
+    (tmp_path / "generate_h200.md").unlink()
+    again = tmp_path / "again"
+    rp = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_generate.py"), "--replot",
+                         str(tmp_path / "generate_h200.json"), "--out-dir", str(again)], capture_output=True, text=True,
+                        cwd=ROOT, timeout=600)
+    assert rp.returncode == 0, rp.stderr[-2000:]
+    assert (again / "generate_h200.md").read_text() == table
+
+
 def test_e2e_ab_variants_set_and_restore_module_attributes():
     """``benchmarks/e2e_ab.py``'s variants: each sets ``module.ATTR`` of ``infllmv2.ops.triton`` for its turn, the
     next variant starts from the defaults again, and an attribute the module lacks is refused by name."""

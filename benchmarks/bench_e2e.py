@@ -20,6 +20,8 @@ Measured, in one process:
 
 Writes e2e_h200.json (layout of attention_h200.json), e2e_h200.md and e2e_h200.png to --out-dir
 (rows are also appended to e2e_rows.jsonl as they come, so a timeout keeps them).
+``--weights int4`` (with ``--decode-only``) runs every weight in 4 bits through torch's weight-only int4 kernel
+(``Int4Weight``), as the paper's 4-bit model; the run first checks that kernel against x @ its dequantized weight.
 ``--tiny`` runs a miniature model on the CPU (Triton interpreter for the decode kernel) as a smoke
 test, and checks that the sparse decode step with a budget covering the cache gives the dense one's logits.
 """

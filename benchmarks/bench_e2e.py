@@ -326,6 +326,32 @@ def time_once(fn, device, reps=1):
     return best
 
 
+class RowLog:
+    """A run's rows: printed, kept, and appended to a JSONL file as they come (a timeout keeps them), each given
+    ``defaults`` for the keys it lacks. ``attempt(label, fn)`` runs one row: a failure is recorded in ``errors`` and
+    the run goes on."""
+
+    def __init__(self, path, device, defaults=None):
+        self.rows, self.errors, self.path, self.device, self.defaults = [], [], path, device, defaults or {}
+
+    def add(self, **row):
+        for key, value in self.defaults.items():
+            row.setdefault(key, value)
+        print(json.dumps(row), flush=True)
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def attempt(self, label, fn):
+        try:
+            fn()
+        except Exception as e:  # keep going: a failure of one row is reported, not fatal
+            traceback.print_exc()
+            self.errors.append(f"{label}: {type(e).__name__}: {e}")
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+
 def graphed(fn):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -348,29 +374,11 @@ def run(args):
     config = SparseConfig() if not args.tiny else SparseConfig(block_size=16, kernel_size=16, kernel_stride=8,
                                                                window_size=32, topk=4, dense_len=128)
     os.makedirs(args.out_dir, exist_ok=True)
-    rows, errors = [], []
-    jsonl = os.path.join(args.out_dir, "e2e_rows.jsonl")
     with open(os.path.join(args.out_dir, "e2e_meta.json"), "w") as f:
         json.dump(_meta(), f)
-
-    def add(**row):
-        row.setdefault("weights", args.weights)
-        row.setdefault("hq", shape["hq"])
-        row.setdefault("hkv", shape["hkv"])
-        row.setdefault("d", shape["d"])
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def attempt(label, fn):
-        try:
-            fn()
-        except Exception as e:  # keep going: a failure of one row is reported, not fatal
-            traceback.print_exc()
-            errors.append(f"{label}: {type(e).__name__}: {e}")
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    log = RowLog(os.path.join(args.out_dir, "e2e_rows.jsonl"), device,
+                 dict(weights=args.weights, hq=shape["hq"], hkv=shape["hkv"], d=shape["d"]))
+    rows, errors, add, attempt = log.rows, log.errors, log.add, log.attempt
 
     t_start = time.perf_counter()
     model = Llama(shape, device, dtype, compile_pointwise=device == "cuda" and not args.eager_pointwise,

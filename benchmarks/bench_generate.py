@@ -33,11 +33,9 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import sys
 import time
-import traceback
 
 if "--tiny" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -47,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import infllmv2  # noqa: E402
-from bench_e2e import FULL_SHAPE, random_walk  # noqa: E402
+from bench_e2e import FULL_SHAPE, RowLog, random_walk  # noqa: E402
 from infllmv2.models.transformers import ATTN_IMPLEMENTATION  # noqa: E402
 
 TINY_SHAPE = dict(hidden=128, layers=2, hq=8, hkv=2, d=32, inter=256, vocab=112)
@@ -149,23 +147,8 @@ def run(args):
     decode_lengths = args.decode_lengths or ([256] if args.tiny else [32768, 131072])
     config = TINY_CONFIG if args.tiny else infllmv2.SparseConfig()
     os.makedirs(args.out_dir, exist_ok=True)
-    rows, errors = [], []
-    jsonl = os.path.join(args.out_dir, "generate_rows.jsonl")
-
-    def add(**row):
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def attempt(label, fn):
-        try:
-            fn()
-        except Exception as e:  # a failed row is reported, the run goes on
-            traceback.print_exc()
-            errors.append(f"{label}: {type(e).__name__}: {e}")
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    log = RowLog(os.path.join(args.out_dir, "generate_rows.jsonl"), device)
+    rows, errors, add, attempt = log.rows, log.errors, log.add, log.attempt
 
     t_start = time.perf_counter()
     # each (mode, length) compiles the decode step again (new cache tensors, another attention): allow them all
@@ -238,7 +221,6 @@ def run(args):
                     add(path=f"{mode}_decode_compiled", n=n, batch=1, ms=step_ms, new_tokens=args.new_tokens,
                         compiled=device == "cuda" and not model.generation_config.disable_compile,
                         replay_agree=(new_first == new_again).float().mean().item())
-                    del cache
                 attempt(f"{mode} compiled decode n={n}", one)
             print(f"compiled decode n={n} done at {time.perf_counter() - t_start:.1f}s", flush=True)
         use("dense")

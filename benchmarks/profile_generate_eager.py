@@ -76,7 +76,6 @@ def main():
                    "host_calls_per_step": {e.key: e.count // args.steps for e in top}}
             res["rows"].append(row)
             print(json.dumps(row, indent=1), flush=True)
-            del cache
             if dev == "cuda":
                 torch.cuda.empty_cache()
     with open(args.out, "w") as f:

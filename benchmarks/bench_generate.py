@@ -85,16 +85,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3, out
-
-
 def sdpa_priority(device):
-    """cuDNN first for every SDPA call (dense prefill and decode, and InfLLM-V2's own dense calls alike)."""
+    """cuDNN first in SDPA's backend order for the calls inside (dense, and InfLLM-V2's own dense calls alike)."""
     if device != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

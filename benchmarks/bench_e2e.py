@@ -96,13 +96,14 @@ class Int4Weight:
         w = (q.reshape(self.out_features, -1, self.group).float() - 8) * sz[..., :1] + sz[..., 1:]
         return w.reshape(self.out_features, self.in_features).t()
 
-    def __rmatmul__(self, x):  # x (m, in) @ self -> (m, out) in x's dtype
+    def mm(self, x):
+        """x (m, in) -> x @ w (m, out), in x's dtype."""
         return self._mm(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros).to(x.dtype)
 
 
 def linear(x, w):
     """x @ w for a bf16 (in, out) weight or an ``Int4Weight``."""
-    return w.__rmatmul__(x) if isinstance(w, Int4Weight) else x @ w
+    return w.mm(x) if isinstance(w, Int4Weight) else x @ w
 
 
 def add_linear_(x, a, w):

@@ -37,9 +37,6 @@ import os
 import sys
 import time
 
-if "--tiny" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -236,10 +236,16 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "infllmv2.train",
+    # each rank's own output kept (--log-dir, --tee): a failure message shows every rank's last words
+    logs = tmp_path / "logs"
+    res = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "--log-dir", str(logs),
+                          "--tee", "3", "-m", "infllmv2.train",
                           "--out", str(two), "--micro-batch", "1", "--parallel", parallel, *common],
                          env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = "".join(f"\n--- {p.relative_to(logs)}:\n{p.read_text()[-1500:]}" for p in sorted(logs.rglob("*.log")))
+    assert res.returncode == 0, res.stderr[-3000:] + ranks
+    # rank 0 printed its summary before the distributed process's early exit (train._leave_process)
+    assert '"steps_done": 3' in res.stdout, res.stdout[-2000:] + ranks
     la = [r["loss"] for r in read_loss_log(str(one / "loss.jsonl"))]
     lb = [r["loss"] for r in read_loss_log(str(two / "loss.jsonl"))]
     assert len(la) == len(lb) == 3

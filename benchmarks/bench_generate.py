@@ -188,7 +188,7 @@ def run(args):
         from transformers import StaticCache
 
         from infllmv2.cache import InfLLMv2StaticCache
-        for n in decode_lengths:
+        for n in ([] if args.no_compiled_decode else decode_lengths):
             for mode in ("dense", "infllmv2"):
                 def one(mode=mode, n=n):
                     use(mode)
@@ -299,6 +299,8 @@ def main():
     p.add_argument("--decode-lengths", type=int, nargs="+", help="prompt lengths of the compiled decode steps")
     p.add_argument("--patterns", nargs="+", default=["random", "local"], choices=["random", "local"])
     p.add_argument("--compiled-decode-only", action="store_true", help="only the compiled decode steps")
+    p.add_argument("--no-compiled-decode", action="store_true", help="no compiled decode steps (time to first token "
+                   "and eager decode only)")
     p.add_argument("--new-tokens", type=int, default=32, help="compiled decode steps a call (median timed)")
     p.add_argument("--eager-tokens", type=int, default=8, help="eager decode steps a call (median timed)")
     p.add_argument("--replot", help="rewrite --out-dir's generate_h200.md from this results JSON (no GPU)")
@@ -310,6 +312,8 @@ def main():
         write_outputs(res["rows"], res.get("errors", []), args, infllmv2.SparseConfig.from_dict(res["sparse_config"]),
                       res)
         return
+    if args.compiled_decode_only and args.no_compiled_decode:
+        p.error("--compiled-decode-only and --no-compiled-decode exclude each other")
     for name in ("new_tokens", "eager_tokens"):
         if getattr(args, name) < 2:
             p.error(f"--{name.replace('_', '-')} must be >= 2 (a median of steps)")

@@ -405,7 +405,7 @@ def append_windows(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Op
 
 def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Optional[torch.Tensor],
                    new: Optional[tuple]) -> None:
-    """Fused ``append_windows``: one launch, grid (batch, Hkv), as one custom op (opaque to torch.compile)."""
+    """Fused ``append_windows``: one launch, grid (batch, Hkv); a custom op when compiled (opaque to torch.compile)."""
     if len(kinds) > 2:
         raise ValueError(f"the fused append takes at most two kinds of compressed keys, got {len(kinds)}")
     if k_cache.stride(-1) != 1:
@@ -415,9 +415,14 @@ def _append_triton(kinds, k_cache: torch.Tensor, lens: torch.Tensor, leftpad: Op
         raise ValueError("v_cache must be contiguous in its last dimension")
     if k_new is not None:  # the kernel reads a row's head dim as one contiguous vector
         k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
-    _append_windows_op([buf for _, _, buf in kinds], k_cache, lens.to(torch.int32),
-                       None if leftpad is None else leftpad.to(torch.int32),
-                       [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds], k_new, v_new, v_cache)
+    # compiled: the custom op, opaque to torch.compile; eager: called directly (the op's dispatch costs host time)
+    if torch.compiler.is_compiling():
+        append = _append_windows_op
+    else:
+        from .ops.triton.append import append_token as append
+    append([buf for _, _, buf in kinds], k_cache, lens.to(torch.int32),
+           None if leftpad is None else leftpad.to(torch.int32),
+           [kern for kern, _, _ in kinds], [stride for _, stride, _ in kinds], k_new, v_new, v_cache)
 
 
 @torch.library.custom_op("infllmv2::append_windows", mutates_args=("bufs", "k_cache", "v_cache"))

@@ -182,3 +182,32 @@ def test_decode_forced_and_chosen_splits(config, bps, dense_len):
     for i, n in enumerate(lens):
         ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg)
         torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5, msg=f"row {i} (length {n})")
+
+
+def test_decode_is_one_custom_op_when_compiled_and_a_direct_call_in_eager(monkeypatch):
+    # torch.compile sees the decode step as one opaque call (infllmv2::decode); an eager call skips the op's
+    # dispatch (host time that an eager decode step, bound by the host, pays every layer) and computes the same
+    import infllmv2.ops.triton.decode as decode_mod
+
+    cfg = SparseConfig(dense_len=-1, **SMALL)
+    lens = [150, 97]
+    q, kc, vc, sl = _cache(lens, 160, 4, 2, 32, torch.float32, seed=11)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(infllmv2_decode_triton, backend=record, fullgraph=True)
+    compiled = step(q, kc, vc, sl, cfg, softmax_scale=0.3)
+    assert graphs == [["infllmv2.decode.default"]], graphs
+    calls = []
+    real = decode_mod._decode_op
+    monkeypatch.setattr(decode_mod, "_decode_op", lambda *a: calls.append(1) or real(*a))
+    eager = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.3)
+    assert calls == []
+    torch.testing.assert_close(eager, compiled, rtol=0, atol=0)
+    for i, n in enumerate(lens):
+        ref, _ = naive.infllmv2_attention(q[i:i + 1], kc[i, :n], vc[i, :n], cfg, scale=0.3)
+        torch.testing.assert_close(eager[i], ref[0], rtol=1e-5, atol=1e-5)

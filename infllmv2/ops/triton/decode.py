@@ -19,8 +19,8 @@ import triton.language as tl
 
 from ...config import SparseConfig
 from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _forced_blocks,
-                        _next_pow2, _pdl_launch_args, _pdl_start, _select_core, config_args, gdc_launch_dependents,
-                        gdc_wait, softmax_scale_or_default)
+                        _next_pow2, _pdl_launch_args, _pdl_start, _select_core, cdiv, config_args,
+                        gdc_launch_dependents, gdc_wait, softmax_scale_or_default)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -214,10 +214,12 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    if return_block_indices or blocks_per_split is not None:
+    if return_block_indices or blocks_per_split is not None or not torch.compiler.is_compiling():
+        # eager: called directly, as the custom op's dispatch costs tens of microseconds of host time a call, and
+        # an eager decode step is bound by the host
         return _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
                        blocks_per_split, cache_leftpad)
-    # the custom op: torch.compile / CUDA graphs see one opaque call (the config travels as its fields)
+    # compiled: the custom op, which torch.compile sees as one opaque call (the config travels as its fields)
     return _decode_op(q, k_cache, v_cache, cache_seqlens, cache_leftpad, k_fine, k_coarse, scale,
                       *config_args(config))
 
@@ -262,17 +264,17 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         sparse_possible = config.dense_len < 0 or max_len >= config.dense_len
         # stage-2 splits of a sparse sequence: first those over its forced blocks (known from its length
         # alone), then those over the top-k's chosen blocks; a dense sequence spreads its blocks over all
-        n_dense = triton.cdiv(min(max_len, config.dense_len - 1), B) if config.dense_len > 0 else 0
+        n_dense = cdiv(min(max_len, config.dense_len - 1), B) if config.dense_len > 0 else 0
         if sparse_possible:
             per_known = blocks_per_split or _DECODE_BLOCKS_PER_SPLIT
             per_chosen = blocks_per_split or _DECODE_CHOSEN_PER_SPLIT
-            known_splits = triton.cdiv(config.init_blocks + config.local_blocks + 1, per_known)
-            n_split = known_splits + triton.cdiv(config.topk - config.init_blocks - 1, per_chosen)
+            known_splits = cdiv(config.init_blocks + config.local_blocks + 1, per_known)
+            n_split = known_splits + cdiv(config.topk - config.init_blocks - 1, per_chosen)
         else:
             per_known = per_chosen = 1
-            n_split = known_splits = triton.cdiv(n_dense, blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT,
-                                                                                  triton.cdiv(n_dense, 64)))
-        per_dense = max(1, triton.cdiv(n_dense, n_split))
+            n_split = known_splits = cdiv(n_dense, blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT,
+                                                                                  cdiv(n_dense, 64)))
+        per_dense = max(1, cdiv(n_dense, n_split))
         # allocated before stage 1: with PDL the known splits write these while the top-k still runs, so they
         # must not reuse memory of stage 1's temporaries
         o_part = torch.empty((batch, hq, n_split, d), dtype=torch.float32, device=dev)

@@ -30,6 +30,7 @@ compare selections by score.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -114,6 +115,12 @@ def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host: ``triton.cdiv`` is a constexpr function whose call costs microseconds, which a
+    decode step's launches pay a dozen times a layer."""
+    return -(-a // b)
+
+
 def softmax_scale_or_default(softmax_scale, d: int) -> float:
     """The scale of q . k, 1 / sqrt(d) by default. The kernels take each row's max over the unscaled scores and
     scale it afterwards, which only a positive scale allows."""
@@ -131,10 +138,14 @@ DECODE_PDL = os.environ.get("INFLLMV2_DECODE_PDL", "1") == "1"
 
 def _pdl_launch_args(device: torch.device) -> dict:
     """Launch arguments of a kernel in the decode chain: PDL on Hopper or newer (not in the interpreter)."""
-    if (DECODE_PDL and not _INTERPRET and gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9):
+    if DECODE_PDL and not _INTERPRET and gdc_wait is not None and device.type == "cuda" and _pdl_device(device.index):
         return dict(PDL=True, launch_pdl=True)
     return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(index) -> bool:  # cached: asked at every launch of a decode step
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @triton.jit
@@ -214,7 +225,7 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
         else:
             row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
         BLOCK_C = 16 if _INTERPRET else _COMPRESS_BLOCK_C
-        grid = (triton.cdiv(total_c, BLOCK_C), H)
+        grid = (cdiv(total_c, BLOCK_C), H)
         _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len,
                                k_flat.stride(0), k_flat.stride(1), out.stride(0), out.stride(1), total_c, d,
                                KERNEL=kernel, STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_D=max(16, _next_pow2(d)),
@@ -734,9 +745,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     # 1) log-sum-exp partials
     if decode:  # split the keys of each sequence over several programs
         lse_splits, score_splits = _decode_splits(total_q, hkv)
-        n2max = triton.cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
-        kps = triton.cdiv(triton.cdiv(n2max, lse_splits), BLOCK_N) * BLOCK_N
-        n_lse = triton.cdiv(n2max, kps)
+        n2max = cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
+        kps = cdiv(cdiv(n2max, lse_splits), BLOCK_N) * BLOCK_N
+        n_lse = cdiv(n2max, kps)
     else:
         n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
@@ -754,16 +765,16 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ST2=4 * sc, LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
-    nb_ws = max(1, triton.cdiv(max_seqlen_k, B))
+    nb_ws = max(1, cdiv(max_seqlen_k, B))
     BLOCK_NB = _next_pow2(nb_ws)
     if BLOCK_NB > _MAX_BLOCKS_PER_ROW:
         raise NotImplementedError(
             f"select_blocks_triton supports at most {_MAX_BLOCKS_PER_ROW} key blocks per sequence "
             f"(max_seqlen_k {max_seqlen_k}, block_size {B})")
     if decode:
-        n1max = triton.cdiv(max_seqlen_k, sc) + 1
-        wps = max(2 * BLOCK_N, triton.cdiv(triton.cdiv(n1max, score_splits), BLOCK_N) * BLOCK_N)
-        n_split = triton.cdiv(n1max, wps)
+        n1max = cdiv(max_seqlen_k, sc) + 1
+        wps = max(2 * BLOCK_N, cdiv(cdiv(n1max, score_splits), BLOCK_N) * BLOCK_N)
+        n_split = cdiv(n1max, wps)
     else:
         wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import softmax_scale_or_default
+from .selection import cdiv, softmax_scale_or_default
 from .gluon_support import GluonKernel
 from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
 from .sparse_fwd_sm90 import sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
@@ -610,7 +610,7 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
         n_words = _next_pow2(-(-n_blocks // 32))
         words = torch.zeros((hkv, total_q, n_words), dtype=torch.int32, device=dev)
         rows = 16
-        _row_bitmap_kernel[(triton.cdiv(total_q, rows), hkv)](
+        _row_bitmap_kernel[(cdiv(total_q, rows), hkv)](
             block_indices, words, total_q, budget, block_indices.stride(0), block_indices.stride(1),
             words.stride(0), words.stride(1), W=n_words, ROWS=rows, BP=_next_pow2(budget), num_warps=4)
         _tile_union_bitmap_kernel[(n_tiles, hkv)](

@@ -17,12 +17,16 @@ Method: a long ``torch.cuda._sleep`` first, so that the host issues ``--calls`` 
 host time a call is the issuing time over the calls; the GPU time a call is the CUDA-event time from the end of the
 sleep to the end of the last call, over the calls (the GPU runs them back to back, the host being ahead). Prints a
 table and JSON, and writes ``$OUT/profile_decode_host.json`` when OUT is set.
+
+``--mock-launches`` runs on the CPU with every Triton launch replaced by a no-op: the host time of our own Python
+alone (the decode variants only; no GPU time, no outputs to compare).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 
@@ -39,6 +43,11 @@ def timed(fn, calls: int) -> dict:
     """Host and GPU microseconds a call, the host kept ahead of the GPU by a sleep kernel."""
     for _ in range(3):
         fn()
+    if not torch.cuda.is_available():  # --mock-launches: the host's time alone
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return dict(host_us=round((time.perf_counter() - t0) / calls * 1e6, 2), gpu_us=None)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(int(2e9))  # ~1 s at the H200's clock: longer than the host needs to issue the calls
@@ -57,13 +66,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--calls", type=int, default=100, help="calls a measurement (host ahead of the GPU)")
+    ap.add_argument("--mock-launches", action="store_true", help="CPU: Triton launches as no-ops (our Python alone)")
     args = ap.parse_args()
     if args.calls < 1 or min(args.lengths) < 1:
         raise SystemExit("--calls and --lengths must be positive")
     import triton
     import torch.nn.functional as F
 
-    dev = torch.device("cuda")
+    if args.mock_launches:
+        if torch.cuda.is_available():
+            raise SystemExit("--mock-launches is for a machine without a GPU")
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels would run, interpreted, instead of the no-op
+            raise SystemExit("--mock-launches needs TRITON_INTERPRET unset")
+        import triton.runtime.jit
+        triton.runtime.jit.JITFunction.run = lambda self, *a, **k: None
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --mock-launches)")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = SparseConfig()
     hq, hkv, d = 32, 2, 128
     rows = []
@@ -100,7 +119,8 @@ def main():
                 lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), SPLIT_P=n_split, BLOCK_D=d,
                 num_warps=decode_mod._DECODE_COMBINE_WARPS)
 
-        variants = dict(decode=decode, dense_sdpa=dense_sdpa, one_launch=one_launch)
+        variants = dict(decode=decode) if args.mock_launches else dict(decode=decode, dense_sdpa=dense_sdpa,
+                                                                        one_launch=one_launch)
         for name, fn in variants.items():
             rows.append(dict(n=n, variant=name, **timed(fn, args.calls)))
         # the code as it was: the custom op on every call, triton.cdiv on the host
@@ -111,16 +131,19 @@ def main():
         finally:
             selection_mod.cdiv, decode_mod.cdiv = saved
         rows.append(dict(n=n, variant="decode_custom_op", **timed(decode_custom_op, args.calls)))
-        torch.testing.assert_close(decode(), decode_custom_op(), rtol=0, atol=0)  # the same computation
+        if not args.mock_launches:
+            torch.testing.assert_close(decode(), decode_custom_op(), rtol=0, atol=0)  # the same computation
     res = dict(command="python3 benchmarks/profile_decode_host.py " + " ".join(sys.argv[1:]),
-               gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, rows=rows)
+               gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, cpu=platform.processor()
+               or platform.machine(), torch=torch.__version__, triton=triton.__version__, rows=rows)
     print(json.dumps(res, indent=1))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "profile_decode_host.json"), "w") as f:
             json.dump(res, f, indent=1)
     print("\n| n | variant | host us | GPU us |\n| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['n']} | {r['variant']} | {r['host_us']:.1f} | {r['gpu_us']:.1f} |")
+        gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.1f}"
+        print(f"| {r['n']} | {r['variant']} | {r['host_us']:.1f} | {gpu} |")
 
 
 if __name__ == "__main__":

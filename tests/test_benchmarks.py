@@ -210,3 +210,36 @@ def test_e2e_ab_variants_set_and_restore_module_attributes():
     assert (SA.UNION_BITMAP_MAX_BINS, selection._SELECT_TILE) == (bins, seed_tile)
     with pytest.raises(SystemExit, match="NO_SUCH"):
         use({"name": "c", "selection.NO_SUCH": 1})
+
+
+def test_generate_without_compiled_decode_times_eager_steps_only(tmp_path):
+    """``bench_generate.py --no-compiled-decode``: time to first token and eager decode rows, no compiled ones; it
+    excludes ``--compiled-decode-only``."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_generate.py"), "--tiny", "--out-dir", str(tmp_path),
+           "--lengths", "192", "--patterns", "random", "--eager-tokens", "2"]
+    run = subprocess.run(cmd + ["--no-compiled-decode"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "generate_h200.json").read_text())
+    assert res["errors"] == []
+    assert {r["path"] for r in res["rows"]} == {"dense_ttft", "infllmv2_ttft", "dense_decode_eager",
+                                                "infllmv2_decode_eager"}
+    both = subprocess.run(cmd + ["--no-compiled-decode", "--compiled-decode-only"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_profile_decode_host_mocked_launches_times_each_variant(tmp_path):
+    """``profile_decode_host.py --mock-launches`` (CPU): the host time of each decode variant, Triton launches as
+    no-ops; the JSON names its command."""
+    import os
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_decode_host.py"), "--mock-launches",
+                          "--calls", "3", "--lengths", "4096", "20000"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={k: v for k, v in dict(os.environ, OUT=str(tmp_path)).items()
+                                           if k != "TRITON_INTERPRET"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "profile_decode_host.json").read_text())
+    assert res["command"].endswith("--mock-launches --calls 3 --lengths 4096 20000")
+    got = {(r["n"], r["variant"]) for r in res["rows"]}
+    assert got == {(n, v) for n in (4096, 20000) for v in ("decode", "decode_custom_op",
+                                                            "decode_custom_op_triton_cdiv")}
+    assert all(r["host_us"] > 0 and r["gpu_us"] is None for r in res["rows"])

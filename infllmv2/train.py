@@ -909,7 +909,8 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run_train(args) -> dict:
-    """``infllmv2 train``: parsed arguments -> ``train``; prints the summary."""
+    """``infllmv2 train``: parsed arguments -> ``train``; prints the summary. A process of a distributed run
+    (``WORLD_SIZE`` > 1) exits here once done (``_leave_process``); call ``train`` to go on afterwards."""
     summary = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "loss_first_steps"}, indent=1))

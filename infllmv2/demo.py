@@ -430,6 +430,9 @@ def format_results(r: dict) -> str:
                      f"{m['prefill_s']:>10.2f} {m['generate_s']:>9.2f}")
     lines.append(f"attended fraction of causal keys (layer {s['selection_layer']}): {s['attended_fraction']:.3f} "
                  f"per token, {s['attended_fraction_pooled']:.3f} pooled")
+    if not str(r["device"]).startswith("cuda"):  # the times above are not the speed-up: say so where they are read
+        lines.append(f"times: on {r['device']} InfLLM-V2 runs its memory-bounded PyTorch reference path, not the fast "
+                     "one: its speed-ups are measured on CUDA, with the Triton kernels (benchmarks/README.md)")
     lines.append(f"wrote {os.path.join(r['options']['out'], 'results.json')} and {r['plot']} "
                  f"(total {r['wall_s']:.1f} s)")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "infllmv2" in printed and "attended fraction" in printed
+    assert "times: on cpu InfLLM-V2 runs its memory-bounded PyTorch reference path" in printed
     results = json.loads((out / "results.json").read_text())
     png = out / "selection_layer3.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -273,7 +273,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
         else:
             per_known = per_chosen = 1
             n_split = known_splits = cdiv(n_dense, blocks_per_split or max(_DECODE_BLOCKS_PER_SPLIT,
-                                                                                  cdiv(n_dense, 64)))
+                                                                           cdiv(n_dense, 64)))
         per_dense = max(1, cdiv(n_dense, n_split))
         # allocated before stage 1: with PDL the known splits write these while the top-k still runs, so they
         # must not reuse memory of stage 1's temporaries

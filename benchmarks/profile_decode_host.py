@@ -20,6 +20,14 @@ table and JSON, and writes ``$OUT/profile_decode_host.json`` when OUT is set.
 
 ``--mock-launches`` runs on the CPU with every Triton launch replaced by a no-op: the host time of our own Python
 alone (the decode variants only; no GPU time, no outputs to compare).
+
+``--attention-functions`` adds, per length, the time spent inside each attention function transformers calls
+during eager decode steps of a small Llama with this layer shape (4 layers, hidden 256, the default cache and
+config; below 16K tokens ``dense_len`` is n / 2, so that the steps are sparse):
+``sdpa_attention_function`` (transformers' SDPA wrapper) and ``infllmv2_attention_function`` (after
+``infllmv2.enable``: the compressed-key update, then the decode call). No synchronisation inside, so on the GPU this
+too is host time. With ``--mock-launches`` SDPA returns an empty tensor instead of computing: both rows are then
+Python alone, each path's own.
 """
 from __future__ import annotations
 
@@ -62,14 +70,72 @@ def timed(fn, calls: int) -> dict:
     return dict(host_us=round(host, 2), gpu_us=round(gpu, 2))
 
 
+def attention_function_us(mode: str, n: int, steps: int, dev, mock: bool) -> float:
+    """Mean microseconds inside the attention function transformers calls, per call, over ``steps`` eager decode
+    steps of a 4-layer Llama (32 query / 2 KV heads, head dim 128) after an n-token prefill."""
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import infllmv2
+    import infllmv2.models.transformers as integration
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                                   max_position_embeddings=max(n + steps + 16, 4096), pad_token_id=0)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model = transformers.LlamaForCausalLM(cfg).to(device=dev, dtype=dtype).eval()
+    model.set_attn_implementation("sdpa")
+    if mode == "infllmv2":  # on the CPU the prefill takes the torch path; the decode steps are forced to Triton's
+        # the default config; sparse from n / 2 on below 16K (short runs, as the tests make)
+        config = SparseConfig().replace(dense_len=min(SparseConfig().dense_len, n // 2))
+        infllmv2.enable(model, config, backend="torch" if mock else "auto")
+    cache = infllmv2.InfLLMv2Cache() if mode == "infllmv2" else transformers.DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 512, (1, n), device=dev), past_key_values=cache, use_cache=True)
+    name = integration.ATTN_IMPLEMENTATION if mode == "infllmv2" else "sdpa"
+    inner = ALL_ATTENTION_FUNCTIONS[name]
+    spent = []
+
+    def timed_inner(*a, **k):
+        t0 = time.perf_counter()
+        out = inner(*a, **k)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    saved_sdpa, saved_backend = torch.nn.functional.scaled_dot_product_attention, integration._resolve_backend
+    if mock and mode == "dense":
+        torch.nn.functional.scaled_dot_product_attention = lambda q, *a, **k: torch.empty_like(q)
+    if mock and mode == "infllmv2":
+        integration._resolve_backend = lambda backend, q: "triton"
+    ALL_ATTENTION_FUNCTIONS[name] = timed_inner
+    try:
+        nxt, mask = torch.ones(1, 1, dtype=torch.long, device=dev), torch.ones(1, n, dtype=torch.long, device=dev)
+        for i in range(steps + 5):
+            if i == 5:
+                spent.clear()  # the first steps warm up
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            with torch.no_grad():
+                model(input_ids=nxt, attention_mask=mask, position_ids=torch.tensor([[n + i]], device=dev),
+                      past_key_values=cache, use_cache=True)
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = inner
+        torch.nn.functional.scaled_dot_product_attention = saved_sdpa
+        integration._resolve_backend = saved_backend
+    return sum(spent) / len(spent) * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--calls", type=int, default=100, help="calls a measurement (host ahead of the GPU)")
     ap.add_argument("--mock-launches", action="store_true", help="CPU: Triton launches as no-ops (our Python alone)")
+    ap.add_argument("--attention-functions", action="store_true", help="also the time inside transformers' SDPA "
+                    "attention function and InfLLM-V2's during eager decode steps of a small Llama")
+    ap.add_argument("--steps", type=int, default=40, help="decode steps of --attention-functions")
     args = ap.parse_args()
-    if args.calls < 1 or min(args.lengths) < 1:
-        raise SystemExit("--calls and --lengths must be positive")
+    if args.calls < 1 or min(args.lengths) < 1 or args.steps < 1:
+        raise SystemExit("--calls, --steps and --lengths must be positive")
     import triton
     import torch.nn.functional as F
 
@@ -133,6 +199,11 @@ def main():
         rows.append(dict(n=n, variant="decode_custom_op", **timed(decode_custom_op, args.calls)))
         if not args.mock_launches:
             torch.testing.assert_close(decode(), decode_custom_op(), rtol=0, atol=0)  # the same computation
+        if args.attention_functions:
+            for mode in ("dense", "infllmv2"):
+                us = attention_function_us(mode, n, args.steps, dev, args.mock_launches)
+                rows.append(dict(n=n, variant=("sdpa" if mode == "dense" else mode) + "_attention_function",
+                                 host_us=round(us, 2), gpu_us=None))
     res = dict(command="python3 benchmarks/profile_decode_host.py " + " ".join(sys.argv[1:]),
                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, cpu=platform.processor()
                or platform.machine(), torch=torch.__version__, triton=triton.__version__, rows=rows)

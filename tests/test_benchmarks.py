@@ -230,16 +230,21 @@ def test_generate_without_compiled_decode_times_eager_steps_only(tmp_path):
 
 def test_profile_decode_host_mocked_launches_times_each_variant(tmp_path):
     """``profile_decode_host.py --mock-launches`` (CPU): the host time of each decode variant, Triton launches as
-    no-ops; the JSON names its command."""
+    no-ops (at 20000 tokens the selection runs too), and with ``--attention-functions`` the time inside each
+    attention function of eager decode steps; the JSON names its command."""
     import os
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_decode_host.py"), "--mock-launches",
-                          "--calls", "3", "--lengths", "4096", "20000"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env={k: v for k, v in dict(os.environ, OUT=str(tmp_path)).items()
-                                           if k != "TRITON_INTERPRET"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    res = json.loads((tmp_path / "profile_decode_host.json").read_text())
-    assert res["command"].endswith("--mock-launches --calls 3 --lengths 4096 20000")
-    got = {(r["n"], r["variant"]) for r in res["rows"]}
-    assert got == {(n, v) for n in (4096, 20000) for v in ("decode", "decode_custom_op",
-                                                            "decode_custom_op_triton_cdiv")}
-    assert all(r["host_us"] > 0 and r["gpu_us"] is None for r in res["rows"])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    decode = ("decode", "decode_custom_op", "decode_custom_op_triton_cdiv")
+    for extra, want in ((["--lengths", "20000"], {(20000, v) for v in decode}),
+                        (["--lengths", "600", "--attention-functions", "--steps", "3"],
+                         {(600, v) for v in decode + ("sdpa_attention_function", "infllmv2_attention_function")})):
+        out = tmp_path / extra[1]
+        out.mkdir()
+        cmd = [sys.executable, str(ROOT / "benchmarks/profile_decode_host.py"), "--mock-launches", "--calls", "3"]
+        run = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                             env=dict(env, OUT=str(out)))
+        assert run.returncode == 0, run.stderr[-2000:]
+        res = json.loads((out / "profile_decode_host.json").read_text())
+        assert res["command"].endswith(" ".join(["--mock-launches", "--calls", "3"] + extra))
+        assert {(r["n"], r["variant"]) for r in res["rows"]} == want
+        assert all(r["host_us"] > 0 and r["gpu_us"] is None for r in res["rows"])

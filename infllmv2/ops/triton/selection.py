@@ -99,7 +99,7 @@ _GROUP_COLUMNS = 128
 
 def _decode_splits(batch: int, hkv: int) -> tuple:
     """(LSE splits, scoring splits) of one decode step's compressed keys per (sequence, KV head)."""
-    n = _DECODE_SPLITS or min(64, max(16, _next_pow2(-(-_DECODE_PROGRAMS // max(1, batch * hkv)))))
+    n = _DECODE_SPLITS or min(64, max(16, _next_pow2(cdiv(_DECODE_PROGRAMS, max(1, batch * hkv)))))
     return _DECODE_LSE_SPLITS or n, n
 
 
@@ -730,7 +730,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     else:
         ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
         tptr = torch.cumsum(ntile_seq, 0)
-        n_tiles = sum(-(-int(x) // BLOCK_T) for x in host_lens[0])
+        n_tiles = sum(cdiv(int(x), BLOCK_T) for x in host_lens[0])
         max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
         if n_tiles == 0:
             return out

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import cdiv, softmax_scale_or_default
+from .selection import _next_pow2, cdiv, softmax_scale_or_default
 from .gluon_support import GluonKernel
 from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
 from .sparse_fwd_sm90 import sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
@@ -98,10 +98,6 @@ ROW_MASK = os.environ.get("INFLLMV2_SPARSE_ROW_MASK", "1") == "1"
 FWD_SM90 = GluonKernel("sparse forward")
 # ... and, where it applies (d 128), by its warp-specialised variant (``FWD_SM90_WS.enabled = False``: the above)
 FWD_SM90_WS = GluonKernel("warp-specialised sparse forward")
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,7 +603,7 @@ def _tile_unions(block_indices, tile_q0, tile_nq, tile_pos0, T: int, block_size:
     ubits = torch.zeros((hkv, n_tiles, u_cap + 1), dtype=torch.int64, device=dev)
     cnt = torch.empty((hkv, n_tiles), dtype=torch.int32, device=dev)
     if bitmap and n_tiles and hkv and budget:
-        n_words = _next_pow2(-(-n_blocks // 32))
+        n_words = _next_pow2(cdiv(n_blocks, 32))
         words = torch.zeros((hkv, total_q, n_words), dtype=torch.int32, device=dev)
         rows = 16
         _row_bitmap_kernel[(cdiv(total_q, rows), hkv)](
@@ -748,7 +744,7 @@ class _Plan:
         self.T *= wgs
         self.batch = cu_q.shape[0] - 1
         budget = block_indices.shape[-1]
-        nb_max = max(1, -(-max(int(max_seqlen_k), 1) // block_size))
+        nb_max = max(1, cdiv(max(int(max_seqlen_k), 1), block_size))
         self.u_cap = max(1, min(self.T * budget, nb_max))
         self.tile_seq, self.tile_q0, self.tile_nq, self.tile_pos0 = _tile_table(
             cu_q, cu_k, self.T, total_q, self.batch)

@@ -11,6 +11,7 @@ time of the top operators and the GPU kernel time a step. Prints a table; JSON t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,8 @@ def main():
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke test)")
+    p.add_argument("--cudnn-first", action="store_true", help="decode steps under cuDNN-first SDPA priority too (as "
+                   "the twenty-fourth session ran them: cuDNN builds a plan for each new key length)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_generate_eager.json"))
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -38,8 +41,9 @@ def main():
     model = build_model(shape, dev, torch.float32 if args.tiny else torch.bfloat16)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     ck = cache_kwarg(model)
-    res = {"command": "python3 benchmarks/profile_generate_eager.py " + " ".join(sys.argv[1:]), "n": args.n, "rows": []}
-    with torch.no_grad(), sdpa_priority(dev):
+    res = {"command": "python3 benchmarks/profile_generate_eager.py " + " ".join(sys.argv[1:]), "n": args.n,
+           "sdpa_order_in_decode": "cuDNN first" if args.cudnn_first else "default", "rows": []}
+    with torch.no_grad():
         for mode in ("dense", "infllmv2"):
             if mode == "dense":
                 infllmv2.disable(model)
@@ -48,12 +52,15 @@ def main():
                 infllmv2.enable(model, TINY_CONFIG if args.tiny else None)
                 cache = infllmv2.InfLLMv2Cache()
             ids = prompt(model, args.n, "random", dev, shape)["input_ids"]
-            out = model(input_ids=ids, logits_to_keep=1, **{ck: cache})
+            with sdpa_priority(dev):  # the fastest dense prefill; the decode steps in SDPA's default order
+                out = model(input_ids=ids, logits_to_keep=1, **{ck: cache})
             tok = out.logits[:, -1:].argmax(-1)
+            decode_priority = (lambda: sdpa_priority(dev)) if args.cudnn_first else contextlib.nullcontext
 
             def step():
                 nonlocal tok
-                o = model(input_ids=tok, logits_to_keep=1, **{ck: cache})
+                with decode_priority():
+                    o = model(input_ids=tok, logits_to_keep=1, **{ck: cache})
                 tok = o.logits[:, -1:].argmax(-1)
                 sync()
             for _ in range(3):  # warm: kernels of the new lengths compiled

@@ -26,6 +26,37 @@ from bench_e2e import FULL_SHAPE  # noqa: E402
 from bench_generate import TINY_CONFIG, TINY_SHAPE, build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
 
 
+def python_profile(step, steps: int, dev: str) -> dict:
+    """cProfile of ``steps`` steps (top 30 functions by own time, per step) and the warnings of torch's sync debug
+    mode over one step (each synchronising call, with where it came from)."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    st = pstats.Stats(prof, stream=io.StringIO())
+    rows = sorted(((tt, ct, nc, f"{os.path.basename(f)}:{ln}:{name}") for (f, ln, name), (_, nc, tt, ct, _) in
+                   st.stats.items()), reverse=True)[:30]
+    top = [dict(function=fn, own_ms=round(tt / steps * 1e3, 3), cum_ms=round(ct / steps * 1e3, 3),
+                calls=round(nc / steps, 2)) for tt, ct, nc, fn in rows]
+    syncs = []
+    if dev == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            syncs.append(f"{w.filename}:{w.lineno}: {str(w.message)[:120]}")
+    return {"python_top_per_step": top, "syncs_in_one_step": syncs}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=32768)
@@ -33,6 +64,8 @@ def main():
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke test)")
     p.add_argument("--cudnn-first", action="store_true", help="decode steps under cuDNN-first SDPA priority too (as "
                    "the twenty-fourth session ran them: cuDNN builds a plan for each new key length)")
+    p.add_argument("--cprofile", action="store_true", help="also a Python profile of the steps (top functions by own "
+                   "time a step) and the host synchronisations of one step (torch's sync debug mode)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_generate_eager.json"))
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -73,6 +106,8 @@ def main():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     step()
+            if args.cprofile:
+                row_extra = python_profile(step, args.steps, dev)
             ev = prof.key_averages()
             gpu_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / args.steps
             top = sorted((e for e in ev if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)[:15]
@@ -81,6 +116,8 @@ def main():
                    "top_host_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / args.steps, 3)
                                                 for e in top},
                    "host_calls_per_step": {e.key: e.count // args.steps for e in top}}
+            if args.cprofile:
+                row.update(row_extra)
             res["rows"].append(row)
             print(json.dumps(row, indent=1), flush=True)
             if dev == "cuda":

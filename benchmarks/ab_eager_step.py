@@ -1,0 +1,103 @@
+"""A/B of an eager decode step of transformers' Llama (MiniCPM4-8B shape, batch 1): what InfLLM-V2's step costs
+over dense's, taken apart by switching pieces of it off.
+
+    python3 benchmarks/ab_eager_step.py [--n 131072] [--steps 8] [--rounds 3]
+
+Variants, interleaved over ``--rounds`` (each: ``--steps`` steps, each waited for, the median step kept):
+
+* ``dense``: transformers' SDPA with its ``DynamicCache`` (SDPA's default backend order);
+* ``infllmv2``: ``infllmv2.enable`` with ``InfLLMv2Cache``, as generate() runs it;
+* ``infllmv2_no_pdl``: the same with the decode chain launched without programmatic dependent launch;
+* ``infllmv2_stub_decode``: the decode call replaced by an empty output (the rest of InfLLM-V2's attention
+  function and cache kept): what everything but the decode call costs.
+
+"host returned at": when ``model(...)`` returned, before the wait (close to the step: the host is the bound).
+Prints a table; JSON to ``$OUT/ab_eager_step.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import infllmv2  # noqa: E402
+import infllmv2.ops.triton as triton_ops  # noqa: E402
+import infllmv2.ops.triton.selection as selection_mod  # noqa: E402
+from bench_e2e import FULL_SHAPE  # noqa: E402
+from bench_generate import build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    model = build_model(FULL_SHAPE, "cuda", torch.bfloat16)
+    ck = cache_kwarg(model)
+    ids = prompt(model, args.n, "random", "cuda", FULL_SHAPE)["input_ids"]
+    real_decode = triton_ops.infllmv2_decode_triton
+    caches = {}
+    with torch.no_grad():
+        for mode in ("dense", "infllmv2"):
+            if mode == "dense":
+                infllmv2.disable(model)
+                caches[mode] = __import__("transformers").DynamicCache()
+            else:
+                infllmv2.enable(model)
+                caches[mode] = infllmv2.InfLLMv2Cache()
+            with sdpa_priority("cuda"):
+                model(input_ids=ids, logits_to_keep=1, **{ck: caches[mode]})
+        del ids
+        torch.cuda.empty_cache()
+
+        def setup(variant):
+            selection_mod.DECODE_PDL = variant != "infllmv2_no_pdl"
+            triton_ops.infllmv2_decode_triton = (
+                (lambda q, *a, **k: torch.empty_like(q)) if variant == "infllmv2_stub_decode" else real_decode)
+            if variant == "dense":
+                infllmv2.disable(model)
+            else:
+                infllmv2.enable(model)
+            return caches["dense" if variant == "dense" else "infllmv2"]
+
+        variants = ["dense", "infllmv2", "infllmv2_no_pdl", "infllmv2_stub_decode"]
+        walls = {v: [] for v in variants}
+        issue = {v: [] for v in variants}
+        tok = torch.ones(1, 1, dtype=torch.long, device="cuda")
+        for r in range(args.rounds):
+            for v in variants:
+                cache = setup(v)
+                for i in range(2 + args.steps):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    model(input_ids=tok, logits_to_keep=1, **{ck: cache})
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    if i >= 2:
+                        walls[v].append((time.perf_counter() - t0) * 1e3)
+                        issue[v].append((t1 - t0) * 1e3)
+        setup("infllmv2")
+    rows = [dict(variant=v, step_ms_median=round(statistics.median(w), 3), step_ms_min=round(min(w), 3),
+                 issue_ms_median=round(statistics.median(issue[v]), 3)) for v, w in walls.items()]
+    res = dict(command="python3 benchmarks/ab_eager_step.py " + " ".join(sys.argv[1:]), n=args.n,
+               gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, walls_ms=walls, issue_ms=issue)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "ab_eager_step.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print("| variant | step ms (median) | min | host returned at ms |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['step_ms_median']} | {r['step_ms_min']} | {r['issue_ms_median']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,11 @@ over dense's, taken apart by switching pieces of it off.
 Variants, interleaved over ``--rounds`` (each: ``--steps`` steps, each waited for, the median step kept):
 
 * ``dense``: transformers' SDPA with its ``DynamicCache`` (SDPA's default backend order);
-* ``infllmv2``: ``infllmv2.enable`` with ``InfLLMv2Cache``, as generate() runs it;
-* ``infllmv2_no_pdl``: the same with the decode chain launched without programmatic dependent launch;
+* ``infllmv2``: ``infllmv2.enable`` with ``InfLLMv2Cache``, as generate() runs it (each layer's decode call
+  replayed from a CUDA graph, ``DecodeGraph``);
+* ``infllmv2_no_graphs``: the same with the decode chain launched at every call (``DECODE_GRAPHS`` off, as before
+  the twenty-sixth session);
+* ``infllmv2_no_pdl``: launched at every call, without programmatic dependent launch;
 * ``infllmv2_stub_decode``: the decode call replaced by an empty output (the rest of InfLLM-V2's attention
   function and cache kept): what everything but the decode call costs.
 
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import infllmv2  # noqa: E402
 import infllmv2.ops.triton as triton_ops  # noqa: E402
+import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
 import infllmv2.ops.triton.selection as selection_mod  # noqa: E402
 from bench_e2e import FULL_SHAPE  # noqa: E402
 from bench_generate import build_model, cache_kwarg, prompt, sdpa_priority  # noqa: E402
@@ -62,6 +66,7 @@ def main():
 
         def setup(variant):
             selection_mod.DECODE_PDL = variant != "infllmv2_no_pdl"
+            decode_mod.DECODE_GRAPHS = variant == "infllmv2"
             triton_ops.infllmv2_decode_triton = (
                 (lambda q, *a, **k: torch.empty_like(q)) if variant == "infllmv2_stub_decode" else real_decode)
             if variant == "dense":
@@ -70,7 +75,7 @@ def main():
                 infllmv2.enable(model)
             return caches["dense" if variant == "dense" else "infllmv2"]
 
-        variants = ["dense", "infllmv2", "infllmv2_no_pdl", "infllmv2_stub_decode"]
+        variants = ["dense", "infllmv2", "infllmv2_no_graphs", "infllmv2_no_pdl", "infllmv2_stub_decode"]
         walls = {v: [] for v in variants}
         issue = {v: [] for v in variants}
         tok = torch.ones(1, 1, dtype=torch.long, device="cuda")

@@ -25,6 +25,7 @@ and drop one stride from the tail. The tail here is a view of the cache itself (
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import List, Optional
 
@@ -180,22 +181,83 @@ class InfLLMv2Layer:
 
     def _infllmv2_drop(self) -> None:
         self._infllmv2_state = None
+        self.__dict__.pop("_infllmv2_graph", None)
+
+    def decode_room(self, length: int):
+        """(k, v) as (batch, room, Hkv, d) views of the whole storage of the cached keys / values when the first
+        ``length`` slots are the cached ones and it has room to grow in place (``_append_in_room``); else None."""
+        room = self.__dict__.get("_infllmv2_room")
+        if room is None or not _is_prefix(self.keys, room[0]) or not _is_prefix(self.values, room[1]):
+            return None
+        if self.keys.shape[2] != length:
+            return None
+        return room[0].transpose(1, 2), room[1].transpose(1, 2)
+
+
+# spare slots of a dynamic layer's key / value storage: an eighth of its length, at least this many
+_ROOM_MIN = 256
+
+
+def _is_prefix(x: torch.Tensor, buf: torch.Tensor) -> bool:
+    """x is buf[:, :, :n] (the same storage, strides and leading sizes)."""
+    return (x.dim() == 4 and x.data_ptr() == buf.data_ptr() and x.stride() == buf.stride()
+            and x.shape[:2] == buf.shape[:2] and x.shape[3] == buf.shape[3] and x.shape[2] <= buf.shape[2]
+            and x.dtype == buf.dtype)
+
+
+def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
+    """``DynamicLayer.update``'s concatenation without copying the cache at every step: the keys / values are
+    views ``buf[:, :, :n]`` of buffers with spare room (an eighth more, at least ``_ROOM_MIN`` slots), written in
+    place; a full buffer is replaced by a larger one. Their addresses then stay put between growths, so an eager
+    decode step can replay a CUDA graph captured on them (``ops/triton/decode.py``, ``DecodeGraph``). Keys / values
+    that another method replaced (crop keeps a prefix view; a batch reorder makes new tensors) are adopted into
+    new buffers."""
+    keys, values = layer.keys, layer.values
+    room = layer.__dict__.get("_infllmv2_room")
+    n = keys.shape[-2] if keys.dim() == 4 else 0
+    total = n + k_new.shape[-2]
+    fits = (room is not None and n > 0 and _is_prefix(keys, room[0]) and _is_prefix(values, room[1])
+            and room[0].shape[:2] == k_new.shape[:2] and room[0].shape[3] == k_new.shape[3]
+            and room[1].shape[3] == v_new.shape[3] and room[0].dtype == k_new.dtype
+            and room[1].dtype == v_new.dtype and room[0].device == k_new.device and total <= room[0].shape[2])
+    if not fits:
+        cap = total + max(_ROOM_MIN, total // 8)
+        b, h = k_new.shape[:2]
+        room = (k_new.new_empty((b, h, cap, k_new.shape[3])), v_new.new_empty((b, h, cap, v_new.shape[3])))
+        if n > 0:
+            room[0][:, :, :n] = keys
+            room[1][:, :, :n] = values
+        layer._infllmv2_room = room
+        layer.__dict__.pop("_infllmv2_graph", None)  # captured on the old storage
+    room[0][:, :, n:total] = k_new
+    room[1][:, :, n:total] = v_new
+    return room[0][:, :, :total], room[1][:, :, :total]
 
 
 def _mixed_layer_class():
     from transformers.cache_utils import DynamicLayer
 
+    lazy_takes_values = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) > 2
+
     class InfLLMv2DynamicLayer(InfLLMv2Layer, DynamicLayer):
         """transformers ``DynamicLayer`` + InfLLM-V2 compressed keys."""
 
         def update(self, key_states, value_states, *args, **kwargs):
-            keys, values = DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+            if not self.is_initialized:  # its signature changed in transformers 5 (values added)
+                self.lazy_initialization(*((key_states, value_states) if lazy_takes_values else (key_states,)))
+            self.keys, self.values = _append_in_room(self, key_states, value_states)
             self._infllmv2_register(kwargs)
-            return keys, values
+            return self.keys, self.values
 
         def reset(self):
             self._infllmv2_drop()
+            self._infllmv2_room = None
             DynamicLayer.reset(self)
+
+        def offload(self):  # the keys / values move off the device: so does their room
+            self.__dict__.pop("_infllmv2_graph", None)
+            self._infllmv2_room = None
+            DynamicLayer.offload(self)
 
         def crop(self, tokens_to_remove):
             self._infllmv2_drop()

@@ -75,6 +75,46 @@ def _check_compressed(cache, config, rows=None):
 
 
 # --------------------------------------------------------------------------------------------------
+def test_dynamic_layer_writes_in_place_with_room_and_equals_concatenation():
+    """InfLLMv2Cache's layers keep their keys / values as prefix views of buffers with room and write new tokens in
+    place (no copy of the cache a step); what they return equals DynamicCache's concatenation through growth,
+    crop (a prefix view, overwritten by the next tokens), a batch reorder (new tensors, adopted) and reset."""
+    from infllmv2 import cache as cache_mod
+    ours, ref = InfLLMv2Cache(), transformers.DynamicCache()
+    g = torch.Generator().manual_seed(0)
+
+    def put(n, batch=2):
+        k, v = torch.randn(batch, 2, n, 8, generator=g), torch.randn(batch, 2, n, 4, generator=g)  # d_v != d_k
+        a, b = ours.update(k, v, 0), ref.update(k.clone(), v.clone(), 0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        return a[0]
+
+    first = put(300)
+    layer = ours.layers[0]
+    room = layer._infllmv2_room[0].shape[2]
+    assert room == 300 + cache_mod._ROOM_MIN
+    for _ in range(room - 300):  # decode steps fill the room: the storage stays where it is
+        keys = put(1)
+        assert keys.data_ptr() == first.data_ptr()
+    assert layer.decode_room(keys.shape[2])[0].shape == (2, room, 2, 8)
+    assert layer.decode_room(keys.shape[2] - 1) is None  # other lengths than the cached ones: no room view
+    grown = put(1)  # full: a larger buffer, the old contents copied
+    assert grown.data_ptr() != first.data_ptr() and layer._infllmv2_room[0].shape[2] > room
+    ours.crop(-5), ref.crop(-5)
+    put(3)  # written over the cropped slots
+    idx = torch.tensor([1, 0])
+    ours.batch_select_indices(idx), ref.batch_select_indices(idx)
+    assert layer.decode_room(ours.get_seq_length()) is None  # the reordered keys are new tensors...
+    adopted = put(2)  # ... adopted into new room
+    assert adopted.data_ptr() == layer._infllmv2_room[0].data_ptr()
+    for _ in range(3):
+        put(1)
+    ours.reset(), ref.reset()
+    assert layer.__dict__.get("_infllmv2_room") is None
+    put(7, batch=3)  # another batch size after the reset
+    assert ours.get_seq_length() == ref.get_seq_length() == 7
+
+
 def test_incremental_compressed_keys_equal_scratch_across_dense_len_switch():
     config = SPARSE.replace(dense_len=150)
     model = enable(_llama(), config)

@@ -223,15 +223,25 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
         if sq != 1:
             return None
         from ..ops.triton import infllmv2_decode_triton
-        leftpad = None
-        if mask is None:
-            lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-        else:
+        from ..ops.triton.decode import DecodeGraph, decode_graphs_apply
+        leftpad = lens = None
+        if mask is not None:
             if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
                 return None
             lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
-        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=state.fine.data,
-                                     k_coarse=state.coarse.data if state.coarse is not None else None,
+        k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
+        room = layer.decode_room(sk) if decode_graphs_apply(q) else None
+        if room is not None:  # eager, the keys / values in a room that stays put: replay a CUDA graph
+            graph = layer.__dict__.get("_infllmv2_graph")
+            key = DecodeGraph.key_of(q[:, 0], *room, config, scale, k_fine, k_coarse, leftpad)
+            if graph is None or graph.key != key:
+                first_lens = lens if lens is not None else torch.full((b,), sk, dtype=torch.int32, device=q.device)
+                graph = layer._infllmv2_graph = DecodeGraph(q[:, 0], *room, first_lens, config, scale, k_fine,
+                                                            k_coarse, leftpad)
+            return graph(q[:, 0], sk if lens is None else lens, leftpad)[:, None]
+        if lens is None:
+            lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=k_fine, k_coarse=k_coarse,
                                      cache_leftpad=leftpad)
         return out[:, None]
     from ..ops.torch_decode import attention_compressed

@@ -324,3 +324,79 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
             out.stride(0), out.stride(1), SPLIT_P=max(2, _next_pow2(n_split)), BLOCK_D=BLOCK_D,
             **({} if _INTERPRET else dict(num_warps=_DECODE_COMBINE_WARPS)), **pdl)
     return (out, idx) if return_block_indices else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Eager decode steps replayed from CUDA graphs
+# ------------------------------------------------------------------------------------------------
+# switch of the graph replay (INFLLMV2_DECODE_GRAPHS=0: every eager call launches the chain itself)
+DECODE_GRAPHS = os.environ.get("INFLLMV2_DECODE_GRAPHS", "1") == "1"
+_GRAPH_POOLS: dict = {}  # device index -> the memory pool the decode graphs of that device share
+_CAPTURE_STREAMS: dict = {}  # device index -> the side stream graphs are captured on
+
+
+def _tensor_key(x):
+    return None if x is None else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+
+
+class DecodeGraph:
+    """One eager decode call captured in a CUDA graph, replayed while its caches stay where they are.
+
+    An eager decode step (transformers' default generate loop) is bound by the host: the chain's Python and its
+    five Triton launches cost ~0.4 ms of host time a call on the H200's host against ~20 us of GPU time
+    (``benchmarks/results/profile_triton_launch_h200.json``). Captured over caches with room to grow (the cache's
+    ``_append_in_room``: same addresses from step to step), a call costs the copies of q and of the lengths, one
+    graph launch and a copy of the output. The graph sizes its launches for the whole room (``k_cache`` holds
+    ``max_len`` slots, ``cache_seqlens`` says how many are filled), so it serves every step until the caches move.
+
+    ``key_of(...)`` says what it was captured on (addresses, shapes, strides, config, scale); a caller keeps one
+    graph per cache layer and captures a new one when the key changes. The graphs of a device share one memory
+    pool: safe because each replay's output is copied out right away, in stream order, before any other graph
+    runs (a later graph may reuse the memory of an earlier one's temporaries and output).
+    """
+
+    def __init__(self, q, k_cache, v_cache, cache_seqlens, config, softmax_scale, k_fine, k_coarse,
+                 cache_leftpad=None):
+        dev = q.device
+        self.key = self.key_of(q, k_cache, v_cache, config, softmax_scale, k_fine, k_coarse, cache_leftpad)
+        self.q = q.clone(memory_format=torch.contiguous_format)
+        self.lens = cache_seqlens.clone()
+        self.leftpad = None if cache_leftpad is None else cache_leftpad.clone()
+        args = (k_cache, v_cache, self.lens, config, softmax_scale, k_fine, k_coarse, False, None, self.leftpad)
+        _decode(self.q, *args)  # compiles any kernel specialisation first: nothing may compile while capturing
+        pool = _GRAPH_POOLS.setdefault(dev.index, torch.cuda.graph_pool_handle())
+        side = _CAPTURE_STREAMS.setdefault(dev.index, torch.cuda.Stream(dev))
+        side.wait_stream(torch.cuda.current_stream(dev))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            # torch.cuda.graph() would also run gc.collect() and empty_cache() at every capture: tens of ms a
+            # layer at the first decode step of a large model
+            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self.out = _decode(self.q, *args)
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+    @staticmethod
+    def key_of(q, k_cache, v_cache, config, softmax_scale, k_fine, k_coarse, cache_leftpad=None) -> tuple:
+        return (tuple(q.shape), q.dtype, q.device, _tensor_key(k_cache), _tensor_key(v_cache), config,
+                float(softmax_scale), _tensor_key(k_fine), _tensor_key(k_coarse), cache_leftpad is not None)
+
+    def __call__(self, q: torch.Tensor, cache_seqlens, cache_leftpad=None) -> torch.Tensor:
+        """q (batch, Hq, d); cache_seqlens: (batch,) int32 tensor, or an int for every row. Returns (batch, Hq, d)."""
+        self.q.copy_(q)
+        if isinstance(cache_seqlens, torch.Tensor):
+            self.lens.copy_(cache_seqlens)
+        else:
+            self.lens.fill_(cache_seqlens)
+        if self.leftpad is not None:
+            self.leftpad.copy_(cache_leftpad)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def decode_graphs_apply(q: torch.Tensor) -> bool:
+    """Whether an eager decode call on q may replay a graph: CUDA, the switch on, not compiling, not capturing."""
+    return (DECODE_GRAPHS and q.is_cuda and not _INTERPRET and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())

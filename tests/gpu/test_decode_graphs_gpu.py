@@ -1,0 +1,83 @@
+"""Eager decode steps replayed from CUDA graphs (ops/triton/decode.py ``DecodeGraph``; cache.py's room to grow).
+
+An enabled model's eager decode steps with ``InfLLMv2Cache`` on CUDA replay one graph per layer, captured again
+when the caches move (the keys' room grows, the compressed keys double). Teacher-forced over enough steps to cross
+those moves, a left-padded batch with a sparse row, a row turning sparse and a dense row gives the logits of the
+same steps launched directly (``DECODE_GRAPHS`` off), and the replays happen.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+transformers = pytest.importorskip("transformers")
+
+import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
+from infllmv2 import SparseConfig  # noqa: E402
+from infllmv2.cache import InfLLMv2Cache  # noqa: E402
+from infllmv2.models.transformers import enable  # noqa: E402
+
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CONFIG = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=128, topk=4,
+                      dense_len=1500)
+VOCAB = 1000
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=768, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return enable(model, CONFIG, backend="triton")
+
+
+def _run(model, ids, mask, tokens, graphs: bool):
+    """Prefill, then teacher-forced decode steps feeding ``tokens``; returns each step's last logits."""
+    saved = decode_mod.DECODE_GRAPHS
+    decode_mod.DECODE_GRAPHS = graphs
+    try:
+        cache, out = InfLLMv2Cache(), []
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **{CACHE: cache})
+            for t in range(tokens.shape[1]):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                o = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, **{CACHE: cache})
+                out.append(o.logits[:, -1].float())
+        return torch.stack(out, 1), cache
+    finally:
+        decode_mod.DECODE_GRAPHS = saved
+
+
+def test_eager_decode_graph_replays_equal_direct_launches_across_cache_moves(monkeypatch):
+    model = _model()
+    lengths, steps = [2000, 1490, 700], 300  # sparse, turning sparse, dense; 300 steps pass the room of 2000 + 256
+    g = torch.Generator().manual_seed(0)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, m in enumerate(lengths):
+        ids[i, n - m:] = torch.randint(3, VOCAB, (m,), generator=g)
+        mask[i, n - m:] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    tokens = torch.randint(3, VOCAB, (len(lengths), steps), generator=g).cuda()
+
+    captures, replays = [], []
+    init, call = decode_mod.DecodeGraph.__init__, decode_mod.DecodeGraph.__call__
+    monkeypatch.setattr(decode_mod.DecodeGraph, "__init__", lambda self, *a, **k: (captures.append(1),
+                                                                                     init(self, *a, **k))[1])
+    monkeypatch.setattr(decode_mod.DecodeGraph, "__call__", lambda self, *a, **k: (replays.append(1),
+                                                                                   call(self, *a, **k))[1])
+    direct, _ = _run(model, ids, mask, tokens, graphs=False)
+    assert not captures and not replays
+    graphed, cache = _run(model, ids, mask, tokens, graphs=True)
+    layers = len(cache.layers)
+    assert len(replays) == steps * layers  # every step of every layer replayed a graph
+    # captured again when the caches moved (the room grew, the compressed keys doubled), not at every step
+    assert 2 * layers <= len(captures) <= 12 * layers
+    torch.testing.assert_close(graphed, direct, atol=3e-2, rtol=3e-2)
+    assert (graphed.argmax(-1) == direct.argmax(-1)).float().mean() > 0.95

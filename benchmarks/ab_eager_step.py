@@ -77,6 +77,7 @@ def main():
 
         variants = ["dense", "infllmv2", "infllmv2_no_graphs", "infllmv2_no_pdl", "infllmv2_stub_decode"]
         walls = {v: [] for v in variants}
+        reserved = {}
         issue = {v: [] for v in variants}
         tok = torch.ones(1, 1, dtype=torch.long, device="cuda")
         for r in range(args.rounds):
@@ -91,17 +92,20 @@ def main():
                     if i >= 2:
                         walls[v].append((time.perf_counter() - t0) * 1e3)
                         issue[v].append((t1 - t0) * 1e3)
+                reserved.setdefault(v, torch.cuda.memory_reserved() / 2**20)
         setup("infllmv2")
     rows = [dict(variant=v, step_ms_median=round(statistics.median(w), 3), step_ms_min=round(min(w), 3),
-                 issue_ms_median=round(statistics.median(issue[v]), 3)) for v, w in walls.items()]
+                 issue_ms_median=round(statistics.median(issue[v]), 3),
+                 reserved_mib_after_first_round=round(reserved[v], 1)) for v, w in walls.items()]
     res = dict(command="python3 benchmarks/ab_eager_step.py " + " ".join(sys.argv[1:]), n=args.n,
                gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, walls_ms=walls, issue_ms=issue)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "ab_eager_step.json"), "w") as f:
             json.dump(res, f, indent=1)
-    print("| variant | step ms (median) | min | host returned at ms |\n| --- | --- | --- | --- |")
+    print("| variant | step ms (median) | min | host returned at ms | reserved MiB |\n| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_ms_median']} | {r['step_ms_min']} | {r['issue_ms_median']} |")
+        print(f"| {r['variant']} | {r['step_ms_median']} | {r['step_ms_min']} | {r['issue_ms_median']} | "
+              f"{r['reserved_mib_after_first_round']} |")
 
 
 if __name__ == "__main__":

@@ -331,7 +331,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
 # ------------------------------------------------------------------------------------------------
 # switch of the graph replay (INFLLMV2_DECODE_GRAPHS=0: every eager call launches the chain itself)
 DECODE_GRAPHS = os.environ.get("INFLLMV2_DECODE_GRAPHS", "1") == "1"
-_GRAPH_POOLS: dict = {}  # device index -> the memory pool the decode graphs of that device share
 _CAPTURE_STREAMS: dict = {}  # device index -> the side stream graphs are captured on
 
 
@@ -350,9 +349,9 @@ class DecodeGraph:
     ``max_len`` slots, ``cache_seqlens`` says how many are filled), so it serves every step until the caches move.
 
     ``key_of(...)`` says what it was captured on (addresses, shapes, strides, config, scale); a caller keeps one
-    graph per cache layer and captures a new one when the key changes. The graphs of a device share one memory
-    pool: safe because each replay's output is copied out right away, in stream order, before any other graph
-    runs (a later graph may reuse the memory of an earlier one's temporaries and output).
+    graph per cache layer and captures a new one when the key changes. Each graph has its own memory pool (the
+    chain's temporaries, a few MB), freed with it: a pool handle shared by graphs of a device cannot be used again
+    once they are all gone (torch 2.11: an internal assert at the next capture), as happens when a cache is dropped.
     """
 
     def __init__(self, q, k_cache, v_cache, cache_seqlens, config, softmax_scale, k_fine, k_coarse,
@@ -364,14 +363,13 @@ class DecodeGraph:
         self.leftpad = None if cache_leftpad is None else cache_leftpad.clone()
         args = (k_cache, v_cache, self.lens, config, softmax_scale, k_fine, k_coarse, False, None, self.leftpad)
         _decode(self.q, *args)  # compiles any kernel specialisation first: nothing may compile while capturing
-        pool = _GRAPH_POOLS.setdefault(dev.index, torch.cuda.graph_pool_handle())
         side = _CAPTURE_STREAMS.setdefault(dev.index, torch.cuda.Stream(dev))
         side.wait_stream(torch.cuda.current_stream(dev))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             # torch.cuda.graph() would also run gc.collect() and empty_cache() at every capture: tens of ms a
             # layer at the first decode step of a large model
-            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            self.graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.out = _decode(self.q, *args)
             finally:

@@ -154,8 +154,11 @@ class InfLLMv2Layer:
         layout = _row_layout(mask, length, b)
         st = self._infllmv2_state
         if st is not None and (st.config != config or len(st.seen) != b
-                               or any(n < s for (n, _), s in zip(layout, st.seen))):
-            st = None  # config changed or the cache was cropped / reshaped: rebuild from scratch
+                               or any(n < s for (n, _), s in zip(layout, st.seen))
+                               or (st.fine.data.is_inference() and not torch.is_inference_mode_enabled())):
+            # config changed, the cache was cropped / reshaped, or its buffers were made under inference_mode and
+            # take no in-place write outside it: rebuild from scratch
+            st = None
         if st is None:
             if not build and not any(config.is_sparse(n) for n, _ in layout):
                 self._infllmv2_state = None
@@ -211,15 +214,24 @@ def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
     place; a full buffer is replaced by a larger one. Their addresses then stay put between growths, so an eager
     decode step can replay a CUDA graph captured on them (``ops/triton/decode.py``, ``DecodeGraph``). Keys / values
     that another method replaced (crop keeps a prefix view; a batch reorder makes new tensors) are adopted into
-    new buffers."""
+    new buffers.
+
+    Keys that require grad are concatenated as ``DynamicLayer`` does: a later in-place write would change the
+    earlier views that autograd saved. Buffers made under ``torch.inference_mode`` are replaced outside it (no
+    in-place write to an inference tensor there)."""
     keys, values = layer.keys, layer.values
     room = layer.__dict__.get("_infllmv2_room")
     n = keys.shape[-2] if keys.dim() == 4 else 0
     total = n + k_new.shape[-2]
+    if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or keys.requires_grad):
+        layer._infllmv2_room = None
+        layer.__dict__.pop("_infllmv2_graph", None)
+        return torch.cat([keys, k_new], dim=-2), torch.cat([values, v_new], dim=-2)
     fits = (room is not None and n > 0 and _is_prefix(keys, room[0]) and _is_prefix(values, room[1])
             and room[0].shape[:2] == k_new.shape[:2] and room[0].shape[3] == k_new.shape[3]
             and room[1].shape[3] == v_new.shape[3] and room[0].dtype == k_new.dtype
-            and room[1].dtype == v_new.dtype and room[0].device == k_new.device and total <= room[0].shape[2])
+            and room[1].dtype == v_new.dtype and room[0].device == k_new.device and total <= room[0].shape[2]
+            and (torch.is_inference_mode_enabled() or not room[0].is_inference()))
     if not fits:
         cap = total + max(_ROOM_MIN, total // 8)
         b, h = k_new.shape[:2]

@@ -115,6 +115,32 @@ def test_dynamic_layer_writes_in_place_with_room_and_equals_concatenation():
     assert ours.get_seq_length() == ref.get_seq_length() == 7
 
 
+def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
+    """With grad, the cache concatenates (in-place writes would change views autograd saved): the gradients
+    through two cached forwards equal DynamicCache's. A cache filled under inference_mode takes the next step
+    outside it (its buffers are replaced, not written in place)."""
+    model = enable(_llama(), SPARSE.replace(dense_len=-1), backend="torch")
+    ids = _ids(40, seed=3)
+    grads = []
+    for make in (transformers.DynamicCache, InfLLMv2Cache):
+        model.zero_grad()
+        cache = make()
+        a = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
+        b = model(input_ids=ids[:, 30:], **{CACHE: cache}).logits
+        (a.square().mean() + b.square().mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    cache, ref_cache = InfLLMv2Cache(), InfLLMv2Cache()
+    with torch.inference_mode():
+        first = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(input_ids=ids[:, :30], **{CACHE: ref_cache}).logits)
+        for t in range(30, 40):  # decode steps that complete new compressed windows
+            out = model(input_ids=ids[:, t:t + 1], **{CACHE: cache}).logits
+            torch.testing.assert_close(out, model(input_ids=ids[:, t:t + 1], **{CACHE: ref_cache}).logits)
+
+
 def test_incremental_compressed_keys_equal_scratch_across_dense_len_switch():
     config = SPARSE.replace(dense_len=150)
     model = enable(_llama(), config)

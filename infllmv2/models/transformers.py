@@ -86,6 +86,8 @@ def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
     """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
     layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
     (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
+    if tensor.is_inference():  # no version counter (torch.inference_mode): an in-place change would go unseen
+        return compute()
     hit = _PER_FORWARD.get(what)
     if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
         return hit[3]
@@ -231,13 +233,21 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
             lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
         k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
         room = layer.decode_room(sk) if decode_graphs_apply(q) else None
+        graph = None
         if room is not None:  # eager, the keys / values in a room that stays put: replay a CUDA graph
             graph = layer.__dict__.get("_infllmv2_graph")
             key = DecodeGraph.key_of(q[:, 0], *room, config, scale, k_fine, k_coarse, leftpad)
             if graph is None or graph.key != key:
-                first_lens = lens if lens is not None else torch.full((b,), sk, dtype=torch.int32, device=q.device)
-                graph = layer._infllmv2_graph = DecodeGraph(q[:, 0], *room, first_lens, config, scale, k_fine,
-                                                            k_coarse, leftpad)
+                # captured the second time in a row the caches are where they were (not on every step of a beam
+                # search, whose reordered caches move at every step)
+                layer.__dict__.pop("_infllmv2_graph", None)
+                graph = None
+                if layer.__dict__.get("_infllmv2_graph_seen") == key:
+                    first = lens if lens is not None else torch.full((b,), sk, dtype=torch.int32, device=q.device)
+                    graph = layer._infllmv2_graph = DecodeGraph(q[:, 0], *room, first, config, scale, k_fine,
+                                                                k_coarse, leftpad)
+                layer._infllmv2_graph_seen = key
+        if graph is not None:
             return graph(q[:, 0], sk if lens is None else lens, leftpad)[:, None]
         if lens is None:
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)

@@ -1,7 +1,8 @@
 """Eager decode steps replayed from CUDA graphs (ops/triton/decode.py ``DecodeGraph``; cache.py's room to grow).
 
 An enabled model's eager decode steps with ``InfLLMv2Cache`` on CUDA replay one graph per layer, captured again
-when the caches move (the keys' room grows, the compressed keys double). Teacher-forced over enough steps to cross
+(at the second step in a row on the same caches) when the caches move (the keys' room grows, the compressed keys
+double). Teacher-forced over enough steps to cross
 those moves, a left-padded batch with a sparse row, a row turning sparse and a dense row gives the logits of the
 same steps launched directly (``DECODE_GRAPHS`` off), and the replays happen.
 """
@@ -15,6 +16,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 transformers = pytest.importorskip("transformers")
 
+import infllmv2.ops.triton as triton_ops  # noqa: E402
 import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
 from infllmv2 import SparseConfig  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache  # noqa: E402
@@ -66,19 +68,24 @@ def test_eager_decode_graph_replays_equal_direct_launches_across_cache_moves(mon
     ids, mask = ids.cuda(), mask.cuda()
     tokens = torch.randint(3, VOCAB, (len(lengths), steps), generator=g).cuda()
 
-    captures, replays = [], []
+    captures, replays, launched = [], [], []
     init, call = decode_mod.DecodeGraph.__init__, decode_mod.DecodeGraph.__call__
     monkeypatch.setattr(decode_mod.DecodeGraph, "__init__", lambda self, *a, **k: (captures.append(1),
                                                                                      init(self, *a, **k))[1])
     monkeypatch.setattr(decode_mod.DecodeGraph, "__call__", lambda self, *a, **k: (replays.append(1),
                                                                                    call(self, *a, **k))[1])
+    direct_call = triton_ops.infllmv2_decode_triton
+    monkeypatch.setattr(triton_ops, "infllmv2_decode_triton", lambda *a, **k: (launched.append(1),
+                                                                               direct_call(*a, **k))[1])
     direct, _ = _run(model, ids, mask, tokens, graphs=False)
-    assert not captures and not replays
+    assert not captures and not replays and len(launched) == steps * model.config.num_hidden_layers
+    launched.clear()
     graphed, cache = _run(model, ids, mask, tokens, graphs=True)
     layers = len(cache.layers)
-    assert len(replays) == steps * layers  # every step of every layer replayed a graph
-    # captured again when the caches moved (the room grew, the compressed keys doubled), not at every step
+    # a graph is captured the second step in a row the caches are where they were, and replayed until they move
+    # (the room grows, the compressed keys double): one direct call a move, every other step replayed
     assert 2 * layers <= len(captures) <= 12 * layers
+    assert len(launched) == len(captures) and len(replays) == steps * layers - len(launched)
     torch.testing.assert_close(graphed, direct, atol=3e-2, rtol=3e-2)
     assert (graphed.argmax(-1) == direct.argmax(-1)).float().mean() > 0.95
     # the graphs die with their cache; capturing for a new cache afterwards works (a shared pool handle did not)

@@ -378,8 +378,10 @@ class DecodeGraph:
 
     @staticmethod
     def key_of(q, k_cache, v_cache, config, softmax_scale, k_fine, k_coarse, cache_leftpad=None) -> tuple:
+        # inference mode too: buffers made in it take no in-place copy outside it
         return (tuple(q.shape), q.dtype, q.device, _tensor_key(k_cache), _tensor_key(v_cache), config,
-                float(softmax_scale), _tensor_key(k_fine), _tensor_key(k_coarse), cache_leftpad is not None)
+                float(softmax_scale), _tensor_key(k_fine), _tensor_key(k_coarse), cache_leftpad is not None,
+                torch.is_inference_mode_enabled())
 
     def __call__(self, q: torch.Tensor, cache_seqlens, cache_leftpad=None) -> torch.Tensor:
         """q (batch, Hq, d); cache_seqlens: (batch,) int32 tensor, or an int for every row. Returns (batch, Hq, d)."""

@@ -11,7 +11,9 @@ of a step that takes tens (``profile_generate_eager.py``). This times, for one M
   op was kept for torch.compile only); ``decode_custom_op_triton_cdiv`` also with ``triton.cdiv`` on the host, as
   the code was before;
 * ``dense_sdpa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)`` in SDPA's default order;
-* ``one_launch``: the decode chain's smallest kernel (the combine) launched alone: one Triton launch's host cost.
+* ``one_launch``: the decode chain's smallest kernel (the combine) launched alone: one Triton launch's host cost;
+* ``decode_graph``: the call replayed from a CUDA graph (``DecodeGraph``), as eager decode steps with
+  ``InfLLMv2Cache`` run it.
 
 Method: a long ``torch.cuda._sleep`` first, so that the host issues ``--calls`` calls while the GPU is busy: the
 host time a call is the issuing time over the calls; the GPU time a call is the CUDA-event time from the end of the
@@ -25,7 +27,7 @@ alone (the decode variants only; no GPU time, no outputs to compare).
 during eager decode steps of a small Llama with this layer shape (4 layers, hidden 256, the default cache and
 config; below 16K tokens ``dense_len`` is n / 2, so that the steps are sparse):
 ``sdpa_attention_function`` (transformers' SDPA wrapper) and ``infllmv2_attention_function`` (after
-``infllmv2.enable``: the compressed-key update, then the decode call). No synchronisation inside, so on the GPU this
+``infllmv2.enable``: the compressed-key update, then the decode call), mean and median. No synchronisation inside, so on the GPU this
 too is host time. With ``--mock-launches`` SDPA returns an empty tensor instead of computing: both rows are then
 Python alone, each path's own.
 """
@@ -45,6 +47,7 @@ import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
 import infllmv2.ops.triton.selection as selection_mod  # noqa: E402
 from infllmv2 import SparseConfig  # noqa: E402
 from infllmv2.ops.triton import infllmv2_decode_triton  # noqa: E402
+from infllmv2.ops.triton.decode import DecodeGraph  # noqa: E402
 
 
 def timed(fn, calls: int) -> dict:
@@ -122,7 +125,8 @@ def attention_function_us(mode: str, n: int, steps: int, dev, mock: bool) -> flo
         ALL_ATTENTION_FUNCTIONS[name] = inner
         torch.nn.functional.scaled_dot_product_attention = saved_sdpa
         integration._resolve_backend = saved_backend
-    return sum(spent) / len(spent) * 1e6
+    spent.sort()
+    return sum(spent) / len(spent) * 1e6, spent[len(spent) // 2] * 1e6
 
 
 def main():
@@ -187,6 +191,9 @@ def main():
 
         variants = dict(decode=decode) if args.mock_launches else dict(decode=decode, dense_sdpa=dense_sdpa,
                                                                         one_launch=one_launch)
+        if not args.mock_launches:  # the eager path's replay: copies in, one graph launch, the output copied out
+            graph = DecodeGraph(q, k, v, lens, cfg, scale, kf, kc)
+            variants["decode_graph"] = lambda: graph(q, n)
         for name, fn in variants.items():
             rows.append(dict(n=n, variant=name, **timed(fn, args.calls)))
         # the code as it was: the custom op on every call, triton.cdiv on the host
@@ -199,11 +206,12 @@ def main():
         rows.append(dict(n=n, variant="decode_custom_op", **timed(decode_custom_op, args.calls)))
         if not args.mock_launches:
             torch.testing.assert_close(decode(), decode_custom_op(), rtol=0, atol=0)  # the same computation
+            torch.testing.assert_close(graph(q, n), decode(), rtol=0, atol=0)
         if args.attention_functions:
             for mode in ("dense", "infllmv2"):
-                us = attention_function_us(mode, n, args.steps, dev, args.mock_launches)
+                mean, median = attention_function_us(mode, n, args.steps, dev, args.mock_launches)
                 rows.append(dict(n=n, variant=("sdpa" if mode == "dense" else mode) + "_attention_function",
-                                 host_us=round(us, 2), gpu_us=None))
+                                 host_us=round(mean, 2), host_us_median=round(median, 2), gpu_us=None))
     res = dict(command="python3 benchmarks/profile_decode_host.py " + " ".join(sys.argv[1:]),
                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, cpu=platform.processor()
                or platform.machine(), torch=torch.__version__, triton=triton.__version__, rows=rows)
@@ -214,7 +222,8 @@ def main():
     print("\n| n | variant | host us | GPU us |\n| --- | --- | --- | --- |")
     for r in rows:
         gpu = "-" if r["gpu_us"] is None else f"{r['gpu_us']:.1f}"
-        print(f"| {r['n']} | {r['variant']} | {r['host_us']:.1f} | {gpu} |")
+        median = f" (median {r['host_us_median']:.1f})" if "host_us_median" in r else ""
+        print(f"| {r['n']} | {r['variant']} | {r['host_us']:.1f}{median} | {gpu} |")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,24 @@ def test_triton_decode_path_with_cache_equals_without():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_triton_decode_step_under_autograd_takes_a_differentiable_path():
+    """A cached decode step under autograd (backend='triton', the interpreter here) does not run the decode kernels,
+    which have no backward: its gradients equal those of the same step through the torch path."""
+    grads = []
+    for backend in ("triton", "torch"):
+        model = enable(_llama(layers=1, seed=0, head_dim=32), SPARSE.replace(dense_len=140), backend=backend)
+        prompt, cache = _ids(150), InfLLMv2Cache()
+        with torch.no_grad():
+            model(input_ids=prompt[:, :149], **{CACHE: cache})
+        with _decode_kernel_calls() as calls:
+            logits = model(input_ids=prompt[:, 149:], **{CACHE: cache}).logits
+        assert not calls
+        logits.square().mean().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert grads[0] is not None and grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
 def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
     """A left-padded batch (generate()'s layout) decodes through the kernel with ``cache_leftpad``, given the
     cached compressed keys, and each row equals it generated alone."""

@@ -222,8 +222,8 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     sk = k.shape[1]
     scale = d ** -0.5 if scaling is None else float(scaling)
     if resolved == "triton":
-        if sq != 1:
-            return None
+        if sq != 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return None  # prefill, or a decode step under autograd (the decode kernels have no backward)
         from ..ops.triton import infllmv2_decode_triton
         from ..ops.triton.decode import DecodeGraph, decode_graphs_apply
         leftpad = lens = None

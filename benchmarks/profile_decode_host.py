@@ -50,6 +50,21 @@ from infllmv2.ops.triton import infllmv2_decode_triton  # noqa: E402
 from infllmv2.ops.triton.decode import DecodeGraph  # noqa: E402
 
 
+def decode_inputs(n: int, dev, cfg: SparseConfig):
+    """One MiniCPM4-8B layer's decode call at batch 1 (32 query / 2 KV heads, head dim 128, bf16): q, an n-token
+    cache k / v, its lengths and (random) fine / coarse compressed keys."""
+    hq, hkv, d = 32, 2, 128
+    g = torch.Generator(device=dev).manual_seed(n)
+    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
+    lens = torch.full((1,), n, dtype=torch.int32, device=dev)
+    kf = torch.randn(1, (n - cfg.kernel_size) // cfg.kernel_stride + 1, hkv, d, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(1, (n - cfg.coarse_kernel_size) // cfg.coarse_kernel_stride + 1, hkv, d, device=dev,
+                     dtype=torch.bfloat16)
+    return q, k, v, lens, kf, kc
+
+
 def timed(fn, calls: int) -> dict:
     """Host and GPU microseconds a call, the host kept ahead of the GPU by a sleep kernel."""
     for _ in range(3):
@@ -154,17 +169,10 @@ def main():
         raise SystemExit("needs a CUDA GPU (or --mock-launches)")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = SparseConfig()
-    hq, hkv, d = 32, 2, 128
     rows = []
     for n in args.lengths:
-        g = torch.Generator(device=dev).manual_seed(n)
-        q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
-        lens = torch.full((1,), n, dtype=torch.int32, device=dev)
-        kf = torch.randn(1, (n - cfg.kernel_size) // cfg.kernel_stride + 1, hkv, d, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(1, (n - cfg.coarse_kernel_size) // cfg.coarse_kernel_stride + 1, hkv, d, device=dev,
-                         dtype=torch.bfloat16)
+        q, k, v, lens, kf, kc = decode_inputs(n, dev, cfg)
+        hq, d = q.shape[1:]
         scale = d ** -0.5
 
         def decode():

@@ -28,8 +28,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from infllmv2 import SparseConfig  # noqa: E402
+from profile_decode_host import decode_inputs  # noqa: E402
 from infllmv2.ops.triton import infllmv2_decode_triton  # noqa: E402
 
 
@@ -146,15 +148,9 @@ def main():
         raise SystemExit("needs a CUDA GPU")
     import triton
     dev = torch.device("cuda")
-    cfg, n, (hq, hkv, d) = SparseConfig(), args.n, (32, 2, 128)
-    g = torch.Generator(device=dev).manual_seed(n)
-    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16, generator=g)
-    lens = torch.full((1,), n, dtype=torch.int32, device=dev)
-    kf = torch.randn(1, (n - cfg.kernel_size) // cfg.kernel_stride + 1, hkv, d, device=dev, dtype=torch.bfloat16)
-    kc = torch.randn(1, (n - cfg.coarse_kernel_size) // cfg.coarse_kernel_stride + 1, hkv, d, device=dev,
-                     dtype=torch.bfloat16)
+    cfg, n = SparseConfig(), args.n
+    q, k, v, lens, kf, kc = decode_inputs(n, dev, cfg)
+    d = q.shape[-1]
 
     def decode():
         return infllmv2_decode_triton(q, k, v, lens, cfg, d ** -0.5, k_fine=kf, k_coarse=kc)

@@ -2,13 +2,11 @@
 
 An enabled model's eager decode steps with ``InfLLMv2Cache`` on CUDA replay one graph per layer, captured again
 (at the second step in a row on the same caches) when the caches move (the keys' room grows, the compressed keys
-double). Teacher-forced over enough steps to cross
-those moves, a left-padded batch with a sparse row, a row turning sparse and a dense row gives the logits of the
-same steps launched directly (``DECODE_GRAPHS`` off), and the replays happen.
+double). Teacher-forced over enough steps to cross those moves, a left-padded batch with a sparse row, a row
+turning sparse and a dense row gives the logits of the same steps launched directly (``DECODE_GRAPHS`` off), and
+the replays happen.
 """
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
@@ -18,24 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 import infllmv2.ops.triton as triton_ops  # noqa: E402
 import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
-from infllmv2 import SparseConfig  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache  # noqa: E402
-from infllmv2.models.transformers import enable  # noqa: E402
-
-CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
-CONFIG = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=128, topk=4,
-                      dense_len=1500)
-VOCAB = 1000
-
-
-def _model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=768, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    model.set_attn_implementation("sdpa")
-    return enable(model, CONFIG, backend="triton")
+from test_generation_gpu import CACHE, VOCAB, _model  # noqa: E402  (the same small bf16 Llama, enabled)
 
 
 def _run(model, ids, mask, tokens, graphs: bool):

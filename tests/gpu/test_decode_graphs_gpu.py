@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import infllmv2.ops.triton as triton_ops  # noqa: E402
 import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache  # noqa: E402
-from test_generation_gpu import CACHE, VOCAB, _model  # noqa: E402  (the same small bf16 Llama, enabled)
+from test_generation_gpu import CACHE, VOCAB, _left_padded, _model  # noqa: E402  (its small bf16 Llama)
 
 
 def _run(model, ids, mask, tokens, graphs: bool):
@@ -40,15 +40,8 @@ def _run(model, ids, mask, tokens, graphs: bool):
 def test_eager_decode_graph_replays_equal_direct_launches_across_cache_moves(monkeypatch):
     model = _model()
     lengths, steps = [2000, 1490, 700], 300  # sparse, turning sparse, dense; 300 steps pass the room of 2000 + 256
-    g = torch.Generator().manual_seed(0)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, m in enumerate(lengths):
-        ids[i, n - m:] = torch.randint(3, VOCAB, (m,), generator=g)
-        mask[i, n - m:] = 1
-    ids, mask = ids.cuda(), mask.cuda()
-    tokens = torch.randint(3, VOCAB, (len(lengths), steps), generator=g).cuda()
+    ids, mask = _left_padded(lengths)
+    tokens = torch.randint(3, VOCAB, (len(lengths), steps), generator=torch.Generator().manual_seed(1)).cuda()
 
     captures, replays, launched = [], [], []
     init, call = decode_mod.DecodeGraph.__init__, decode_mod.DecodeGraph.__call__

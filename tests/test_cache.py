@@ -260,6 +260,41 @@ def test_generate_with_cache_equals_without():
     assert all(layer._infllmv2_state is not None for layer in cache.layers)  # built once past dense_len
 
 
+def test_beam_search_with_cache_equals_plain_dynamic_cache():
+    """Beam search reorders the cache at every step (new tensors, adopted into new room by the next update, and
+    the compressed keys reordered with them): its beams equal those over transformers' DynamicCache, with which the
+    attention pools the compressed keys from scratch at every step; so do the logits of distinct rows reordered
+    at random before each step, whose compressed keys stay those of their rows."""
+    model = enable(_llama(), SPARSE.replace(dense_len=150))
+    prompt = _ids(140, seed=5)  # 40 new tokens: the beams' own keys fill compressed windows
+    kw = dict(max_new_tokens=40, do_sample=False, num_beams=3, num_return_sequences=3, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(prompt, **{CACHE: transformers.DynamicCache()}, **kw)
+        cache = InfLLMv2Cache()
+        cached = model.generate(prompt, **{CACHE: cache}, **kw)
+    assert torch.equal(plain.sequences, cached.sequences)
+    torch.testing.assert_close(plain.sequences_scores, cached.sequences_scores, atol=1e-5, rtol=1e-5)
+    assert all(layer._infllmv2_state is not None for layer in cache.layers)  # sparse steps ran on the cache
+    # rows that differ, reordered (with repeats, as beams are) before each step: the compressed keys follow the
+    # rows (equal to compressing each row's cached keys from scratch) and the logits equal DynamicCache's
+    g = torch.Generator().manual_seed(0)
+    caches = (InfLLMv2Cache(), transformers.DynamicCache())
+    ids = _ids(150, batch=3, seed=6)
+    with torch.no_grad():
+        for c in caches:
+            model(input_ids=ids, **{CACHE: c})
+        for _ in range(24):
+            order = torch.randint(0, 3, (3,), generator=g)
+            tok = torch.randint(3, VOCAB, (3, 1), generator=g)
+            outs = []
+            for c in caches:
+                c.reorder_cache(order)
+                outs.append(model(input_ids=tok, **{CACHE: c}).logits)
+            torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    _check_compressed(caches[0], SPARSE.replace(dense_len=150))
+
+
 def test_triton_decode_path_with_cache_equals_without():
     """backend='triton' (the interpreter here): decode steps call the Triton decode kernel with the cached
     fine/coarse keys; the result equals the plain path that pools the keys from scratch."""

@@ -115,6 +115,47 @@ def test_dynamic_layer_writes_in_place_with_room_and_equals_concatenation():
     assert ours.get_seq_length() == ref.get_seq_length() == 7
 
 
+def test_decode_graph_captured_at_second_step_on_same_caches_and_again_after_they_move(monkeypatch):
+    """The eager decode path's graph policy (models/transformers.py ``_decode_graph``), with a stand-in for the
+    CUDA graph: none at the first step on a layer's caches, captured at the second, reused while keys are appended
+    in room, captured again once the room grew or the compressed keys moved, never when the caches move at every
+    step (a beam search's reorders)."""
+    import infllmv2.ops.triton.decode as decode_mod
+    from infllmv2.models.transformers import _decode_graph
+
+    made = []
+
+    class StandIn:
+        key_of = staticmethod(decode_mod.DecodeGraph.key_of)  # what a graph is captured on: the real key
+
+        def __init__(self, q, k, v, lens, config, scale, k_fine, k_coarse, leftpad=None):
+            self.key = self.key_of(q, k, v, config, scale, k_fine, k_coarse, leftpad)
+            made.append((k.shape[1], lens.tolist()))
+
+    monkeypatch.setattr(decode_mod, "DecodeGraph", StandIn)
+    monkeypatch.setattr(decode_mod, "decode_graphs_apply", lambda q: True)
+    cache, g = InfLLMv2Cache(), torch.Generator().manual_seed(0)
+    q, kf, kc = torch.randn(2, 4, 8, generator=g), torch.randn(2, 40, 2, 8), torch.randn(2, 10, 2, 8)
+
+    def step(n=1):
+        cache.update(torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g), 0)
+        layer = cache.layers[0]
+        return _decode_graph(layer, q, layer.keys.shape[2], None, None, SPARSE, 0.5, kf, kc)
+
+    assert step(300) is None and not made  # first step on these caches: launched directly
+    first = step()
+    assert first is not None and made == [(300 + 256, [301, 301])]  # the whole room; the lengths of this step
+    for _ in range(255):  # appended in room up to its last slot: the same graph
+        assert step() is first
+    assert step() is None and step() is not None and len(made) == 2  # the room grew: again at the second step
+    kf = kf.clone()  # the compressed keys moved
+    assert step() is None and step() is not None and len(made) == 3
+    for _ in range(5):  # reordered before every step (new tensors, adopted into new room): never captured
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert step() is None
+    assert len(made) == 3
+
+
 def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
     """With grad, the cache concatenates (in-place writes would change views autograd saved): the gradients
     through two cached forwards equal DynamicCache's. A cache filled under inference_mode takes the next step

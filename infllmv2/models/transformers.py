@@ -225,29 +225,14 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
         if sq != 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return None  # prefill, or a decode step under autograd (the decode kernels have no backward)
         from ..ops.triton import infllmv2_decode_triton
-        from ..ops.triton.decode import DecodeGraph, decode_graphs_apply
         leftpad = lens = None
         if mask is not None:
             if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
                 return None
             lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
         k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
-        room = layer.decode_room(sk) if decode_graphs_apply(q) else None
-        graph = None
-        if room is not None:  # eager, the keys / values in a room that stays put: replay a CUDA graph
-            graph = layer.__dict__.get("_infllmv2_graph")
-            key = DecodeGraph.key_of(q[:, 0], *room, config, scale, k_fine, k_coarse, leftpad)
-            if graph is None or graph.key != key:
-                # captured the second time in a row the caches are where they were (not on every step of a beam
-                # search, whose reordered caches move at every step)
-                layer.__dict__.pop("_infllmv2_graph", None)
-                graph = None
-                if layer.__dict__.get("_infllmv2_graph_seen") == key:
-                    first = lens if lens is not None else torch.full((b,), sk, dtype=torch.int32, device=q.device)
-                    graph = layer._infllmv2_graph = DecodeGraph(q[:, 0], *room, first, config, scale, k_fine,
-                                                                k_coarse, leftpad)
-                layer._infllmv2_graph_seen = key
-        if graph is not None:
+        graph = _decode_graph(layer, q[:, 0], sk, lens, leftpad, config, scale, k_fine, k_coarse)
+        if graph is not None:  # eager, the keys / values in a room that stays put: replay the layer's graph
             return graph(q[:, 0], sk if lens is None else lens, leftpad)[:, None]
         if lens is None:
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
@@ -273,6 +258,32 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
         else:
             out[i, qsel] = oi
     return out
+
+
+def _decode_graph(layer, q, sk, lens, leftpad, config, scale, k_fine, k_coarse):
+    """The CUDA graph of this eager decode call (``ops/triton/decode.py``, ``DecodeGraph``), or None to launch it.
+
+    A layer keeps one graph, over its keys / values in room to grow (``cache._append_in_room``) of which the
+    first ``sk`` slots are filled, and captures a new one the second step in a row the caches are where they are
+    now: not at every step of a beam search, whose reordered caches move at every step. q (b, Hq, d); lens /
+    leftpad (b,) int32 or None (every row ``sk`` keys from slot 0).
+    """
+    from ..ops.triton.decode import DecodeGraph, decode_graphs_apply
+    room = layer.decode_room(sk) if decode_graphs_apply(q) else None
+    if room is None:
+        return None
+    key = DecodeGraph.key_of(q, *room, config, scale, k_fine, k_coarse, leftpad)
+    graph = layer.__dict__.get("_infllmv2_graph")
+    if graph is not None and graph.key == key:
+        return graph
+    layer.__dict__.pop("_infllmv2_graph", None)  # captured on caches that moved
+    graph = None
+    if layer.__dict__.get("_infllmv2_graph_seen") == key:
+        if lens is None:
+            lens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
+        graph = layer._infllmv2_graph = DecodeGraph(q, *room, lens, config, scale, k_fine, k_coarse, leftpad)
+    layer._infllmv2_graph_seen = key
+    return graph
 
 
 def _static_decode(layer, q, k, v, mask, config, scaling, backend):

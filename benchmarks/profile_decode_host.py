@@ -27,8 +27,8 @@ alone (the decode variants only; no GPU time, no outputs to compare).
 during eager decode steps of a small Llama with this layer shape (4 layers, hidden 256, the default cache and
 config; below 16K tokens ``dense_len`` is n / 2, so that the steps are sparse):
 ``sdpa_attention_function`` (transformers' SDPA wrapper) and ``infllmv2_attention_function`` (after
-``infllmv2.enable``: the compressed-key update, then the decode call), mean and median. No synchronisation inside, so on the GPU this
-too is host time. With ``--mock-launches`` SDPA returns an empty tensor instead of computing: both rows are then
+``infllmv2.enable``: the compressed-key update, then the decode call), mean and median. No synchronisation
+inside, so on the GPU this too is host time. With ``--mock-launches`` SDPA returns an empty tensor instead of computing: both rows are then
 Python alone, each path's own.
 """
 from __future__ import annotations

@@ -172,7 +172,8 @@ def main():
         with open(os.path.join(os.environ["OUT"], "profile_triton_launch.json"), "w") as f:
             json.dump(res, f, indent=1)
     print(f"decode call: {res['decode_host_us']} us of host time")
-    print("| kernel | args | full us | binder us | direct us | device+stream us |\n| --- | --- | --- | --- | --- | --- |")
+    print("| kernel | args | full us | binder us | direct us | device+stream us |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in res["launches"]:
         print(f"| {r['kernel']} | {r['n_args']} | {r['full_us']} | {r.get('binder_us', '-')} | "
               f"{r.get('direct_us', '-')} | {r.get('stream_device_us', r.get('internals_error', '-'))} |")

@@ -217,13 +217,14 @@ def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
     new buffers.
 
     Keys that require grad are concatenated as ``DynamicLayer`` does: a later in-place write would change the
-    earlier views that autograd saved. Buffers made under ``torch.inference_mode`` are replaced outside it (no
+    earlier views that autograd saved; so are traced ones (torch.compile: addresses are not traceable). Buffers made under ``torch.inference_mode`` are replaced outside it (no
     in-place write to an inference tensor there)."""
     keys, values = layer.keys, layer.values
     room = layer.__dict__.get("_infllmv2_room")
     n = keys.shape[-2] if keys.dim() == 4 else 0
     total = n + k_new.shape[-2]
-    if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or keys.requires_grad):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad
+                                                                       or keys.requires_grad)):
         layer._infllmv2_room = None
         layer.__dict__.pop("_infllmv2_graph", None)
         return torch.cat([keys, k_new], dim=-2), torch.cat([values, v_new], dim=-2)

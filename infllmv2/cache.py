@@ -14,7 +14,8 @@ and drop one stride from the tail. The tail here is a view of the cache itself (
   are those of its valid keys alone. The attention function (``models/transformers.py``) uses them: on
   CUDA a decode step calls the Triton decode kernel with ``k_fine``/``k_coarse``; elsewhere the torch
   path selects from them (``ops/torch_decode.py``). Chunked prefill (feeding a long prompt in pieces
-  through the cache) gives the outputs of one pass.
+  through the cache) gives the outputs of one pass. Its keys / values live in buffers with room to grow,
+  written in place (``_append_in_room``), so that eager CUDA decode steps can replay a graph per layer.
 * ``InfLLMv2StaticCache`` (a transformers ``StaticCache``): the same with preallocated keys/values (and
   compressed keys preallocated for ``max_cache_len``), for ``generate()`` with a static cache.
 * ``StaticCompressedKeys``: the preallocated, CUDA-graph-capturable variant (gpt-fast style) for a

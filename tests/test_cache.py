@@ -355,17 +355,25 @@ def test_triton_decode_path_with_cache_equals_without():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_triton_decode_step_under_autograd_takes_a_differentiable_path():
-    """A cached decode step under autograd (backend='triton', the interpreter here) does not run the decode kernels,
-    which have no backward: its gradients equal those of the same step through the torch path."""
+@pytest.mark.parametrize("static", [False, True])
+def test_triton_decode_step_under_autograd_takes_a_differentiable_path(static):
+    """A cached decode step under autograd (backend='triton', the interpreter here; dynamic or static cache) does
+    not run the decode kernels, which have no backward: its gradients equal those of the same step through the
+    torch path."""
     grads = []
     for backend in ("triton", "torch"):
         model = enable(_llama(layers=1, seed=0, head_dim=32), SPARSE.replace(dense_len=140), backend=backend)
-        prompt, cache = _ids(150), InfLLMv2Cache()
+        prompt = _ids(150)
+        cache = InfLLMv2StaticCache(config=model.config, max_cache_len=160) if static else InfLLMv2Cache()
+        mask = torch.ones(1, 160 if static else 150, dtype=torch.long)  # a static cache: a mask over every slot
+        mask[:, 150:] = 0
+        pos = torch.arange(150)[None]
         with torch.no_grad():
-            model(input_ids=prompt[:, :149], **{CACHE: cache})
+            model(input_ids=prompt[:, :149], attention_mask=mask[:, :149] if not static else mask,
+                  position_ids=pos[:, :149], **{CACHE: cache})
         with _decode_kernel_calls() as calls:
-            logits = model(input_ids=prompt[:, 149:], **{CACHE: cache}).logits
+            logits = model(input_ids=prompt[:, 149:], attention_mask=mask if static else mask[:, :150],
+                           position_ids=pos[:, 149:], **{CACHE: cache}).logits
         assert not calls
         logits.square().mean().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)

@@ -141,6 +141,11 @@ def test_decode_bad_inputs():
         infllmv2_decode_triton(q, kc, vc.double(), sl, cfg)
     with pytest.raises(ValueError, match="k_cache"):
         infllmv2_decode_triton(q, kc[:1], vc[:1], sl, cfg)
+    # no backward: an input that requires grad is refused under autograd (its gradient would be lost silently)
+    with pytest.raises(RuntimeError, match="no backward"):
+        infllmv2_decode_triton(q.requires_grad_(), kc, vc, sl, cfg)
+    with torch.no_grad():
+        infllmv2_decode_triton(q, kc, vc, sl, cfg)
 
 
 @pytest.mark.parametrize("splits,lse_splits", [(None, None), (2, None), (None, 1)])

@@ -299,6 +299,8 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
     resolved = _resolve_backend(backend, q)
     if st is None or st.config != config or resolved == "reference" or config.use_nope:
         return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # the decode kernels have no backward: the general (differentiable) path runs
     from ..cache import append_windows
 
     lens = mask.sum(1, dtype=torch.int32)

@@ -213,6 +213,10 @@ def infllmv2_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     rows of dense sequences are then meaningless).
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, config, cache_leftpad)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k_fine,
+                                                                                   k_coarse)):
+        raise RuntimeError("infllmv2_decode_triton has no backward, and an input requires grad: call it under "
+                           "torch.no_grad() (inference), or use infllmv2_attention, which is differentiable")
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     if return_block_indices or blocks_per_split is not None or not torch.compiler.is_compiling():
         # eager: called directly, as the custom op's dispatch costs tens of microseconds of host time a call, and

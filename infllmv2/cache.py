@@ -187,6 +187,11 @@ class InfLLMv2Layer:
         self._infllmv2_state = None
         self.__dict__.pop("_infllmv2_graph", None)
 
+    def _infllmv2_drop_room(self) -> None:
+        """Forget the key / value room (``_append_in_room``) and the decode graph captured on it."""
+        self._infllmv2_room = None
+        self.__dict__.pop("_infllmv2_graph", None)
+
     def decode_room(self, length: int):
         """(k, v) as (batch, room, Hkv, d) views of the whole storage of the cached keys / values when the first
         ``length`` slots are the cached ones and it has room to grow in place (``_append_in_room``); else None."""
@@ -218,16 +223,15 @@ def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
     new buffers.
 
     Keys that require grad are concatenated as ``DynamicLayer`` does: a later in-place write would change the
-    earlier views that autograd saved; so are traced ones (torch.compile: addresses are not traceable). Buffers made under ``torch.inference_mode`` are replaced outside it (no
-    in-place write to an inference tensor there)."""
+    earlier views that autograd saved; so are traced ones (torch.compile: addresses are not traceable). Buffers
+    made under ``torch.inference_mode`` are replaced outside it (no in-place write to an inference tensor there)."""
     keys, values = layer.keys, layer.values
     room = layer.__dict__.get("_infllmv2_room")
     n = keys.shape[-2] if keys.dim() == 4 else 0
     total = n + k_new.shape[-2]
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad
                                                                        or keys.requires_grad)):
-        layer._infllmv2_room = None
-        layer.__dict__.pop("_infllmv2_graph", None)
+        layer._infllmv2_drop_room()
         return torch.cat([keys, k_new], dim=-2), torch.cat([values, v_new], dim=-2)
     fits = (room is not None and n > 0 and _is_prefix(keys, room[0]) and _is_prefix(values, room[1])
             and room[0].shape[:2] == k_new.shape[:2] and room[0].shape[3] == k_new.shape[3]
@@ -241,8 +245,8 @@ def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
         if n > 0:
             room[0][:, :, :n] = keys
             room[1][:, :, :n] = values
+        layer._infllmv2_drop_room()  # and the graph captured on the old storage
         layer._infllmv2_room = room
-        layer.__dict__.pop("_infllmv2_graph", None)  # captured on the old storage
     room[0][:, :, n:total] = k_new
     room[1][:, :, n:total] = v_new
     return room[0][:, :, :total], room[1][:, :, :total]
@@ -265,12 +269,11 @@ def _mixed_layer_class():
 
         def reset(self):
             self._infllmv2_drop()
-            self._infllmv2_room = None
+            self._infllmv2_drop_room()
             DynamicLayer.reset(self)
 
         def offload(self):  # the keys / values move off the device: so does their room
-            self.__dict__.pop("_infllmv2_graph", None)
-            self._infllmv2_room = None
+            self._infllmv2_drop_room()
             DynamicLayer.offload(self)
 
         def crop(self, tokens_to_remove):

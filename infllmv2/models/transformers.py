@@ -231,12 +231,13 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
                 return None
             lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
         k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
-        graph = _decode_graph(layer, q[:, 0], sk, lens, leftpad, config, scale, k_fine, k_coarse)
+        q0 = q[:, 0]
+        graph = _decode_graph(layer, q0, sk, lens, leftpad, config, scale, k_fine, k_coarse)
         if graph is not None:  # eager, the keys / values in a room that stays put: replay the layer's graph
-            return graph(q[:, 0], sk if lens is None else lens, leftpad)[:, None]
+            return graph(q0, sk if lens is None else lens, leftpad)[:, None]
         if lens is None:
             lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=k_fine, k_coarse=k_coarse,
+        out = infllmv2_decode_triton(q0, k, v, lens, config, scale, k_fine=k_fine, k_coarse=k_coarse,
                                      cache_leftpad=leftpad)
         return out[:, None]
     from ..ops.torch_decode import attention_compressed

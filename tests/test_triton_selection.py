@@ -346,3 +346,40 @@ def test_triton_entry_points_refuse_a_non_positive_softmax_scale(bad):
     with pytest.raises(ValueError, match="softmax_scale"):
         infllmv2_decode_triton(q[:2], k[None].expand(2, -1, -1, -1).contiguous(), k[None].expand(2, -1, -1, -1)
                                .contiguous(), torch.tensor([40, 30], dtype=torch.int32), cfg, softmax_scale=bad)
+
+
+def test_launchers_run_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: each launcher makes its first tensor's GPU current (a layer on
+    cuda:1 with cuda:0 current, e.g. a model split by ``device_map``). CPU-checked with fake CUDA tensors; the
+    launches themselves on two GPUs: tests/gpu/test_multi_gpu_gpu.py."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from infllmv2.ops.triton import append, decode, selection, sparse_attention
+    current, switches = [0], []
+
+    class device_context:  # stands in for torch.cuda.device
+        def __init__(self, dev):
+            self.dev = torch.device(dev)
+
+        def __enter__(self):
+            switches.append(self.dev.index)
+            current.insert(0, self.dev.index)
+
+        def __exit__(self, *exc):
+            current.pop(0)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device_context)
+    seen = []
+    launcher = selection.on_tensor_device(lambda *args, **kw: (seen.append(current[0]), "result")[1])
+    with FakeTensorMode():
+        on1, on0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert launcher("not a tensor", on1, on0, x=on0) == "result"  # the first tensor argument decides
+    assert launcher(on0, on1) == "result"
+    assert launcher(torch.empty(2), on1) == "result"  # CPU tensors (the interpreter): nothing to switch
+    assert seen == [1, 0, 0] and switches == [1] and current == [0]
+
+    guarded = [selection._compress_core, selection._select_core, sparse_attention._forward, sparse_attention._backward,
+               decode._decode, decode.DecodeGraph.__init__, append.append_token]  # every path to a kernel launch
+    for fn in guarded:
+        assert fn.__code__ is launcher.__code__, f"{fn.__qualname__} launches on the current device"

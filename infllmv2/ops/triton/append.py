@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .selection import on_tensor_device
+
 __all__ = ["append_token"]
 
 
@@ -66,6 +68,7 @@ def _append_token_kernel(k_ptr, v_ptr, kn_ptr, vn_ptr, buf1_ptr, buf2_ptr, lens_
                      D, KERN2, STRIDE2, BLOCK_T2, BLOCK_D, HAS_NEW)
 
 
+@on_tensor_device
 def append_token(bufs, k_cache, lens, leftpad, kernels, strides, k_new, v_new, v_cache) -> None:
     """Launch over (batch, Hkv): bufs/kernels/strides the (at most two) kinds of compressed keys; k_new, v_new
     (batch, Hkv, d) and v_cache, or all three None (windows only); lens (batch,) int32 keys per row, the new one

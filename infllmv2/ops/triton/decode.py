@@ -20,7 +20,7 @@ import triton.language as tl
 from ...config import SparseConfig
 from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _forced_blocks,
                         _next_pow2, _pdl_launch_args, _pdl_start, _select_core, cdiv, config_args,
-                        gdc_launch_dependents, gdc_wait, softmax_scale_or_default)
+                        gdc_launch_dependents, gdc_wait, on_tensor_device, softmax_scale_or_default)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -251,6 +251,7 @@ def _check_given(given, batch, k_cache, q):
         raise ValueError("compressed keys must have q's dtype and device")
 
 
+@on_tensor_device
 def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse, return_block_indices,
             blocks_per_split, cache_leftpad):
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
@@ -358,6 +359,7 @@ class DecodeGraph:
     once they are all gone (torch 2.11: an internal assert at the next capture), as happens when a cache is dropped.
     """
 
+    @on_tensor_device  # captured on q's GPU, its streams and launches too
     def __init__(self, q, k_cache, v_cache, cache_seqlens, config, softmax_scale, k_fine, k_coarse,
                  cache_leftpad=None):
         dev = q.device

@@ -131,6 +131,20 @@ def softmax_scale_or_default(softmax_scale, d: int) -> float:
     return float(softmax_scale)
 
 
+def on_tensor_device(fn):
+    """Run a launcher with its first tensor argument's GPU as the current device. Triton launches on the current
+    device and stream: a layer on cuda:1 (a model split over GPUs with ``device_map``, or moved to cuda:1 without
+    ``torch.cuda.set_device``) would otherwise run on cuda:0 against memory of cuda:1."""
+    @functools.wraps(fn)
+    def launch_on_device(*args, **kwargs):
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if dev.type != "cuda" or dev.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+    return launch_on_device
+
+
 # Decoding launches several small kernels back to back; with programmatic dependent launch each one is set
 # up while its predecessor runs and waits on the GPU (``_pdl_start``) for the predecessor's results.
 DECODE_PDL = os.environ.get("INFLLMV2_DECODE_PDL", "1") == "1"
@@ -191,6 +205,7 @@ def _compressed_count(k_len, kernel: int, stride: int):
                        torch.zeros_like(k_len)).to(torch.int32)
 
 
+@on_tensor_device
 def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
                    rows_per_seq: int | None = None, host_k_len: list | None = None):
     """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
@@ -666,6 +681,7 @@ def _check_pooling(config: SparseConfig) -> None:
             f"{config.kernel_size}, block_size {config.block_size}, kernel_stride {config.kernel_stride})")
 
 
+@on_tensor_device
 def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c2_len,
                  max_seqlen_k: int, config: SparseConfig, scale: float, decode_rows: tuple | None = None,
                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import _next_pow2, cdiv, softmax_scale_or_default
+from .selection import _next_pow2, cdiv, on_tensor_device, softmax_scale_or_default
 from .gluon_support import GluonKernel
 from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
 from .sparse_fwd_sm90 import sparse_fwd_sm90_ws, sparse_fwd_sm90_ws_tiles
@@ -799,6 +799,7 @@ def _ws_tiles(q, k, block_indices, block_size: int, block_m, tma: bool) -> int:
     return wgs if _next_pow2(max(T * wgs * block_indices.shape[-1], 16)) <= UNION_KERNEL_MAX else 0
 
 
+@on_tensor_device
 def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, block_m=None,
              need_resid=False, pair=None):
     """-> out, lse, resid. resid (only when need_resid and q is bf16/fp16, else an empty tensor) is
@@ -853,6 +854,7 @@ def _forward(q, k, v, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_s
     return out, lse, resid
 
 
+@on_tensor_device
 def _backward(do, q, k, v, out, lse, block_indices, block_size, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
               resid=None, block_m=None, chunk=None, exact_delta=None, pair=None):
     """-> dq, dk, dv. delta = rowsum(dO * O) uses O + resid when resid is given (exact), else either a

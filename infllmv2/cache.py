@@ -261,7 +261,8 @@ def _mixed_layer_class():
         """transformers ``DynamicLayer`` + InfLLM-V2 compressed keys."""
 
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:  # its signature changed in transformers 5 (values added)
+            # transformers 5 marks it is_initialized, 4.x leaves keys None; its signature changed in 5 (values added)
+            if not getattr(self, "is_initialized", self.keys is not None):
                 self.lazy_initialization(*((key_states, value_states) if lazy_takes_values else (key_states,)))
             self.keys, self.values = _append_in_room(self, key_states, value_states)
             self._infllmv2_register(kwargs)

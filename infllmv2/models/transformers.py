@@ -365,17 +365,29 @@ def _padded_attention(q, k, v, mask, config, scaling, backend, module):
 STATIC_SLOTS_DTYPE = torch.uint8
 
 
-def infllmv2_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                  mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
-                  device=None, **kwargs) -> Optional[torch.Tensor]:
+def infllmv2_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None, q_offset=0,
+                  kv_offset: int = 0, mask_function: Optional[Callable] = None,
+                  attention_mask: Optional[torch.Tensor] = None, device=None, cache_position=None,
+                  **kwargs) -> Optional[torch.Tensor]:
     """Mask function for ``ALL_MASK_ATTENTION_FUNCTIONS``: no n x n mask, ever.
 
     Returns ``None`` when nothing is padded (causality is the attention function's job), else the 2D
     boolean padding mask (batch, keys). A static cache (whose ``q_offset`` is a tensor) gets the fixed-shape
     mask of its filled slots, (batch, kv_length) in ``STATIC_SLOTS_DTYPE``, built on the device: the
-    queries are then the last filled slots, not the last slots. Older transformers, whose offset is an int,
-    get the mask of the filled slots only (the attention function drops the rest).
+    queries are then the last filled slots, not the last slots.
+
+    transformers 4.x passes the queries' slots (``cache_position``, a tensor) instead of q_length / q_offset, and
+    no sign of a static cache: eagerly one host read tells (a static cache has slots past the queries); traced,
+    the offset stays a tensor, as a static cache's.
     """
+    if q_length is None:  # transformers 4.x
+        if cache_position is None or kv_length is None:
+            raise TypeError("infllmv2_mask needs q_length and kv_length, or transformers 4.x's cache_position")
+        q_length, q_offset = cache_position.shape[0], cache_position[:1]
+        if not torch.compiler.is_compiling():
+            filled = int(cache_position[-1]) + 1
+            if filled >= kv_length:  # no empty slots: a dynamic cache (or a full static one)
+                q_offset = filled - q_length
     if isinstance(q_offset, torch.Tensor):  # a static cache: (batch, kv_length) filled slots, no host sync
         mask = torch.arange(kv_length, device=q_offset.device) < q_offset + q_length
         mask = mask[None].expand(batch_size, -1)
@@ -542,11 +554,17 @@ class _PrepareInfLLMv2Cache:
             if type(made) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
                 model_kwargs[name] = InfLLMv2Cache()
             # full-attention layers only (no sliding ones), and not already initialised (chunked prefill does)
-            elif (type(made) is StaticCache and not made.is_initialized
+            elif (type(made) is StaticCache and not _cache_initialized(made)
                   and all(type(layer) is StaticLayer for layer in made.layers)):
+                max_len = made.get_max_length() if hasattr(made, "get_max_length") else made.get_max_cache_shape()
                 model_kwargs[name] = InfLLMv2StaticCache(config=self.model.config.get_text_config(decoder=True),
-                                                         max_cache_len=made.get_max_length())
+                                                         max_cache_len=max_len)
         return result
+
+
+def _cache_initialized(cache) -> bool:
+    flag = getattr(cache, "is_initialized", None)  # transformers 5
+    return any(layer.keys is not None for layer in cache.layers) if flag is None else flag  # 4.x: keys None
 
 
 def disable(model, attn_implementation: str = "sdpa"):

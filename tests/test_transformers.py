@@ -431,6 +431,32 @@ def test_no_square_mask_is_built():
     assert all(s is None or len(s) == 2 for s in seen)
 
 
+def test_mask_function_reads_transformers_4_and_5_arguments_alike():
+    """transformers 5 passes q_length / q_offset (a tensor offset for a static cache), 4.x the queries' slots
+    (cache_position) and nothing that names the cache: both give the same mask, a dynamic cache's (no empty slots)
+    None or its 2D padding mask, a static cache's the STATIC_SLOTS_DTYPE mask of its filled slots."""
+    from infllmv2.models.transformers import STATIC_SLOTS_DTYPE, infllmv2_mask
+    pad = torch.ones(2, 8, dtype=torch.long)
+    pad[1, :2] = 0
+    for user_mask in (None, pad):
+        # dynamic cache: 5 cached keys, 3 new queries
+        v5 = infllmv2_mask(2, 3, 8, q_offset=5, attention_mask=user_mask)
+        v4 = infllmv2_mask(batch_size=2, cache_position=torch.arange(5, 8), kv_length=8, attention_mask=user_mask)
+        if user_mask is None:
+            assert v5 is None and v4 is None
+        else:
+            assert v4.dtype == torch.bool and torch.equal(v4, v5) and torch.equal(v4, pad.bool())
+        # static cache of 16 slots: 5 filled, 1 new query
+        v5 = infllmv2_mask(2, 1, 16, q_offset=torch.tensor(5), attention_mask=user_mask)
+        v4 = infllmv2_mask(batch_size=2, cache_position=torch.tensor([5]), kv_length=16, attention_mask=user_mask)
+        want = (torch.arange(16) < 6).expand(2, -1).clone()
+        if user_mask is not None:
+            want[:, :8] &= pad.bool()
+        assert v4.dtype == v5.dtype == STATIC_SLOTS_DTYPE and torch.equal(v4, v5) and torch.equal(v4.bool(), want)
+    with pytest.raises(TypeError, match="cache_position"):
+        infllmv2_mask(batch_size=2, kv_length=8)
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------

@@ -315,6 +315,13 @@ def _mixed_static_layer_class():
             self._infllmv2_register(kwargs)
             return keys, values
 
+        def decode_room(self, length: int):
+            """(k, v) as (batch, length, Hkv, d) views of the first ``length`` preallocated slots (a decode step's
+            lengths say which are filled): where an eager decode graph is captured (``_decode_graph``)."""
+            if self.keys is None or self.keys.dim() != 4 or length > self.keys.shape[2]:
+                return None
+            return self.keys.transpose(1, 2)[:, :length], self.values.transpose(1, 2)[:, :length]
+
         def reset(self):
             self._infllmv2_drop()
             StaticLayer.reset(self)

@@ -160,6 +160,55 @@ def test_decode_graph_captured_at_second_step_on_same_caches_and_again_after_the
     assert len(made) == 3
 
 
+def test_static_cache_eager_steps_read_the_layout_once_a_forward_and_graph_the_slots(monkeypatch):
+    """Eager static-cache decode steps: the filled-slot layout (a host read) is read once a forward, not once a
+    layer; a layer's decode graph (a stand-in here) is captured at the second step on its preallocated slots and
+    serves every later step (the slots never move) until a reset drops it."""
+    import infllmv2.ops.triton.decode as decode_mod
+    from infllmv2.models import transformers as integration
+    model = enable(_llama(layers=3), SPARSE.replace(dense_len=100), backend="torch")
+    model.generation_config.eos_token_id = None
+    model.generation_config.disable_compile = True
+    reads = []
+    real = integration._static_layout
+    monkeypatch.setattr(integration, "_static_layout", lambda mask, check: reads.append(check) or real(mask, check))
+    ids, cache = _ids(150, seed=3), InfLLMv2StaticCache(config=model.config, max_cache_len=170)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        static = model.generate(ids, **{CACHE: cache}, **kw)
+        dynamic = model.generate(ids, **{CACHE: InfLLMv2Cache()}, **kw)
+    assert reads == [True] * 5  # 5 decode steps of 3 layers
+    assert torch.equal(static.sequences, dynamic.sequences)
+
+    made = []
+
+    class StandIn:
+        key_of = staticmethod(decode_mod.DecodeGraph.key_of)
+
+        def __init__(self, q, k, v, lens, config, scale, k_fine, k_coarse, leftpad=None):
+            self.key = self.key_of(q, k, v, config, scale, k_fine, k_coarse, leftpad)
+            made.append((k.data_ptr(), k.shape[1], v.data_ptr()))
+
+    monkeypatch.setattr(decode_mod, "DecodeGraph", StandIn)
+    monkeypatch.setattr(decode_mod, "decode_graphs_apply", lambda q: True)
+    layer, q = cache.layers[1], torch.randn(1, 4, 16)
+    st = layer._infllmv2_state
+    lens, pad = torch.tensor([160], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+
+    def step():
+        return integration._decode_graph(layer, q, 170, lens, pad, SPARSE, 0.25, st.fine.data, st.coarse.data)
+
+    assert step() is None and not made
+    first = step()
+    assert made == [(layer.keys.data_ptr(), 170, layer.values.data_ptr())]  # on all the slots, in place
+    for _ in range(20):
+        lens += 1
+        assert step() is first
+    assert layer.decode_room(171) is None  # past the slots
+    cache.reset()
+    assert layer.__dict__.get("_infllmv2_graph") is None
+
+
 def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
     """With grad, the cache concatenates (in-place writes would change views autograd saved): the gradients
     through two cached forwards equal DynamicCache's. A cache filled under inference_mode takes the next step

@@ -167,7 +167,7 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     cache_layer = lookup_layer(key, kwargs) if observer is None else None
     if attention_mask is not None and attention_mask.dtype == STATIC_SLOTS_DTYPE:
         if sq == 1 and getattr(cache_layer, "_infllmv2_static", False):
-            out = _static_decode(cache_layer, q, k, v, mask, config, scaling, backend)
+            out = _static_decode(cache_layer, q, k, v, mask, config, scaling, backend, attention_mask)
             if out is not None:
                 return out, None
         # otherwise keep the filled slots only (a host sync): the queries are the last of them
@@ -265,9 +265,10 @@ def _decode_graph(layer, q, sk, lens, leftpad, config, scale, k_fine, k_coarse):
     """The CUDA graph of this eager decode call (``ops/triton/decode.py``, ``DecodeGraph``), or None to launch it.
 
     A layer keeps one graph, over its keys / values in room to grow (``cache._append_in_room``) of which the
-    first ``sk`` slots are filled, and captures a new one the second step in a row the caches are where they are
-    now: not at every step of a beam search, whose reordered caches move at every step. q (b, Hq, d); lens /
-    leftpad (b,) int32 or None (every row ``sk`` keys from slot 0).
+    first ``sk`` slots are filled, or over a static cache's ``sk`` slots (lens / leftpad say which are filled), and
+    captures a new one the second step in a row the caches are where they are now: not at every step of a beam
+    search, whose reordered caches move at every step. q (b, Hq, d); lens / leftpad (b,) int32 or None (every row
+    ``sk`` keys from slot 0).
     """
     from ..ops.triton.decode import DecodeGraph, decode_graphs_apply
     room = layer.decode_room(sk) if decode_graphs_apply(q) else None
@@ -287,14 +288,31 @@ def _decode_graph(layer, q, sk, lens, leftpad, config, scale, k_fine, k_coarse):
     return graph
 
 
-def _static_decode(layer, q, k, v, mask, config, scaling, backend):
+def _static_layout(mask: torch.Tensor, check: bool):
+    """A static cache's (batch, slots) filled-slot mask -> (lens (batch,) int32, first filled slot (batch,) int32,
+    whether each row's filled slots are contiguous: a host read, only when ``check``)."""
+    lens = mask.sum(1, dtype=torch.int32)
+    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code. int64
+    # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
+    # kernel that failed to compile (an int32 accumulator re-assigned int64; bench_generate.py, 128K)
+    slot = torch.arange(mask.shape[1], dtype=torch.int64, device=mask.device)
+    leftpad = torch.where(mask.bool(), slot, mask.shape[1]).amin(1).to(torch.int32)
+    if not check:
+        return lens, leftpad, True
+    last = torch.where(mask.bool(), slot, -1).amax(1)
+    return lens, leftpad, not bool((last + 1 - leftpad != lens).any())
+
+
+def _static_decode(layer, q, k, v, mask, config, scaling, backend, attention_mask):
     """A decode step in a static cache with fixed shapes and no host synchronisation (torch.compile,
     CUDA graphs): the new key's compressed windows are appended on the device, then the Triton decode
     kernel or ``ops.torch_decode.decode_static`` runs (None: not applicable, the general path runs).
 
     q (b, 1, Hq, d), k/v (b, L, Hkv, d) the whole static cache, mask (b, L): the filled slots of each row,
-    contiguous (generate()'s left padding; checked in eager mode only). The compressed keys were built at prefill; the state's
-    host-side counts lag behind and catch up at the next eager update (which rewrites the same windows).
+    contiguous (generate()'s left padding; checked in eager mode only, once a forward: ``attention_mask``, the
+    tensor every layer gets, keys that). The compressed keys were built at prefill; the state's host-side counts
+    lag behind and catch up at the next eager update (which rewrites the same windows). Eagerly on CUDA the decode
+    call replays the layer's CUDA graph (``_decode_graph``): a static cache's slots never move.
     """
     st = layer._infllmv2_state
     resolved = _resolve_backend(backend, q)
@@ -304,24 +322,25 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend):
         return None  # the decode kernels have no backward: the general (differentiable) path runs
     from ..cache import append_windows
 
-    lens = mask.sum(1, dtype=torch.int32)
-    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code. int64
-    # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
-    # kernel that failed to compile (an int32 accumulator re-assigned int64; bench_generate.py, 128K)
-    slot = torch.arange(mask.shape[1], dtype=torch.int64, device=mask.device)
-    leftpad = torch.where(mask.bool(), slot, mask.shape[1]).amin(1).to(torch.int32)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # eager: rows with holes in their mask take the general path (traced code trusts the layout)
-        last = torch.where(mask.bool(), slot, -1).amax(1)
-        if bool((last + 1 - leftpad != lens).any()):
+        # eager: once a forward (one host read), and rows with holes in their mask take the general path
+        lens, leftpad, contiguous = _once_per_forward("static_layout", attention_mask, tuple(mask.shape),
+                                                      lambda: _static_layout(mask, check=True))
+        if not contiguous:
             return None
+    else:  # traced code trusts the layout
+        lens, leftpad, _ = _static_layout(mask, check=False)
     kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
     append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")
     fine, coarse = st.fine.data, st.coarse.data if st.coarse is not None else None
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
     if resolved == "triton":
         from ..ops.triton import infllmv2_decode_triton
-        out = infllmv2_decode_triton(q[:, 0], k, v, lens, config, scale, k_fine=fine, k_coarse=coarse,
+        q0 = q[:, 0]
+        graph = _decode_graph(layer, q0, k.shape[1], lens, leftpad, config, scale, fine, coarse)
+        if graph is not None:  # eager: the layer's slots stay put, replay its graph
+            return graph(q0, lens, leftpad)[:, None]
+        out = infllmv2_decode_triton(q0, k, v, lens, config, scale, k_fine=fine, k_coarse=coarse,
                                      cache_leftpad=leftpad)
     else:
         from ..ops.torch_decode import decode_static

@@ -67,3 +67,44 @@ def test_eager_decode_graph_replays_equal_direct_launches_across_cache_moves(mon
     del cache
     again, _ = _run(model, ids, mask, tokens[:, :20], graphs=True)
     torch.testing.assert_close(again, direct[:, :20], atol=3e-2, rtol=3e-2)
+
+
+def test_static_cache_eager_steps_replay_a_graph_a_layer(monkeypatch):
+    """Eager decode steps with ``InfLLMv2StaticCache`` (generate() with ``disable_compile``): the slots never move,
+    so each layer captures once (the second step) and replays every later step, with the direct launches' logits."""
+    from infllmv2.cache import InfLLMv2StaticCache
+    from test_generation_gpu import CACHE_POSITION
+    model = _model()
+    lengths, steps, max_len = [2000, 1490, 700], 40, 2048
+    ids, mask0 = _left_padded(lengths)
+    n = ids.shape[1]
+    mask = torch.ones(len(lengths), max_len, dtype=torch.long, device="cuda")
+    mask[:, :n] = mask0
+    tokens = torch.randint(3, VOCAB, (len(lengths), steps), generator=torch.Generator().manual_seed(2)).cuda()
+    captures, replays = [], []
+    init, call = decode_mod.DecodeGraph.__init__, decode_mod.DecodeGraph.__call__
+    monkeypatch.setattr(decode_mod.DecodeGraph, "__init__", lambda self, *a, **k: (captures.append(1),
+                                                                                     init(self, *a, **k))[1])
+    monkeypatch.setattr(decode_mod.DecodeGraph, "__call__", lambda self, *a, **k: (replays.append(1),
+                                                                                   call(self, *a, **k))[1])
+
+    def run(graphs):
+        monkeypatch.setattr(decode_mod, "DECODE_GRAPHS", graphs)
+        cache, out = InfLLMv2StaticCache(config=model.config, max_cache_len=max_len), []
+        pos = (mask0.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE: cache})
+            pos = pos[:, -1:]
+            for t in range(steps):
+                pos = pos + 1
+                slot = {"cache_position": torch.tensor([n + t], device="cuda")} if CACHE_POSITION else {}
+                o = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=pos, **{CACHE: cache}, **slot)
+                out.append(o.logits[:, -1].float())
+        return torch.stack(out, 1)
+
+    direct = run(False)
+    assert not captures and not replays
+    graphed = run(True)
+    layers = model.config.num_hidden_layers
+    assert len(captures) == layers and len(replays) == (steps - 1) * layers
+    torch.testing.assert_close(graphed, direct, atol=0, rtol=0)  # the same launches, captured

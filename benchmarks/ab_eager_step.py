@@ -1,7 +1,7 @@
 """A/B of an eager decode step of transformers' Llama (MiniCPM4-8B shape, batch 1): what InfLLM-V2's step costs
 over dense's, taken apart by switching pieces of it off.
 
-    python3 benchmarks/ab_eager_step.py [--n 131072] [--steps 8] [--rounds 3]
+    python3 benchmarks/ab_eager_step.py [--n 131072] [--steps 8] [--rounds 3] [--static]
 
 Variants, interleaved over ``--rounds`` (each: ``--steps`` steps, each waited for, the median step kept):
 
@@ -13,6 +13,10 @@ Variants, interleaved over ``--rounds`` (each: ``--steps`` steps, each waited fo
 * ``infllmv2_no_pdl``: launched at every call, without programmatic dependent launch;
 * ``infllmv2_stub_decode``: the decode call replaced by an empty output (the rest of InfLLM-V2's attention
   function and cache kept): what everything but the decode call costs.
+
+With ``--static``, the variants run static caches instead, eagerly (generate() with ``disable_compile``):
+``dense_static`` (transformers' ``StaticCache``), ``infllmv2_static`` (``InfLLMv2StaticCache``, each layer's decode
+call replayed from a CUDA graph) and ``infllmv2_static_no_graphs`` (launched at every call).
 
 "host returned at": when ``model(...)`` returned, before the wait (close to the step: the host is the bound).
 Prints a table; JSON to ``$OUT/ab_eager_step.json``.
@@ -43,6 +47,7 @@ def main():
     p.add_argument("--n", type=int, default=131072)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--static", action="store_true", help="static caches, eagerly (see the module doc)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -51,14 +56,18 @@ def main():
     ids = prompt(model, args.n, "random", "cuda", FULL_SHAPE)["input_ids"]
     real_decode = triton_ops.infllmv2_decode_triton
     caches = {}
+    transformers = __import__("transformers")
+    slots = args.n + 2 * (2 + args.steps) * args.rounds + 8  # every timed step of every round
     with torch.no_grad():
         for mode in ("dense", "infllmv2"):
             if mode == "dense":
                 infllmv2.disable(model)
-                caches[mode] = __import__("transformers").DynamicCache()
+                caches[mode] = (transformers.StaticCache(config=model.config, max_cache_len=slots) if args.static
+                                else transformers.DynamicCache())
             else:
                 infllmv2.enable(model)
-                caches[mode] = infllmv2.InfLLMv2Cache()
+                caches[mode] = (infllmv2.InfLLMv2StaticCache(config=model.config, max_cache_len=slots) if args.static
+                                else infllmv2.InfLLMv2Cache())
             with sdpa_priority("cuda"):
                 model(input_ids=ids, logits_to_keep=1, **{ck: caches[mode]})
         del ids
@@ -66,16 +75,18 @@ def main():
 
         def setup(variant):
             selection_mod.DECODE_PDL = variant != "infllmv2_no_pdl"
-            decode_mod.DECODE_GRAPHS = variant == "infllmv2"
+            decode_mod.DECODE_GRAPHS = variant in ("infllmv2", "infllmv2_static")
             triton_ops.infllmv2_decode_triton = (
                 (lambda q, *a, **k: torch.empty_like(q)) if variant == "infllmv2_stub_decode" else real_decode)
-            if variant == "dense":
+            dense = variant.startswith("dense")
+            if dense:
                 infllmv2.disable(model)
             else:
                 infllmv2.enable(model)
-            return caches["dense" if variant == "dense" else "infllmv2"]
+            return caches["dense" if dense else "infllmv2"]
 
-        variants = ["dense", "infllmv2", "infllmv2_no_graphs", "infllmv2_no_pdl", "infllmv2_stub_decode"]
+        variants = (["dense_static", "infllmv2_static", "infllmv2_static_no_graphs"] if args.static else
+                    ["dense", "infllmv2", "infllmv2_no_graphs", "infllmv2_no_pdl", "infllmv2_stub_decode"])
         walls = {v: [] for v in variants}
         reserved = {}
         issue = {v: [] for v in variants}
@@ -97,10 +108,11 @@ def main():
     rows = [dict(variant=v, step_ms_median=round(statistics.median(w), 3), step_ms_min=round(min(w), 3),
                  issue_ms_median=round(statistics.median(issue[v]), 3),
                  reserved_mib_after_first_round=round(reserved[v], 1)) for v, w in walls.items()]
-    res = dict(command="python3 benchmarks/ab_eager_step.py " + " ".join(sys.argv[1:]), n=args.n,
+    res = dict(command="python3 benchmarks/ab_eager_step.py " + " ".join(sys.argv[1:]), n=args.n, static=args.static,
                gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, walls_ms=walls, issue_ms=issue)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "ab_eager_step.json"), "w") as f:
+        name = "ab_eager_step_static.json" if args.static else "ab_eager_step.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(res, f, indent=1)
     print("| variant | step ms (median) | min | host returned at ms | reserved MiB |\n| --- | --- | --- | --- | --- |")
     for r in rows:

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from infllmv2 import SparseConfig, infllmv2_attention, infllmv2_with_kvcache, select_blocks  # noqa: E402
 from infllmv2.cache import InfLLMv2Cache, InfLLMv2StaticCache, StaticCompressedKeys  # noqa: E402
-from test_generation_gpu import CACHE, VOCAB, _left_padded, _model  # noqa: E402  (its small bf16 Llama)
+from test_generation_gpu import CACHE, _left_padded, _model  # noqa: E402  (its small bf16 Llama)
 
 CONFIG = SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=128, topk=4,
                       dense_len=1024)

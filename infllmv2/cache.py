@@ -115,17 +115,19 @@ class _Compressed:
         return (self.fine,) if self.coarse is None else (self.fine, self.coarse)
 
 
-def _row_layout(mask: Optional[torch.Tensor], length: int, batch: int):
-    """Per row: (number of valid keys, first valid index if the valid keys are contiguous else None)."""
+def row_layout(mask: Optional[torch.Tensor], length: int, batch: int):
+    """Per row: (number of valid keys, first valid index if the valid keys are contiguous else None). One host
+    read (it waits for the GPU's queue): the attention function reads it once a forward for every layer."""
     if mask is None:
         return [(length, 0)] * batch
-    m = mask[:, :length].to(torch.int32)
+    m = mask[:, :length].to(torch.int64)
     valid = m.sum(1)
     slot = torch.arange(length, device=m.device)
     first = torch.where(m.bool(), slot, length).amin(1)  # min/max, not argmax: its ties are not ordered when compiled
     last = torch.where(m.bool(), slot, -1).amax(1)
     contiguous = (valid == 0) | (last - first + 1 == valid)
-    return [(n, f if c else None) for n, f, c in zip(valid.tolist(), first.tolist(), contiguous.tolist())]
+    rows = torch.stack([valid, first, contiguous.to(torch.int64)], 1).tolist()
+    return [(n, f if c else None) for n, f, c in rows]
 
 
 class InfLLMv2Layer:
@@ -140,19 +142,20 @@ class InfLLMv2Layer:
         _LAST.layer = self
 
     def infllmv2_compressed(self, mask: Optional[torch.Tensor], config: SparseConfig, length: Optional[int] = None,
-                            build: bool = False) -> Optional[_Compressed]:
+                            build: bool = False, layout: Optional[list] = None) -> Optional[_Compressed]:
         """Bring the compressed keys up to date with the cached keys and return them.
 
         mask: None (every key valid) or the (batch, >= length) boolean padding mask; length: filled
-        slots (default: all). Returns None while no row has reached ``dense_len`` (lazy: nothing is
-        built until a sequence turns sparse) unless ``build``.
+        slots (default: all); layout: ``row_layout(mask, length, batch)`` where the caller has it. Returns None
+        while no row has reached ``dense_len`` (lazy: nothing is built until a sequence turns sparse) unless
+        ``build``.
         """
         keys = self.keys  # (b, Hkv, sk, d)
         if keys is None or keys.dim() != 4:
             return None
         b, _, sk, _ = keys.shape
         length = sk if length is None else length
-        layout = _row_layout(mask, length, b)
+        layout = row_layout(mask, length, b) if layout is None else layout
         st = self._infllmv2_state
         if st is not None and (st.config != config or len(st.seen) != b
                                or any(n < s for (n, _), s in zip(layout, st.seen))

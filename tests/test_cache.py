@@ -170,8 +170,8 @@ def test_static_cache_eager_steps_read_the_layout_once_a_forward_and_graph_the_s
     model.generation_config.eos_token_id = None
     model.generation_config.disable_compile = True
     reads = []
-    real = integration._static_layout
-    monkeypatch.setattr(integration, "_static_layout", lambda mask, check: reads.append(check) or real(mask, check))
+    real = integration._filled_layout
+    monkeypatch.setattr(integration, "_filled_layout", lambda mask, check: reads.append(check) or real(mask, check))
     ids, cache = _ids(150, seed=3), InfLLMv2StaticCache(config=model.config, max_cache_len=170)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -434,20 +434,27 @@ def test_triton_decode_step_under_autograd_takes_a_differentiable_path(static):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone():
+def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone(monkeypatch):
     """A left-padded batch (generate()'s layout) decodes through the kernel with ``cache_leftpad``, given the
-    cached compressed keys, and each row equals it generated alone."""
-    model = _llama(layers=1, seed=1, head_dim=32)
+    cached compressed keys, and each row equals it generated alone. The rows' lengths and first slots come from
+    the mask once a forward, not once a layer."""
+    from infllmv2.models import transformers as integration
+    model = _llama(layers=2, seed=1, head_dim=32)
     model.generation_config.eos_token_id = None
     enable(model, SPARSE.replace(dense_len=120), backend="triton")
     seqs = [_ids(150, seed=6), _ids(100, seed=7)]  # the second turns sparse mid-generation
     ids, mask, n = _left_padded(seqs)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    layouts, real = [], integration._filled_layout
+    monkeypatch.setattr(integration, "_filled_layout", lambda m, check: layouts.append(check) or real(m, check))
+    rows, real_rows = [], integration.row_layout  # the rows' lengths on the host
+    monkeypatch.setattr(integration, "row_layout", lambda *a: rows.append(1) or real_rows(*a))
     with torch.no_grad():
         with _decode_kernel_calls() as calls:
             batched = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
-        assert len(calls) == 5 and all(k.get("k_fine") is not None for k in calls)
-        assert calls[0]["cache_leftpad"].tolist() == [0, 50]
+        assert len(calls) == 5 * 2 and all(k.get("k_fine") is not None for k in calls)
+        assert layouts == [False] * 5 and len(rows) == 6  # the prefill and 5 decode steps, of 2 layers each
+        assert all(k["cache_leftpad"].tolist() == [0, 50] for k in calls)  # row 1's 50 pad slots, every layer
         for i, x in enumerate(seqs):
             alone = model.generate(x, **{CACHE: InfLLMv2Cache()}, **kw)
             assert torch.equal(batched.sequences[i, n:], alone.sequences[0, x.shape[1]:])

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
-from ..cache import lookup_layer
+from ..cache import lookup_layer, row_layout
 from ..config import SparseConfig, as_sparse_config
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
@@ -86,7 +86,8 @@ def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
     """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
     layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
     (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
-    if tensor.is_inference():  # no version counter (torch.inference_mode): an in-place change would go unseen
+    # an inference tensor has no version counter (an in-place change would go unseen); traced code keeps no state
+    if tensor.is_inference() or torch.compiler.is_compiling():
         return compute()
     hit = _PER_FORWARD.get(what)
     if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
@@ -180,7 +181,7 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:
         cache_layer = None  # packed sequences in a row: one sequence per row is what the cache tracks
     if cache_layer is not None:  # an InfLLMv2Cache: use (and extend) its compressed keys
-        out = _cached_attention(cache_layer, q, k, v, mask, config, scaling, backend)
+        out = _cached_attention(cache_layer, q, k, v, mask, config, scaling, backend, attention_mask)
         if out is not None:
             return out, None
     if mask is not None:
@@ -200,7 +201,7 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     return infllmv2_attention(q, k, v, config, softmax_scale=scaling, backend=backend), None
 
 
-def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
+def _cached_attention(layer, q, k, v, mask, config, scaling, backend, attention_mask):
     """Attention with the compressed keys an ``InfLLMv2Cache`` layer keeps (None: not applicable here).
 
     q (b, sq, Hq, d), k/v (b, sk, Hkv, d) with the cache included; mask None or (b, sk) padding mask.
@@ -213,13 +214,15 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
     resolved = _resolve_backend(backend, q)
     if resolved == "reference" or config.use_nope:
         return None
-    # a static cache builds them at once, so that its decode steps never decide on the host
-    state = layer.infllmv2_compressed(mask, config, length=k.shape[1],
-                                      build=getattr(layer, "_infllmv2_static", False))
-    if state is None:  # no row sparse yet (lazy): the plain path (dense) runs
-        return None
     b, sq, hq, d = q.shape
     sk = k.shape[1]
+    layout = None if mask is None else _once_per_forward(  # the rows' lengths: one host read a forward
+        "row_layout", attention_mask, (tuple(mask.shape), sk), lambda: row_layout(mask, sk, b))
+    # a static cache builds them at once, so that its decode steps never decide on the host
+    state = layer.infllmv2_compressed(mask, config, length=sk, build=getattr(layer, "_infllmv2_static", False),
+                                      layout=layout)
+    if state is None:  # no row sparse yet (lazy): the plain path (dense) runs
+        return None
     scale = d ** -0.5 if scaling is None else float(scaling)
     if resolved == "triton":
         if sq != 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
@@ -229,7 +232,10 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend):
         if mask is not None:
             if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
                 return None
-            lens, leftpad = torch.tensor(state.layout, dtype=torch.int32).t().contiguous().to(q.device)  # one copy
+            # each row's keys end at the last slot: lengths and first slots from the mask, on the device, once a
+            # forward (a copy of the host-side layout would wait for the GPU's queue: torch syncs a pageable copy)
+            lens, leftpad, _ = _once_per_forward("padded_layout", attention_mask, tuple(mask.shape),
+                                                 lambda: _filled_layout(mask, check=False))
         k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
         q0 = q[:, 0]
         graph = _decode_graph(layer, q0, sk, lens, leftpad, config, scale, k_fine, k_coarse)
@@ -288,9 +294,9 @@ def _decode_graph(layer, q, sk, lens, leftpad, config, scale, k_fine, k_coarse):
     return graph
 
 
-def _static_layout(mask: torch.Tensor, check: bool):
-    """A static cache's (batch, slots) filled-slot mask -> (lens (batch,) int32, first filled slot (batch,) int32,
-    whether each row's filled slots are contiguous: a host read, only when ``check``)."""
+def _filled_layout(mask: torch.Tensor, check: bool):
+    """A (batch, slots) mask of the filled slots -> (lens (batch,) int32, first filled slot (batch,) int32, whether
+    each row's filled slots are contiguous: a host read, only when ``check``), on the mask's device."""
     lens = mask.sum(1, dtype=torch.int32)
     # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code. int64
     # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
@@ -325,11 +331,11 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend, attention_mas
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager: once a forward (one host read), and rows with holes in their mask take the general path
         lens, leftpad, contiguous = _once_per_forward("static_layout", attention_mask, tuple(mask.shape),
-                                                      lambda: _static_layout(mask, check=True))
+                                                      lambda: _filled_layout(mask, check=True))
         if not contiguous:
             return None
     else:  # traced code trusts the layout
-        lens, leftpad, _ = _static_layout(mask, check=False)
+        lens, leftpad, _ = _filled_layout(mask, check=False)
     kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
     append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")
     fine, coarse = st.fine.data, st.coarse.data if st.coarse is not None else None

@@ -115,18 +115,30 @@ class _Compressed:
         return (self.fine,) if self.coarse is None else (self.fine, self.coarse)
 
 
-def row_layout(mask: Optional[torch.Tensor], length: int, batch: int):
+def filled_slots(mask: torch.Tensor, length: Optional[int] = None):
+    """A (batch, slots) mask of the valid slots (the first ``length``) -> per row, on the mask's device, no host
+    read: (count (batch,) int32, first valid slot (batch,) int32, ``length`` when none, whether the valid slots are
+    contiguous (batch,) bool; an empty row counts as contiguous)."""
+    m = (mask if length is None else mask[:, :length]).bool()
+    n = m.shape[1]
+    # first / last by min / max reductions: argmax on ties is not "the first index" in compiled CUDA code. int64
+    # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
+    # kernel that failed to compile (an int32 accumulator re-assigned int64; bench_generate.py, 128K)
+    slot = torch.arange(n, dtype=torch.int64, device=m.device)
+    count = m.sum(1, dtype=torch.int32)
+    first = torch.where(m, slot, n).amin(1)
+    last = torch.where(m, slot, -1).amax(1)
+    return count, first.to(torch.int32), (count == 0) | (last - first + 1 == count)
+
+
+def row_layout(mask: Optional[torch.Tensor], length: int, batch: int, slots: Optional[tuple] = None):
     """Per row: (number of valid keys, first valid index if the valid keys are contiguous else None). One host
-    read (it waits for the GPU's queue): the attention function reads it once a forward for every layer."""
+    read (it waits for the GPU's queue) of ``filled_slots(mask, length)`` (or of ``slots``, those already made):
+    the attention function reads it once a forward for every layer."""
     if mask is None:
         return [(length, 0)] * batch
-    m = mask[:, :length].to(torch.int64)
-    valid = m.sum(1)
-    slot = torch.arange(length, device=m.device)
-    first = torch.where(m.bool(), slot, length).amin(1)  # min/max, not argmax: its ties are not ordered when compiled
-    last = torch.where(m.bool(), slot, -1).amax(1)
-    contiguous = (valid == 0) | (last - first + 1 == valid)
-    rows = torch.stack([valid, first, contiguous.to(torch.int64)], 1).tolist()
+    count, first, contiguous = filled_slots(mask, length) if slots is None else slots
+    rows = torch.stack([count, first, contiguous.to(torch.int32)], 1).tolist()
     return [(n, f if c else None) for n, f, c in rows]
 
 

@@ -170,8 +170,8 @@ def test_static_cache_eager_steps_read_the_layout_once_a_forward_and_graph_the_s
     model.generation_config.eos_token_id = None
     model.generation_config.disable_compile = True
     reads = []
-    real = integration._filled_layout
-    monkeypatch.setattr(integration, "_filled_layout", lambda mask, check: reads.append(check) or real(mask, check))
+    real = integration._static_rows
+    monkeypatch.setattr(integration, "_static_rows", lambda mask, check: reads.append(check) or real(mask, check))
     ids, cache = _ids(150, seed=3), InfLLMv2StaticCache(config=model.config, max_cache_len=170)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -207,6 +207,31 @@ def test_static_cache_eager_steps_read_the_layout_once_a_forward_and_graph_the_s
     assert layer.decode_room(171) is None  # past the slots
     cache.reset()
     assert layer.__dict__.get("_infllmv2_graph") is None
+
+
+def test_filled_slots_and_row_layout_equal_a_python_reading_of_the_mask():
+    """Per row: the count of valid slots, the first one (the length when none) and whether they are contiguous,
+    on the device; row_layout reads them in one go. Random masks with holes, empty, full and single-slot rows."""
+    from infllmv2.cache import filled_slots, row_layout
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        mask = torch.rand(6, n, generator=g) < torch.rand(6, 1, generator=g)  # rows from empty to full
+        a, b_ = sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())
+        mask[0] = False
+        mask[1], mask[2] = True, False
+        mask[2, a:b_] = True  # one contiguous run (maybe empty)
+        length = int(torch.randint(1, n + 1, (1,), generator=g)) if trial % 2 else None
+        count, first, contiguous = filled_slots(mask, length)
+        want = []
+        for row in (mask if length is None else mask[:, :length]).tolist():
+            idx = [j for j, x in enumerate(row) if x]
+            c = not idx or idx == list(range(idx[0], idx[-1] + 1))
+            want.append((len(idx), idx[0] if idx else len(row), c))
+        assert count.dtype == first.dtype == torch.int32
+        assert list(zip(count.tolist(), first.tolist(), contiguous.tolist())) == want
+        got = row_layout(mask, n if length is None else length, 6)
+        assert got == [(c, f if ok else None) for c, f, ok in want]
 
 
 def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
@@ -445,15 +470,17 @@ def test_triton_decode_left_padded_batch_uses_kernel_and_equals_each_alone(monke
     seqs = [_ids(150, seed=6), _ids(100, seed=7)]  # the second turns sparse mid-generation
     ids, mask, n = _left_padded(seqs)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    layouts, real = [], integration._filled_layout
-    monkeypatch.setattr(integration, "_filled_layout", lambda m, check: layouts.append(check) or real(m, check))
-    rows, real_rows = [], integration.row_layout  # the rows' lengths on the host
+    from infllmv2 import cache as cache_mod
+    slots, real_slots = [], cache_mod.filled_slots  # the rows' lengths on the device, wherever they are made
+    for module in (cache_mod, integration):
+        monkeypatch.setattr(module, "filled_slots", lambda *a: slots.append(1) or real_slots(*a))
+    rows, real_rows = [], integration.row_layout  # ... and read to the host
     monkeypatch.setattr(integration, "row_layout", lambda *a: rows.append(1) or real_rows(*a))
     with torch.no_grad():
         with _decode_kernel_calls() as calls:
             batched = model.generate(ids, attention_mask=mask, **{CACHE: InfLLMv2Cache()}, **kw)
         assert len(calls) == 5 * 2 and all(k.get("k_fine") is not None for k in calls)
-        assert layouts == [False] * 5 and len(rows) == 6  # the prefill and 5 decode steps, of 2 layers each
+        assert len(slots) == len(rows) == 6  # the prefill and 5 decode steps, of 2 layers each
         assert all(k["cache_leftpad"].tolist() == [0, 50] for k in calls)  # row 1's 50 pad slots, every layer
         for i, x in enumerate(seqs):
             alone = model.generate(x, **{CACHE: InfLLMv2Cache()}, **kw)

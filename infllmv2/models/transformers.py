@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
-from ..cache import lookup_layer, row_layout
+from ..cache import filled_slots, lookup_layer, row_layout
 from ..config import SparseConfig, as_sparse_config
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
@@ -216,8 +216,9 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend, attention_
         return None
     b, sq, hq, d = q.shape
     sk = k.shape[1]
-    layout = None if mask is None else _once_per_forward(  # the rows' lengths: one host read a forward
-        "row_layout", attention_mask, (tuple(mask.shape), sk), lambda: row_layout(mask, sk, b))
+    slots = layout = None
+    if mask is not None:  # each row's filled slots on the device, and on the host (one read): once a forward
+        slots, layout = _once_per_forward("padded_rows", attention_mask, tuple(mask.shape), lambda: _rows_of(mask))
     # a static cache builds them at once, so that its decode steps never decide on the host
     state = layer.infllmv2_compressed(mask, config, length=sk, build=getattr(layer, "_infllmv2_static", False),
                                       layout=layout)
@@ -232,10 +233,9 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend, attention_
         if mask is not None:
             if any(first is None or n == 0 or first + n != sk for n, first in state.layout):
                 return None
-            # each row's keys end at the last slot: lengths and first slots from the mask, on the device, once a
-            # forward (a copy of the host-side layout would wait for the GPU's queue: torch syncs a pageable copy)
-            lens, leftpad, _ = _once_per_forward("padded_layout", attention_mask, tuple(mask.shape),
-                                                 lambda: _filled_layout(mask, check=False))
+            # each row's keys end at the last slot: its length and first slot, as the device has them (a copy of
+            # the host's layout would wait for the GPU's queue: torch syncs a pageable host-to-device copy)
+            lens, leftpad, _ = slots
         k_fine, k_coarse = state.fine.data, state.coarse.data if state.coarse is not None else None
         q0 = q[:, 0]
         graph = _decode_graph(layer, q0, sk, lens, leftpad, config, scale, k_fine, k_coarse)
@@ -294,19 +294,17 @@ def _decode_graph(layer, q, sk, lens, leftpad, config, scale, k_fine, k_coarse):
     return graph
 
 
-def _filled_layout(mask: torch.Tensor, check: bool):
-    """A (batch, slots) mask of the filled slots -> (lens (batch,) int32, first filled slot (batch,) int32, whether
-    each row's filled slots are contiguous: a host read, only when ``check``), on the mask's device."""
-    lens = mask.sum(1, dtype=torch.int32)
-    # first filled slot by a min reduction: argmax on ties is not "the first index" in compiled CUDA code. int64
-    # slots: with int32 ones inductor (torch 2.11) split the reduction over a cache of 131105 slots into a Triton
-    # kernel that failed to compile (an int32 accumulator re-assigned int64; bench_generate.py, 128K)
-    slot = torch.arange(mask.shape[1], dtype=torch.int64, device=mask.device)
-    leftpad = torch.where(mask.bool(), slot, mask.shape[1]).amin(1).to(torch.int32)
-    if not check:
-        return lens, leftpad, True
-    last = torch.where(mask.bool(), slot, -1).amax(1)
-    return lens, leftpad, not bool((last + 1 - leftpad != lens).any())
+def _rows_of(mask: torch.Tensor):
+    """A padding mask's ``filled_slots`` on the device and the host's ``row_layout`` read from them."""
+    slots = filled_slots(mask)
+    return slots, row_layout(mask, mask.shape[1], mask.shape[0], slots)
+
+
+def _static_rows(mask: torch.Tensor, check: bool):
+    """A static cache's (batch, slots) filled-slot mask -> (lens (batch,) int32, first filled slot (batch,) int32,
+    whether every row is filled contiguously and not empty: a host read, only when ``check``)."""
+    lens, leftpad, contiguous = filled_slots(mask)
+    return lens, leftpad, bool((contiguous & (lens > 0)).all()) if check else True
 
 
 def _static_decode(layer, q, k, v, mask, config, scaling, backend, attention_mask):
@@ -330,12 +328,12 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend, attention_mas
 
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager: once a forward (one host read), and rows with holes in their mask take the general path
-        lens, leftpad, contiguous = _once_per_forward("static_layout", attention_mask, tuple(mask.shape),
-                                                      lambda: _filled_layout(mask, check=True))
+        lens, leftpad, contiguous = _once_per_forward("static_rows", attention_mask, tuple(mask.shape),
+                                                      lambda: _static_rows(mask, check=True))
         if not contiguous:
             return None
     else:  # traced code trusts the layout
-        lens, leftpad, _ = _filled_layout(mask, check=False)
+        lens, leftpad, _ = _static_rows(mask, check=False)
     kinds = [(pk.kernel, pk.stride, pk.data) for pk in st.kinds()]
     append_windows(kinds, k, lens, leftpad, fused=resolved == "triton")
     fine, coarse = st.fine.data, st.coarse.data if st.coarse is not None else None

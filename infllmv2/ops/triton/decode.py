@@ -369,7 +369,9 @@ class DecodeGraph:
         self.leftpad = None if cache_leftpad is None else cache_leftpad.clone()
         args = (k_cache, v_cache, self.lens, config, softmax_scale, k_fine, k_coarse, False, None, self.leftpad)
         _decode(self.q, *args)  # compiles any kernel specialisation first: nothing may compile while capturing
-        side = _CAPTURE_STREAMS.setdefault(dev.index, torch.cuda.Stream(dev))
+        side = _CAPTURE_STREAMS.get(dev.index)
+        if side is None:
+            side = _CAPTURE_STREAMS[dev.index] = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):

@@ -431,7 +431,10 @@ def perplexity(model, input_ids: Sequence[int], chunk: int = 4096) -> dict:
 
 
 def set_attention_mode(model, mode: str, sparse_config: Optional[SparseConfig] = None, backend: str = "auto"):
-    """dense (SDPA) | sparse (InfLLM-V2) | infllmv2_dense (InfLLM-V2, dense_len huge) | nsa (an NSA model as is)."""
+    """dense (SDPA) | sparse (InfLLM-V2) | infllmv2_dense (InfLLM-V2, dense_len huge) | nsa (an NSA model as is).
+
+    ``sparse_config=None`` means MiniCPM4's (not the model's: the infllmv2_dense mode stores its own variant there).
+    """
     from .train import is_nsa, set_attention
 
     cfg = sparse_config or SparseConfig()
@@ -476,10 +479,14 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
 
     Each answer is generated greedily for ``2 * len(tokens of the reference answer) + 4`` tokens (capped by
     ``max_new_tokens`` when given), stopping at EOS or at the end of the first non-blank line, the part
-    that is scored.
+    that is scored. ``sparse_config=None`` runs the model's own ``sparse_config`` (MiniCPM4's when it has none).
     """
+    from .models.transformers import sparse_config_of
+
     tok = as_tokenizer(tokenizer)
     model.eval()
+    # resolved once: the modes below store their own variants of it on the model
+    sparse_config = sparse_config or sparse_config_of(model.config)
     unknown = [t for t in tasks if t not in TASKS and t != "ppl"]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; tasks are {list(TASKS) + ['ppl']}")
@@ -544,7 +551,7 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
                  **{L: v.get("avg") for L, v in summary[m].items()}} for m in modes}
     return {"lengths": list(lengths), "modes": list(modes), "tasks": list(tasks), "samples": samples, "seed": seed,
             "depths": list(depths), "haystack": haystack, "max_new_tokens": max_new_tokens,
-            "sparse_config": (sparse_config or SparseConfig()).to_dict(), "summary": summary, "ruler": ruler,
+            "sparse_config": sparse_config.to_dict(), "summary": summary, "ruler": ruler,
             "long_ppl": ppl, "samples_detail": rows}
 
 
@@ -626,27 +633,37 @@ def _str_list(choices):
     return parse
 
 
-def add_sparse_args(parser: argparse.ArgumentParser) -> None:
-    """InfLLM-V2 flags (defaults = MiniCPM4's sparse_config), shared by train and eval."""
+# flag (argparse dest) -> SparseConfig field
+_SPARSE_FLAGS = {"block_size": "block_size", "kernel_size": "kernel_size", "kernel_stride": "kernel_stride",
+                 "init_blocks": "init_blocks", "window": "window_size", "topk": "topk", "dense_len": "dense_len",
+                 "lse_approx": "lse_approx"}
+
+
+def add_sparse_args(parser: argparse.ArgumentParser, source: str = "MiniCPM4's sparse_config") -> None:
+    """InfLLM-V2 flags, shared by train and eval. A flag left out is None: ``sparse_config_from_args`` takes it
+    from a base config (``source`` names it in the help: eval's is the model's own sparse_config)."""
     d = SparseConfig()
-    g = parser.add_argument_group("InfLLM-V2 sparse attention (budget = topk + window/block-size blocks per token)")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block")
-    g.add_argument("--kernel-size", type=int, default=d.kernel_size, help="window of the compressed keys")
-    g.add_argument("--kernel-stride", type=int, default=d.kernel_stride, help="stride of the compressed keys")
-    g.add_argument("--init-blocks", type=int, default=d.init_blocks, help="leading blocks always attended")
-    g.add_argument("--window", type=int, default=d.window_size, help="local window in tokens")
-    g.add_argument("--topk", type=int, default=d.topk, help="blocks selected by score (forced ones included)")
-    g.add_argument("--dense-len", type=int, default=d.dense_len,
-                   help="sequences shorter than this run dense; -1 = always sparse")
-    g.add_argument("--no-lse-approx", action="store_true", help="normalise stage-1 scores exactly")
+    g = parser.add_argument_group(
+        "InfLLM-V2 sparse attention (budget = topk + window/block-size blocks per token)",
+        f"A flag left out takes its value from {source}; the values in brackets are MiniCPM4's.")
+    g.add_argument("--block-size", type=int, help=f"tokens per block ({d.block_size})")
+    g.add_argument("--kernel-size", type=int, help=f"window of the compressed keys ({d.kernel_size})")
+    g.add_argument("--kernel-stride", type=int, help=f"stride of the compressed keys ({d.kernel_stride})")
+    g.add_argument("--init-blocks", type=int, help=f"leading blocks always attended ({d.init_blocks})")
+    g.add_argument("--window", type=int, help=f"local window in tokens ({d.window_size})")
+    g.add_argument("--topk", type=int, help=f"blocks selected by score, forced ones included ({d.topk})")
+    g.add_argument("--dense-len", type=int, help=f"sequences shorter than this run dense; -1 = always sparse "
+                                                 f"({d.dense_len})")
+    g.add_argument("--no-lse-approx", dest="lse_approx", action="store_const", const=False,
+                   help="normalise stage-1 scores exactly")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"],
                    help="InfLLM-V2 kernels")
 
 
-def sparse_config_from_args(args) -> SparseConfig:
-    return SparseConfig(block_size=args.block_size, kernel_size=args.kernel_size, kernel_stride=args.kernel_stride,
-                        init_blocks=args.init_blocks, window_size=args.window, topk=args.topk,
-                        dense_len=args.dense_len, lse_approx=not args.no_lse_approx)
+def sparse_config_from_args(args, base: Optional[SparseConfig] = None) -> SparseConfig:
+    """The sparse flags given on the command line over ``base`` (default: MiniCPM4's sparse_config)."""
+    given = {field: getattr(args, flag) for flag, field in _SPARSE_FLAGS.items() if getattr(args, flag) is not None}
+    return (base or SparseConfig()).replace(**given)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -680,7 +697,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--out", default="eval_out", help="output folder (results.json, results.md, results.png)")
     g.add_argument("--name", default="results", help="base name of the output files")
     g.add_argument("--no-progress", action="store_true")
-    add_sparse_args(parser)
+    add_sparse_args(parser, "the model's own sparse_config (saved by `infllmv2 train` or after `infllmv2.enable`), "
+                    "else from MiniCPM4's")
     return parser
 
 
@@ -719,8 +737,12 @@ def run_eval(args) -> dict:
     """``infllmv2 eval``: load, run the suite, write JSON + markdown + PNG; returns the results dict."""
     device, dtype = _device_dtype(args.device, args.dtype)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, device, dtype)
+    from .models.transformers import sparse_config_of
+
+    # flags over the model's own sparse_config: a model fine-tuned sparse is evaluated with the config it learned
+    sparse = sparse_config_from_args(args, sparse_config_of(model.config))
     results = evaluate(model, tok, args.lengths, args.modes, args.tasks, args.samples, args.depths, args.seed,
-                       sparse_config_from_args(args), args.backend, args.haystack, args.ppl_data,
+                       sparse, args.backend, args.haystack, args.ppl_data,
                        progress=not args.no_progress, max_new_tokens=args.max_new_tokens)
     results["command"] = getattr(args, "command_line", None)
     results["model"] = os.path.abspath(args.model)

@@ -161,3 +161,33 @@ def test_tiny_model_through_suite(tiny, tmp_path):
     assert "dense" in data["ruler"] and data["long_ppl"]["dense"]["1024"]["ppl"] > 1
     assert (tmp_path / "ev" / "results.png").stat().st_size > 0
     assert "| dense | 1024 |" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_eval_command_runs_the_sparse_config_the_model_was_saved_with(tiny, tmp_path):
+    import copy
+
+    from infllmv2 import cli, enable
+
+    folder = tmp_path / "model"
+    enable(copy.deepcopy(tiny), SMALL).save_pretrained(folder)  # as `infllmv2 train --attention infllmv2` leaves it
+    (folder / "infllmv2_tokenizer.json").write_text('{"type": "byte"}')
+
+    def eval_ppl(*flags):
+        out = tmp_path / f"ev{len(flags)}"
+        assert cli.main(["eval", "--model", str(folder), "--lengths", "1024", "--samples", "1", "--modes", "sparse",
+                         "--tasks", "ppl", "--ppl-data", PKG, "--device", "cpu", "--no-progress", "--out", str(out),
+                         *flags]) == 0
+        data = json.loads((out / "results.json").read_text())
+        return data["sparse_config"], data["long_ppl"]["sparse"]["1024"]["ppl"]
+
+    def direct_ppl(config):
+        return evaluate(tiny, TOK, [1024], modes=("sparse",), tasks=("ppl",), samples=1, sparse_config=config,
+                        progress=False, log=None, ppl_roots=[PKG])["long_ppl"]["sparse"]["1024"]["ppl"]
+
+    saved, ppl = eval_ppl()  # no flags: the model's own config, not MiniCPM4's (dense below 8K)
+    assert saved == SMALL.to_dict() and ppl == pytest.approx(direct_ppl(SMALL), rel=1e-6)
+    assert ppl != pytest.approx(direct_ppl(SparseConfig()), rel=1e-6)
+    # a flag given overrides that field only
+    saved, ppl = eval_ppl("--topk", "64", "--no-lse-approx")
+    assert saved == SMALL.replace(topk=64, lse_approx=False).to_dict()
+    assert ppl == pytest.approx(direct_ppl(SMALL.replace(topk=64, lse_approx=False)), rel=1e-6)

@@ -485,6 +485,61 @@ def test_non_gqa_model_is_rejected():
         enable(transformers.GPT2LMHeadModel(cfg), SPARSE)
 
 
+def _lora(model, seed=0):
+    """peft LoRA on every projection, A and B random (peft's default B = 0 would leave the outputs unchanged)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+@pytest.mark.parametrize("order", ["enable_then_lora", "lora_then_enable"])
+def test_peft_lora_model_runs_infllmv2_as_its_merged_weights_do(order):
+    ids = _ids(200, batch=2)
+    peft_model = _lora(enable(_llama(), SPARSE)) if order == "enable_then_lora" else enable(_lora(_llama()), SPARSE)
+    assert peft_model.get_base_model().config._attn_implementation == ATTN_IMPLEMENTATION
+    out = _logits(peft_model, ids)
+    # the same weights merged into plain linears (an independent model: no LoRA layers) give the same logits
+    merged = enable(copy.deepcopy(peft_model).merge_and_unload(), SPARSE)
+    assert all(type(m.q_proj) is torch.nn.Linear for m in infllmv2.models.transformers.attention_modules(merged))
+    torch.testing.assert_close(out, _logits(merged, ids), atol=1e-5, rtol=1e-5)
+    # and they are sparse: dense attention over the same weights differs
+    assert (out - _logits(disable(merged), ids)).abs().max() > 1e-3
+    generated = peft_model.generate(input_ids=ids[:1, :150], max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(generated, enable(merged, SPARSE).generate(input_ids=ids[:1, :150], max_new_tokens=4,
+                                                                          do_sample=False))
+
+
+def test_peft_lora_gradients_equal_dense_when_budget_covers():
+    ids = _ids(200, batch=2)
+    grads = {}
+    for mode in ("infllmv2", "sdpa"):
+        peft_model = _lora(_llama())
+        if mode == "infllmv2":
+            enable(peft_model, FULL)
+        peft_model.train()
+        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads[mode] = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        frozen = [n for n, p in peft_model.named_parameters() if not p.requires_grad]
+        assert frozen and all(p.grad is None for n, p in peft_model.named_parameters() if n in frozen)
+    assert grads["infllmv2"].keys() == grads["sdpa"].keys() and any("lora_A" in n for n in grads["sdpa"])
+    for name, grad in grads["sdpa"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads["infllmv2"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_enable_without_a_config_keeps_the_one_the_model_was_saved_with(tmp_path):
+    model = enable(_llama(), SPARSE)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation != ATTN_IMPLEMENTATION  # transformers does not save it
+    enable(reloaded)
+    assert reloaded.config.sparse_config == SPARSE.to_dict()
+    ids = _ids(200)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=1e-6, rtol=1e-6)
+    assert enable(_llama()).config.sparse_config == SparseConfig().to_dict()  # none stored: MiniCPM4's
+
+
 def test_non_model_is_rejected():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         enable(torch.nn.Linear(2, 2), SPARSE)

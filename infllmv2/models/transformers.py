@@ -450,11 +450,33 @@ def _looks_like_attention(name: str, module: torch.nn.Module) -> bool:
         name.rsplit(".", 1)[-1] in ("self_attn", "attn", "attention") and not isinstance(module, torch.nn.Linear))
 
 
+def _is_projection(module) -> bool:
+    """``nn.Linear``, or a module that stands in for one and says its sizes: peft's LoRA layers, quantised
+    linears (the attention only needs the projections' outputs, whatever computes them)."""
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(module, torch.nn.Module) and isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int))
+
+
+def _transformers_model(model):
+    """``model``, or the transformers model inside a wrapper that exposes it (peft's ``PeftModel``:
+    ``get_base_model()``), so that ``enable(get_peft_model(model, ...))`` works as ``enable(model)`` does."""
+    from transformers import PreTrainedModel
+
+    get_base_model = getattr(model, "get_base_model", None)
+    if not isinstance(model, PreTrainedModel) and callable(get_base_model):
+        model = get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (or a peft model around one), "
+                        f"got {type(model).__name__}")
+    return model
+
+
 def attention_modules(model: torch.nn.Module) -> list:
     """The (G)QA self-attention modules of ``model``; raises ValueError when a layer is of another kind."""
     found, bad = [], []
     for name, module in model.named_modules():
-        if all(isinstance(getattr(module, p, None), torch.nn.Linear) for p in _PROJECTIONS):
+        if all(_is_projection(getattr(module, p, None)) for p in _PROJECTIONS):
             found.append((name, module))
         elif _looks_like_attention(name, module) and not any(name.startswith(f + ".") for f, _ in found):
             bad.append(f"{name} ({type(module).__name__})")
@@ -498,15 +520,14 @@ def _uses_sliding_window(cfg) -> bool:
 def enable(model, config=None, *, backend: str = "auto"):
     """Switch a transformers causal LM with (G)QA attention to InfLLM-V2, in place; returns ``model``.
 
-    config: ``None`` (MiniCPM4 defaults), a ``SparseConfig`` or a MiniCPM4 ``sparse_config`` dict.
+    model: a transformers ``PreTrainedModel``, or a peft model around one (LoRA on the projections included).
+    config: a ``SparseConfig`` or a MiniCPM4 ``sparse_config`` dict; ``None`` = the ``sparse_config`` the model's
+    config already holds (a model saved after ``enable``, a MiniCPM4 config), else the MiniCPM4 defaults.
     Stored as ``model.config.sparse_config`` (a dict, as MiniCPM4 stores it). No parameter is added.
     backend: "auto" | "reference" | "torch" | "triton", used by every attention layer.
     """
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"enable() takes a transformers PreTrainedModel, got {type(model).__name__}")
-    sparse = as_sparse_config(config)
+    wrapper, model = model, _transformers_model(model)
+    sparse = as_sparse_config(config) if config is not None else sparse_config_of(model.config)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if getattr(model.config, "is_encoder_decoder", False):
@@ -542,7 +563,7 @@ def enable(model, config=None, *, backend: str = "auto"):
         if m.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(f"could not set the attention implementation of {type(m).__name__} to infllmv2")
     _generate_with_infllmv2_cache(model)
-    return model
+    return wrapper
 
 
 def _generate_with_infllmv2_cache(model) -> None:
@@ -592,10 +613,11 @@ def _cache_initialized(cache) -> bool:
 
 def disable(model, attn_implementation: str = "sdpa"):
     """Switch an enabled model back to dense attention (``sparse_config`` is kept); returns ``model``."""
+    wrapper, model = model, _transformers_model(model)
     model.__dict__.pop("_prepare_cache_for_generation", None)  # generate() creates its usual cache again
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     for m in attention_modules(model):
         if m.config._attn_implementation != attn_implementation:
             m.config._attn_implementation = attn_implementation
-    return model
+    return wrapper

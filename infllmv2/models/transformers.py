@@ -87,7 +87,7 @@ def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
     layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
     (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
     # an inference tensor has no version counter (an in-place change would go unseen); traced code keeps no state
-    if tensor.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tensor.is_inference():
         return compute()
     hit = _PER_FORWARD.get(what)
     if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:

@@ -34,8 +34,8 @@ def _rel(a, b):
 
 
 def _train(config, compiled, ids, pos):
-    """Three training steps (the later ones run the compiled graphs as they are): losses and gradients. config None:
-    dense SDPA."""
+    """Three forward / backward passes (the later ones run the compiled graphs as they are): losses and the last
+    gradients. config None: dense SDPA."""
     torch._dynamo.reset()
     model = _model(config or CONFIG)
     if config is None:

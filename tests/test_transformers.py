@@ -567,6 +567,29 @@ def test_enable_without_a_config_keeps_the_one_the_model_was_saved_with(tmp_path
     assert enable(_llama()).config.sparse_config == SparseConfig().to_dict()  # none stored: MiniCPM4's
 
 
+def test_a_model_loaded_with_the_attention_name_warns_once_that_its_cache_keeps_no_compressed_keys(tmp_path,
+                                                                                                  monkeypatch):
+    import warnings
+
+    from infllmv2.models import transformers as integration
+    monkeypatch.setattr(integration, "_WARNED_PLAIN_CACHE", [])
+    enable(_llama(), SPARSE).save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION)
+    loaded.generation_config.eos_token_id = None
+    prompt, kw = _ids(150), dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="keeps no compressed keys") as record:
+        plain = loaded.generate(prompt, **kw)  # transformers' DynamicCache: correct, pooled again every step
+        loaded.generate(prompt, **kw)
+    assert sum("compressed keys" in str(w.message) for w in record) == 1  # once a process
+    monkeypatch.setattr(integration, "_WARNED_PLAIN_CACHE", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        enabled = enable(loaded).generate(prompt, **kw)  # InfLLMv2Cache: no warning
+        enable(_llama(), SPARSE.replace(dense_len=1000)).generate(prompt, **{CACHE: transformers.DynamicCache()},
+                                                                  **kw)  # dense at this length: nothing pooled
+    assert torch.equal(plain, enabled)
+
+
 def test_non_model_is_rejected():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         enable(torch.nn.Linear(2, 2), SPARSE)

@@ -16,6 +16,7 @@ cache, decoding recomputes the compressed keys from the cache at each step; with
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -180,6 +181,8 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if cache_layer is not None and attention_mask is None and sq == k.shape[1] \
             and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:
         cache_layer = None  # packed sequences in a row: one sequence per row is what the cache tracks
+    if cache_layer is None and observer is None and sq < k.shape[1]:
+        _warn_plain_cache(config, k.shape[1])
     if cache_layer is not None:  # an InfLLMv2Cache: use (and extend) its compressed keys
         out = _cached_attention(cache_layer, q, k, v, mask, config, scaling, backend, attention_mask)
         if out is not None:
@@ -199,6 +202,21 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if observer is not None:
         observer(module, q, k, None, None)
     return infllmv2_attention(q, k, v, config, softmax_scale=scaling, backend=backend), None
+
+
+_WARNED_PLAIN_CACHE = []
+
+
+def _warn_plain_cache(config: SparseConfig, key_len: int) -> None:
+    """Once a process: sparse attention over a cache that keeps no compressed keys pools all of them again at every
+    step (correct, but slow at long lengths). generate() on a model loaded with attn_implementation="infllmv2"
+    makes such a cache: ``enable`` is what makes it use ``InfLLMv2Cache``."""
+    if _WARNED_PLAIN_CACHE or not config.is_sparse(key_len) or torch.compiler.is_compiling():
+        return
+    _WARNED_PLAIN_CACHE.append(True)
+    warnings.warn("InfLLM-V2 attention is running over a KV cache that keeps no compressed keys, so every step pools "
+                  "them again from all cached keys. Call infllmv2.enable(model) (generate() then uses "
+                  "infllmv2.InfLLMv2Cache), or pass cache=infllmv2.InfLLMv2Cache() yourself.", stacklevel=3)
 
 
 def _cached_attention(layer, q, k, v, mask, config, scaling, backend, attention_mask):

@@ -396,7 +396,13 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_to
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    from .train import is_nsa
+
+    first = {}
+    if getattr(model.config, "_attn_implementation", None) == "infllmv2" and not is_nsa(model):
+        from .cache import InfLLMv2Cache
+        first[cache_kw] = InfLLMv2Cache()  # keeps the compressed keys: the steps do not pool them again
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **first)
     new: List[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].float().argmax())

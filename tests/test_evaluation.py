@@ -191,3 +191,23 @@ def test_eval_command_runs_the_sparse_config_the_model_was_saved_with(tiny, tmp_
     saved, ppl = eval_ppl("--topk", "64", "--no-lse-approx")
     assert saved == SMALL.replace(topk=64, lse_approx=False).to_dict()
     assert ppl == pytest.approx(direct_ppl(SMALL.replace(topk=64, lse_approx=False)), rel=1e-6)
+
+
+def test_greedy_generate_of_an_enabled_model_keeps_the_compressed_keys(tiny, monkeypatch):
+    """The suite's decoding loop gives an enabled model InfLLM-V2's cache (no plain cache, which pools every key
+    again at every step and warns), and the tokens of generate()."""
+    import copy
+    import warnings
+
+    from infllmv2 import enable
+    from infllmv2.models import transformers as integration
+
+    model = enable(copy.deepcopy(tiny), SMALL)
+    model.generation_config.eos_token_id = None
+    ids = generate_sample("passkey", TOK, 600, seed=0).input_ids
+    monkeypatch.setattr(integration, "_WARNED_PLAIN_CACHE", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        new = greedy_generate(model, ids, 6)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert new == ref.tolist()

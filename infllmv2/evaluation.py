@@ -666,10 +666,11 @@ def add_sparse_args(parser: argparse.ArgumentParser, source: str = "MiniCPM4's s
                    help="InfLLM-V2 kernels")
 
 
-def sparse_config_from_args(args, base: Optional[SparseConfig] = None) -> SparseConfig:
-    """The sparse flags given on the command line over ``base`` (default: MiniCPM4's sparse_config)."""
+def sparse_config_from_args(args, base: Optional[SparseConfig] = None, given_only: bool = False):
+    """The sparse flags given on the command line over ``base`` (default: MiniCPM4's sparse_config); with
+    ``given_only``, just the fields given (a dict)."""
     given = {field: getattr(args, flag) for flag, field in _SPARSE_FLAGS.items() if getattr(args, flag) is not None}
-    return (base or SparseConfig()).replace(**given)
+    return given if given_only else (base or SparseConfig()).replace(**given)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

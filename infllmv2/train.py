@@ -103,7 +103,8 @@ class TrainConfig:
     progress: bool = True
     rope_theta: float = 500000.0
     max_position: Optional[int] = None
-    sparse: dict = field(default_factory=lambda: SparseConfig().to_dict())
+    # SparseConfig fields; a field left out comes from the --init / resumed model's own sparse_config, else MiniCPM4's
+    sparse: dict = field(default_factory=dict)
     backend: str = "auto"
 
 
@@ -680,19 +681,21 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     """
     if cfg.attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}")
-    sparse = SparseConfig.from_dict(cfg.sparse)
+    unknown = sorted(set(cfg.sparse) - set(SparseConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"sparse has unknown keys {unknown}; known keys are {sorted(SparseConfig().to_dict())}")
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     d = _Dist(cfg.device)
     try:
         with _quiet_hf():
-            return _train(cfg, sparse, d, stop_after)
+            return _train(cfg, d, stop_after)
     finally:
         d.close()
 
 
-def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optional[int]) -> dict:
+def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     stage = cfg.stage or ("finetune" if cfg.init else "pretrain")
     os.makedirs(cfg.out, exist_ok=True)
     random.seed(cfg.seed)
@@ -719,6 +722,10 @@ def _train(cfg: TrainConfig, sparse: SparseConfig, d: _Dist, stop_after: Optiona
     model.config.use_cache = False
     if is_nsa(model) and cfg.attention != "nsa":
         raise ValueError("this model is an NSA model (it has NSA's extra parameters): use --attention nsa")
+    from .models.transformers import sparse_config_of
+
+    # the fields given over the model's own config: fine-tuning a sparse checkpoint further keeps what it learned
+    sparse = sparse_config_of(model.config).replace(**cfg.sparse)
     set_attention(model, cfg.attention, sparse, cfg.backend)
     model.to(d.device)
     if cfg.grad_checkpointing:
@@ -889,7 +896,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, default=c.keep, help="checkpoints kept")
     g.add_argument("--device", default=c.device, help="auto | cpu | cuda")
     g.add_argument("--no-progress", action="store_true")
-    add_sparse_args(parser)
+    add_sparse_args(parser, "the --init or resumed model's own sparse_config, else from MiniCPM4's")
     return parser
 
 
@@ -905,7 +912,7 @@ def config_from_args(args) -> TrainConfig:
                        precision=args.precision, grad_checkpointing=args.grad_checkpointing, parallel=args.parallel,
                        save_every=args.save_every, keep=args.keep, device=args.device,
                        progress=not args.no_progress, rope_theta=args.rope_theta, max_position=args.max_position,
-                       sparse=sparse_config_from_args(args).to_dict(), backend=args.backend)
+                       sparse=sparse_config_from_args(args, given_only=True), backend=args.backend)
 
 
 def run_train(args) -> dict:

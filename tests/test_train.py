@@ -121,6 +121,27 @@ def test_cli_args(tmp_path, capsys):
     assert "topk" in capsys.readouterr().err
 
 
+def test_sparse_flags_left_out_come_from_the_init_model(tmp_path):
+    """Fine-tuning a sparse checkpoint further: the sparse flags not given keep the checkpoint's own sparse_config
+    (not MiniCPM4's), those given override one field each; a dense checkpoint starts from MiniCPM4's."""
+    train(_cfg(tmp_path / "pre", steps=1))
+    first = train(_cfg(tmp_path / "ft", init=str(tmp_path / "pre" / "final"), attention="infllmv2",
+                       sparse=SMALL.to_dict(), backend="torch", steps=1))
+    assert first["sparse_config"] == SMALL.to_dict()
+    parser = add_train_args(argparse.ArgumentParser())
+    common = ["--preset", "tiny", "--attention", "infllmv2", "--backend", "torch", "--steps", "1", "--seq-len", "128",
+              "--data", PKG, "--doc-min-chars", "8192", "--device", "cpu", "--no-progress"]
+    sparse_ckpt, dense_ckpt = str(tmp_path / "ft" / "final"), str(tmp_path / "pre" / "final")
+    cases = [([], sparse_ckpt, SMALL),
+             (["--topk", "3", "--no-lse-approx"], sparse_ckpt, SMALL.replace(topk=3, lse_approx=False)),
+             (["--dense-len", "-1"], dense_ckpt, SparseConfig(dense_len=-1))]
+    for i, (flags, init, expected) in enumerate(cases):
+        args = parser.parse_args(["--out", str(tmp_path / f"ft{i}"), "--init", init, *common, *flags])
+        assert train(config_from_args(args))["sparse_config"] == expected.to_dict(), flags
+    with pytest.raises(ValueError, match="unknown keys"):
+        train(_cfg(tmp_path / "bad", attention="infllmv2", sparse={"top_k": 3}))
+
+
 def test_nsa_baseline(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", max_position=512).eval()

@@ -43,7 +43,8 @@ from .data import ByteTokenizer, as_tokenizer, build_documents, encode_documents
 
 __all__ = ["TASKS", "Sample", "generate_sample", "generate_task", "training_sample", "recall_match", "exact_match",
            "score_sample", "greedy_generate", "perplexity", "set_attention_mode", "evaluate", "write_outputs",
-           "add_sparse_args", "sparse_config_from_args", "add_eval_args", "run_eval", "main", "MODES"]
+           "add_sparse_args", "sparse_flags_given", "sparse_config_from_args", "add_eval_args", "run_eval", "main",
+           "MODES"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "passkey")
 MODES = ("dense", "sparse", "infllmv2_dense", "nsa")
@@ -666,11 +667,14 @@ def add_sparse_args(parser: argparse.ArgumentParser, source: str = "MiniCPM4's s
                    help="InfLLM-V2 kernels")
 
 
-def sparse_config_from_args(args, base: Optional[SparseConfig] = None, given_only: bool = False):
-    """The sparse flags given on the command line over ``base`` (default: MiniCPM4's sparse_config); with
-    ``given_only``, just the fields given (a dict)."""
-    given = {field: getattr(args, flag) for flag, field in _SPARSE_FLAGS.items() if getattr(args, flag) is not None}
-    return given if given_only else (base or SparseConfig()).replace(**given)
+def sparse_flags_given(args) -> dict:
+    """The SparseConfig fields the command line gave (``add_sparse_args``' flags that are not None)."""
+    return {field: getattr(args, flag) for flag, field in _SPARSE_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def sparse_config_from_args(args, base: Optional[SparseConfig] = None) -> SparseConfig:
+    """The sparse flags given on the command line over ``base`` (default: MiniCPM4's sparse_config)."""
+    return (base or SparseConfig()).replace(**sparse_flags_given(args))
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -901,7 +901,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TrainConfig:
-    from .evaluation import sparse_config_from_args
+    from .evaluation import sparse_flags_given
 
     return TrainConfig(out=args.out, preset=args.preset, init=args.init, resume=args.resume, attention=args.attention,
                        stage=args.stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
@@ -912,7 +912,7 @@ def config_from_args(args) -> TrainConfig:
                        precision=args.precision, grad_checkpointing=args.grad_checkpointing, parallel=args.parallel,
                        save_every=args.save_every, keep=args.keep, device=args.device,
                        progress=not args.no_progress, rope_theta=args.rope_theta, max_position=args.max_position,
-                       sparse=sparse_config_from_args(args, given_only=True), backend=args.backend)
+                       sparse=sparse_flags_given(args), backend=args.backend)
 
 
 def run_train(args) -> dict:

@@ -425,7 +425,9 @@ def infllmv2_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Op
         if cache_position is None or kv_length is None:
             raise TypeError("infllmv2_mask needs q_length and kv_length, or transformers 4.x's cache_position")
         q_length, q_offset = cache_position.shape[0], cache_position[:1]
-        if not torch.compiler.is_compiling():
+        if q_length == kv_length:  # the queries are every key (no cache, or a first step that fills it): no offset
+            q_offset = 0
+        elif not torch.compiler.is_compiling():
             filled = int(cache_position[-1]) + 1
             if filled >= kv_length:  # no empty slots: a dynamic cache (or a full static one)
                 q_offset = filled - q_length

@@ -471,11 +471,10 @@ def _looks_like_attention(name: str, module: torch.nn.Module) -> bool:
 
 
 def _is_projection(module) -> bool:
-    """``nn.Linear``, or a module that stands in for one and says its sizes: peft's LoRA layers, quantised
-    linears (the attention only needs the projections' outputs, whatever computes them)."""
-    return isinstance(module, torch.nn.Linear) or (
-        isinstance(module, torch.nn.Module) and isinstance(getattr(module, "in_features", None), int)
-        and isinstance(getattr(module, "out_features", None), int))
+    """A linear map that says its sizes: ``nn.Linear``, peft's LoRA layers, quantised linears (the attention only
+    needs the projections' outputs, whatever computes them)."""
+    return (isinstance(module, torch.nn.Module) and isinstance(getattr(module, "in_features", None), int)
+            and isinstance(getattr(module, "out_features", None), int))
 
 
 def _transformers_model(model):

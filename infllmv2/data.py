@@ -22,7 +22,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ByteTokenizer", "TokenizerAdapter", "as_tokenizer", "source_roots", "list_source_files",
+__all__ = ["ByteTokenizer", "TokenizerAdapter", "as_tokenizer", "load_tokenizer", "save_tokenizer",
+           "check_tokenizer_fits", "source_roots", "list_source_files",
            "build_documents", "encode_documents", "pack_tokens", "LengthBuckets", "PAPER_BUCKETS",
            "TrainingStream", "Row"]
 
@@ -93,6 +94,9 @@ class TokenizerAdapter:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def __repr__(self) -> str:
+        return f"TokenizerAdapter({self.name!r})"
+
 
 def as_tokenizer(tokenizer):
     """Our interface for a tokenizer: ByteTokenizer / TokenizerAdapter pass through, HF tokenizers get wrapped."""
@@ -105,6 +109,51 @@ def as_tokenizer(tokenizer):
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode"):
         return tokenizer
     raise TypeError(f"not a tokenizer: {type(tokenizer).__name__}")
+
+
+BYTE_TOKENIZER_FILE = "infllmv2_tokenizer.json"  # marks a model folder that reads ByteTokenizer ids
+
+
+def load_tokenizer(folder: str, tokenizer: str = "auto", arg: str = "--tokenizer"):
+    """The tokenizer of a model folder. ``tokenizer``: "byte" (ours), a tokenizer folder, or "auto" (byte
+    when the folder says so, else the folder's own transformers tokenizer)."""
+    if tokenizer == "byte" or (tokenizer == "auto" and os.path.exists(os.path.join(folder, BYTE_TOKENIZER_FILE))):
+        return ByteTokenizer()
+    source = folder if tokenizer == "auto" else tokenizer
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{arg}: tokenizer folder not found: {source}")
+    from transformers import AutoTokenizer
+
+    try:
+        return TokenizerAdapter(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{arg}: no tokenizer could be loaded from {source} ({str(err).splitlines()[0]}); "
+                         f"pass {arg} byte or {arg} FOLDER (a folder holding the model's transformers tokenizer)"
+                         ) from None
+
+
+def save_tokenizer(tokenizer, folder: str) -> None:
+    """Writes ``tokenizer`` beside a saved model, where ``load_tokenizer(folder)`` finds it."""
+    tok = as_tokenizer(tokenizer)
+    if isinstance(tok, ByteTokenizer):
+        import json
+
+        with open(os.path.join(folder, BYTE_TOKENIZER_FILE), "w") as fh:
+            json.dump({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}, fh)
+    elif isinstance(tok, TokenizerAdapter):
+        tok.tok.save_pretrained(folder)
+    else:
+        raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
+
+
+def check_tokenizer_fits(tokenizer, model, arg: str = "--tokenizer") -> None:
+    """A tokenizer whose ids reach past the model's embedding rows would index out of range (or, with a
+    smaller tokenizer of another model, train on meaningless ids): refuse it, naming the argument."""
+    tok = as_tokenizer(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if tok.vocab_size > rows:
+        raise ValueError(f"{arg}: the tokenizer ({tok!r}) has {tok.vocab_size} ids but the model's embeddings have "
+                         f"{rows} rows: pass the model's own tokenizer")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from .config import SparseConfig
-from .data import ByteTokenizer, as_tokenizer, build_documents, encode_documents, source_roots
+from .data import (as_tokenizer, build_documents, check_tokenizer_fits, encode_documents, load_tokenizer,
+                   source_roots)
 
 __all__ = ["TASKS", "Sample", "generate_sample", "generate_task", "training_sample", "recall_match", "exact_match",
            "score_sample", "greedy_generate", "perplexity", "set_attention_mode", "evaluate", "write_outputs",
@@ -724,23 +725,22 @@ def _device_dtype(device: str, dtype: str):
     return dev, dt
 
 
-def load_model_and_tokenizer(path: str, tokenizer: str = "auto", device="cpu", dtype=torch.float32):
+def load_model_and_tokenizer(path: str, tokenizer: str = "auto", device="cpu", dtype=torch.float32,
+                             arg: str = "--tokenizer"):
+    """A model and its tokenizer (``data.load_tokenizer``) from a model folder, a .gguf file or "smollm2"."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     if path == "smollm2" or path.endswith(".gguf"):  # the pretrained SmolLM2-135M GGUF, loaded offline
         from .demo import find_gguf, load_model
         tok, model = load_model(find_gguf(None if path == "smollm2" else path), device, dtype)
-        return model, as_tokenizer(tok)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path}")
-    from .train import load_model_folder
-
-    model = load_model_folder(path, dtype).to(device)
-    if tokenizer == "byte" or (tokenizer == "auto" and os.path.exists(os.path.join(path, "infllmv2_tokenizer.json"))):
-        tok = ByteTokenizer()
+        tok = as_tokenizer(tok) if tokenizer == "auto" else load_tokenizer(path, tokenizer, arg)
     else:
-        tok = as_tokenizer(AutoTokenizer.from_pretrained(path if tokenizer == "auto" else tokenizer))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder not found: {path}")
+        from .train import load_model_folder
+
+        tok = load_tokenizer(path, tokenizer, arg)  # first: a missing tokenizer fails before the weights load
+        model = load_model_folder(path, dtype).to(device)
+    check_tokenizer_fits(tok, model, arg)
     return model, tok
 
 

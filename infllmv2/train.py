@@ -44,6 +44,7 @@ import random
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
@@ -109,6 +110,11 @@ class TrainConfig:
     # SparseConfig fields; a field left out comes from the --init / resumed model's own sparse_config, else MiniCPM4's
     sparse: dict = field(default_factory=dict)
     backend: str = "auto"
+    # LoRA (peft): rank 0 trains every weight; else only low-rank adapters on lora_targets, merged into the
+    # weights of <out>/final (no extra parameters), the adapter alone in <out>/final_adapter
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None  # default: 2 * lora_rank
+    lora_targets: str = "all-linear"    # peft's target_modules: "all-linear" or comma-separated module names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +461,47 @@ def latest_checkpoint(out: str) -> Optional[str]:
 def _full_states(model, optimizer, sharded: bool):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    # a LoRA model's checkpoint holds its adapters only: the frozen base is the --init model
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded, ignore_frozen_params=_is_lora(model))
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# --------------------------------------------------------------------------------------------------
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _with_lora(model, cfg: TrainConfig, resume_from: Optional[str]):
+    """Low-rank adapters on ``cfg.lora_targets`` (the rest frozen); from a checkpoint's adapters when resuming."""
+    try:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    except ImportError:
+        raise ImportError("--lora-rank needs peft (pip install peft)") from None
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else \
+        [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:  # no module matched
+        raise ValueError(f"--lora-targets {cfg.lora_targets!r}: {err}") from None
+    if resume_from:
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from, ADAPTER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume with --lora-rank: {path} not found (was the run trained with LoRA?)")
+        result = set_peft_model_state_dict(model, load_file(path))
+        bad = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
+        if bad:
+            raise ValueError(f"--resume: the adapters in {resume_from} do not fit --lora-rank / --lora-targets "
+                             f"({bad[:3]})")
+    return model
 
 
 def _save_model_folder(model, state_dict, folder: str, tokenizer=None):
@@ -691,6 +736,14 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.parallel == "fsdp":
+        raise ValueError("--lora-rank with --parallel fsdp is not supported: use ddp (the frozen base keeps no optimizer "
+                         "state, so a model whose forward fits a GPU trains with LoRA under DDP)")
+    if cfg.lora_rank and cfg.attention == "nsa":
+        raise ValueError("--lora-rank with --attention nsa: NSA's new projections and gate start untrained and must "
+                         "train in full")
     d = _Dist(cfg.device)
     try:
         with _quiet_hf():
@@ -709,10 +762,11 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     # model and the tokenizer its rows are made with (resume > init > preset)
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     max_pos = cfg.max_position or cfg.seq_len
-    if resume_from or cfg.init:
+    base_from = cfg.init if cfg.lora_rank else (resume_from or cfg.init)  # LoRA checkpoints hold adapters only
+    if base_from:
         from .evaluation import load_model_and_tokenizer
 
-        model, tok = load_model_and_tokenizer(resume_from or cfg.init, cfg.tokenizer)
+        model, tok = load_model_and_tokenizer(base_from, cfg.tokenizer)
     else:
         if cfg.tokenizer not in ("auto", "byte"):
             raise ValueError(f"--tokenizer: a new --preset model reads byte ids; another tokenizer "
@@ -734,6 +788,8 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     # the fields given over the model's own config: fine-tuning a sparse checkpoint further keeps what it learned
     sparse = sparse_config_of(model.config).replace(**cfg.sparse)
     set_attention(model, cfg.attention, sparse, cfg.backend)
+    if cfg.lora_rank:
+        model = _with_lora(model, cfg, resume_from)
     model.to(d.device)
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -742,10 +798,12 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     wrapped, inner = _wrap(model, cfg, d)
 
-    decay = [p for n, p in inner.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in inner.named_parameters() if p.dim() < 2]
+    trained = [p for p in inner.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                                   eps=1e-8)
@@ -776,7 +834,8 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     if cfg.progress and d.main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{stage} {cfg.attention}", dynamic_ncols=True)
-    info = {"stage": stage, "attention": cfg.attention, "params": n_params, "world": d.world,
+    info = {"stage": stage, "attention": cfg.attention, "params": n_params, "trainable_params": n_trainable,
+            "world": d.world,
             "global_batch_rows": global_rows, "tokens_per_step": global_rows * cfg.seq_len,
             "data": stream.describe(), "sparse_config": sparse.to_dict() if cfg.attention != "dense" else None}
     if d.main:
@@ -798,7 +857,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
                 loss = wrapped(**batch, use_cache=False).loss
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip if cfg.clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         optimizer.step()
@@ -823,12 +882,16 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     summary = dict(info)
     if end == cfg.steps:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        msd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=d.enabled and cfg.parallel == "fsdp"))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=d.enabled and cfg.parallel == "fsdp")
+        final_model = inner
+        if _is_lora(inner):  # the adapters alone, then merged into the weights: a plain model, no extra parameters
+            adapters = get_model_state_dict(inner, options=dataclasses.replace(opts, ignore_frozen_params=True))
+            if d.main:
+                _save_fresh(os.path.join(cfg.out, "final_adapter"), lambda f: _save_model_folder(inner, adapters, f, tok))
+            final_model = inner.merge_and_unload()
+        msd = get_model_state_dict(final_model, options=opts)
         if d.main:
-            final = os.path.join(cfg.out, "final")
-            shutil.rmtree(final, ignore_errors=True)
-            _save_model_folder(inner, msd, final, tok)
+            _save_fresh(os.path.join(cfg.out, "final"), lambda f: _save_model_folder(final_model, msd, f, tok))
         d.barrier()
     if d.main and os.path.exists(log_path):
         recs = read_loss_log(log_path)
@@ -839,6 +902,11 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     return summary
+
+
+def _save_fresh(folder: str, save) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    save(folder)
 
 
 class _nullcontext:
@@ -903,6 +971,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--precision", default=c.precision, choices=["auto", "bf16", "fp32"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--lora-rank", type=int, default=c.lora_rank,
+                   help="train low-rank adapters of this rank (peft) instead of every weight; the final model has "
+                        "them merged (<out>/final), the adapters alone are in <out>/final_adapter")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x --lora-rank)")
+    g.add_argument("--lora-targets", default=c.lora_targets,
+                   help="modules given adapters: all-linear, or comma-separated names (e.g. q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--parallel", default=c.parallel, choices=["auto", "ddp", "fsdp"],
                    help="under torchrun: DDP or FSDP2 fully_shard (auto = ddp)")
     g.add_argument("--save-every", type=int, default=c.save_every, help="checkpoint every N steps (0: at the end)")
@@ -926,7 +1000,8 @@ def config_from_args(args) -> TrainConfig:
                        precision=args.precision, grad_checkpointing=args.grad_checkpointing, parallel=args.parallel,
                        save_every=args.save_every, keep=args.keep, device=args.device,
                        progress=not args.no_progress, rope_theta=args.rope_theta, max_position=args.max_position,
-                       sparse=sparse_flags_given(args), backend=args.backend)
+                       sparse=sparse_flags_given(args), backend=args.backend, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
 
 
 def run_train(args) -> dict:

@@ -31,8 +31,9 @@ run() {
   HF_HUB_OFFLINE=1 "$PY" -m infllmv2.cli "$@"
   echo "$(( SECONDS - t0 )) s  infllmv2 $1" | tee -a "$OUT/stage_times.txt"
 }
-# ARMS: which of them to run now (e.g. over two GPU calls into the same OUT_DIR); the summary takes those done
+# ARMS: which of them to run now (e.g. over two GPU calls; ARMS=summary: none, the summary of what OUT_DIR holds)
 for arm in ${ARMS:-pretrained infllmv2 dense}; do
+  [ "$arm" = summary ] && continue
   if [ "$arm" = pretrained ]; then
     run eval --model "$MODEL" --modes dense,sparse $SPARSE $EVAL --out "$OUT/eval_pretrained"
     continue
@@ -51,20 +52,23 @@ first = json.load(open(os.path.join(out, done[0][1], "results.json")))
 tasks = [t for t in first["tasks"] if t != "ppl"]
 lines = [f"# SmolLM2-135M-Instruct adapted to InfLLM-V2 ({', '.join(map(str, first['lengths']))} tokens)", "",
          "Commands: `commands.txt`; sparse config " + json.dumps(first["sparse_config"]) + ".", "",
-         "| model | attention at test | " + " | ".join(tasks) + " | avg | ppl (held-out code) | final train loss |",
+         "| model | attention at test | " + " | ".join(tasks) + " | avg | ppl (held-out code) | train loss, last 20 steps |",
          "|" + "---|" * (len(tasks) + 5)]
 summary = {}
 for name, folder, ft in arms:
     if not os.path.exists(os.path.join(out, folder, "results.json")):
         continue
     r = json.load(open(os.path.join(out, folder, "results.json")))
-    loss = json.load(open(os.path.join(out, ft, "summary.json")))["final_loss"] if ft else None
+    loss = None
+    if ft:  # the mean of the last 20 steps (one step's loss is one batch's)
+        recs = [json.loads(line) for line in open(os.path.join(out, ft, "loss.jsonl"))]
+        loss = sum(r["loss"] for r in recs[-20:]) / len(recs[-20:])
     for mode, per_len in r["summary"].items():
         for length, s in per_len.items():
             summary[f"{folder}/{mode}/{length}"] = s
             lines.append(f"| {name} | {'InfLLM-V2' if mode == 'sparse' else 'dense'} | "
                          + " | ".join(f"{s[t]:.3f}" for t in tasks)
-                         + f" | {s['avg']:.3f} | {s['ppl']:.3f} | " + ("" if loss is None else f"{loss:.3f}") + " |")
+                         + f" | {s['avg']:.3f} | {s['ppl']:.3f} | " + ("" if loss is None else f"{loss:.4f}") + " |")
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print("\n".join(lines))

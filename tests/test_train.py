@@ -142,7 +142,7 @@ def test_sparse_flags_left_out_come_from_the_init_model(tmp_path):
         train(_cfg(tmp_path / "bad", attention="infllmv2", sparse={"top_k": 3}))
 
 
-def _bpe_model_folder(folder, vocab_size=320, model_vocab=None):
+def _bpe_model_folder(folder, vocab_size=320, model_vocab=None, **overrides):
     """A tiny Llama and a byte-level BPE tokenizer trained here on the package's sources (no hub), saved
     together as a transformers model folder (as one of a pretrained model would be)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -154,7 +154,7 @@ def _bpe_model_folder(folder, vocab_size=320, model_vocab=None):
     bpe.train_from_iterator(build_documents([PKG], min_chars=8192), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    model = build_model("tiny", vocab_size=model_vocab or len(hf), max_position=128, seed=1)
+    model = build_model("tiny", vocab_size=model_vocab or len(hf), max_position=128, seed=1, **overrides)
     model.save_pretrained(str(folder))
     hf.save_pretrained(str(folder))
     return model, hf

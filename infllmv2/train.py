@@ -739,8 +739,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.parallel == "fsdp":
-        raise ValueError("--lora-rank with --parallel fsdp is not supported: use ddp (the frozen base keeps no optimizer "
-                         "state, so a model whose forward fits a GPU trains with LoRA under DDP)")
+        raise ValueError("--lora-rank with --parallel fsdp is not supported: use ddp (the frozen base keeps no "
+                         "optimizer state, so a model whose forward fits a GPU trains with LoRA under DDP)")
     if cfg.lora_rank and cfg.attention == "nsa":
         raise ValueError("--lora-rank with --attention nsa: NSA's new projections and gate start untrained and must "
                          "train in full")
@@ -887,7 +887,8 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         if _is_lora(inner):  # the adapters alone, then merged into the weights: a plain model, no extra parameters
             adapters = get_model_state_dict(inner, options=dataclasses.replace(opts, ignore_frozen_params=True))
             if d.main:
-                _save_fresh(os.path.join(cfg.out, "final_adapter"), lambda f: _save_model_folder(inner, adapters, f, tok))
+                _save_fresh(os.path.join(cfg.out, "final_adapter"),
+                            lambda f: _save_model_folder(inner, adapters, f, tok))
             final_model = inner.merge_and_unload()
         msd = get_model_state_dict(final_model, options=opts)
         if d.main:
@@ -976,7 +977,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "them merged (<out>/final), the adapters alone are in <out>/final_adapter")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x --lora-rank)")
     g.add_argument("--lora-targets", default=c.lora_targets,
-                   help="modules given adapters: all-linear, or comma-separated names (e.g. q_proj,k_proj,v_proj,o_proj)")
+                   help="modules given adapters: all-linear, or comma-separated names "
+                        "(e.g. q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--parallel", default=c.parallel, choices=["auto", "ddp", "fsdp"],
                    help="under torchrun: DDP or FSDP2 fully_shard (auto = ddp)")
     g.add_argument("--save-every", type=int, default=c.save_every, help="checkpoint every N steps (0: at the end)")

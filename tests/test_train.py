@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from infllmv2 import SparseConfig
-from infllmv2.data import ByteTokenizer, TokenizerAdapter, TrainingStream, build_documents, encode_documents, load_tokenizer
+from infllmv2.data import (ByteTokenizer, TokenizerAdapter, TrainingStream, build_documents, encode_documents,
+                           load_tokenizer)
 from infllmv2.evaluation import greedy_generate
 from infllmv2.train import (PRESETS, TrainConfig, _save_model_folder, adaptation_summary, add_train_args, build_model,
                             config_from_args,
@@ -210,7 +211,8 @@ def test_tokenizer_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--tokenizer: a new --preset model reads byte ids"):
         train(_cfg(tmp_path / "d", tokenizer=str(tmp_path / "pretrained"), steps=1))
     # the bare model with the pretrained folder's tokenizer given explicitly trains
-    assert train(_cfg(tmp_path / "e", init=str(bare), tokenizer=str(tmp_path / "pretrained"), steps=1))["steps_done"] == 1
+    given = train(_cfg(tmp_path / "e", init=str(bare), tokenizer=str(tmp_path / "pretrained"), steps=1))
+    assert given["steps_done"] == 1
     assert len(load_tokenizer(str(tmp_path / "e" / "final")).tok) == 320  # saved with it
 
 

@@ -22,16 +22,17 @@ from infllmv2.evaluation import generate_sample, load_model_and_tokenizer  # noq
 
 
 def answer_logits(model, prompt, answer, device):
+    from infllmv2.demo import _cache_kwarg, _cache_name  # transformers 5 calls it `cache`, 4.x `past_key_values`
+
     ids = torch.tensor([list(prompt) + list(answer)], device=device)
     n = len(prompt)
     with torch.no_grad():
         full = model(ids).logits[0, n - 1:n - 1 + len(answer)].float()
-        out = model(ids[:, :n], past_key_values=InfLLMv2Cache(), use_cache=True)
-        steps, cache = [out.logits[0, -1].float()], out.past_key_values
+        out = model(ids[:, :n], use_cache=True, **{_cache_name(model): InfLLMv2Cache()})
+        steps = [out.logits[0, -1].float()]
         for i in range(len(answer) - 1):
-            out = model(ids[:, n + i:n + i + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, n + i:n + i + 1], use_cache=True, **_cache_kwarg(model, out))
             steps.append(out.logits[0, -1].float())
-            cache = out.past_key_values
     return full, torch.stack(steps)
 
 

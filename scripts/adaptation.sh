@@ -28,13 +28,7 @@ else
   EVAL="--samples 2 --tasks niah_single,passkey,ppl --depths 0.5"
 fi
 mkdir -p "$OUT"
-# Each stage's command goes to commands.txt and its wall time to stage_times.txt.
-run() {
-  echo "+ infllmv2 $*" >> "$OUT/commands.txt"
-  local t0=$SECONDS
-  HF_HUB_OFFLINE=1 "$PY" -m infllmv2.cli "$@"
-  echo "$(( SECONDS - t0 )) s  infllmv2 $1 ${3:-}" | tee -a "$OUT/stage_times.txt"
-}
+source scripts/stages.sh  # run STAGE ARGS...: logs to commands.txt and stage_times.txt
 # One arm: fine-tune from the pretrained weights, then evaluate each given mode at each length
 # (eval_<mode>_<length>/; the summary merges them).
 arm() {

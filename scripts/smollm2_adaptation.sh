@@ -25,12 +25,7 @@ FT="--seq-len $SEQ --steps $STEPS --micro-batch $MB --lr ${LR:-1e-4} --warmup $(
 EVAL="--lengths ${LENGTHS:-8000} --tasks passkey,niah_single,niah_multikey,ppl --samples ${SAMPLES:-12}
       --haystack code --ppl-data site-packages --no-progress"
 mkdir -p "$OUT"
-run() {
-  echo "+ infllmv2 $*" >> "$OUT/commands.txt"
-  local t0=$SECONDS
-  HF_HUB_OFFLINE=1 "$PY" -m infllmv2.cli "$@"
-  echo "$(( SECONDS - t0 )) s  infllmv2 $1" | tee -a "$OUT/stage_times.txt"
-}
+source scripts/stages.sh  # run STAGE ARGS...: logs to commands.txt and stage_times.txt
 # ARMS: which of them to run now (e.g. over two GPU calls; ARMS=summary: none, the summary of what OUT_DIR holds)
 for arm in ${ARMS:-pretrained infllmv2 dense}; do
   [ "$arm" = summary ] && continue
@@ -48,6 +43,8 @@ out = sys.argv[1]
 arms = [("pretrained (training-free)", "eval_pretrained", None), ("fine-tuned, full attention", "eval_ft_dense", "ft_dense"),
         ("fine-tuned, InfLLM-V2", "eval_ft_infllmv2", "ft_infllmv2")]
 done = [a for a in arms if os.path.exists(os.path.join(out, a[1], "results.json"))]
+if not done:
+    sys.exit(f"no evaluation results in {out}: run ARMS first")
 first = json.load(open(os.path.join(out, done[0][1], "results.json")))
 tasks = [t for t in first["tasks"] if t != "ppl"]
 lines = [f"# SmolLM2-135M-Instruct adapted to InfLLM-V2 ({', '.join(map(str, first['lengths']))} tokens)", "",

@@ -28,3 +28,20 @@ def test_cpu_smoke_pipeline_writes_summary(tmp_path):
     assert (tmp_path / "adaptation" / "loss_switch.png").read_bytes()[:4] == b"\x89PNG"
     # Fine-tuning starts from the pretrained weights: its first loss is far below a fresh model's ln(vocab).
     assert s["loss_first_steps"]["full"][0] < 4.0
+
+
+def test_smollm2_adaptation_summary_reproduces_from_its_results(tmp_path):
+    """scripts/smollm2_adaptation.sh's summary (ARMS=summary: no runs) rebuilt from the committed H200 results
+    equals the committed table; an empty folder is refused with a message."""
+    import shutil
+
+    results = ROOT / "results" / "smollm2_adaptation"
+    shutil.copytree(results, tmp_path / "r")
+    (tmp_path / "r" / "summary.md").unlink()
+    env = dict(os.environ, ARMS="summary", OUT_DIR=str(tmp_path / "r"), PY=sys.executable)
+    subprocess.run(["bash", str(ROOT / "scripts" / "smollm2_adaptation.sh")], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=120)
+    assert (tmp_path / "r" / "summary.md").read_text() == (results / "summary.md").read_text()
+    empty = subprocess.run(["bash", str(ROOT / "scripts" / "smollm2_adaptation.sh")], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(env, OUT_DIR=str(tmp_path / "empty")), timeout=120)
+    assert empty.returncode != 0 and "no evaluation results" in empty.stderr

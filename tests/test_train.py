@@ -272,6 +272,26 @@ def test_lora_flags_are_checked(tmp_path):
                                               for m in (layer.self_attn.q_proj, layer.self_attn.v_proj))
 
 
+def test_data_exts_reads_other_text_files(tmp_path):
+    """--data-exts: a folder of prose trains on exactly its files' bytes (the byte tokenizer: one id a byte, EOS
+    after each document), the .py file beside them left out; an ending with no files is named in the error."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {"a.txt": "Once upon a time. " * 400, "b.md": "# Notes\n" + "Long context, sparse attention. " * 300,
+             "skip.py": "x = 1\n"}
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    summary = train(_cfg(tmp_path / "out", data=[str(corpus)], data_exts=".txt,.md", doc_min_chars=1 << 20, steps=1))
+    document = "".join(f"# File: {n}\n{texts[n]}\n" for n in ("a.txt", "b.md"))
+    assert summary["data"]["tokens"] == len(document.encode()) + 1
+    with pytest.raises(FileNotFoundError, match=r"no \.rst files under"):
+        train(_cfg(tmp_path / "out2", data=[str(corpus)], data_exts=".rst", steps=1))
+    with pytest.raises(ValueError, match="--data-exts must name"):
+        train(_cfg(tmp_path / "out3", data=[str(corpus)], data_exts=" , ", steps=1))
+    parser = add_train_args(argparse.ArgumentParser())
+    assert config_from_args(parser.parse_args(["--data-exts", ".txt,.md"])).data_exts == ".txt,.md"
+
+
 def test_nsa_baseline(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", max_position=512).eval()

@@ -56,7 +56,7 @@ from .config import SparseConfig
 from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents, encode_documents,
                    save_tokenizer, source_roots)
 
-__all__ = ["PRESETS", "TrainConfig", "build_model", "lr_at", "train", "add_train_args", "config_from_args",
+__all__ = ["PRESETS", "TrainConfig", "build_model", "set_rope_theta", "lr_at", "train", "add_train_args", "config_from_args",
            "run_train", "main", "plot_losses", "read_loss_log", "latest_checkpoint", "save_checkpoint",
            "load_trainer_state", "NSAAttention", "convert_to_nsa", "is_nsa", "load_model_folder", "plot_switch",
            "adaptation_summary"]
@@ -106,7 +106,7 @@ class TrainConfig:
     keep: int = 2
     device: str = "auto"
     progress: bool = True
-    rope_theta: float = 500000.0
+    rope_theta: Optional[float] = None  # RoPE base: a new model's (default 500000), or a new one for an --init model
     max_position: Optional[int] = None
     # SparseConfig fields; a field left out comes from the --init / resumed model's own sparse_config, else MiniCPM4's
     sparse: dict = field(default_factory=dict)
@@ -325,6 +325,27 @@ def load_model_folder(path: str, dtype=torch.float32):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
+def set_rope_theta(model, theta: float) -> None:
+    """A new RoPE base for a loaded model: its config (saved with it) and its rotary tables, rebuilt from the config."""
+    if not theta > 0:
+        raise ValueError(f"--rope-theta must be positive, got {theta}")
+    cfg = model.config
+    params = getattr(cfg, "rope_parameters", None)  # transformers 5; 4.x keeps rope_theta / rope_scaling
+    scaling = params.get("rope_type", "default") if isinstance(params, dict) else \
+        (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
+    if scaling != "default":
+        raise ValueError(f"--rope-theta: this model's RoPE is scaled ({scaling!r}); change its rope parameters in "
+                         "its config instead")
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not hasattr(cfg, "rope_parameters" if isinstance(params, dict) else "rope_theta"):
+        raise ValueError(f"--rope-theta: no model-level rotary embedding found in {type(model).__name__}")
+    if isinstance(params, dict):
+        params["rope_theta"] = float(theta)
+    else:
+        cfg.rope_theta = float(theta)
+    model.model.rotary_emb = type(rotary)(config=cfg).to(rotary.inv_freq.device)
+
+
 def build_model(preset: str = "small", vocab_size: int = ByteTokenizer.padded_vocab_size, max_position: int = 4096,
                 rope_theta: float = 500000.0, seed: int = 0, **overrides):
     """A GQA ``LlamaForCausalLM`` from a preset (tied embeddings, no attention dropout, no bias)."""
@@ -772,7 +793,8 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         if cfg.tokenizer not in ("auto", "byte"):
             raise ValueError(f"--tokenizer: a new --preset model reads byte ids; another tokenizer "
                              f"({cfg.tokenizer!r}) needs the model it belongs to, passed with --init")
-        model = build_model(cfg.preset, max_position=max_pos, rope_theta=cfg.rope_theta, seed=cfg.seed)
+        model = build_model(cfg.preset, max_position=max_pos, seed=cfg.seed,
+                            rope_theta=500000.0 if cfg.rope_theta is None else cfg.rope_theta)
         tok = ByteTokenizer()
 
     # data: identical on every rank; row i depends on (seed, i) only
@@ -783,6 +805,8 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
                            exts=exts)
     stream = TrainingStream(encode_documents(docs, tok), cfg.seq_len, seed=cfg.seed, buckets=_buckets(cfg.buckets),
                             ruler_ratio=cfg.ruler_ratio, tokenizer=tok)
+    if base_from and cfg.rope_theta is not None:  # a larger base for longer rows (adjusted base frequency)
+        set_rope_theta(model, cfg.rope_theta)
     if getattr(model.config, "max_position_embeddings", max_pos) < max_pos:
         model.config.max_position_embeddings = max_pos  # RoPE has no table limit; keep the config honest
     model.config.use_cache = False
@@ -949,7 +973,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--kernel-size/--kernel-stride: (topk + window/B + 1) blocks + compressed keys per token)")
     g.add_argument("--stage", default=None, choices=["pretrain", "finetune"],
                    help="label in the logs (default: finetune with --init, else pretrain)")
-    g.add_argument("--rope-theta", type=float, default=c.rope_theta, help="RoPE base of a new model")
+    g.add_argument("--rope-theta", type=float, default=None,
+                   help="RoPE base: of a new model (default 500000), or a new base for the --init model (long-context "
+                        "adaptation often raises it; default: the model's own)")
     g.add_argument("--max-position", type=int, default=None, help="max_position_embeddings (default: --seq-len)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=c.data,

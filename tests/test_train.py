@@ -304,6 +304,27 @@ def test_data_exts_reads_other_text_files(tmp_path):
     assert config_from_args(parser.parse_args(["--data-exts", ".txt,.md"])).data_exts == ".txt,.md"
 
 
+def test_rope_theta_of_an_init_model(tmp_path):
+    """--rope-theta with --init: the model trains and is saved with the new RoPE base, exactly as one built with it;
+    without the flag it keeps its own."""
+    base = build_model("tiny", max_position=128, seed=3)  # RoPE base 500000
+    _save_model_folder(base, base.state_dict(), str(tmp_path / "base"))
+    wider = build_model("tiny", max_position=128, seed=3, rope_theta=100.0)  # the same weights, another base
+    cfg = _cfg(tmp_path / "ft", init=str(tmp_path / "base"), rope_theta=100.0, lr=0.0, steps=1)
+    first = train(cfg)["loss_first_steps"][0]
+    batch = TrainingStream(encode_documents(build_documents([PKG], min_chars=8192)), 128).batch(range(2))
+    with torch.no_grad():
+        expected, before = (m(**batch, use_cache=False).loss.item() for m in (wider, base))
+    assert first == pytest.approx(expected, rel=1e-6) and abs(expected - before) > 1e-4
+    saved = load_model_folder(str(tmp_path / "ft" / "final"))
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**batch).logits, wider(**batch).logits)
+    kept = train(dataclasses.replace(cfg, out=str(tmp_path / "kept"), rope_theta=None))["loss_first_steps"][0]
+    assert kept == pytest.approx(before, rel=1e-6)
+    with pytest.raises(ValueError, match="--rope-theta must be positive"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "bad"), rope_theta=-1.0))
+
+
 def test_nsa_baseline(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", max_position=512).eval()

@@ -293,7 +293,8 @@ def test_data_exts_reads_other_text_files(tmp_path):
              "skip.py": "x = 1\n"}
     for name, text in texts.items():
         (corpus / name).write_text(text)
-    summary = train(_cfg(tmp_path / "out", data=[str(corpus)], data_exts=".txt,.md", doc_min_chars=1 << 20, steps=1))
+    summary = train(_cfg(tmp_path / "out", data=[str(corpus)], data_exts=".txt,.md", doc_min_chars=1 << 20,
+                         steps=1))
     document = "".join(f"# File: {n}\n{texts[n]}\n" for n in ("a.txt", "b.md"))
     assert summary["data"]["tokens"] == len(document.encode()) + 1
     with pytest.raises(FileNotFoundError, match=r"no \.rst files under"):

@@ -58,8 +58,8 @@ from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, 
 
 __all__ = ["PRESETS", "TrainConfig", "build_model", "set_rope_theta", "lr_at", "train", "add_train_args",
            "config_from_args", "run_train", "main", "plot_losses", "read_loss_log", "latest_checkpoint",
-           "save_checkpoint", "load_trainer_state", "NSAAttention", "convert_to_nsa", "is_nsa", "load_model_folder", "plot_switch",
-           "adaptation_summary"]
+           "save_checkpoint", "load_trainer_state", "NSAAttention", "convert_to_nsa", "is_nsa", "load_model_folder",
+           "plot_switch", "adaptation_summary"]
 
 PRESETS = {
     # name: LlamaConfig fields (vocab from the tokenizer). Head dim 64 for small/base (Triton kernels: 32/64/128).

@@ -147,8 +147,9 @@ def save_tokenizer(tokenizer, folder: str) -> None:
 
 
 def check_tokenizer_fits(tokenizer, model, arg: str = "--tokenizer") -> None:
-    """A tokenizer whose ids reach past the model's embedding rows would index out of range (or, with a
-    smaller tokenizer of another model, train on meaningless ids): refuse it, naming the argument."""
+    """A tokenizer with more ids than the model has embedding rows cannot be the model's (its ids would index out
+    of range): refuse it, naming the argument. (A smaller one of another model passes this check: that is why
+    ``load_tokenizer`` takes the model folder's own unless told otherwise.)"""
     tok = as_tokenizer(tokenizer)
     rows = model.get_input_embeddings().num_embeddings
     if tok.vocab_size > rows:

@@ -785,16 +785,20 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     max_pos = cfg.max_position or cfg.seq_len
     base_from = cfg.init if cfg.lora_rank else (resume_from or cfg.init)  # LoRA checkpoints hold adapters only
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    # LoRA under bf16 autocast: the frozen base is kept in bf16 (its matrix products run in bf16 anyway), half the
+    # memory of fp32; the adapters, which train, stay fp32 (peft's default)
+    base_dtype = torch.bfloat16 if cfg.lora_rank and use_bf16 else torch.float32
     if base_from:
         from .evaluation import load_model_and_tokenizer
 
-        model, tok = load_model_and_tokenizer(base_from, cfg.tokenizer)
+        model, tok = load_model_and_tokenizer(base_from, cfg.tokenizer, dtype=base_dtype)
     else:
         if cfg.tokenizer not in ("auto", "byte"):
             raise ValueError(f"--tokenizer: a new --preset model reads byte ids; another tokenizer "
                              f"({cfg.tokenizer!r}) needs the model it belongs to, passed with --init")
         model = build_model(cfg.preset, max_position=max_pos, seed=cfg.seed,
-                            rope_theta=500000.0 if cfg.rope_theta is None else cfg.rope_theta)
+                            rope_theta=500000.0 if cfg.rope_theta is None else cfg.rope_theta).to(base_dtype)
         tok = ByteTokenizer()
 
     # data: identical on every rank; row i depends on (seed, i) only
@@ -855,7 +859,6 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         os.remove(log_path)
     d.barrier()
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     micro_rows = cfg.micro_batch * d.world
     global_rows = micro_rows * cfg.grad_accum
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)

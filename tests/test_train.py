@@ -263,6 +263,27 @@ def test_lora_with_gradient_checkpointing_trains_the_same(tmp_path):
     torch.testing.assert_close(torch.tensor(checkpointed), torch.tensor(plain), rtol=1e-6, atol=1e-6)
 
 
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16(tmp_path):
+    """LoRA with bf16 autocast: the frozen base is held in bf16 (half the memory; its products run in bf16 anyway),
+    the adapters train in fp32; the merged final model is bf16. Without autocast everything stays fp32."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    base = build_model("tiny", max_position=128, seed=3)
+    _save_model_folder(base, base.state_dict(), str(tmp_path / "base"))
+    kw = dict(init=str(tmp_path / "base"), lora_rank=4, steps=2, lr=3e-2)
+    half = train(_cfg(tmp_path / "bf16", precision="bf16", **kw))
+    full = train(_cfg(tmp_path / "fp32", precision="fp32", **kw))
+    merged = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    adapters = load_file(str(tmp_path / "bf16" / "final_adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert {t.dtype for t in adapters.values()} == {torch.float32}
+    assert {t.dtype for t in load_file(str(tmp_path / "fp32" / "final" / "model.safetensors")).values()} == \
+        {torch.float32}
+    # the first step (adapters still zero) is the base model's loss, in bf16 within bf16's resolution of fp32's
+    assert half["loss_first_steps"][0] == pytest.approx(full["loss_first_steps"][0], rel=2e-2)
+
+
 def test_lora_flags_are_checked(tmp_path):
     pytest.importorskip("peft")
     parser = add_train_args(argparse.ArgumentParser())

@@ -1,5 +1,5 @@
-"""`infllmv2 train` on CUDA: LoRA fine-tuning with the Triton kernels under bf16 autocast, from a model with its own
-(BPE) tokenizer; resuming from a LoRA checkpoint; the merged final model."""
+"""`infllmv2 train` on CUDA: LoRA fine-tuning with the Triton kernels under bf16 autocast (the frozen base in bf16),
+from a model with its own (BPE) tokenizer; resuming from a LoRA checkpoint; the merged final model."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,11 +36,14 @@ def test_lora_finetune_on_cuda_with_triton_kernels(tmp_path):
     assert 0 < summary["trainable_params"] < summary["params"] / 5
     assert isinstance(load_tokenizer(os.path.join(cfg.out, "final")), TokenizerAdapter)
 
-    final = load_model_folder(os.path.join(cfg.out, "final")).state_dict()
-    merged = PeftModel.from_pretrained(load_model_folder(str(tmp_path / "base")),
-                                       os.path.join(cfg.out, "final_adapter")).merge_and_unload().state_dict()
+    # bf16 autocast: the frozen base was held in bf16, so the merged final is peft's merge into the bf16 base
+    final = load_model_folder(os.path.join(cfg.out, "final"), torch.bfloat16).state_dict()
+    base = load_model_folder(str(tmp_path / "base"), torch.bfloat16).cuda()
+    merged = PeftModel.from_pretrained(base, os.path.join(cfg.out, "final_adapter")).merge_and_unload().state_dict()
     for name, weight in final.items():
-        torch.testing.assert_close(weight, merged[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(weight, merged[name].cpu(), rtol=0, atol=0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(final[q], load_model_folder(str(tmp_path / "base"), torch.bfloat16).state_dict()[q])
 
     # resumed at step 4 from the LoRA checkpoint: the same losses (the kernels' backward may reorder sums: close)
     cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))

@@ -166,7 +166,8 @@ _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules", ".venv", ".t
 def source_roots(names: Optional[Sequence[str]] = None) -> List[str]:
     """Directories of text. ``names`` items: "stdlib", "site-packages" (purelib + platlib) or a path.
 
-    Default: ["stdlib"]. Missing paths raise FileNotFoundError naming them.
+    Default: ["stdlib"]. A ``.jsonl`` file is a source too (``build_documents`` reads its records). Missing
+    paths raise FileNotFoundError naming them.
     """
     names = ["stdlib"] if not names else list(names)
     paths = sysconfig.get_paths()
@@ -176,13 +177,15 @@ def source_roots(names: Optional[Sequence[str]] = None) -> List[str]:
             cands = [paths["stdlib"]]
         elif name in ("site-packages", "site_packages"):
             cands = sorted({paths["purelib"], paths["platlib"]})
+        elif name.endswith(".jsonl") and os.path.isfile(name):
+            cands = [name]
         else:
             if not os.path.isdir(name):
-                raise FileNotFoundError(f"text directory not found: {name}")
+                raise FileNotFoundError(f"text directory (or .jsonl file) not found: {name}")
             cands = [name]
         for c in cands:
             c = os.path.abspath(c)
-            if os.path.isdir(c) and c not in roots:
+            if (os.path.isdir(c) or c.endswith(".jsonl")) and c not in roots:
                 roots.append(c)
     return roots
 
@@ -222,31 +225,57 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
+def _jsonl_texts(path: str, field: str):
+    """The ``field`` string of each line's JSON object (blank lines skipped); errors name the line."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{number}: no string field {field!r} (--data-field names it)")
+            yield record[field]
+
+
 def build_documents(roots: Optional[Sequence[str]] = None, min_chars: int = 65536, exts: Sequence[str] = (".py",),
-                    max_chars: Optional[int] = None, max_documents: Optional[int] = None) -> List[str]:
+                    max_chars: Optional[int] = None, max_documents: Optional[int] = None,
+                    field: str = "text") -> List[str]:
     """Long documents from the text files under ``roots`` (default: the interpreter's standard library).
 
-    Files are grouped by their folder (a package or a directory of modules) and concatenated in sorted
-    order, each preceded by ``# File: <relative path>``, until the document holds ``min_chars``
-    characters; then a new document starts. A folder's leftover shorter than ``min_chars`` continues
-    into the next folder, so every document but possibly the last one is at least ``min_chars`` long
-    (the last short one is merged into the previous document). ``max_chars`` stops reading after that
+    Folders: their files ending in ``exts``, in sorted order, each preceded by ``# File: <relative
+    path>``. ``.jsonl`` files: the ``field`` text of each line's record, in order, after the folders'
+    files. These pieces are concatenated until the document holds ``min_chars`` characters; then a new
+    document starts, so every document but possibly the last one is at least ``min_chars`` long (the
+    last short one is merged into the previous document). ``max_chars`` stops reading after that
     many characters in all; ``max_documents`` after that many documents. Deterministic.
     """
     if min_chars <= 0:
         raise ValueError(f"min_chars must be positive, got {min_chars}")
     roots = source_roots(None) if roots is None else list(roots)
-    files = list_source_files(roots, exts)
-    if not files:
+    folders = [r for r in roots if os.path.isdir(r)]
+    records = [r for r in roots if not os.path.isdir(r)]
+    files = list_source_files(folders, exts)
+    if not files and not records:
         raise FileNotFoundError(f"no {'/'.join(exts)} files under {roots}")
+
+    def pieces():
+        for root, rel in files:
+            text = _read(os.path.join(root, rel))
+            if text:
+                yield f"# File: {rel}\n{text}\n"
+        for path in records:
+            for text in _jsonl_texts(path, field):
+                yield text + "\n"
+
     docs: List[str] = []
     cur: List[str] = []
     cur_len = total = 0
-    for root, rel in files:
-        text = _read(os.path.join(root, rel))
-        if not text:
-            continue
-        piece = f"# File: {rel}\n{text}\n"
+    for piece in pieces():
         cur.append(piece)
         cur_len += len(piece)
         total += len(piece)

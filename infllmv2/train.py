@@ -96,6 +96,7 @@ class TrainConfig:
     data: List[str] = field(default_factory=lambda: ["stdlib"])
     data_max_chars: Optional[int] = None
     data_exts: str = ".py"              # comma-separated file endings read under --data folders
+    data_field: str = "text"            # the field of each record of a --data .jsonl file
     doc_min_chars: int = 65536
     buckets: Optional[str] = None       # None/"none": one segment per row; "paper"; or a LengthBuckets spec
     ruler_ratio: float = 0.0
@@ -806,7 +807,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
     if not exts:
         raise ValueError(f"--data-exts must name at least one file ending, got {cfg.data_exts!r}")
     docs = build_documents(source_roots(cfg.data), min_chars=cfg.doc_min_chars, max_chars=cfg.data_max_chars,
-                           exts=exts)
+                           exts=exts, field=cfg.data_field)
     stream = TrainingStream(encode_documents(docs, tok), cfg.seq_len, seed=cfg.seed, buckets=_buckets(cfg.buckets),
                             ruler_ratio=cfg.ruler_ratio, tokenizer=tok)
     if base_from and cfg.rope_theta is not None:  # a larger base for longer rows (adjusted base frequency)
@@ -982,10 +983,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-position", type=int, default=None, help="max_position_embeddings (default: --seq-len)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=c.data,
-                   help="text sources: 'stdlib', 'site-packages' or folders (files ending in --data-exts)")
+                   help="text sources: 'stdlib', 'site-packages', folders (files ending in --data-exts) or .jsonl "
+                        "files (one JSON object a line; its --data-field text)")
     g.add_argument("--data-max-chars", type=int, default=None, help="read at most this many characters")
     g.add_argument("--data-exts", default=c.data_exts,
                    help="comma-separated endings of the files read under --data (e.g. .txt,.md for prose)")
+    g.add_argument("--data-field", default=c.data_field, help="the text field of each record of a --data .jsonl file")
     g.add_argument("--doc-min-chars", type=int, default=c.doc_min_chars, help="files are grouped into documents "
                    "of at least this many characters")
     g.add_argument("--seq-len", type=int, default=c.seq_len, help="tokens per row")
@@ -1034,7 +1037,7 @@ def config_from_args(args) -> TrainConfig:
                        grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup=args.warmup, decay=args.decay, weight_decay=args.weight_decay, clip=args.clip,
                        seed=args.seed, data=list(args.data), data_max_chars=args.data_max_chars,
-                       data_exts=args.data_exts,
+                       data_exts=args.data_exts, data_field=args.data_field,
                        doc_min_chars=args.doc_min_chars, buckets=args.buckets, ruler_ratio=args.ruler_ratio,
                        precision=args.precision, grad_checkpointing=args.grad_checkpointing, parallel=args.parallel,
                        save_every=args.save_every, keep=args.keep, device=args.device,

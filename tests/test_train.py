@@ -347,6 +347,29 @@ def test_rope_theta_of_an_init_model(tmp_path):
         train(dataclasses.replace(cfg, out=str(tmp_path / "bad"), rope_theta=-1.0))
 
 
+def test_data_jsonl_records(tmp_path):
+    """--data FILE.jsonl: each line's --data-field text, in order, makes the documents (blank lines skipped); a line
+    that is not JSON, or lacks the field, is named with its line number."""
+    import json
+
+    records = [{"text": f"Record {i}: " + "a long line of prose. " * 60, "id": i} for i in range(12)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records[:6]) + "\n\n" +
+                    "\n".join(json.dumps(r) for r in records[6:]) + "\n")
+    summary = train(_cfg(tmp_path / "out", data=[str(path)], doc_min_chars=1 << 20, steps=1))
+    assert summary["data"]["tokens"] == len("".join(r["text"] + "\n" for r in records).encode()) + 1
+    renamed = tmp_path / "body.jsonl"
+    renamed.write_text("\n".join(json.dumps({"body": r["text"]}) for r in records) + "\n")
+    assert train(_cfg(tmp_path / "out2", data=[str(renamed)], data_field="body", doc_min_chars=1 << 20,
+                      steps=1))["data"]["tokens"] == summary["data"]["tokens"]
+    with pytest.raises(ValueError, match=r"body.jsonl:1: no string field 'text' \(--data-field"):
+        train(_cfg(tmp_path / "out3", data=[str(renamed)], steps=1))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not a JSON line"):
+        train(_cfg(tmp_path / "out4", data=[str(broken)], steps=1))
+
+
 def test_nsa_baseline(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", max_position=512).eval()

@@ -203,8 +203,8 @@ def test_tokenizer_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--tokenizer: no tokenizer could be loaded"):
         train(_cfg(tmp_path / "a", init=str(bare), steps=1))
     # a tokenizer with more ids than the model has embedding rows
+    _bpe_model_folder(tmp_path / "small_vocab", model_vocab=300)
     with pytest.raises(ValueError, match=r"--tokenizer: .* has 320 ids but the model's embeddings have 300 rows"):
-        _bpe_model_folder(tmp_path / "small_vocab", model_vocab=300)
         train(_cfg(tmp_path / "b", init=str(tmp_path / "small_vocab"), steps=1))
     with pytest.raises(FileNotFoundError, match="--tokenizer: tokenizer folder not found"):
         train(_cfg(tmp_path / "c", init=str(bare), tokenizer=str(tmp_path / "nowhere"), steps=1))

@@ -657,3 +657,33 @@ def test_layout_is_read_back_once_per_forward(monkeypatch):
     assert len(calls) == 2
     torch.testing.assert_close(whole, _logits(model, ids), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 120:], _logits(model, ids[:, 120:]), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' Trainer
+# --------------------------------------------------------------------------------------------------
+def test_trainer_with_flattened_batches_trains_each_sequence_as_alone(tmp_path):
+    """transformers.Trainer with DataCollatorWithFlattening (several sequences packed into one row, position ids
+    restarting) on an enabled model: the logged loss of the first step is the token-weighted loss of each sequence
+    run alone, sparse; the step updates the weights."""
+    pytest.importorskip("accelerate")
+    model = enable(_llama(initializer_range=0.3), SPARSE, backend="torch")  # large weights: context matters
+    lengths = [120, 75, 97]
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss.item() for s in seqs]
+    expected = sum(loss * (n - 1) for loss, n in zip(alone, lengths)) / sum(n - 1 for n in lengths)
+    packed = model(input_ids=torch.tensor([sum(seqs, [])]), labels=torch.tensor([sum(seqs, [])])).loss.item()
+    assert abs(packed - expected) > 1e-2  # the same tokens as one sequence would give another loss
+
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3,
+                                          learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=[{"input_ids": s} for s in seqs],
+                                   data_collator=transformers.DataCollatorWithFlattening())
+    trainer.train()
+    logged = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+    assert logged == pytest.approx(expected, abs=2e-4)  # Trainer logs the loss to 4 decimals
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)

@@ -331,16 +331,17 @@ def set_rope_theta(model, theta: float) -> None:
     if not theta > 0:
         raise ValueError(f"--rope-theta must be positive, got {theta}")
     cfg = model.config
-    params = getattr(cfg, "rope_parameters", None)  # transformers 5; 4.x keeps rope_theta / rope_scaling
-    scaling = params.get("rope_type", "default") if isinstance(params, dict) else \
-        (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
+    params = getattr(cfg, "rope_parameters", None)  # transformers 5; 4.x keeps rope_theta and rope_scaling
+    params = params if isinstance(params, dict) else None
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or (params is None and not hasattr(cfg, "rope_theta")):
+        raise ValueError(f"--rope-theta: no model-level rotary embedding found in {type(model).__name__}")
+    spec = params or getattr(cfg, "rope_scaling", None) or {}
+    scaling = spec.get("rope_type", spec.get("type", "default"))
     if scaling != "default":
         raise ValueError(f"--rope-theta: this model's RoPE is scaled ({scaling!r}); change its rope parameters in "
                          "its config instead")
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None or not hasattr(cfg, "rope_parameters" if isinstance(params, dict) else "rope_theta"):
-        raise ValueError(f"--rope-theta: no model-level rotary embedding found in {type(model).__name__}")
-    if isinstance(params, dict):
+    if params is not None:
         params["rope_theta"] = float(theta)
     else:
         cfg.rope_theta = float(theta)

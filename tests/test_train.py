@@ -15,7 +15,7 @@ from infllmv2.evaluation import greedy_generate
 from infllmv2.train import (PRESETS, TrainConfig, _save_model_folder, adaptation_summary, add_train_args, build_model,
                             config_from_args,
                             convert_to_nsa, is_nsa, latest_checkpoint, load_model_folder, load_trainer_state, lr_at,
-                            main, read_loss_log, set_attention, train)
+                            main, read_loss_log, set_attention, set_rope_theta, train)
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infllmv2")
 SMALL = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=-1)
@@ -345,6 +345,13 @@ def test_rope_theta_of_an_init_model(tmp_path):
     assert kept == pytest.approx(before, rel=1e-6)
     with pytest.raises(ValueError, match="--rope-theta must be positive"):
         train(dataclasses.replace(cfg, out=str(tmp_path / "bad"), rope_theta=-1.0))
+    scaled = build_model("tiny")  # a scaled RoPE (transformers 5: rope_parameters; 4.x: rope_scaling) is refused
+    if isinstance(getattr(scaled.config, "rope_parameters", None), dict):
+        scaled.config.rope_parameters.update(rope_type="linear", factor=2.0)
+    else:
+        scaled.config.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="--rope-theta: this model's RoPE is scaled"):
+        set_rope_theta(scaled, 1e6)
 
 
 def test_data_jsonl_records(tmp_path):

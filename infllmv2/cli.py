@@ -3,6 +3,7 @@
     infllmv2 demo [options]   pass-key retrieval with a real model, dense vs InfLLM-V2
     infllmv2 train [options]  dense pretraining / dense or sparse long fine-tuning (short-to-long adaptation)
     infllmv2 eval [options]   locally generated long-context suite (RULER-style, passkey, perplexity)
+    infllmv2 compare A B      two eval results on the same samples, sample by sample (sign test)
 """
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", formatter_class=_Formatter, help="long-context evaluation suite for any model and attention mode",
         description="RULER-style tasks, passkey at several depths and long-document perplexity, generated "
         "locally, for dense / InfLLM-V2 sparse / InfLLM-V2 dense / NSA modes."))
+    from .evaluation import add_compare_args
+
+    add_compare_args(sub.add_parser(
+        "compare", formatter_class=_Formatter, help="two eval results compared sample by sample (sign test)",
+        description="Two results of `infllmv2 eval` (two models, or two modes of one) on the same samples (same "
+        "--seed, --depths and --haystack): for each length and task, each one's recall, the samples where each "
+        "scored higher, and the exact two-sided sign test's p-value."))
     return parser
 
 
@@ -126,13 +134,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(format_results(results))
         return 0
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "compare"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         args.command_line = "infllmv2 " + " ".join(argv if argv is not None else sys.argv[1:])
         if args.command == "train":
             from .train import run_train as run
-        else:
+        elif args.command == "eval":
             from .evaluation import run_eval as run
+        else:
+            from .evaluation import run_compare as run
         try:
             run(args)
         except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as err:

@@ -45,7 +45,7 @@ from .data import (as_tokenizer, build_documents, check_tokenizer_fits, encode_d
 __all__ = ["TASKS", "Sample", "generate_sample", "generate_task", "training_sample", "recall_match", "exact_match",
            "score_sample", "greedy_generate", "perplexity", "set_attention_mode", "evaluate", "write_outputs",
            "add_sparse_args", "sparse_flags_given", "sparse_config_from_args", "add_eval_args", "run_eval", "main",
-           "MODES"]
+           "MODES", "sign_test_p", "compare_results", "compare_table", "add_compare_args", "run_compare"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "passkey")
 MODES = ("dense", "sparse", "infllmv2_dense", "nsa")
@@ -606,6 +606,128 @@ def write_outputs(results: dict, out_dir: str, name: str = "results") -> dict:
     fig.savefig(paths["png"], dpi=120)
     plt.close(fig)
     return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired comparison of two runs on the same samples
+# --------------------------------------------------------------------------------------------------
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the probability, with wins and losses equally likely, of a split at least as
+    uneven as ``wins`` : ``losses`` (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2.0 * tail / 2.0 ** n)
+
+
+def _sample_key(row: dict) -> tuple:
+    return row["length"], row["task"], row["seed"]
+
+
+def compare_results(a: dict, b: dict, mode_a: Optional[str] = None, mode_b: Optional[str] = None,
+                    names: Sequence[str] = ("A", "B")) -> dict:
+    """Paired comparison of two ``evaluate`` results (two models, or two modes of one) on the same samples.
+
+    ``evaluate`` draws its samples from the seed alone, so two runs with the same ``--seed``, ``--samples``,
+    ``--depths`` and ``--haystack`` answer the same questions; comparing them sample by sample is far more
+    sensitive than comparing their averages. For each (length, task) and for all tasks together: the mean recall
+    of each, the samples where each scored higher, and the exact two-sided sign test's p-value over those.
+    ``mode_a`` / ``mode_b``: the modes compared (default: every mode both ran, each against itself).
+    """
+    if (mode_a is None) != (mode_b is None):  # one mode named: the same on both sides
+        mode_a = mode_b = mode_a or mode_b
+    for name, res, mode in ((names[0], a, mode_a), (names[1], b, mode_b)):
+        if not res.get("samples_detail"):
+            raise ValueError(f"{name} has no per-sample results (samples_detail): not a results.json of infllmv2 eval")
+        if mode is not None and mode not in res["modes"]:
+            raise ValueError(f"{name} has no mode {mode!r}; it ran {res['modes']}")
+    pairs = [(mode_a, mode_b)] if mode_a else [(m, m) for m in a["modes"] if m in b["modes"]]
+    if a.get("haystack") != b.get("haystack"):
+        raise ValueError(f"{names[0]} and {names[1]} were not run on the same samples: needles in a "
+                         f"{a.get('haystack')!r} haystack against a {b.get('haystack')!r} one")
+    if not pairs:
+        raise ValueError(f"{names[0]} and {names[1]} share no mode ({a['modes']} against {b['modes']}): name the "
+                         "modes to compare")
+    rows = []
+    for ma, mb in pairs:
+        ra = {_sample_key(r): r for r in a["samples_detail"] if r["mode"] == ma}
+        rb = {_sample_key(r): r for r in b["samples_detail"] if r["mode"] == mb}
+        common = sorted(set(ra) & set(rb), key=lambda k: (k[0], k[1], k[2]))
+        for k in common:
+            if ra[k]["answers"] != rb[k]["answers"] or ra[k].get("depth") != rb[k].get("depth"):
+                raise ValueError(f"{names[0]} and {names[1]} were not run on the same samples (length {k[0]}, task "
+                                 f"{k[1]}, seed {k[2]} has other answers): run both with the same --seed, --depths "
+                                 "and --haystack")
+        for length in sorted({k[0] for k in common}):
+            for task in list(dict.fromkeys(k[1] for k in common if k[0] == length)) + ["all"]:
+                keys = [k for k in common if k[0] == length and (task == "all" or k[1] == task)]
+                sa = [float(ra[k]["recall"]) for k in keys]
+                sb = [float(rb[k]["recall"]) for k in keys]
+                wins = sum(x > y for x, y in zip(sa, sb))
+                losses = sum(x < y for x, y in zip(sa, sb))
+                rows.append({"mode_a": ma, "mode_b": mb, "length": length, "task": task, "n": len(keys),
+                             "recall_a": float(np.mean(sa)), "recall_b": float(np.mean(sb)),
+                             "a_higher": wins, "b_higher": losses, "p": sign_test_p(wins, losses)})
+    if not rows:
+        raise ValueError(f"{names[0]} and {names[1]} share no sample (the same length, task and sample seed): run "
+                         "both with the same --seed and --lengths")
+    return {"a": names[0], "b": names[1], "rows": rows}
+
+
+def compare_table(comparison: dict) -> str:
+    """The comparison as a markdown table."""
+    a, b = comparison["a"], comparison["b"]
+    lines = [f"A = {a}", "", f"B = {b}", "",
+             "| mode A | mode B | length | task | samples | recall A | recall B | A higher | B higher | sign test p |",
+             "|" + "---|" * 10]
+    for r in comparison["rows"]:
+        lines.append(f"| {r['mode_a']} | {r['mode_b']} | {r['length']} | {r['task']} | {r['n']} | "
+                     f"{r['recall_a']:.3f} | {r['recall_b']:.3f} | {r['a_higher']} | {r['b_higher']} | "
+                     f"{r['p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _results_path(path: str, arg: str) -> str:
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg}: no results file {path} (give an `infllmv2 eval` --out folder or its JSON)")
+    return path
+
+
+def add_compare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``infllmv2 compare`` (run with ``run_compare(args)``)."""
+    parser.add_argument("a", help="results of `infllmv2 eval`: its --out folder or results.json")
+    parser.add_argument("b", help="the other results, run with the same --seed, --depths and --haystack")
+    parser.add_argument("--mode-a", choices=MODES, default=None,
+                        help="the mode of A compared (default: every mode both ran, each against itself)")
+    parser.add_argument("--mode-b", choices=MODES, default=None, help="the mode of B compared (default: --mode-a)")
+    parser.add_argument("--out", default=None, help="also write the comparison to this folder (compare.json, .md)")
+    return parser
+
+
+def run_compare(args) -> dict:
+    """``infllmv2 compare``: the paired comparison of two eval results, printed (and written with --out)."""
+    pa, pb = _results_path(args.a, "A"), _results_path(args.b, "B")
+    loaded = []
+    for path, arg in ((pa, "A"), (pb, "B")):
+        try:
+            with open(path) as fh:
+                loaded.append(json.load(fh))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{arg}: {path} is not JSON ({err})") from None
+    comparison = compare_results(*loaded, args.mode_a, args.mode_b, names=(pa, pb))
+    comparison["command"] = getattr(args, "command_line", None)
+    table = compare_table(comparison)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compare.json"), "w") as fh:
+            json.dump(comparison, fh, indent=1)
+        with open(os.path.join(args.out, "compare.md"), "w") as fh:
+            fh.write(table)
+    print(table)
+    return comparison
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ for name, folder, ft in arms:
             lines.append(f"| {name} | {'InfLLM-V2' if mode == 'sparse' else 'dense'} | "
                          + " | ".join(f"{s[t]:.3f}" for t in tasks)
                          + f" | {s['avg']:.3f} | {s['ppl']:.3f} | " + ("" if loss is None else f"{loss:.4f}") + " |")
+# the two fine-tuned arms sample by sample (the same questions): what the averages of a few samples cannot show
+if all(os.path.exists(os.path.join(out, f, "results.json")) for f in ("eval_ft_infllmv2", "eval_ft_dense")):
+    from infllmv2.evaluation import compare_results, compare_table
+    cmp = compare_results(*(json.load(open(os.path.join(out, f, "results.json")))
+                            for f in ("eval_ft_infllmv2", "eval_ft_dense")),
+                          names=("fine-tuned, InfLLM-V2 (eval_ft_infllmv2)", "fine-tuned, full attention (eval_ft_dense)"))
+    lines += ["", "The two fine-tuned models on the same samples (`infllmv2 compare`):", "", compare_table(cmp).rstrip()]
+    summary["paired"] = cmp["rows"]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print("\n".join(lines))

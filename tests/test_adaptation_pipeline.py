@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,12 +32,13 @@ def test_cpu_smoke_pipeline_writes_summary(tmp_path):
     assert s["loss_first_steps"]["full"][0] < 4.0
 
 
-def test_smollm2_adaptation_summary_reproduces_from_its_results(tmp_path):
+@pytest.mark.parametrize("folder", ["smollm2_adaptation", "smollm2_adaptation_600steps"])
+def test_smollm2_adaptation_summary_reproduces_from_its_results(tmp_path, folder):
     """scripts/smollm2_adaptation.sh's summary (ARMS=summary: no runs) rebuilt from the committed H200 results
-    equals the committed table; an empty folder is refused with a message."""
+    equals the committed table, sample-by-sample comparison included; an empty folder is refused with a message."""
     import shutil
 
-    results = ROOT / "results" / "smollm2_adaptation"
+    results = ROOT / "results" / folder
     shutil.copytree(results, tmp_path / "r")
     (tmp_path / "r" / "summary.md").unlink()
     env = dict(os.environ, ARMS="summary", OUT_DIR=str(tmp_path / "r"), PY=sys.executable)
@@ -45,3 +48,27 @@ def test_smollm2_adaptation_summary_reproduces_from_its_results(tmp_path):
     empty = subprocess.run(["bash", str(ROOT / "scripts" / "smollm2_adaptation.sh")], cwd=ROOT, capture_output=True,
                            text=True, env=dict(env, OUT_DIR=str(tmp_path / "empty")), timeout=120)
     assert empty.returncode != 0 and "no evaluation results" in empty.stderr
+
+
+def test_smollm2_600steps_comparisons_reproduce_from_their_results(tmp_path, capsys):
+    """The committed `infllmv2 compare` tables of the 48-sample evaluations, rebuilt from the committed results
+    with the command each names."""
+    import shlex
+
+    from infllmv2 import cli
+
+    base = ROOT / "results" / "smollm2_adaptation_600steps" / "samples48"
+    folders = sorted(base.glob("compare_*"))
+    assert len(folders) == 3
+    for folder in folders:
+        argv = shlex.split(json.loads((folder / "compare.json").read_text())["command"])[1:]
+        out = argv.index("--out") + 1
+        argv[out] = str(tmp_path / folder.name)
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # the command names the results relative to the repository
+        try:
+            assert cli.main(argv) == 0
+        finally:
+            os.chdir(cwd)
+        assert (tmp_path / folder.name / "compare.md").read_text() == (folder / "compare.md").read_text()
+    capsys.readouterr()

@@ -211,3 +211,102 @@ def test_greedy_generate_of_an_enabled_model_keeps_the_compressed_keys(tiny, mon
         new = greedy_generate(model, ids, 6)
     ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
     assert new == ref.tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# infllmv2 compare: two runs on the same samples, sample by sample
+# --------------------------------------------------------------------------------------------------
+def _brute_sign_p(wins, losses):
+    """The sign test by enumerating every +/- assignment of the untied samples (an independent reference)."""
+    import itertools
+
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    extreme = sum(min(sum(v), n - sum(v)) <= min(wins, losses) for v in itertools.product((0, 1), repeat=n))
+    return min(1.0, extreme / 2 ** n)
+
+
+@pytest.mark.parametrize("wins,losses", [(0, 0), (1, 0), (5, 5), (12, 1), (3, 0), (0, 9), (7, 2), (6, 4)])
+def test_sign_test_p_equals_enumeration(wins, losses):
+    from infllmv2.evaluation import sign_test_p
+
+    assert sign_test_p(wins, losses) == pytest.approx(_brute_sign_p(wins, losses), rel=1e-12)
+
+
+def _fake_results(modes, recalls, answers_of=lambda task, seed: [f"{task}{seed}"]):
+    """An `evaluate` result with given per-sample recalls: {mode: {task: [recall of seed 0, 1, ...]}}."""
+    rows = [{"mode": m, "length": 1024, "task": t, "seed": i, "depth": None, "answers": answers_of(t, i),
+             "prediction": "", "recall": r, "exact": float(r == 1.0)}
+            for m in modes for t, rs in recalls[m].items() for i, r in enumerate(rs)]
+    return {"modes": list(modes), "haystack": "noise", "samples_detail": rows}
+
+
+def test_compare_counts_each_sample_and_pools_the_tasks():
+    from infllmv2.evaluation import compare_results, compare_table, sign_test_p
+
+    a = _fake_results(["dense", "sparse"], {"dense": {"niah_single": [1, 1, 1, 1]},
+                                            "sparse": {"niah_single": [1, 1, 0, 1], "niah_multikey": [0.5, 1, 0, 1]}})
+    b = _fake_results(["sparse"], {"sparse": {"niah_single": [0, 1, 0, 0], "niah_multikey": [0.25, 1, 1, 1, 1]}})
+    cmp = compare_results(a, b)  # the shared mode only, and seeds 0-3 of niah_multikey (B has a fifth)
+    rows = {r["task"]: r for r in cmp["rows"]}
+    assert [r["mode_a"] for r in cmp["rows"]] == ["sparse"] * 3
+    assert rows["niah_single"] == {"mode_a": "sparse", "mode_b": "sparse", "length": 1024, "task": "niah_single",
+                                   "n": 4, "recall_a": 0.75, "recall_b": 0.25, "a_higher": 2, "b_higher": 0,
+                                   "p": pytest.approx(0.5)}
+    mk = rows["niah_multikey"]  # a fractional recall counts as higher or lower too
+    assert (mk["n"], mk["a_higher"], mk["b_higher"], mk["recall_b"]) == (4, 1, 1, pytest.approx(0.8125))
+    assert (rows["all"]["n"], rows["all"]["a_higher"], rows["all"]["b_higher"]) == (8, 3, 1)
+    assert rows["all"]["p"] == pytest.approx(sign_test_p(3, 1))
+    # two modes of one run: A's sparse against A's dense
+    own = compare_results(a, a, "sparse", "dense")
+    assert [(r["task"], r["a_higher"], r["b_higher"]) for r in own["rows"]] == [("niah_single", 0, 1), ("all", 0, 1)]
+    assert "| sparse | sparse | 1024 | niah_single | 4 | 0.750 | 0.250 | 2 | 0 | 0.5 |" in compare_table(cmp)
+
+
+def test_compare_refuses_other_samples_and_missing_modes():
+    from infllmv2.evaluation import compare_results
+
+    a = _fake_results(["sparse"], {"sparse": {"passkey": [1, 0]}})
+    other = _fake_results(["sparse"], {"sparse": {"passkey": [1, 0]}}, answers_of=lambda t, s: [f"x{s}"])
+    with pytest.raises(ValueError, match="not run on the same samples"):
+        compare_results(a, other)
+    with pytest.raises(ValueError, match="B has no mode 'dense'"):
+        compare_results(a, a, "sparse", "dense")
+    with pytest.raises(ValueError, match="share no mode"):
+        compare_results(a, _fake_results(["dense"], {"dense": {"passkey": [1]}}))
+    with pytest.raises(ValueError, match="A has no per-sample results"):
+        compare_results({"modes": ["sparse"]}, a)
+
+
+def test_compare_command_on_two_eval_runs(tiny, tmp_path, capsys):
+    """Two `infllmv2 eval` runs of the same model and seed answer the same samples the same way (every sample a
+    tie); the command writes the table and JSON, and names a bad argument."""
+    from infllmv2 import cli
+
+    folder = tmp_path / "model"
+    tiny.save_pretrained(folder)
+    (folder / "infllmv2_tokenizer.json").write_text('{"type": "byte"}')
+    common = ["--model", str(folder), "--lengths", "512", "--samples", "2", "--modes", "dense,sparse", "--tasks",
+              "passkey,niah_single", "--depths", "0.5", "--device", "cpu", "--no-progress", "--max-new-tokens", "4",
+              "--block-size", "64", "--kernel-size", "32", "--kernel-stride", "16", "--window", "64", "--topk", "2",
+              "--dense-len", "-1"]
+    for name in ("r1", "r2"):
+        assert cli.main(["eval", *common, "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(tmp_path / "r1"), str(tmp_path / "r2" / "results.json"), "--out",
+                     str(tmp_path / "cmp")]) == 0
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert data["command"].startswith("infllmv2 compare ")
+    assert {(r["mode_a"], r["task"], r["n"], r["a_higher"], r["b_higher"], r["p"]) for r in data["rows"]} == {
+        (m, t, n, 0, 0, 1.0) for m in ("dense", "sparse") for t, n in (("niah_single", 2), ("passkey", 2), ("all", 4))}
+    assert (tmp_path / "cmp" / "compare.md").read_text() in capsys.readouterr().out
+    # another seed asks other questions, another haystack hides the same needles elsewhere: refused, not compared
+    assert cli.main(["eval", *common, "--seed", "7", "--out", str(tmp_path / "r3")]) == 0
+    assert cli.main(["compare", str(tmp_path / "r1"), str(tmp_path / "r3")]) == 2
+    assert "share no sample" in capsys.readouterr().err
+    assert cli.main(["eval", *common, "--haystack", "code", "--out", str(tmp_path / "r4")]) == 0
+    assert cli.main(["compare", str(tmp_path / "r1"), str(tmp_path / "r4")]) == 2
+    assert "not run on the same samples: needles in a 'noise' haystack" in capsys.readouterr().err
+    assert cli.main(["compare", str(tmp_path / "r1"), str(tmp_path / "nowhere")]) == 2
+    assert "B: no results file" in capsys.readouterr().err

@@ -153,6 +153,25 @@ def test_bad_cu_seqlens():
                            cu_seqlens_k=torch.tensor([0, 16], dtype=torch.int32))
 
 
+def test_cu_seqlens_read_back_once_while_unchanged(monkeypatch):
+    """The offsets are read to the host (a wait for the GPU there) once for a cu_seqlens tensor that every layer
+    passes again, and again after an in-place change, which the result then follows."""
+    q, k, v = rand_qkv(150, 4, 2, 16, dtype=torch.float32)
+    cu = _cu([40, 110])
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t is cu) or real(t))
+    first = infllmv2_attention(q, k, v, SMALL, cu_seqlens=cu, backend="torch")
+    again = infllmv2_attention(q, k, v, SMALL, cu_seqlens=cu, backend="torch")
+    assert reads.count(True) == 1
+    torch.testing.assert_close(again, first)
+    cu[1] = 90  # in place: other sequences
+    moved = infllmv2_attention(q, k, v, SMALL, cu_seqlens=cu, backend="torch")
+    assert reads.count(True) == 2
+    torch.testing.assert_close(moved, infllmv2_attention(q, k, v, SMALL, cu_seqlens=_cu([90, 60]), backend="torch"))
+    assert not torch.allclose(moved, first)
+
+
 def test_bad_block_indices():
     q, k, v = rand_qkv(32, 4, 2, 8, batch=1, dtype=torch.float32)
     idx = select_blocks(q, k, SMALL)

@@ -648,10 +648,15 @@ def test_layout_is_read_back_once_per_forward(monkeypatch):
     calls = []
     real = integration._segments
     monkeypatch.setattr(integration, "_segments", lambda *a: calls.append(1) or real(*a))
+    reads = []  # host reads of a one-dimensional int32 tensor: the offsets each layer checks
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.dtype == torch.int32 and t.dim() == 1)
+                        or real_tolist(t))
     ids = torch.cat([_ids(120, seed=6), _ids(90, seed=7)], dim=1)
     pos = torch.cat([torch.arange(120), torch.arange(90)])[None]
     packed = _logits(model, ids, position_ids=pos)
     assert len(calls) == 1
+    assert reads.count(True) == 0  # the layers check the offsets _segments made on the host: no read back
     pos[0, 120:] = torch.arange(120, 210)  # in place: one sequence again
     whole = _logits(model, ids, position_ids=pos)
     assert len(calls) == 2

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
+from ..attention import BACKENDS, _autocast_inputs, _once_per_forward, _resolve_backend, infllmv2_attention
 from ..cache import filled_slots, lookup_layer, row_layout
 from ..config import SparseConfig, as_sparse_config
 
@@ -80,24 +79,6 @@ def _layer_sparse_config(module) -> SparseConfig:
 # --------------------------------------------------------------------------------------------------
 # The attention function transformers calls
 # --------------------------------------------------------------------------------------------------
-_PER_FORWARD: dict = {}  # kind -> (weak reference to the tensor, its version, extra key, result)
-
-
-def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
-    """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
-    layer of a forward gets the same position ids and mask: one host read a forward instead of one a layer
-    (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
-    # an inference tensor has no version counter (an in-place change would go unseen); traced code keeps no state
-    if torch.compiler.is_compiling() or tensor.is_inference():
-        return compute()
-    hit = _PER_FORWARD.get(what)
-    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
-        return hit[3]
-    result = compute()
-    _PER_FORWARD[what] = (weakref.ref(tensor), tensor._version, extra, result)
-    return result
-
-
 def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: int):
     """Packed sequences in one row (position ids restarting), as transformers detects them.
 
@@ -118,8 +99,10 @@ def _segments(position_ids: torch.Tensor, batch: int, seqlen: int):
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     if int(starts.sum()) == batch:  # one sequence per row
         return None
-    flat = torch.nonzero(starts.reshape(-1)).flatten().tolist()
-    return torch.tensor(flat + [batch * seqlen], dtype=torch.int32, device=position_ids.device)
+    flat = torch.nonzero(starts.reshape(-1)).flatten().tolist() + [batch * seqlen]
+    cu = torch.tensor(flat, dtype=torch.int32, device=position_ids.device)
+    _once_per_forward("cu_seqlens", cu, None, lambda: flat)  # what every layer's check of cu reads back
+    return cu
 
 
 @_autocast_inputs  # bf16 training: RoPE leaves q/k in fp32 and v in bf16; cast as SDPA does

@@ -638,7 +638,7 @@ def compare_results(a: dict, b: dict, mode_a: Optional[str] = None, mode_b: Opti
     if (mode_a is None) != (mode_b is None):  # one mode named: the same on both sides
         mode_a = mode_b = mode_a or mode_b
     for name, res, mode in ((names[0], a, mode_a), (names[1], b, mode_b)):
-        if not res.get("samples_detail"):
+        if not isinstance(res, dict) or not res.get("samples_detail"):
             raise ValueError(f"{name} has no per-sample results (samples_detail): not a results.json of infllmv2 eval")
         if mode is not None and mode not in res["modes"]:
             raise ValueError(f"{name} has no mode {mode!r}; it ran {res['modes']}")

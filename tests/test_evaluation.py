@@ -277,6 +277,8 @@ def test_compare_refuses_other_samples_and_missing_modes():
         compare_results(a, _fake_results(["dense"], {"dense": {"passkey": [1]}}))
     with pytest.raises(ValueError, match="A has no per-sample results"):
         compare_results({"modes": ["sparse"]}, a)
+    with pytest.raises(ValueError, match="B has no per-sample results"):
+        compare_results(a, [1, 2])  # JSON, but not an eval result
 
 
 def test_compare_command_on_two_eval_runs(tiny, tmp_path, capsys):

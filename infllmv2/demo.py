@@ -9,6 +9,9 @@ at a chosen depth, asks for the pass key at the end, and runs the same weights t
 * InfLLM-V2 (``infllmv2.enable``) with a ``SparseConfig`` scaled to the length so that every token
   attends to a budget of ``topk + window // block_size`` blocks only.
 
+``--model FOLDER`` runs a transformers model folder with a chat tokenizer instead (e.g. SmolLM2 after
+``infllmv2 train --init smollm2 --attention infllmv2``).
+
 For each mode it reports the greedy answer, the perplexity of the prompt (teacher-forced), and the
 time; for InfLLM-V2 also the fraction of causal keys attended (from the block selection of one
 layer) and a PNG of the blocks the heads of each group of that layer selected. Results go to
@@ -379,7 +382,7 @@ def run_demo(opts: Optional[DemoOptions] = None, **overrides) -> dict:
     else:
         source = find_gguf(opts.gguf)
         tokenizer, model = load_model(source, device, dtype)
-    model_name = os.path.basename(source.rstrip(os.sep)) if not opts.model else source
+    model_name = opts.model or os.path.basename(source)
     load_s = time.perf_counter() - t_start
     n_layers = model.config.num_hidden_layers
     layer = n_layers // 2 if opts.layer is None else opts.layer

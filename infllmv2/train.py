@@ -44,8 +44,7 @@ import random
 import shutil
 import sys
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -919,7 +918,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=d.enabled and cfg.parallel == "fsdp")
         final_model = inner
         if _is_lora(inner):  # the adapters alone, then merged into the weights: a plain model, no extra parameters
-            adapters = get_model_state_dict(inner, options=dataclasses.replace(opts, ignore_frozen_params=True))
+            adapters = get_model_state_dict(inner, options=replace(opts, ignore_frozen_params=True))
             if d.main:
                 _save_fresh(os.path.join(cfg.out, "final_adapter"),
                             lambda f: _save_model_folder(inner, adapters, f, tok))

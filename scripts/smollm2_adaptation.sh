@@ -39,6 +39,7 @@ for arm in ${ARMS:-pretrained infllmv2 dense}; do
 done
 HF_HUB_OFFLINE=1 "$PY" - "$OUT" <<'PYEOF'
 import json, os, sys
+from infllmv2.train import read_loss_log
 out = sys.argv[1]
 arms = [("pretrained (training-free)", "eval_pretrained", None), ("fine-tuned, full attention", "eval_ft_dense", "ft_dense"),
         ("fine-tuned, InfLLM-V2", "eval_ft_infllmv2", "ft_infllmv2")]
@@ -58,7 +59,7 @@ for name, folder, ft in arms:
     r = json.load(open(os.path.join(out, folder, "results.json")))
     loss = None
     if ft:  # the mean of the last 20 steps (one step's loss is one batch's)
-        recs = [json.loads(line) for line in open(os.path.join(out, ft, "loss.jsonl"))]
+        recs = read_loss_log(os.path.join(out, ft, "loss.jsonl"))
         loss = sum(r["loss"] for r in recs[-20:]) / len(recs[-20:])
     for mode, per_len in r["summary"].items():
         for length, s in per_len.items():

@@ -180,56 +180,6 @@ def test_decode_cuda_graph_replays_equal_eager_steps():
         torch.testing.assert_close(out, step(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("batch,ml,g,hkv,d", [(8, 131072, 16, 2, 128), (1, 131072, 16, 2, 128),
-                                               (5, 20000, 4, 8, 64), (3, 9000, 3, 3, 64)])
-def test_fused_decode_kernel_equals_the_chain_bitwise_every_time(batch, ml, g, hkv, d, monkeypatch):
-    """The one-launch decode step (``decode._decode_fused_kernel``: roles by ticket, waits on counters) against the
-    five-kernel chain it fuses: the same helpers in the same order, so bitwise the same outputs and selections, at
-    every one of many calls and graph replays (a missing wait or a counter left non-zero would show as a wrong
-    or a hung call), on a batch of sparse rows, dense rows and left padding; the counters end zeroed."""
-    from infllmv2.ops.triton import decode, infllmv2_decode_triton
-    torch.manual_seed(4)
-    cfg = SparseConfig(dense_len=4000)
-    kc = torch.randn(batch, ml, hkv, d, device=DEV, dtype=torch.bfloat16)
-    vc = torch.randn(batch, ml, hkv, d, device=DEV, dtype=torch.bfloat16)
-    q = torch.randn(batch, hkv * g, d, device=DEV, dtype=torch.bfloat16)
-    lens = torch.tensor([ml - 97 * i if i % 3 != 2 else 3999 for i in range(batch)], dtype=torch.int32, device=DEV)
-    pad = torch.tensor([(97 * i) if i % 3 != 2 else 0 for i in range(batch)], dtype=torch.int32, device=DEV)
-    launched = []
-    real = decode._decode_fused
-    monkeypatch.setattr(decode, "_decode_fused", lambda *a: launched.append(1) or real(*a))
-
-    def both(**kw):
-        monkeypatch.setattr(decode, "_DECODE_FUSED", False)
-        chain = infllmv2_decode_triton(q, kc, vc, lens, cfg, return_block_indices=True, **kw)
-        monkeypatch.setattr(decode, "_DECODE_FUSED", True)
-        return chain, infllmv2_decode_triton(q, kc, vc, lens, cfg, return_block_indices=True, **kw)
-
-    for kw in ({}, dict(cache_leftpad=pad)):
-        (out_c, idx_c), (out_f, idx_f) = both(**kw)
-        sparse = lens >= cfg.dense_len
-        assert torch.equal(out_f, out_c) and torch.equal(idx_f[:, sparse], idx_c[:, sparse])
-        for _ in range(50):
-            assert torch.equal(infllmv2_decode_triton(q, kc, vc, lens, cfg, cache_leftpad=kw.get("cache_leftpad")),
-                               out_c)
-    assert launched
-    step = lambda: infllmv2_decode_triton(q, kc, vc, lens, cfg)  # noqa: E731
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for i in range(30):
-        q.copy_(torch.randn_like(q))
-        lens.copy_(torch.tensor([ml - 1 - 501 * i if j % 3 != 2 else 3990 + 3 * i for j in range(batch)],
-                                dtype=torch.int32))
-        graph.replay()
-        monkeypatch.setattr(decode, "_DECODE_FUSED", False)
-        assert torch.equal(out, step())
-        monkeypatch.setattr(decode, "_DECODE_FUSED", True)
-    torch.cuda.synchronize()
-    assert all(int(c.abs().sum()) == 0 for c in decode._COUNTERS.values())
-
-
 @pytest.mark.parametrize("g,hkv,d,cfg_kw", [
     (16, 2, 128, {}), (3, 3, 64, {}), (4, 2, 128, {}), (32, 1, 128, {}),
     (16, 2, 128, dict(block_size=128, topk=16, window_size=1024)),  # 8 windows a block

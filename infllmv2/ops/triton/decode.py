@@ -18,11 +18,9 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
-from . import selection
-from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _decode_key_splits,
-                        _forced_blocks, _load_cg, _lse_program, _next_pow2, _pdl_launch_args, _pdl_start,
-                        _score_program, _select_core, _topk_program, cdiv, config_args, gdc_launch_dependents,
-                        gdc_wait, on_tensor_device, softmax_scale_or_default)
+from .selection import (_INTERPRET, _LOG2E, _check_pooling, _compress_core, _compressed_count, _forced_blocks,
+                        _next_pow2, _pdl_launch_args, _pdl_start, _select_core, cdiv, config_args,
+                        gdc_launch_dependents, gdc_wait, on_tensor_device, softmax_scale_or_default)
 
 __all__ = ["infllmv2_decode_triton"]
 
@@ -57,25 +55,6 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, 
         else:
             gdc_wait()
         gdc_launch_dependents()
-    _split_program(bid, h, split, L, is_dense, known, q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, o_ptr,
-                   lse_ptr, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                   stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale, D, budget,
-                   dense_len, known_splits, known_per_split, chosen_per_split, dense_per_split, G, BLOCK_M, BS,
-                   BLOCK_D, INIT, LOCAL, TO_F32, PREC, HAS_LEFTPAD, SPLIT_P)
-
-
-@triton.jit
-def _split_program(bid, h, split, L, is_dense, known, q_ptr, k_ptr, v_ptr, idx_ptr, seqlen_ptr, leftpad_ptr, o_ptr,
-                   lse_ptr, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                   stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   qk_scale, D, budget, dense_len, known_splits, known_per_split, chosen_per_split,
-                   dense_per_split,
-                   G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-                   INIT: tl.constexpr, LOCAL: tl.constexpr,
-                   TO_F32: tl.constexpr, PREC: tl.constexpr, HAS_LEFTPAD: tl.constexpr, SPLIT_P: tl.constexpr,
-                   CG: tl.constexpr = False):
-    """Stage 2 of program (sequence, KV head, split) whose key length is L (``_decode_split_kernel``; the fused
-    decode kernel, which reads the selection through L2 only when CG): partial output and log-sum-exp."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     bq = (L - 1) // BS  # the block of the newest token
     n_init, lo_local, n_local = _forced_blocks(bq, INIT, LOCAL)
@@ -95,7 +74,7 @@ def _split_program(bid, h, split, L, is_dense, known, q_ptr, k_ptr, v_ptr, idx_p
         p = p0 + ent
         n_here = tl.minimum(tl.maximum(tl.minimum(budget, bq + 1) - n_local - p0, 0), chosen_per_split)
         # one load of the split's block ids before the loop: each block's K/V loads need no index round trip
-        blks = _load_cg(idx_ptr + h * stride_ih + bid64 * stride_ib + p, ent < n_here, -1, CG)
+        blks = tl.load(idx_ptr + h * stride_ih + bid64 * stride_ib + p, mask=ent < n_here, other=-1)
     g = tl.arange(0, BLOCK_M)
     gmask = g < G
     offs_d = tl.arange(0, BLOCK_D)
@@ -147,289 +126,21 @@ def _decode_combine_kernel(o_ptr, lse_ptr, out_ptr, n_split, D,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_xb, stride_xh,
                            SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     _pdl_start(PDL)
-    _combine_program(tl.program_id(0), tl.program_id(1), o_ptr, lse_ptr, out_ptr, n_split, D, stride_ob, stride_oh,
-                     stride_os, stride_lb, stride_lh, stride_xb, stride_xh, SPLIT_P, BLOCK_D)
-
-
-@triton.jit
-def _combine_program(bid, hq, o_ptr, lse_ptr, out_ptr, n_split, D,
-                     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_xb, stride_xh,
-                     SPLIT_P: tl.constexpr, BLOCK_D: tl.constexpr, CG: tl.constexpr = False):
-    """Output of query head hq of sequence bid from its stage-2 partials (``_decode_combine_kernel``; the fused
-    decode kernel, which reads the partials through L2 only when CG)."""
-    bid = bid.to(tl.int64)
+    bid = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
     s = tl.arange(0, SPLIT_P)
     smask = s < n_split
-    lse = _load_cg(lse_ptr + bid * stride_lb + hq * stride_lh + s, smask, float("-inf"), CG)
+    lse = tl.load(lse_ptr + bid * stride_lb + hq * stride_lh + s, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe)
     den = tl.sum(w, 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    o = _load_cg(o_ptr + bid * stride_ob + hq * stride_oh + s[:, None] * stride_os + offs_d[None, :],
-                smask[:, None] & dmask[None, :], 0.0, CG)
+    o = tl.load(o_ptr + bid * stride_ob + hq * stride_oh + s[:, None] * stride_os + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
     res = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + bid * stride_xb + hq * stride_xh + offs_d, res.to(out_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def _combine_group(bid, h, o_ptr, lse_ptr, out_ptr, n_split, D, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   stride_xb, stride_xh, G: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_P: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """``_combine_program`` for the G query heads of KV head h at once, the splits' outputs summed one split a step
-    (their loads do not wait on the sums)."""
-    bid = bid.to(tl.int64)
-    g = tl.arange(0, BLOCK_M)
-    hq = h * G + g
-    gmask = g < G
-    s = tl.arange(0, SPLIT_P)
-    lse = tl.load(lse_ptr + bid * stride_lb + hq[:, None] * stride_lh + s[None, :],
-                  mask=gmask[:, None] & (s[None, :] < n_split), other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
-    den = tl.sum(w, 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    obase = o_ptr + bid * stride_ob + hq[:, None] * stride_oh + offs_d[None, :]
-    for sp in range(0, n_split):
-        o = tl.load(obase + sp * stride_os, mask=gmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        acc += o * tl.sum(tl.where(s[None, :] == sp, w, 0.0), 1)[:, None]
-    res = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(out_ptr + bid * stride_xb + hq[:, None] * stride_xh + offs_d[None, :], res.to(out_ptr.dtype.element_ty),
-             mask=gmask[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _now(TRACE: tl.constexpr):
-    if TRACE:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [tl.full((), 0, tl.int32)],
-                                      dtype=tl.int64, is_pure=False, pack=1)
-    else:
-        t = tl.full((), 0, tl.int64)
-    return t
-
-
-@triton.jit
-def _spin_until_at_least(ptr, target):
-    """Wait until the counter at ptr reaches target, then acquire what its writers released (one thread's acquire,
-    then a barrier for the whole program, as a grid-wide barrier does)."""
-    v = tl.load(ptr, volatile=True)
-    while v < target:
-        v = tl.load(ptr, volatile=True)
-    tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _arrive(ptr):
-    """Count this program in at ptr once all its threads' writes are done (released); returns the count before."""
-    tl.debug_barrier()
-    return tl.atomic_add(ptr, 1, sem="acq_rel", scope="gpu")
-
-
-@triton.jit
-def _decode_fused_kernel(
-        q_ptr, k1_ptr, k2_ptr, slse_ptr, ws_ptr, idx_ptr, lens_ptr, k_ptr, v_ptr, leftpad_ptr, o_ptr, olse_ptr,
-        out_ptr, cnt_ptr, trace_ptr,
-        stride_qb, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h, stride_ls, stride_lt,
-        stride_wh, stride_wr, stride_ih, stride_ib, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_xb, stride_xh,
-        qk_scale, D, batch, hkv, n_lse, keys_per_split, n_score, windows_per_split, nb_ws, rows1, rows2, budget,
-        dense_len, known_splits, n_split, known_per_split, chosen_per_split, dense_per_split,
-        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr, LSE_APPROX: tl.constexpr,
-        R: tl.constexpr, L: tl.constexpr, BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-        TO_F32: tl.constexpr, PREC: tl.constexpr, NSP: tl.constexpr,
-        BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr, SCAN_RUN: tl.constexpr, SEARCH_BISECT: tl.constexpr,
-        SEARCH_CLAMP: tl.constexpr, SEARCH_TIGHT: tl.constexpr,
-        BLOCK_M: tl.constexpr, SPLIT_P: tl.constexpr, COMBINE_P: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-        FUSE_COMBINE: tl.constexpr = False, PDL: tl.constexpr = False, TRACE: tl.constexpr = False):
-    """The whole decode step in one launch. Each program takes a ticket when it starts and plays the role of that
-    ticket: LSE partial (sequence, KV head, key split), then scoring (.., window split), then stage 2 over the
-    forced blocks, then stage 2 over the chosen blocks. A role waits only on roles of lower tickets, which
-    started before it, so the waits always end (tickets, not program ids: the hardware may start programs in any
-    order). The last scoring program of a (sequence, KV head) runs its top-k and raises its flag; the last
-    stage-2 program combines the partial outputs. Each counter is reset by the program that last needs it, so
-    the counters (``cnt_ptr``: 1 + 4 * batch * hkv int32) are zero again when the kernel ends."""
-    t_begin = _now(TRACE)
-    _pdl_start(PDL)  # the new key / value and compressed keys are written by the previous kernels
-    n_pairs = batch * hkv
-    n_chosen = n_split - known_splits
-    end_a = n_pairs * n_lse
-    end_b = end_a + n_pairs * n_score
-    end_k = end_b + n_pairs * known_splits
-    ticket = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
-    t_ticket = _now(TRACE)
-    t_waited = t_ticket
-    t_worked = t_ticket
-    if ticket == end_k + n_pairs * n_chosen - 1:  # every ticket is taken
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-    lse_done = cnt_ptr + 1  # per (sequence, KV head): LSE programs finished
-    scores_done = lse_done + n_pairs  # scoring programs finished
-    selected = scores_done + n_pairs  # 1 once the top-k is written
-    splits_done = selected + n_pairs  # stage-2 programs finished
-    if ticket < end_b:  # stage 1
-        if ticket < end_a:
-            pair = ticket // n_lse
-            split = ticket % n_lse
-        else:
-            pair = (ticket - end_a) // n_score
-            split = (ticket - end_a) % n_score
-        bid = pair // hkv
-        h = pair % hkv
-        kl = tl.load(lens_ptr + bid)
-        if (dense_len < 0) | (kl >= dense_len):  # a sparse sequence (a dense one needs no selection)
-            if ticket < end_a:
-                _lse_program(bid, h, split, q_ptr, k1_ptr, k2_ptr, slse_ptr, lens_ptr, lens_ptr, lens_ptr, lens_ptr,
-                             lens_ptr, lens_ptr, lens_ptr, lens_ptr, lens_ptr, stride_qb, stride_qh, stride_k1t,
-                             stride_k1h, stride_k2t, stride_k2h, stride_ls, stride_lt, qk_scale, D, keys_per_split,
-                             rows1, rows2, G, GP, BLOCK_T, BLOCK_T, BLOCK_N, BLOCK_D, KS1, ST1, KS2, ST2, LSE_APPROX,
-                             TO_F32, PREC, True)
-                t_worked = _now(TRACE)
-                _arrive(lse_done + pair)
-            else:
-                _spin_until_at_least(lse_done + pair, n_lse)
-                t_waited = _now(TRACE)
-                _score_program(bid, h, split, q_ptr, k1_ptr, slse_ptr, ws_ptr, lens_ptr, lens_ptr, lens_ptr,
-                               lens_ptr, lens_ptr, lens_ptr, lens_ptr, stride_qb, stride_qh, stride_k1t, stride_k1h,
-                               stride_ls, stride_lt, stride_wh, stride_wr, 0, batch, n_lse, windows_per_split, nb_ws,
-                               qk_scale, D, rows1, G, GP, BLOCK_T, BLOCK_T, BLOCK_N, BLOCK_D, KS1, ST1, R, L, BS,
-                               LOCAL, INIT, TO_F32, PREC, True, NSP, True, True)
-                t_worked = _now(TRACE)
-                if _arrive(scores_done + pair) == n_score - 1:  # the last: every block score is written
-                    tl.debug_barrier()
-                    _topk_program(bid * BLOCK_T, h, ws_ptr, idx_ptr, lens_ptr, lens_ptr, lens_ptr, lens_ptr,
-                                  lens_ptr, stride_wh, stride_wr, stride_ih, stride_ib, 0, budget, BLOCK_T, 1,
-                                  BLOCK_NB, BUDGET_P, BS, LOCAL, INIT, True, SCAN_RUN, SEARCH_BISECT, SEARCH_CLAMP,
-                                  SEARCH_TIGHT, True)
-                    tl.atomic_xchg(lse_done + pair, 0, sem="relaxed", scope="gpu")
-                    tl.atomic_xchg(scores_done + pair, 0, sem="relaxed", scope="gpu")
-                    tl.debug_barrier()
-                    tl.atomic_xchg(selected + pair, 1, sem="release", scope="gpu")
-    else:  # stage 2
-        if ticket < end_k:
-            pair = (ticket - end_b) // known_splits
-            split = (ticket - end_b) % known_splits
-        else:
-            pair = (ticket - end_k) // n_chosen
-            split = known_splits + (ticket - end_k) % n_chosen
-        bid = pair // hkv
-        h = pair % hkv
-        kl = tl.load(lens_ptr + bid)
-        is_dense = (dense_len >= 0) & (kl < dense_len)
-        known = is_dense | (split < known_splits)
-        if not known:
-            _spin_until_at_least(selected + pair, 1)
-            t_waited = _now(TRACE)
-        _split_program(bid, h, split, kl, is_dense, known, q_ptr, k_ptr, v_ptr, idx_ptr, lens_ptr, leftpad_ptr,
-                       o_ptr, olse_ptr, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                       stride_vh, stride_ih, stride_ib, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                       qk_scale, D, budget, dense_len, known_splits, known_per_split, chosen_per_split,
-                       dense_per_split, G, BLOCK_M, BS, BLOCK_D, INIT, LOCAL, TO_F32, PREC, HAS_LEFTPAD, SPLIT_P, True)
-        t_worked = _now(TRACE)
-        if _arrive(splits_done + pair) == n_split - 1:  # the last: every partial output is written
-            if FUSE_COMBINE:
-                tl.debug_barrier()
-                _combine_group(bid, h, o_ptr, olse_ptr, out_ptr, n_split, D, stride_ob, stride_oh, stride_os,
-                               stride_lb, stride_lh, stride_xb, stride_xh, G, BLOCK_M, COMBINE_P, BLOCK_D)
-            tl.atomic_xchg(selected + pair, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(splits_done + pair, 0, sem="relaxed", scope="gpu")
-    if TRACE:  # (begin, ticket taken, wait over, work done, end) in ns of the global timer, per ticket
-        tb = trace_ptr + ticket.to(tl.int64) * 5
-        tl.store(tb, t_begin)
-        tl.store(tb + 1, t_ticket)
-        tl.store(tb + 2, t_waited)
-        tl.store(tb + 3, t_worked)
-        tl.store(tb + 4, _now(TRACE))
-
-
-# One launch for the whole step (``_decode_fused_kernel``) instead of five chained ones (INFLLMV2_DECODE_FUSED=0: the
-# chain). The fused kernel keeps its role counters in a zeroed int32 buffer per (device, stream) that it leaves zeroed
-_DECODE_FUSED = os.environ.get("INFLLMV2_DECODE_FUSED", "1") == "1"
-_DECODE_FUSED_LAUNCH = dict(num_warps=4, num_stages=2)
-_TRACE = None  # an int64 (tickets, 5) tensor: the fused kernel writes its timeline there
-_DECODE_FUSED_COMBINE = False  # the last stage-2 program of a (sequence, KV head) combines (else a kernel of its own)
-_COUNTERS: dict = {}  # (device, stream or None when capturing) -> zeroed int32 counters of the fused kernel
-_RETIRED_COUNTERS: list = []  # outgrown buffers: a captured graph may still use them
-
-
-def _fused_applies(batch: int, hkv: int, max_len: int, config: SparseConfig) -> bool:
-    """Whether the fused kernel runs this step: the switch on, no tuning knob of the chain set, and a top-k row that
-    four warps hold (at most 4096 blocks, 256K tokens at the default block size) in one workspace."""
-    nb = _next_pow2(max(1, cdiv(max_len, config.block_size)))
-    return (_DECODE_FUSED and not _DECODE_SELECT_OPTS and selection._SELECT_WARPS is None and nb <= 4096
-            and batch * hkv * 16 * nb * 4 <= selection._WORKSPACE_BYTES)
-
-
-def _fused_counters(dev: torch.device, n: int, for_capture: bool = False) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n counters for a fused launch on the current stream. Launches on one stream
-    run one after another, so they share one; captures share one buffer, made before the capture (``DecodeGraph``
-    asks with ``for_capture``), with every graph (graphs replay one at a time), or else capture a fresh zeroed one."""
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (str(dev), None if capturing or for_capture or dev.type != "cuda"
-           else torch.cuda.current_stream(dev).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    if capturing:
-        return torch.zeros(n, dtype=torch.int32, device=dev)
-    if buf is not None:
-        _RETIRED_COUNTERS.append(buf)
-    buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
-    return buf
-
-
-def _decode_fused(q, k1, rows1, k2, rows2, k_cache, v_cache, lens, cache_leftpad, o_part, lse_part, out, config,
-                  scale, known_splits, n_split, per_known, per_chosen, per_dense, pdl):
-    """The decode step by ``_decode_fused_kernel``, with the chain's tiling; writes out, returns the selection."""
-    batch, hq, d = q.shape
-    max_len, hkv = k_cache.shape[1], k_cache.shape[2]
-    g = hq // hkv
-    dev = q.device
-    B, lc, sc = config.block_size, config.kernel_size, config.kernel_stride
-    R, L = B // sc, lc // sc
-    GP = _next_pow2(g)
-    BLOCK_T = max(1, 16 // GP)  # as the chain's selection: one query, its heads padded to 16 rows
-    BLOCK_N = max(32 if _INTERPRET else 64, R)
-    n_lse, kps, n_score, wps = _decode_key_splits(batch, hkv, max_len, config, BLOCK_N)
-    nb_ws = max(1, cdiv(max_len, B))
-    nb = _next_pow2(nb_ws)
-    slse = torch.empty((n_lse, batch, hq), dtype=torch.float32, device=dev)
-    ws = torch.empty((hkv, batch * BLOCK_T, nb_ws), dtype=torch.float32, device=dev)
-    idx = torch.empty((hkv, batch, config.budget), dtype=torch.int32, device=dev)
-    n_pairs = batch * hkv
-    counters = _fused_counters(dev, 1 + 4 * n_pairs)
-    to_f32 = _INTERPRET or q.dtype == torch.float32
-    BLOCK_D = max(16, _next_pow2(d))
-    leftpad = lens if cache_leftpad is None else cache_leftpad
-    _decode_fused_kernel[(n_pairs * (n_lse + n_score + n_split),)](
-        q, k1, k2, slse, ws, idx, lens, k_cache, v_cache, leftpad, o_part, lse_part, out, counters,
-        counters if _TRACE is None else _TRACE,
-        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1), slse.stride(0),
-        slse.stride(1), ws.stride(0), ws.stride(1), idx.stride(0), idx.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),
-        lse_part.stride(1), out.stride(0), out.stride(1),
-        scale * _LOG2E, d, batch, hkv, n_lse, kps, n_score, wps, nb_ws, rows1, rows2, config.budget,
-        config.dense_len, known_splits, n_split, per_known, per_chosen, per_dense,
-        G=g, GP=GP, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, KS2=4 * lc, ST2=4 * sc,
-        LSE_APPROX=config.lse_approx, R=R, L=L, BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks,
-        TO_F32=to_f32, PREC="ieee" if to_f32 else "tf32", NSP=_next_pow2(n_lse), BLOCK_NB=nb,
-        BUDGET_P=_next_pow2(config.budget), SCAN_RUN=min(selection._TOPK_SCAN_RUN, nb),
-        SEARCH_BISECT=selection._TOPK_SEARCH[0], SEARCH_CLAMP=selection._TOPK_SEARCH[1],
-        SEARCH_TIGHT=selection._TOPK_SEARCH[2], BLOCK_M=max(16, _next_pow2(g)),
-        SPLIT_P=_next_pow2(max(per_known, per_chosen, per_dense)), COMBINE_P=max(2, _next_pow2(n_split)),
-        HAS_LEFTPAD=cache_leftpad is not None, FUSE_COMBINE=_DECODE_FUSED_COMBINE, TRACE=_TRACE is not None,
-        **({} if _INTERPRET else dict(_DECODE_FUSED_LAUNCH)), **pdl)
-    if not _DECODE_FUSED_COMBINE:
-        _decode_combine_kernel[(batch, hq)](
-            o_part, lse_part, out, n_split, d,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-            out.stride(0), out.stride(1), SPLIT_P=max(2, _next_pow2(n_split)), BLOCK_D=BLOCK_D,
-            **({} if _INTERPRET else dict(num_warps=_DECODE_COMBINE_WARPS)), **pdl)
-    return idx
 
 
 _DECODE_SELECT_OPTS: dict = {}  # tuning knob: kernel options of the decode selection (dev_selection --tune)
@@ -592,10 +303,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, config, scale, k_fine, k_coarse,
                     c = given.reshape(batch * rows, hkv, d)
                 keys.append((c, rows))
             (k1, rows1), (k2, rows2) = keys[0], keys[-1]
-            if _fused_applies(batch, hkv, max_len, config):
-                idx = _decode_fused(q, k1, rows1, k2, rows2, k_cache, v_cache, lens, cache_leftpad, o_part, lse_part,
-                                    out, config, scale, known_splits, n_split, per_known, per_chosen, per_dense, pdl)
-                return (out, idx) if return_block_indices else out
             # one tile per sequence (its single query); the layout needs no launch and no host synchronisation
             idx = _select_core(q, k1, k2, lens, lens, lens, lens, lens, lens, lens, max_len, config, scale,
                                decode_rows=(rows1, rows2), **_DECODE_SELECT_OPTS)
@@ -662,8 +369,6 @@ class DecodeGraph:
         self.leftpad = None if cache_leftpad is None else cache_leftpad.clone()
         args = (k_cache, v_cache, self.lens, config, softmax_scale, k_fine, k_coarse, False, None, self.leftpad)
         _decode(self.q, *args)  # compiles any kernel specialisation first: nothing may compile while capturing
-        if _fused_applies(q.shape[0], k_cache.shape[2], k_cache.shape[1], config):
-            _fused_counters(dev, 1 + 4 * q.shape[0] * k_cache.shape[2], for_capture=True)  # not from the graph's pool
         side = _CAPTURE_STREAMS.get(dev.index)
         if side is None:
             side = _CAPTURE_STREAMS[dev.index] = torch.cuda.Stream(dev)

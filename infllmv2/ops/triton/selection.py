@@ -103,18 +103,6 @@ def _decode_splits(batch: int, hkv: int) -> tuple:
     return _DECODE_LSE_SPLITS or n, n
 
 
-def _decode_key_splits(batch: int, hkv: int, max_len: int, config: SparseConfig, block_n: int) -> tuple:
-    """A decode step's split of each (sequence, KV head)'s compressed keys: (LSE programs, keys a program, scoring
-    programs, windows a program), sized for a cache of max_len slots."""
-    lse_splits, score_splits = _decode_splits(batch, hkv)
-    sc = config.kernel_stride
-    n2max = cdiv(max_len, 4 * sc if config.lse_approx else sc) + 1
-    kps = cdiv(cdiv(n2max, lse_splits), block_n) * block_n
-    n1max = cdiv(max_len, sc) + 1
-    wps = max(2 * block_n, cdiv(cdiv(n1max, score_splits), block_n) * block_n)
-    return cdiv(n2max, kps), kps, cdiv(n1max, wps), wps
-
-
 def _select_warps(nb_c: int, decode: bool) -> int:
     """Warps of a top-k program over rows of ``nb_c`` blocks. Two for prefill rows of at most 1024 blocks (H200,
     interleaved, identical outputs, `dev_selection.py --flag-ab _SELECT_WARPS=None,1,2`: the top-k kernel 0.69 ->
@@ -172,17 +160,6 @@ def _pdl_launch_args(device: torch.device) -> dict:
 @functools.lru_cache(maxsize=None)
 def _pdl_device(index) -> bool:  # cached: asked at every launch of a decode step
     return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@triton.jit
-def _load_cg(ptr, mask, other, CG: tl.constexpr):
-    """tl.load, through L2 only (cache modifier .cg) when CG: for data other programs of the same launch wrote (the
-    fused decode kernel; an SM's L1 is not coherent with the others')."""
-    if CG:
-        x = tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
-    else:
-        x = tl.load(ptr, mask=mask, other=other)
-    return x
 
 
 @triton.jit
@@ -401,24 +378,9 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
                 DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
     _pdl_start(PDL)
-    _lse_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, k1_ptr, k2_ptr, lse_ptr, tile_seq_ptr,
-                 tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, c2_start_ptr,
-                 c2_len_ptr, stride_qt, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h, stride_ls,
-                 stride_lt, qk_scale, D, keys_per_split, rows1, rows2, G, GP, BLOCK_T, TG, BLOCK_N, BLOCK_D, KS1,
-                 ST1, KS2, ST2, LSE_APPROX, TO_F32, PREC, DECODE)
-
-
-@triton.jit
-def _lse_program(tile, h, split, q_ptr, k1_ptr, k2_ptr, lse_ptr,
-                 tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-                 c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
-                 stride_qt, stride_qh, stride_k1t, stride_k1h, stride_k2t, stride_k2h,
-                 stride_ls, stride_lt, qk_scale, D, keys_per_split, rows1, rows2,
-                 G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr,
-                 ST2: tl.constexpr, LSE_APPROX: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
-                 DECODE: tl.constexpr = False):
-    """Log-sum-exp partial of program (query tile, KV head, key split) (``_lse_kernel``; the fused decode kernel)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
     seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
@@ -468,28 +430,9 @@ def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   DECODE: tl.constexpr = False, PDL: tl.constexpr = False):
     _pdl_start(PDL)
     lt = n_tiles - 1 - tl.program_id(0)  # heaviest (latest) tiles first
-    _score_program(lt, tl.program_id(1), tl.program_id(2), q_ptr, k1_ptr, lse_ptr, ws_ptr, tile_seq_ptr,
-                   tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr, stride_qt, stride_qh,
-                   stride_k1t, stride_k1h, stride_ls, stride_lt, stride_wh, stride_wr, tile_base, n_tiles,
-                   n_lse_splits, windows_per_split, nb_ws, qk_scale, D, rows1, G, GP, BLOCK_T, TG, BLOCK_N, BLOCK_D,
-                   KS1, ST1, R, L, BS, LOCAL, INIT, TO_F32, PREC, TRANS, NSP, DECODE)
-
-
-@triton.jit
-def _score_program(lt, h, split, q_ptr, k1_ptr, lse_ptr, ws_ptr,
-                   tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
-                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
-                   stride_wh, stride_wr, tile_base, n_tiles, n_lse_splits, windows_per_split, nb_ws,
-                   qk_scale, D, rows1,
-                   G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TG: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, R: tl.constexpr,
-                   L: tl.constexpr,
-                   BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr,
-                   TO_F32: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, NSP: tl.constexpr,
-                   DECODE: tl.constexpr = False, CG: tl.constexpr = False):
-    """Pooled block scores of program (query tile lt of the chunk, KV head, window split) (``_score_kernel``;
-    the fused decode kernel, which reads the log-sum-exp partials through L2 only when CG)."""
     tile = tile_base + lt
+    h = tl.program_id(1)
+    split = tl.program_id(2)
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile (inductor) may pass Python floats as fp64
     M: tl.constexpr = BLOCK_T * GP
     seq, qs, kl, tok, g, rvalid, t, q, offs_d, dmask, t_min, t_max = _load_tile_rows(
@@ -505,8 +448,8 @@ def _score_program(lt, h, split, q_ptr, k1_ptr, lse_ptr, ws_ptr,
         # over the splits waits on one load round trip per split (decoding has 32)
         row_l = (qs + tok).to(tl.int64) * stride_lt + h * G + g
         sp = tl.arange(0, NSP)
-        parts = _load_cg(lse_ptr + sp[:, None] * stride_ls + row_l[None, :],
-                        (sp[:, None] < n_lse_splits) & rvalid[None, :], float("-inf"), CG)
+        parts = tl.load(lse_ptr + sp[:, None] * stride_ls + row_l[None, :],
+                        mask=(sp[:, None] < n_lse_splits) & rvalid[None, :], other=float("-inf"))
         lm = tl.max(parts, 0)
         m_safe = tl.where(lm == float("-inf"), 0.0, lm)
         la = tl.sum(tl.exp2(parts - m_safe[None, :]), 0)
@@ -617,21 +560,8 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
                    SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6):
     """One program per (SEL_T tokens of a query tile, KV head): forced blocks + top-k."""
     _pdl_start(PDL)
-    _topk_program(tl.program_id(0) * SEL_T, tl.program_id(1), ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr,
-                  q_start_ptr, q_len_ptr, k_len_ptr, stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
-                  BLOCK_T, SEL_T, BLOCK_NB, BUDGET_P, BS, LOCAL, INIT, DECODE, SCAN_RUN, SEARCH_BISECT,
-                  SEARCH_CLAMP, SEARCH_TIGHT)
-
-
-@triton.jit
-def _topk_program(slot0, h, ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
-                  stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
-                  BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
-                  BS: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr, DECODE: tl.constexpr = False,
-                  SCAN_RUN: tl.constexpr = 16, SEARCH_BISECT: tl.constexpr = 4,
-                  SEARCH_CLAMP: tl.constexpr = 0.2, SEARCH_TIGHT: tl.constexpr = 6, CG: tl.constexpr = False):
-    """Forced blocks + top-k of SEL_T rows from slot0 of the workspace, KV head h (``_select_kernel``; the
-    fused decode kernel, which reads the block scores through L2 only when CG)."""
+    slot0 = tl.program_id(0) * SEL_T
+    h = tl.program_id(1)
     tile = tile_base + slot0 // BLOCK_T
     if DECODE:  # as in _load_tile_rows: tile i is sequence i's single query, row i of q
         seq = tile
@@ -652,7 +582,7 @@ def _topk_program(slot0, h, ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start
     b = tl.arange(0, BLOCK_NB)[None, :]
     forced = ((b < INIT) | (b >= bq - LOCAL)) & (b <= bq) & tvalid[:, None]
     cand = (b >= INIT) & (b < bq - LOCAL) & tvalid[:, None]
-    sc = _load_cg(ws_ptr + h * stride_wh + slot[:, None] * stride_wr + b, cand, 0.0, CG)
+    sc = tl.load(ws_ptr + h * stride_wh + slot[:, None] * stride_wr + b, mask=cand, other=0.0)
     key = tl.where(cand, sc.to(tl.int32, bitcast=True), -1)
     # the counts follow from bq, with no reduction over the row (each waits on the other warps; five fewer
     # reductions here and below: top-k 2.87 -> 2.53 ms at 128K, H200)
@@ -830,9 +760,12 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
 
     # 1) log-sum-exp partials
     if decode:  # split the keys of each sequence over several programs
-        n_lse, kps, n_split, wps = _decode_key_splits(total_q, hkv, max_seqlen_k, config, BLOCK_N)
+        lse_splits, score_splits = _decode_splits(total_q, hkv)
+        n2max = cdiv(max_seqlen_k, 4 * sc if config.lse_approx else sc) + 1
+        kps = cdiv(cdiv(n2max, lse_splits), BLOCK_N) * BLOCK_N
+        n_lse = cdiv(n2max, kps)
     else:
-        n_lse, kps, n_split, wps = 1, 1 << 30, 1, 1 << 30
+        n_lse, kps = 1, 1 << 30
     lse = torch.empty((n_lse, total_q, hq), dtype=torch.float32, device=dev)
     # Hopper prefill: the Gluon LSE kernel (lse_sm90.py) on the same 128-row tiles, unless a launch setting is asked for
     lse_gluon = LSE_SM90.enabled and not _INTERPRET and lse_sm90_supported(q, k1, k2, GP, decode) and default_launch
@@ -854,6 +787,12 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         raise NotImplementedError(
             f"select_blocks_triton supports at most {_MAX_BLOCKS_PER_ROW} key blocks per sequence "
             f"(max_seqlen_k {max_seqlen_k}, block_size {B})")
+    if decode:
+        n1max = cdiv(max_seqlen_k, sc) + 1
+        wps = max(2 * BLOCK_N, cdiv(cdiv(n1max, score_splits), BLOCK_N) * BLOCK_N)
+        n_split = cdiv(n1max, wps)
+    else:
+        wps, n_split = 1 << 30, 1
     tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
     tpc = min(tpc, n_tiles)
     overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc

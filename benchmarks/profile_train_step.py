@@ -8,6 +8,10 @@ makes (byte ids, so no tokenizer file is needed), run as `train.py`'s loop runs 
 part of a step (making the rows on the host, forward, backward, optimizer), measured with the GPU drained around
 each part, then a profile of two steps: the GPU's busy time against the wall time and the kernels that take the
 most of it. Prints JSON and writes it to ``$OUT/profile_train_step.json`` when OUT is set.
+
+``--attention-host`` also times, during the timed steps' forwards, the host time spent inside the arm's attention
+function (transformers' ``sdpa`` one, or InfLLM-V2's after ``enable``): no synchronisation inside, so this is the
+host's share of the forward that the attention takes (``attention_host_ms`` a forward).
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30, help="timed steps an arm (after 3 warm-up steps)")
     ap.add_argument("--arms", nargs="+", default=["dense", "infllmv2"], choices=["dense", "infllmv2"])
+    ap.add_argument("--attention-host", action="store_true",
+                    help="also time the host inside the attention function during the timed forwards")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also profile two forward passes on the host with cProfile and keep the top N functions")
     args = ap.parse_args()
@@ -81,6 +87,24 @@ def main():
                micro_batch=args.micro_batch, arms={})
     for arm in args.arms:
         model = make_model(arm, args.seq_len, dev)
+        attention_s = []  # host seconds inside the attention function, one entry a call of the current forward
+        attention_steps = []  # (host seconds inside it, calls) for each timed forward
+        timing_attention = [False]
+        if args.attention_host:
+            from transformers import AttentionInterface
+            name = model.config._attn_implementation
+            inner = AttentionInterface._global_mapping[name]
+
+            def timed_attention(*a, _inner=inner, **k):
+                if not timing_attention[0]:
+                    return _inner(*a, **k)
+                t = time.perf_counter()
+                try:
+                    return _inner(*a, **k)
+                finally:
+                    attention_s.append(time.perf_counter() - t)
+
+            AttentionInterface._global_mapping[name] = timed_attention
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
         parts = {"rows": [], "forward": [], "forward_host": [], "backward": [], "optimizer": [], "step": []}
         compiles_per_step = []
@@ -93,8 +117,13 @@ def main():
             row += args.micro_batch
             torch.cuda.synchronize()
             t1 = time.perf_counter()
+            timing_attention[0] = timed
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(**batch, use_cache=False).loss
+            timing_attention[0] = False
+            if timed and args.attention_host:
+                attention_steps.append((sum(attention_s), len(attention_s)))
+                attention_s.clear()
             t_host = time.perf_counter()  # the forward's host time (it includes any wait for the GPU inside)
             torch.cuda.synchronize()
             t2 = time.perf_counter()
@@ -129,6 +158,17 @@ def main():
         res["compiles_by_kernel"] = dict(sorted(COMPILES.items(), key=lambda kv: -kv[1]))
         COMPILES.clear()
         res["tokens_per_s"] = round(args.micro_batch * args.seq_len / (res["step"] / 1e3))
+        if args.attention_host:
+            AttentionInterface._global_mapping[name] = inner
+            # over the steps without a compilation (a compile inside the attention function would count as host time)
+            quiet_att = [a for a, c in zip(attention_steps, compiles_per_step) if c == 0]
+            quiet_fwd = [t for t, c in zip(parts["forward_host"], compiles_per_step) if c == 0]
+            if quiet_att:
+                res["forward_host_ms_without_compiles"] = round(1e3 * sum(quiet_fwd) / len(quiet_fwd), 1)
+                res["attention_host_ms"] = round(1e3 * sum(a for a, _ in quiet_att) / len(quiet_att), 1)
+                res["attention_host_us_a_call"] = round(1e6 * sum(a for a, _ in quiet_att)
+                                                        / sum(n for _, n in quiet_att), 1)
+                res["attention_calls_a_forward"] = quiet_att[0][1]
         # a profile of two steps as train.py runs them (no drains between the parts)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -12,6 +12,12 @@ most of it. Prints JSON and writes it to ``$OUT/profile_train_step.json`` when O
 ``--attention-host`` also times, during the timed steps' forwards, the host time spent inside the arm's attention
 function (transformers' ``sdpa`` one, or InfLLM-V2's after ``enable``): no synchronisation inside, so this is the
 host's share of the forward that the attention takes (``attention_host_ms`` a forward).
+
+``--host-breakdown N`` (InfLLM-V2 arm) also times N forwards over rows already seen (nothing compiles) with
+wall-clock timers around the pieces of the attention path (``HOST_PIECES``, all Triton launches (the Gluon kernels'
+included), all Gluon launches with their descriptors):
+each piece's host time a forward, inclusive of what it calls, and its calls. A piece's time may include waits inside
+torch (the allocator, a full launch queue), so it bounds what removing the piece would save.
 """
 from __future__ import annotations
 
@@ -55,6 +61,69 @@ def make_model(arm: str, seq_len: int, device):
     return model.train()
 
 
+# (module, function) pieces of InfLLM-V2's attention path that --host-breakdown times
+HOST_PIECES = [("infllmv2.attention", "infllmv2_attention"), ("infllmv2.attention", "_select_packed"),
+               ("infllmv2.attention", "_sparse_packed"), ("infllmv2.ops.triton.selection", "select_blocks_triton"),
+               ("infllmv2.ops.triton.selection", "_compress_core"), ("infllmv2.ops.triton.selection", "_select_core"),
+               ("infllmv2.ops.triton.sparse_attention", "_forward"),
+               ("infllmv2.ops.triton.sparse_attention", "_tile_table"),
+               ("infllmv2.ops.triton.sparse_attention", "_tile_unions")]
+
+
+def host_breakdown(model, batch, n: int) -> dict:
+    """Host time a forward of each piece of HOST_PIECES, of all Triton launches and of all Gluon launches, over n
+    forwards of ``batch`` (timers around each call, inclusive of what it calls; every module binding of a piece is
+    wrapped, then restored)."""
+    import importlib
+
+    import triton.runtime.jit
+
+    from infllmv2.ops.triton import gluon_support
+    totals, on = {}, [False]
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            if not on[0]:
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                e = totals.setdefault(name, [0.0, 0])
+                e[0] += time.perf_counter() - t
+                e[1] += 1
+        return wrapper
+
+    saved = []  # (owner, attribute, original)
+    for mod_name, fn_name in HOST_PIECES:
+        orig = getattr(importlib.import_module(mod_name), fn_name)
+        wrapper = timed(f"{mod_name.split('.')[-1]}.{fn_name}", orig)
+        for m in list(sys.modules.values()):  # the modules that imported it by name too
+            if m is not None and getattr(m, fn_name, None) is orig:
+                saved.append((m, fn_name, orig))
+                setattr(m, fn_name, wrapper)
+    for owner, attr, name in ((triton.runtime.jit.JITFunction, "run", "Triton launches"),
+                              (gluon_support.GluonKernel, "__call__", "Gluon launches")):
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+    try:
+        torch.cuda.synchronize()
+        on[0] = True
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(**batch, use_cache=False)
+        host = time.perf_counter() - t0
+        on[0] = False
+        torch.cuda.synchronize()
+    finally:
+        for owner, attr, orig in saved:
+            setattr(owner, attr, orig)
+    pieces = {k: dict(ms_a_forward=round(1e3 * t / n, 2), calls_a_forward=c / n, us_a_call=round(1e6 * t / c, 1))
+              for k, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
+    return dict(forwards=n, forward_host_ms=round(1e3 * host / n, 1), pieces=pieces)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=8192)
@@ -63,6 +132,8 @@ def main():
     ap.add_argument("--arms", nargs="+", default=["dense", "infllmv2"], choices=["dense", "infllmv2"])
     ap.add_argument("--attention-host", action="store_true",
                     help="also time the host inside the attention function during the timed forwards")
+    ap.add_argument("--host-breakdown", type=int, default=0, metavar="N",
+                    help="also time N forwards with timers around the pieces of InfLLM-V2's attention path")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also profile two forward passes on the host with cProfile and keep the top N functions")
     args = ap.parse_args()
@@ -195,6 +266,9 @@ def main():
         res["gpu_busy_ms_per_step"] = round(busy, 1)
         res["top_kernels_ms_per_step"] = {k[:90]: round(v, 2) for k, v in
                                           sorted(kernels.items(), key=lambda kv: -kv[1])[:18]}
+        if args.host_breakdown and arm == "infllmv2":
+            batch = {k: v.to(dev) for k, v in stream.batch(range(row - args.micro_batch, row)).items()}
+            res["host_breakdown"] = host_breakdown(model, batch, args.host_breakdown)
         if args.cprofile:  # the host's time by Python function over two forward passes (no drains)
             import cProfile
             import io

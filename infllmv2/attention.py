@@ -13,7 +13,6 @@ Backends: ``"reference"`` (ops/naive.py, materialises masks: tests and small inp
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import SparseConfig, as_sparse_config
 from .ops import naive, torch_chunked
+from .ops.reuse import once_per_forward
 
 __all__ = ["infllmv2_attention", "select_blocks", "sparse_attention", "infllmv2_with_kvcache", "BACKENDS",
            "triton_available"]
@@ -87,24 +87,6 @@ def _check_qkv(q, k, v, packed: bool) -> None:
                              "seqlen_q positions of the keys")
 
 
-_PER_FORWARD: dict = {}  # kind -> (weak reference to the tensor, its version, extra key, result)
-
-
-def _once_per_forward(what: str, tensor: torch.Tensor, extra, compute):
-    """``compute()`` for this tensor object, reused while it is unchanged (same object, same version). Every
-    layer of a forward gets the same position ids, mask and sequence offsets: one host read a forward instead of
-    one a layer (each read waits for the queued GPU work, which then idles while the host prepares the layer)."""
-    # an inference tensor has no version counter (an in-place change would go unseen); traced code keeps no state
-    if torch.compiler.is_compiling() or tensor.is_inference():
-        return compute()
-    hit = _PER_FORWARD.get(what)
-    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version and hit[2] == extra:
-        return hit[3]
-    result = compute()
-    _PER_FORWARD[what] = (weakref.ref(tensor), tensor._version, extra, result)
-    return result
-
-
 def _check_cu_seqlens(name: str, cu, total: int, device) -> list:
     _check_tensor(name, cu, (1,))
     if cu.dtype != torch.int32:
@@ -113,7 +95,7 @@ def _check_cu_seqlens(name: str, cu, total: int, device) -> list:
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one entry (0)")
-    values = _once_per_forward(name, cu, None, cu.tolist)
+    values = once_per_forward(name, cu, None, cu.tolist)
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:])):

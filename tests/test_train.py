@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -332,9 +333,18 @@ def test_rope_theta_of_an_init_model(tmp_path):
     base = build_model("tiny", max_position=128, seed=3)  # RoPE base 500000
     _save_model_folder(base, base.state_dict(), str(tmp_path / "base"))
     wider = build_model("tiny", max_position=128, seed=3, rope_theta=100.0)  # the same weights, another base
-    cfg = _cfg(tmp_path / "ft", init=str(tmp_path / "base"), rope_theta=100.0, lr=0.0, steps=1)
+    # a fixed text of its own (not this package's sources, which change): the two bases' losses on it differ by
+    # 6e-4, a hundred times the tolerance that tells them apart below
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "dense", "block", "token", "query", "key", "value", "\n"]
+    (corpus / "a.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)))
+    cfg = _cfg(tmp_path / "ft", init=str(tmp_path / "base"), rope_theta=100.0, lr=0.0, steps=1, data=[str(corpus)],
+               data_exts=".txt")
     first = train(cfg)["loss_first_steps"][0]
-    batch = TrainingStream(encode_documents(build_documents([PKG], min_chars=8192)), 128).batch(range(2))
+    batch = TrainingStream(encode_documents(build_documents([str(corpus)], min_chars=8192, exts=[".txt"])),
+                           128).batch(range(2))
     with torch.no_grad():
         expected, before = (m(**batch, use_cache=False).loss.item() for m in (wider, base))
     assert first == pytest.approx(expected, rel=1e-6) and abs(expected - before) > 1e-4

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import BACKENDS, _autocast_inputs, _once_per_forward, _resolve_backend, infllmv2_attention
+from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
+from ..ops.reuse import once_per_forward
 from ..cache import filled_slots, lookup_layer, row_layout
 from ..config import SparseConfig, as_sparse_config
 
@@ -89,8 +90,8 @@ def _segments_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: 
         return None
     if position_ids.shape[-1] != seqlen:
         return None
-    return _once_per_forward("segments", position_ids, (batch, seqlen),
-                             lambda: _segments(position_ids, batch, seqlen))
+    return once_per_forward("segments", position_ids, (batch, seqlen),
+                            lambda: _segments(position_ids, batch, seqlen))
 
 
 def _segments(position_ids: torch.Tensor, batch: int, seqlen: int):
@@ -101,7 +102,7 @@ def _segments(position_ids: torch.Tensor, batch: int, seqlen: int):
         return None
     flat = torch.nonzero(starts.reshape(-1)).flatten().tolist() + [batch * seqlen]
     cu = torch.tensor(flat, dtype=torch.int32, device=position_ids.device)
-    _once_per_forward("cu_seqlens", cu, None, lambda: flat)  # what every layer's check of cu reads back
+    once_per_forward("cu_seqlens", cu, None, lambda: flat)  # what every layer's check of cu reads back
     return cu
 
 
@@ -156,10 +157,10 @@ def infllmv2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             if out is not None:
                 return out, None
         # otherwise keep the filled slots only (a host sync): the queries are the last of them
-        filled = _once_per_forward("filled", attention_mask, tuple(mask.shape), lambda: int(torch.where(
+        filled = once_per_forward("filled", attention_mask, tuple(mask.shape), lambda: int(torch.where(
             mask.any(0), torch.arange(1, mask.shape[1] + 1, device=mask.device), 0).amax()))
         k, v, mask = k[:, :filled], v[:, :filled], mask[:, :filled]
-    if mask is not None and _once_per_forward("mask_all", attention_mask, tuple(mask.shape), lambda: bool(mask.all())):
+    if mask is not None and once_per_forward("mask_all", attention_mask, tuple(mask.shape), lambda: bool(mask.all())):
         mask = None
     if cache_layer is not None and attention_mask is None and sq == k.shape[1] \
             and _segments_from_position_ids(kwargs.get("position_ids"), b, sq) is not None:
@@ -219,7 +220,7 @@ def _cached_attention(layer, q, k, v, mask, config, scaling, backend, attention_
     sk = k.shape[1]
     slots = layout = None
     if mask is not None:  # each row's filled slots on the device, and on the host (one read): once a forward
-        slots, layout = _once_per_forward("padded_rows", attention_mask, tuple(mask.shape), lambda: _rows_of(mask))
+        slots, layout = once_per_forward("padded_rows", attention_mask, tuple(mask.shape), lambda: _rows_of(mask))
     # a static cache builds them at once, so that its decode steps never decide on the host
     state = layer.infllmv2_compressed(mask, config, length=sk, build=getattr(layer, "_infllmv2_static", False),
                                       layout=layout)
@@ -329,8 +330,8 @@ def _static_decode(layer, q, k, v, mask, config, scaling, backend, attention_mas
 
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager: once a forward (one host read), and rows with holes in their mask take the general path
-        lens, leftpad, contiguous = _once_per_forward("static_rows", attention_mask, tuple(mask.shape),
-                                                      lambda: _static_rows(mask, check=True))
+        lens, leftpad, contiguous = once_per_forward("static_rows", attention_mask, tuple(mask.shape),
+                                                     lambda: _static_rows(mask, check=True))
         if not contiguous:
             return None
     else:  # traced code trusts the layout

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ...config import SparseConfig
+from ..reuse import once_per_forward
 from .gluon_support import GluonKernel
 from .lse_sm90 import lse_sm90, lse_sm90_supported
 from .score_sm90 import score_blocks_sm90, score_sm90_supported
@@ -205,19 +206,13 @@ def _compressed_count(k_len, kernel: int, stride: int):
                        torch.zeros_like(k_len)).to(torch.int32)
 
 
-@on_tensor_device
-def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
-                   rows_per_seq: int | None = None, host_k_len: list | None = None):
-    """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
-
-    Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
-    or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j; cu None). The packed
-    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) gives it.
-    """
+def _compress_layout(k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
+                     rows_per_seq: int | None = None, host_k_len: list | None = None) -> tuple:
+    """Where ``_compress_core`` writes each sequence's windows: (c_len, cu, c_start, row_seq, total_c), from the
+    sequences' layout alone (so the same for every layer of a forward)."""
     nseq = k_start.shape[0]
-    dev = k_flat.device
+    dev = k_start.device
     c_len = _compressed_count(k_len, kernel, stride)
-    H, d = k_flat.shape[1], k_flat.shape[2]
     if rows_per_seq is None:
         cu = torch.zeros(nseq + 1, dtype=torch.int32, device=dev)
         cu[1:] = torch.cumsum(c_len, 0)
@@ -230,15 +225,33 @@ def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Ten
         c_len = torch.clamp(c_len, max=rows_per_seq)
         cu, total_c = None, nseq * rows_per_seq
         c_start = torch.arange(nseq, dtype=torch.int32, device=dev) * rows_per_seq
+    if not total_c:
+        row_seq = None
+    elif rows_per_seq is None:
+        row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len, output_size=total_c)
+    else:
+        row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
+    return c_len, cu, c_start, row_seq, total_c
+
+
+@on_tensor_device
+def _compress_core(k_flat: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor, kernel: int, stride: int,
+                   rows_per_seq: int | None = None, host_k_len: list | None = None, layout: tuple | None = None):
+    """k_flat (rows, H, d); sequence i is rows [k_start[i], k_start[i] + k_len[i]).
+
+    Returns (out (total_c, H, d), c_start (nseq,) int32, c_len (nseq,) int32, cu (nseq + 1,) int32): packed,
+    or with ``rows_per_seq`` padded (sequence i's keys at rows i * rows_per_seq + j; cu None). The packed
+    layout's size needs one host synchronisation unless ``host_k_len`` (k_len on the host) gives it. ``layout``:
+    ``_compress_layout``'s result for these arguments, when the caller has it already.
+    """
+    c_len, cu, c_start, row_seq, total_c = layout or _compress_layout(k_start, k_len, kernel, stride, rows_per_seq,
+                                                                      host_k_len)
+    dev = k_flat.device
+    H, d = k_flat.shape[1], k_flat.shape[2]
     out = torch.empty((total_c, H, d), dtype=k_flat.dtype, device=dev)
     if total_c:
         if k_flat.stride(-1) != 1:
             k_flat = k_flat.contiguous()
-        if rows_per_seq is None:
-            row_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), c_len,
-                                              output_size=total_c)
-        else:
-            row_seq = torch.arange(total_c, device=dev, dtype=torch.int32) // rows_per_seq
         BLOCK_C = 16 if _INTERPRET else _COMPRESS_BLOCK_C
         grid = (cdiv(total_c, BLOCK_C), H)
         _compress_kernel[grid](k_flat, out, row_seq, k_start.to(torch.int32).contiguous(), c_start, c_len,
@@ -744,16 +757,20 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         tile_seq = tile_off = k_len
         n_tiles = total_q
     else:
-        ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
-        tptr = torch.cumsum(ntile_seq, 0)
         n_tiles = sum(cdiv(int(x), BLOCK_T) for x in host_lens[0])
         max_prefix = max(int(b) - int(a) for a, b in zip(*host_lens))
         if n_tiles == 0:
             return out
-        tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
-                                           output_size=n_tiles)
-        tile_off = ((torch.arange(n_tiles, device=dev) - (tptr - ntile_seq)[tile_seq.long()]) * BLOCK_T
-                    ).to(torch.int32)
+
+        def tiles():  # from the layout alone: once a forward when every layer passes the same q_len tensor
+            ntile_seq = torch.div(q_len + BLOCK_T - 1, BLOCK_T, rounding_mode="floor")
+            tptr = torch.cumsum(ntile_seq, 0)
+            tile_seq = torch.repeat_interleave(torch.arange(nseq, device=dev, dtype=torch.int32), ntile_seq,
+                                               output_size=n_tiles)
+            return tile_seq, ((torch.arange(n_tiles, device=dev) - (tptr - ntile_seq)[tile_seq.long()]) * BLOCK_T
+                              ).to(torch.int32)
+
+        tile_seq, tile_off = once_per_forward("query_tiles", q_len, (BLOCK_T, n_tiles), tiles, device_result=True)
     q_start, q_len, k_len = (x.to(torch.int32).contiguous() for x in (q_start, q_len, k_len))
     c1_start, c1_len, c2_start, c2_len = (x.to(torch.int32).contiguous() for x in (c1_start, c1_len, c2_start, c2_len))
     qk_scale = float(scale) * _LOG2E
@@ -897,9 +914,7 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    if q_len.numel() == 0:
+    if cu_seqlens_q.numel() < 2:
         return torch.empty((k.shape[1], q.shape[0], config.budget), dtype=torch.int32, device=q.device)
     if host_offsets is None:
         # one read-back of the layout, which is then checked and sized on the host (it had taken one host
@@ -922,12 +937,22 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
         raise ValueError("every sequence needs len_q <= len_k (queries are the last len_q key positions)")
     if int(max_seqlen_k) < kmax:
         raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is smaller than the longest key sequence ({kmax})")
+    kinds = [(config.kernel_size, config.kernel_stride)]
+    if config.lse_approx:
+        kinds.append((config.coarse_kernel_size, config.coarse_kernel_stride))
+
+    def layouts():  # from the offsets alone: built once a forward, every layer passing the same offset tensors
+        q_len = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        k_len = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        return q_len, k_len, [_compress_layout(cu_seqlens_k[:-1], k_len, kernel, stride, host_k_len=host_lens[1])
+                              for kernel, stride in kinds]
+
+    q_len, k_len, compress_layouts = once_per_forward("selection_layout", (cu_seqlens_q, cu_seqlens_k),
+                                                      (tuple(kinds), len(oq)), layouts, device_result=True)
     with torch.no_grad():
-        k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.kernel_size, config.kernel_stride,
-                                       host_k_len=host_lens[1])
+        k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, *kinds[0], layout=compress_layouts[0])
         if config.lse_approx:
-            k2, s2, n2, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, config.coarse_kernel_size,
-                                           config.coarse_kernel_stride, host_k_len=host_lens[1])
+            k2, s2, n2, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, *kinds[1], layout=compress_layouts[1])
         else:
             k2, s2, n2 = k1, s1, n1
         return _select_core(q, k1, k2, cu_seqlens_q[:-1], q_len, k_len, s1, n1, s2, n2, int(max_seqlen_k),

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reuse import once_per_forward
 from .selection import _next_pow2, cdiv, on_tensor_device, softmax_scale_or_default
 from .gluon_support import GluonKernel
 from .sparse_fwd_sm90 import sparse_fwd_sm90, sparse_fwd_sm90_supported
@@ -746,8 +747,11 @@ class _Plan:
         budget = block_indices.shape[-1]
         nb_max = max(1, cdiv(max(int(max_seqlen_k), 1), block_size))
         self.u_cap = max(1, min(self.T * budget, nb_max))
-        self.tile_seq, self.tile_q0, self.tile_nq, self.tile_pos0 = _tile_table(
-            cu_q, cu_k, self.T, total_q, self.batch)
+        # from the offsets alone: built once a forward (and reused by the backward) when every layer passes the
+        # same offset tensors
+        self.tile_seq, self.tile_q0, self.tile_nq, self.tile_pos0 = once_per_forward(
+            "tile_table", (cu_q, cu_k), (self.T, total_q, self.batch),
+            lambda: _tile_table(cu_q, cu_k, self.T, total_q, self.batch), device_result=True)
         self.n_tiles = self.tile_seq.shape[0]
         self.ub, self.ubits, self.cnt = _tile_unions(
             block_indices, self.tile_q0, self.tile_nq, self.tile_pos0, self.T, block_size, self.u_cap, nb_max)

@@ -183,7 +183,11 @@ def _cu(offs, device):
     step = offs[1] - offs[0] if n > 1 else 0
     if all(offs[i] == i * step for i in range(n)):  # equal lengths: no copy at all
         return torch.arange(n, dtype=torch.int32, device=device) * step
-    host = torch.tensor(offs, dtype=torch.int32)
+    return _to_device(torch.tensor(offs, dtype=torch.int32), device)
+
+
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without a host synchronisation (through pinned memory)."""
     if torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -299,18 +303,24 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
                                 cu=cu)
         return unpack(out)
 
-    # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA.
+    # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA. The sub-batch's
+    # rows and offsets follow from the offsets alone: made once a forward when every layer passes the same ones.
+    def sub_batch():
+        sq_ids = [i for i in range(n_seq) if sparse[i]]
+        rows = [_to_device(torch.cat([torch.arange(offs[i], offs[i + 1]) for i in sq_ids]), qp.device)
+                for offs in (offs_q, offs_k)]
+        sub_q, sub_k = [0], [0]
+        for i in sq_ids:
+            sub_q.append(sub_q[-1] + offs_q[i + 1] - offs_q[i])
+            sub_k.append(sub_k[-1] + offs_k[i + 1] - offs_k[i])
+        cu = (_cu(sub_q, qp.device), _cu(sub_k, qp.device)) if backend == "triton" else None
+        return rows, sub_q, sub_k, cu
+
+    (q_rows, k_rows), sub_q, sub_k, cu = once_per_forward(
+        "sparse_sub_batch", (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k),
+        (config.dense_len, backend, str(qp.device)), sub_batch, device_result=True) if packed_in else sub_batch()
     pieces = []
-    sq_ids = [i for i in range(n_seq) if sparse[i]]
-    q_rows = torch.cat([torch.arange(offs_q[i], offs_q[i + 1]) for i in sq_ids]).to(q.device)
-    k_rows = torch.cat([torch.arange(offs_k[i], offs_k[i + 1]) for i in sq_ids]).to(q.device)
-    sub_q = [0]
-    sub_k = [0]
-    for i in sq_ids:
-        sub_q.append(sub_q[-1] + offs_q[i + 1] - offs_q[i])
-        sub_k.append(sub_k[-1] + offs_k[i + 1] - offs_k[i])
     qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
-    cu = (_cu(sub_q, qp.device), _cu(sub_k, qp.device)) if backend == "triton" else None
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)
     sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
                                    need_lse=False, cu=cu)

@@ -108,3 +108,33 @@ def test_triton_layouts_are_built_once_for_all_layers_and_again_when_the_offsets
     assert builds == {"compress": 2, "tiles": 1, "tile_table": 1}
     ref_idx, ref_out = fresh(5, offsets)
     assert torch.equal(idx, ref_idx) and torch.equal(out, ref_out)
+
+
+def test_mixed_batch_sub_batch_made_once_for_all_layers(monkeypatch):
+    """A packed batch of dense and sparse sequences: the sparse sub-batch's rows and offsets are made by the first
+    layer only (their copies to the device once a forward), rebuilt when the offsets change in place, and every
+    layer's output equals the reference sequence by sequence."""
+    from infllmv2 import attention as A
+    from infllmv2.ops import naive
+    monkeypatch.setattr(reuse, "_PER_FORWARD", {})
+    copies = []
+    real = A._to_device
+    monkeypatch.setattr(A, "_to_device", lambda t, dev: copies.append(t.numel()) or real(t, dev))
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=2, dense_len=60)
+    cu = torch.tensor([0, 150, 187, 277], dtype=torch.int32)  # 150 sparse, 37 dense, 90 sparse
+
+    def layer(seed):
+        q, k, v = _layer_inputs(int(cu[-1]), 2, 2, 32, seed)
+        out = A.infllmv2_attention(q, k, v, cfg, cu_seqlens=cu, backend="torch")
+        for i in range(len(cu) - 1):
+            s = slice(int(cu[i]), int(cu[i + 1]))
+            torch.testing.assert_close(out[s], naive.infllmv2_attention(q[s], k[s], v[s], cfg)[0], atol=1e-5,
+                                       rtol=1e-5)
+
+    layer(0)
+    assert len(copies) == 2  # the query and key rows of the sub-batch
+    layer(1)
+    assert len(copies) == 2  # the second layer reused them
+    cu.copy_(torch.tensor([0, 40, 200, 277], dtype=torch.int32))  # 40 dense, 160 and 77 sparse
+    layer(2)
+    assert copies[2:] == [237, 237]

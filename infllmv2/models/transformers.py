@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import BACKENDS, _autocast_inputs, _resolve_backend, infllmv2_attention
-from ..ops.reuse import once_per_forward
 from ..cache import filled_slots, lookup_layer, row_layout
 from ..config import SparseConfig, as_sparse_config
+from ..ops.reuse import once_per_forward
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable", "disable", "infllmv2_attention_forward", "infllmv2_mask",
            "attention_modules", "sparse_config_of"]

@@ -61,6 +61,19 @@ def make_model(arm: str, seq_len: int, device):
     return model.train()
 
 
+def host_timed(fn, on: list, record):
+    """``fn`` with its host time (wall clock, no synchronisation) passed to ``record`` at each call while ``on[0]``."""
+    def wrapper(*a, **k):
+        if not on[0]:
+            return fn(*a, **k)
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            record(time.perf_counter() - t)
+    return wrapper
+
+
 # (module, function) pieces of InfLLM-V2's attention path that --host-breakdown times
 HOST_PIECES = [("infllmv2.attention", "infllmv2_attention"), ("infllmv2.attention", "_select_packed"),
                ("infllmv2.attention", "_sparse_packed"), ("infllmv2.ops.triton.selection", "select_blocks_triton"),
@@ -82,17 +95,11 @@ def host_breakdown(model, batch, n: int) -> dict:
     totals, on = {}, [False]
 
     def timed(name, fn):
-        def wrapper(*a, **k):
-            if not on[0]:
-                return fn(*a, **k)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                e = totals.setdefault(name, [0.0, 0])
-                e[0] += time.perf_counter() - t
-                e[1] += 1
-        return wrapper
+        def record(seconds):
+            e = totals.setdefault(name, [0.0, 0])
+            e[0] += seconds
+            e[1] += 1
+        return host_timed(fn, on, record)
 
     saved = []  # (owner, attribute, original)
     for mod_name, fn_name in HOST_PIECES:
@@ -165,17 +172,7 @@ def main():
             from transformers import AttentionInterface
             name = model.config._attn_implementation
             inner = AttentionInterface._global_mapping[name]
-
-            def timed_attention(*a, _inner=inner, **k):
-                if not timing_attention[0]:
-                    return _inner(*a, **k)
-                t = time.perf_counter()
-                try:
-                    return _inner(*a, **k)
-                finally:
-                    attention_s.append(time.perf_counter() - t)
-
-            AttentionInterface._global_mapping[name] = timed_attention
+            AttentionInterface._global_mapping[name] = host_timed(inner, timing_attention, attention_s.append)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
         parts = {"rows": [], "forward": [], "forward_host": [], "backward": [], "optimizer": [], "step": []}
         compiles_per_step = []

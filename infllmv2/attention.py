@@ -303,8 +303,9 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
                                 cu=cu)
         return unpack(out)
 
-    # Mixed packed batch: run the sparse sequences as one sub-batch, the dense ones through SDPA. The sub-batch's
-    # rows and offsets follow from the offsets alone: made once a forward when every layer passes the same ones.
+    # Mixed packed batch (only packed inputs have sequences of several lengths): run the sparse sequences as one
+    # sub-batch, the dense ones through SDPA. The sub-batch's rows and offsets follow from the offsets alone: made
+    # once a forward when every layer passes the same ones.
     def sub_batch():
         sq_ids = [i for i in range(n_seq) if sparse[i]]
         rows = [_to_device(torch.cat([torch.arange(offs[i], offs[i + 1]) for i in sq_ids]), qp.device)
@@ -318,7 +319,7 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
 
     (q_rows, k_rows), sub_q, sub_k, cu = once_per_forward(
         "sparse_sub_batch", (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k),
-        (config.dense_len, backend, str(qp.device)), sub_batch, device_result=True) if packed_in else sub_batch()
+        (config.dense_len, backend, str(qp.device)), sub_batch, device_result=True)
     pieces = []
     qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)

@@ -948,7 +948,7 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, config: SparseConfig,
                               for kernel, stride in kinds]
 
     q_len, k_len, compress_layouts = once_per_forward("selection_layout", (cu_seqlens_q, cu_seqlens_k),
-                                                      (tuple(kinds), len(oq)), layouts, device_result=True)
+                                                      tuple(kinds), layouts, device_result=True)
     with torch.no_grad():
         k1, s1, n1, _ = _compress_core(k, cu_seqlens_k[:-1], k_len, *kinds[0], layout=compress_layouts[0])
         if config.lse_approx:

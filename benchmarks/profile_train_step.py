@@ -45,7 +45,11 @@ def _count_compile(*args, **kwargs):
     return None
 
 
-def make_model(arm: str, seq_len: int, device):
+# The run's default InfLLM-V2 config: 1536 visible tokens a query, always sparse (what the SmolLM2 adaptation ran)
+RUN_SPARSE = dict(block_size=64, kernel_size=32, kernel_stride=16, window_size=512, topk=16, dense_len=-1)
+
+
+def make_model(arm: str, seq_len: int, device, sparse: dict = RUN_SPARSE):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from infllmv2 import SparseConfig, enable
@@ -54,9 +58,8 @@ def make_model(arm: str, seq_len: int, device):
     cfg = LlamaConfig(**dict(SMOLLM2, max_position_embeddings=max(seq_len, 8192)))
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).to(device)
-    if arm == "infllmv2":  # the run's config: 1536 visible tokens a query, always sparse
-        enable(model, SparseConfig(block_size=64, kernel_size=32, kernel_stride=16, window_size=512, topk=16,
-                                   dense_len=-1))
+    if arm == "infllmv2":
+        enable(model, SparseConfig(**sparse))
     model.config.use_cache = False
     return model.train()
 
@@ -76,7 +79,7 @@ def host_timed(fn, on: list, record):
 
 # (module, function) pieces of InfLLM-V2's attention path that --host-breakdown times
 HOST_PIECES = [("infllmv2.attention", "infllmv2_attention"), ("infllmv2.attention", "_select_packed"),
-               ("infllmv2.attention", "_sparse_packed"), ("infllmv2.ops.triton.selection", "select_blocks_triton"),
+               ("infllmv2.attention", "_sparse_packed"), ("infllmv2.attention", "dense_attention_sdpa"), ("infllmv2.ops.triton.selection", "select_blocks_triton"),
                ("infllmv2.ops.triton.selection", "_compress_core"), ("infllmv2.ops.triton.selection", "_select_core"),
                ("infllmv2.ops.triton.sparse_attention", "_forward"),
                ("infllmv2.ops.triton.sparse_attention", "_tile_table"),
@@ -141,11 +144,18 @@ def main():
                     help="also time the host inside the attention function during the timed forwards")
     ap.add_argument("--host-breakdown", type=int, default=0, metavar="N",
                     help="also time N forwards with timers around the pieces of InfLLM-V2's attention path")
+    ap.add_argument("--sparse-config", default=None, metavar="JSON",
+                    help="InfLLM-V2 config fields (JSON object) in place of the run's default (window 512, top-16, "
+                         "always sparse); '{}' gives MiniCPM4's defaults (dense below 8192 tokens)")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also profile two forward passes on the host with cProfile and keep the top N functions")
     args = ap.parse_args()
     if min(args.seq_len, args.micro_batch, args.steps) <= 0:
         raise SystemExit("--seq-len, --micro-batch and --steps must be positive")
+    try:
+        sparse = RUN_SPARSE if args.sparse_config is None else dict(json.loads(args.sparse_config))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--sparse-config must be a JSON object of SparseConfig fields: {e}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     from infllmv2.data import ByteTokenizer, TrainingStream, build_documents, encode_documents, source_roots
@@ -162,9 +172,9 @@ def main():
                             ruler_ratio=0.3, tokenizer=tok)
     out = dict(command="python3 benchmarks/profile_train_step.py " + " ".join(sys.argv[1:]),
                gpu=torch.cuda.get_device_name(), torch=torch.__version__, seq_len=args.seq_len,
-               micro_batch=args.micro_batch, arms={})
+               micro_batch=args.micro_batch, sparse_config=sparse, arms={})
     for arm in args.arms:
-        model = make_model(arm, args.seq_len, dev)
+        model = make_model(arm, args.seq_len, dev, sparse)
         attention_s = []  # host seconds inside the attention function, one entry a call of the current forward
         attention_steps = []  # (host seconds inside it, calls) for each timed forward
         timing_attention = [False]

@@ -12,11 +12,13 @@ Backends: ``"reference"`` (ops/naive.py, materialises masks: tests and small inp
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import SparseConfig, as_sparse_config
 from .ops import naive, torch_chunked
@@ -259,6 +261,25 @@ def dense_attention_sdpa(q, k, v, scale):
     return out.transpose(1, 2)
 
 
+# SDPA's default order tries cuDNN first on Hopper, and cuDNN builds an execution plan for every new shape: 70 ms a
+# forward and as much a backward on the H200, against 0.3 ms to run a 4K document (benchmarks/dev_dense_docs.py).
+# A packed batch brings documents of lengths never seen before at every step, so its dense documents leave cuDNN
+# out; flash needs no plan. (Batches of one length keep SDPA's default: their shape recurs.)
+_NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def dense_documents(qp, kp, vp, offs_q, offs_k, ids, scale) -> list:
+    """Dense causal attention of the packed sequences ``ids``, one SDPA call each -> their outputs, in order.
+
+    qp: (total_q, Hq, d), kp, vp: (total_k, Hkv, d); sequence i holds queries ``offs_q[i]:offs_q[i+1]`` (the last
+    of its keys ``offs_k[i]:offs_k[i+1]``).
+    """
+    ctx = sdpa_kernel(_NO_PLAN_BACKENDS) if qp.is_cuda else contextlib.nullcontext()
+    with ctx:
+        return [dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
+                                     vp[None, offs_k[i]:offs_k[i + 1]], scale)[0] for i in ids]
+
+
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------
@@ -289,8 +310,7 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     if not any(sparse):  # all dense: straight to SDPA (the short-input fast path)
         if not packed_in:
             return dense_attention_sdpa(q, k, v, scale)
-        outs = [dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
-                                     vp[None, offs_k[i]:offs_k[i + 1]], scale)[0] for i in range(n_seq)]
+        outs = dense_documents(qp, kp, vp, offs_q, offs_k, range(n_seq), scale)
         return torch.cat(outs) if outs else qp.new_zeros(qp.shape)
 
     if all(sparse):
@@ -320,19 +340,18 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     (q_rows, k_rows), sub_q, sub_k, cu = once_per_forward(
         "sparse_sub_batch", (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k),
         (config.dense_len, backend, str(qp.device)), sub_batch, device_result=True)
-    pieces = []
     qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)
     sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
                                    need_lse=False, cu=cu)
-    j = 0
+    dense_out = iter(dense_documents(qp, kp, vp, offs_q, offs_k, [i for i in range(n_seq) if not sparse[i]], scale))
+    pieces, j = [], 0
     for i in range(n_seq):
         if sparse[i]:
             pieces.append(sparse_out[sub_q[j]:sub_q[j + 1]])
             j += 1
         else:
-            pieces.append(dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
-                                               vp[None, offs_k[i]:offs_k[i + 1]], scale)[0])
+            pieces.append(next(dense_out))
     return torch.cat(pieces)
 
 

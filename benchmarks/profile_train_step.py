@@ -79,7 +79,8 @@ def host_timed(fn, on: list, record):
 
 # (module, function) pieces of InfLLM-V2's attention path that --host-breakdown times
 HOST_PIECES = [("infllmv2.attention", "infllmv2_attention"), ("infllmv2.attention", "_select_packed"),
-               ("infllmv2.attention", "_sparse_packed"), ("infllmv2.attention", "dense_attention_sdpa"), ("infllmv2.ops.triton.selection", "select_blocks_triton"),
+               ("infllmv2.attention", "_sparse_packed"), ("infllmv2.attention", "dense_attention_sdpa"),
+               ("infllmv2.ops.triton.selection", "select_blocks_triton"),
                ("infllmv2.ops.triton.selection", "_compress_core"), ("infllmv2.ops.triton.selection", "_select_core"),
                ("infllmv2.ops.triton.sparse_attention", "_forward"),
                ("infllmv2.ops.triton.sparse_attention", "_tile_table"),

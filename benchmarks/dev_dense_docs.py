@@ -1,20 +1,24 @@
 """Dense attention of short documents of new lengths (GPU): what a packed fine-tuning batch's dense documents cost.
 
-    python3 benchmarks/dev_dense_docs.py [--docs 24] [--max-len 4096]
+    python3 benchmarks/dev_dense_docs.py [--docs 24] [--max-len 4096] [--mode train|prefill|decode]
 
 Each packed row of `infllmv2 train --buckets paper` brings documents of lengths never seen before, and the documents
 below ``dense_len`` run dense. This times forward + backward of one document at a time through SDPA, for lengths not
 seen before in the process and then for the same lengths again, under SDPA's default backend order and with each
 backend forced: a backend that builds a plan per shape (cuDNN) pays it at every new length. Shapes: SmolLM2-135M's
-(9 / 3 heads, d 64) and MiniCPM4-8B's (32 / 2, d 128), bf16. Prints a table; JSON to ``$OUT/dev_dense_docs.json``.
+(9 / 3 heads, d 64) and MiniCPM4-8B's (32 / 2, d 128), bf16. ``--mode prefill``: forward only (a prompt of a new
+length below ``dense_len``); ``--mode decode``: one query against keys of a new length, forward only (a decode step
+below ``dense_len``: every step's key length is new). Prints a table; JSON to ``$OUT/dev_dense_docs.json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -26,18 +30,17 @@ BACKENDS = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SD
             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
 
 
-def one_doc(n, hq, hkv, d, backends):
-    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def one_doc(n, hq, hkv, d, backends, mode="train"):
+    grad, decode = mode == "train", mode == "decode"
+    q = torch.randn(1, hq, 1 if decode else n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    if backends is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        with sdpa_kernel(backends):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out.sum().backward()
+    with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=not decode, enable_gqa=True)
+    if grad:
+        out.sum().backward()
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -46,6 +49,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=24, help="new lengths a variant")
     p.add_argument("--max-len", type=int, default=4096)
+    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="train", help="see the module doc")
     args = p.parse_args()
     rng = random.Random(0)
     used = set()
@@ -60,8 +64,8 @@ def main():
                     used.add(n)
                     lengths.append(n)
             try:
-                new = [one_doc(n, hq, hkv, d, backends) for n in lengths]
-                again = [one_doc(n, hq, hkv, d, backends) for n in lengths]
+                new = [one_doc(n, hq, hkv, d, backends, args.mode) for n in lengths]
+                again = [one_doc(n, hq, hkv, d, backends, args.mode) for n in lengths]
             except RuntimeError as e:  # a forced backend that does not take the shape
                 rows.append(dict(shape=shape, backend=name, error=str(e).splitlines()[0][:200]))
                 continue
@@ -70,10 +74,10 @@ def main():
                              new_ms_sum=round(1e3 * sum(new), 1),
                              again_ms_median=round(1e3 * statistics.median(again), 3),
                              again_ms_sum=round(1e3 * sum(again), 1)))
-    out = dict(command="python3 benchmarks/dev_dense_docs.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, rows=rows)
-    print("| shape | backend | docs | fwd+bwd a new length, median ms (sum) | same lengths again, median ms (sum) |")
+    out = dict(command="python3 benchmarks/dev_dense_docs.py " + " ".join(sys.argv[1:]),
+               gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
+    what = {"train": "fwd+bwd", "prefill": "fwd", "decode": "fwd, one query,"}[args.mode]
+    print(f"| shape | backend | docs | {what} a new length, median ms (sum) | same lengths again, median ms (sum) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

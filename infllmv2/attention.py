@@ -243,6 +243,19 @@ def expand_kv_heads(k, v, hq: int):
     return (k, v) if g == 1 else (k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1))
 
 
+# SDPA's default order tries cuDNN first on Hopper, and cuDNN builds an execution plan for every new shape: 40-65 ms
+# a forward on the H200 (as much again a backward), against 0.05-0.6 ms to run a decode step or a 4K document
+# (benchmarks/dev_dense_docs.py). Calls whose shapes keep changing therefore leave cuDNN out (flash needs no plan):
+# decode steps and chunks against a cache (a new key length at every step) and a packed batch's documents (new
+# lengths at every step). Batches of equal-length sequences keep SDPA's default: their shapes recur.
+AVOID_CUDNN_PLANS = True  # benchmarks switch it off to measure what it saves
+_NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _no_cudnn_plans(x):
+    return sdpa_kernel(_NO_PLAN_BACKENDS) if x.is_cuda and AVOID_CUDNN_PLANS else contextlib.nullcontext()
+
+
 def dense_attention_sdpa(q, k, v, scale):
     """Dense causal attention of one batch of equal-length sequences through SDPA.
 
@@ -254,18 +267,14 @@ def dense_attention_sdpa(q, k, v, scale):
     if sq == sk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     elif sq == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
+        with _no_cudnn_plans(q):
+            out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
     else:  # bottom-right aligned causal mask (SDPA's is_causal is top-left aligned)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        out = F.scaled_dot_product_attention(qt, *expand_kv_heads(kt, vt, q.shape[2]), attn_mask=mask, scale=scale)
+        with _no_cudnn_plans(q):
+            out = F.scaled_dot_product_attention(qt, *expand_kv_heads(kt, vt, q.shape[2]), attn_mask=mask,
+                                                 scale=scale)
     return out.transpose(1, 2)
-
-
-# SDPA's default order tries cuDNN first on Hopper, and cuDNN builds an execution plan for every new shape: 70 ms a
-# forward and as much a backward on the H200, against 0.3 ms to run a 4K document (benchmarks/dev_dense_docs.py).
-# A packed batch brings documents of lengths never seen before at every step, so its dense documents leave cuDNN
-# out; flash needs no plan. (Batches of one length keep SDPA's default: their shape recurs.)
-_NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def dense_documents(qp, kp, vp, offs_q, offs_k, ids, scale) -> list:
@@ -274,8 +283,7 @@ def dense_documents(qp, kp, vp, offs_q, offs_k, ids, scale) -> list:
     qp: (total_q, Hq, d), kp, vp: (total_k, Hkv, d); sequence i holds queries ``offs_q[i]:offs_q[i+1]`` (the last
     of its keys ``offs_k[i]:offs_k[i+1]``).
     """
-    ctx = sdpa_kernel(_NO_PLAN_BACKENDS) if qp.is_cuda else contextlib.nullcontext()
-    with ctx:
+    with _no_cudnn_plans(qp):
         return [dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
                                      vp[None, offs_k[i]:offs_k[i + 1]], scale)[0] for i in ids]
 

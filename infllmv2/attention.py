@@ -348,7 +348,8 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     (q_rows, k_rows), sub_q, sub_k, cu = once_per_forward(
         "sparse_sub_batch", (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k),
         (config.dense_len, backend, str(qp.device)), sub_batch, device_result=True)
-    qs, ks, vs = qp[q_rows], kp[k_rows], vp[k_rows]
+    # index_select: its backward adds into the rows (index_add_), where indexing's sorts the indices first
+    qs, ks, vs = qp.index_select(0, q_rows), kp.index_select(0, k_rows), vp.index_select(0, k_rows)
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)
     sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
                                    need_lse=False, cu=cu)

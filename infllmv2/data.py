@@ -490,6 +490,11 @@ class TrainingStream:
         return {k: torch.from_numpy(np.stack([getattr(r, k) for r in rows]))
                 for k in ("input_ids", "position_ids", "labels")}
 
+    @property
+    def packs_rows(self) -> bool:
+        """Whether a row may hold several sequences (position ids restarting at each)."""
+        return self.buckets is not None
+
     def describe(self) -> dict:
         return {"seq_len": self.seq_len, "seed": self.seed, "tokens": int(len(self.tokens)),
                 "buckets": self.buckets.to_spec() if self.buckets else None, "ruler_ratio": self.ruler_ratio}

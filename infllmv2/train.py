@@ -37,6 +37,7 @@ from the dense ones, a mean compressor, a per-head gate; selection and window br
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -366,8 +367,27 @@ def build_model(preset: str = "small", vocab_size: int = ByteTokenizer.padded_vo
     return model
 
 
-def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "auto"):
-    if attention == "dense":
+# The model's own sparse_config, kept on the model while the dense arm runs over packed rows (set_attention), so that
+# its checkpoints save that, not the dense-only config its attention runs with
+_OWN_SPARSE_CONFIG = "_infllmv2_own_sparse_config"
+
+
+def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "auto", packed_rows: bool = False):
+    """Switch ``model`` to ``attention`` (dense | infllmv2 | nsa) for training.
+
+    packed_rows: the rows hold several sequences (position ids restart). The dense arm then runs InfLLM-V2's switch
+    with a ``dense_len`` no sequence reaches: the same attention, one SDPA call a sequence. transformers' SDPA
+    builds a block-diagonal n x n mask a row instead (at 32K with SmolLM2's shape it ran out of the H200's memory
+    at 2 rows). Its checkpoints keep the model's own ``sparse_config``.
+    """
+    if attention == "dense" and packed_rows:
+        from .evaluation import HUGE_DENSE_LEN
+        from .models.transformers import _transformers_model, enable
+        inner = _transformers_model(model)
+        if _OWN_SPARSE_CONFIG not in inner.__dict__:
+            setattr(inner, _OWN_SPARSE_CONFIG, getattr(inner.config, "sparse_config", None))
+        enable(model, sparse.replace(dense_len=HUGE_DENSE_LEN), backend=backend)
+    elif attention == "dense":
         if getattr(model.config, "_attn_implementation", None) == "infllmv2":
             from .models.transformers import disable
             disable(model, "sdpa")
@@ -527,6 +547,30 @@ def _with_lora(model, cfg: TrainConfig, resume_from: Optional[str]):
     return model
 
 
+@contextlib.contextmanager
+def _own_sparse_config(model):
+    """While the dense arm runs over packed rows (``set_attention``), its configs hold a dense-only sparse_config:
+    inside, they hold the model's own again (or none, as before), for a save."""
+    from .models.transformers import _transformers_model, attention_modules
+    inner = _transformers_model(model)
+    if _OWN_SPARSE_CONFIG not in inner.__dict__:
+        yield
+        return
+    own = inner.__dict__[_OWN_SPARSE_CONFIG]
+    configs = list({id(c): c for c in [inner.config] + [m.config for m in attention_modules(inner)]}.values())
+    running = [c.sparse_config for c in configs]
+    try:
+        for c in configs:
+            if own is None:
+                del c.sparse_config
+            else:
+                c.sparse_config = own
+        yield
+    finally:
+        for c, value in zip(configs, running):
+            c.sparse_config = value
+
+
 def _save_model_folder(model, state_dict, folder: str, tokenizer=None):
     """save_pretrained with ``state_dict``, and the tokenizer the rows were made with (default: bytes)."""
     # A gathered (FSDP) state dict holds tied parameters (lm_head = embeddings) as separate copies, which
@@ -537,8 +581,9 @@ def _save_model_folder(model, state_dict, folder: str, tokenizer=None):
             tied.add(name)
         else:
             owner[id(p)] = name
-    model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()
-                                              if k not in tied}, safe_serialization=True)
+    with _own_sparse_config(model):
+        model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                                                  if k not in tied}, safe_serialization=True)
     save_tokenizer(tokenizer or ByteTokenizer(), folder)
 
 
@@ -821,7 +866,7 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
 
     # the fields given over the model's own config: fine-tuning a sparse checkpoint further keeps what it learned
     sparse = sparse_config_of(model.config).replace(**cfg.sparse)
-    set_attention(model, cfg.attention, sparse, cfg.backend)
+    set_attention(model, cfg.attention, sparse, cfg.backend, packed_rows=stream.packs_rows)
     if cfg.lora_rank:
         model = _with_lora(model, cfg, resume_from)
     model.to(d.device)

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import inspect
+import json
 import math
 import os
 import random
@@ -13,7 +14,7 @@ from infllmv2 import SparseConfig
 from infllmv2.data import (ByteTokenizer, TokenizerAdapter, TrainingStream, build_documents, encode_documents,
                            load_tokenizer)
 from infllmv2.evaluation import greedy_generate
-from infllmv2.train import (PRESETS, TrainConfig, _save_model_folder, adaptation_summary, add_train_args, build_model,
+from infllmv2.train import (PRESETS, TrainConfig, _buckets, _save_model_folder, adaptation_summary, add_train_args, build_model,
                             config_from_args,
                             convert_to_nsa, is_nsa, latest_checkpoint, load_model_folder, load_trainer_state, lr_at,
                             main, read_loss_log, set_attention, set_rope_theta, train)
@@ -100,6 +101,55 @@ def test_sparse_finetune_finite_grads(tmp_path):
     assert all(math.isfinite(x) for x in ft["loss_first_steps"]) and pre["stage"] == "pretrain"
     # the fine-tuned model has exactly the parameters of the dense one (zero extra parameters)
     assert ft["params"] == pre["params"]
+
+
+def test_dense_arm_over_packed_rows_equals_sdpa_and_saves_the_models_own_config(tmp_path):
+    """Packed rows: the dense arm runs InfLLM-V2's switch with a dense_len nothing reaches (no n x n masks). Its loss
+    and gradients equal transformers' SDPA over the same rows, and a checkpoint keeps the model's own sparse_config
+    (none, or the one it came with), while training keeps the dense-only one."""
+    tok = ByteTokenizer()
+    stream = TrainingStream(encode_documents(build_documents([PKG], min_chars=8192), tok), 256, seed=0,
+                            buckets=_buckets("paper"))
+    assert stream.packs_rows and not TrainingStream(stream.tokens, 256).packs_rows
+    batch = stream.batch(range(3))
+    assert (batch["position_ids"][:, 1:] == 0).any()  # several sequences in a row
+
+    def loss_and_grads(model):
+        model.train()
+        loss = model(**batch).loss
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    own = SparseConfig(window_size=512, topk=4).to_dict()
+    for before in (None, own):
+        sdpa = build_model("tiny", max_position=512, seed=4)
+        packed = build_model("tiny", max_position=512, seed=4)
+        sdpa.config.use_cache = packed.config.use_cache = False  # as train() runs: transformers then sees the packing
+        if before is not None:
+            sdpa.config.sparse_config = packed.config.sparse_config = dict(before)
+        set_attention(sdpa, "dense", SMALL)
+        set_attention(packed, "dense", SMALL, backend="torch", packed_rows=True)
+        assert sdpa.config._attn_implementation == "sdpa" and packed.config._attn_implementation == "infllmv2"
+        (l1, g1), (l2, g2) = loss_and_grads(sdpa), loss_and_grads(packed)
+        torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g2, g1):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        running = dict(packed.config.sparse_config)
+        assert running["dense_len"] > 1 << 40
+        folder = tmp_path / f"saved_{before is not None}"
+        _save_model_folder(packed, packed.state_dict(), str(folder))
+        with open(folder / "config.json") as f:
+            saved = json.load(f).get("sparse_config")
+        assert saved == before
+        assert packed.config.sparse_config == running  # training goes on with the dense-only config
+
+    # through the loop: a dense fine-tune over bucketed rows, its checkpoint and final model without a sparse_config
+    train(_cfg(tmp_path / "pre", steps=1))
+    ft = train(_cfg(tmp_path / "ft", init=str(tmp_path / "pre" / "final"), attention="dense", backend="torch",
+                    seq_len=256, steps=2, buckets="paper", save_every=1))
+    assert len(ft["loss_first_steps"]) == 2 and all(math.isfinite(x) for x in ft["loss_first_steps"])
+    for folder in (tmp_path / "ft" / "final", latest_checkpoint(str(tmp_path / "ft"))):
+        with open(os.path.join(folder, "config.json")) as f:
+            assert "sparse_config" not in json.load(f)
 
 
 @pytest.mark.parametrize("attention", ["infllmv2", "nsa"])

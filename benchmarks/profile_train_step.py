@@ -144,8 +144,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30, help="timed steps an arm (after 3 warm-up steps)")
     ap.add_argument("--arms", nargs="+", default=["dense", "infllmv2"], choices=["dense", "dense_sdpa", "infllmv2"],
-                    help="dense: as `infllmv2 train --attention dense` runs packed rows since the thirty-second session "
-                         "(one SDPA call a sequence); dense_sdpa: transformers' SDPA over the packed rows (its "
+                    help="dense: as `infllmv2 train --attention dense` runs packed rows since the thirty-second "
+                         "session (one SDPA call a sequence); dense_sdpa: transformers' SDPA over the packed rows (its "
                          "block-diagonal masks), the dense arm before")
     ap.add_argument("--attention-host", action="store_true",
                     help="also time the host inside the attention function during the timed forwards")

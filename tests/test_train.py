@@ -14,8 +14,8 @@ from infllmv2 import SparseConfig
 from infllmv2.data import (ByteTokenizer, TokenizerAdapter, TrainingStream, build_documents, encode_documents,
                            load_tokenizer)
 from infllmv2.evaluation import greedy_generate
-from infllmv2.train import (PRESETS, TrainConfig, _buckets, _save_model_folder, adaptation_summary, add_train_args, build_model,
-                            config_from_args,
+from infllmv2.train import (PRESETS, TrainConfig, _buckets, _save_model_folder, adaptation_summary, add_train_args,
+                            build_model, config_from_args,
                             convert_to_nsa, is_nsa, latest_checkpoint, load_model_folder, load_trainer_state, lr_at,
                             main, read_loss_log, set_attention, set_rope_theta, train)
 

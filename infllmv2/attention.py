@@ -252,7 +252,8 @@ AVOID_CUDNN_PLANS = True  # benchmarks switch it off to measure what it saves
 _NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _no_cudnn_plans(x):
+def no_cudnn_plans(x):
+    """A context for SDPA calls on x's device whose shapes keep changing: cuDNN left out (on CUDA)."""
     return sdpa_kernel(_NO_PLAN_BACKENDS) if x.is_cuda and AVOID_CUDNN_PLANS else contextlib.nullcontext()
 
 
@@ -267,11 +268,11 @@ def dense_attention_sdpa(q, k, v, scale):
     if sq == sk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     elif sq == 1:
-        with _no_cudnn_plans(q):
+        with no_cudnn_plans(q):
             out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
     else:  # bottom-right aligned causal mask (SDPA's is_causal is top-left aligned)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        with _no_cudnn_plans(q):
+        with no_cudnn_plans(q):
             out = F.scaled_dot_product_attention(qt, *expand_kv_heads(kt, vt, q.shape[2]), attn_mask=mask,
                                                  scale=scale)
     return out.transpose(1, 2)
@@ -283,7 +284,7 @@ def dense_documents(qp, kp, vp, offs_q, offs_k, ids, scale) -> list:
     qp: (total_q, Hq, d), kp, vp: (total_k, Hkv, d); sequence i holds queries ``offs_q[i]:offs_q[i+1]`` (the last
     of its keys ``offs_k[i]:offs_k[i+1]``).
     """
-    with _no_cudnn_plans(qp):
+    with no_cudnn_plans(qp):
         return [dense_attention_sdpa(qp[None, offs_q[i]:offs_q[i + 1]], kp[None, offs_k[i]:offs_k[i + 1]],
                                      vp[None, offs_k[i]:offs_k[i + 1]], scale)[0] for i in ids]
 

@@ -51,7 +51,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .attention import expand_kv_heads
+from .attention import expand_kv_heads, no_cudnn_plans
 from .config import SparseConfig
 from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents, encode_documents,
                    save_tokenizer, source_roots)
@@ -215,8 +215,9 @@ class NSAAttention(torch.nn.Module):
         mask = vis.clone()
         mask[:, 0] |= ~seen  # rows that see nothing: any finite row, zeroed below
         kt, vt = expand_kv_heads(k1.transpose(0, 1)[None], v1.transpose(0, 1)[None], q.shape[1])
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], kt, vt, attn_mask=mask, scale=self.scaling)[0].transpose(0, 1)
+        with no_cudnn_plans(q):  # a new shape for every sequence (see attention.py)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], kt, vt, attn_mask=mask, scale=self.scaling)[0].transpose(0, 1)
         return o * seen[:, None, None].to(o.dtype)
 
     def _packed(self, offs_q, offs_k, q, kc, vc, ks, vs, kw, vw, g):

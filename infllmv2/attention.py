@@ -354,15 +354,9 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     idx = _select_packed(qs, ks, sub_q, sub_k, config, scale, backend, cu)
     sparse_out, _ = _sparse_packed(qs, ks, vs, idx, sub_q, sub_k, config.block_size, scale, backend,
                                    need_lse=False, cu=cu)
-    dense_out = iter(dense_documents(qp, kp, vp, offs_q, offs_k, [i for i in range(n_seq) if not sparse[i]], scale))
-    pieces, j = [], 0
-    for i in range(n_seq):
-        if sparse[i]:
-            pieces.append(sparse_out[sub_q[j]:sub_q[j + 1]])
-            j += 1
-        else:
-            pieces.append(next(dense_out))
-    return torch.cat(pieces)
+    sparse_pieces = iter(sparse_out.split([b - a for a, b in zip(sub_q, sub_q[1:])]))
+    dense_pieces = iter(dense_documents(qp, kp, vp, offs_q, offs_k, [i for i in range(n_seq) if not sparse[i]], scale))
+    return torch.cat([next(sparse_pieces if sparse[i] else dense_pieces) for i in range(n_seq)])
 
 
 @_autocast_inputs

@@ -381,12 +381,14 @@ def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "a
     builds a block-diagonal n x n mask a row instead (at 32K with SmolLM2's shape it ran out of the H200's memory
     at 2 rows). Its checkpoints keep the model's own ``sparse_config``.
     """
+    from .models.transformers import _transformers_model
+    inner = _transformers_model(model)
+    if _OWN_SPARSE_CONFIG in inner.__dict__:  # leaving the dense arm over packed rows: the model's own config back
+        _put_sparse_config(inner, inner.__dict__.pop(_OWN_SPARSE_CONFIG))
     if attention == "dense" and packed_rows:
         from .evaluation import HUGE_DENSE_LEN
-        from .models.transformers import _transformers_model, enable
-        inner = _transformers_model(model)
-        if _OWN_SPARSE_CONFIG not in inner.__dict__:
-            setattr(inner, _OWN_SPARSE_CONFIG, getattr(inner.config, "sparse_config", None))
+        from .models.transformers import enable
+        setattr(inner, _OWN_SPARSE_CONFIG, getattr(inner.config, "sparse_config", None))
         enable(model, sparse.replace(dense_len=HUGE_DENSE_LEN), backend=backend)
     elif attention == "dense":
         if getattr(model.config, "_attn_implementation", None) == "infllmv2":
@@ -548,28 +550,34 @@ def _with_lora(model, cfg: TrainConfig, resume_from: Optional[str]):
     return model
 
 
+def _put_sparse_config(inner, value) -> list:
+    """Set ``sparse_config`` on the model's config and its attention layers' config: ``value`` for all (``None``:
+    removed), or a list as this returns. Returns what each held before (``None`` where absent)."""
+    from .models.transformers import attention_modules
+    configs = list({id(c): c for c in [inner.config] + [m.config for m in attention_modules(inner)]}.values())
+    before = [c.__dict__.get("sparse_config") for c in configs]
+    for c, v in zip(configs, value if isinstance(value, list) else [value] * len(configs)):
+        if v is None:
+            c.__dict__.pop("sparse_config", None)
+        else:
+            c.sparse_config = v
+    return before
+
+
 @contextlib.contextmanager
 def _own_sparse_config(model):
     """While the dense arm runs over packed rows (``set_attention``), its configs hold a dense-only sparse_config:
     inside, they hold the model's own again (or none, as before), for a save."""
-    from .models.transformers import _transformers_model, attention_modules
+    from .models.transformers import _transformers_model
     inner = _transformers_model(model)
     if _OWN_SPARSE_CONFIG not in inner.__dict__:
         yield
         return
-    own = inner.__dict__[_OWN_SPARSE_CONFIG]
-    configs = list({id(c): c for c in [inner.config] + [m.config for m in attention_modules(inner)]}.values())
-    running = [c.sparse_config for c in configs]
+    running = _put_sparse_config(inner, inner.__dict__[_OWN_SPARSE_CONFIG])
     try:
-        for c in configs:
-            if own is None:
-                del c.sparse_config
-            else:
-                c.sparse_config = own
         yield
     finally:
-        for c, value in zip(configs, running):
-            c.sparse_config = value
+        _put_sparse_config(inner, running)
 
 
 def _save_model_folder(model, state_dict, folder: str, tokenizer=None):

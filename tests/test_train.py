@@ -141,6 +141,13 @@ def test_dense_arm_over_packed_rows_equals_sdpa_and_saves_the_models_own_config(
             saved = json.load(f).get("sparse_config")
         assert saved == before
         assert packed.config.sparse_config == running  # training goes on with the dense-only config
+        set_attention(packed, "dense", SMALL)  # leaving the dense arm over packed rows gives the model's own back
+        assert packed.config.__dict__.get("sparse_config") == before
+        set_attention(packed, "dense", SMALL, backend="torch", packed_rows=True)
+        set_attention(packed, "infllmv2", SMALL, backend="torch")  # another arm: what it sets is what a save keeps
+        _save_model_folder(packed, packed.state_dict(), str(folder))
+        with open(folder / "config.json") as f:
+            assert json.load(f)["sparse_config"] == SMALL.to_dict()
 
     # through the loop: a dense fine-tune over bucketed rows, its checkpoint and final model without a sparse_config
     train(_cfg(tmp_path / "pre", steps=1))

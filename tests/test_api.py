@@ -239,6 +239,36 @@ def _triton_runnable():
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def test_dense_documents_share_padded_sdpa_calls_and_equal_each_alone(monkeypatch):
+    """A packed batch's dense sequences: grouped longest first into right-padded SDPA batches (padding within
+    _PAD_SLACK of the real tokens), sequences with a cache (fewer queries than keys) and lone ones alone, empty ones
+    skipped; outputs and gradients equal each sequence through SDPA alone, in any order of ``ids``."""
+    import torch.nn.functional as F
+
+    from infllmv2 import attention as A
+    lengths_k = [61, 0, 7, 58, 30, 200, 55, 29, 1, 60, 31]
+    lengths_q = [61, 0, 7, 58, 30, 200, 55, 29, 1, 20, 31]  # sequence 9: 20 queries against 60 keys (a cache)
+    offs_q, offs_k = _cu(lengths_q).tolist(), _cu(lengths_k).tolist()
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(offs_q[-1], 6, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(offs_k[-1], 2, 16, generator=g, requires_grad=True) for _ in range(2))
+    ids = [10, 0, 1, 2, 3, 4, 6, 7, 8, 9]  # not 5; not in order
+    shapes = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda *a, **kw: shapes.append(tuple(a[0].shape)) or
+                        real(*a, **kw))
+    out = A.dense_documents(q, k, v, offs_q, offs_k, ids, 0.25)
+    # longest first: 61, 58, 55, 31 (4 x 61 = 244 padded <= 1.25 x 205 real); 30 would pass the slack, so 30, 29;
+    # 7 with 1 would too (14 > 10), so 7 and 1 alone; the cached sequence alone, unpadded
+    assert sorted(shapes) == sorted([(4, 6, 61, 16), (2, 6, 30, 16), (1, 6, 7, 16), (1, 6, 1, 16), (1, 6, 20, 16)])
+    want = torch.cat([A.dense_attention_sdpa(q[None, offs_q[i]:offs_q[i + 1]], k[None, offs_k[i]:offs_k[i + 1]],
+                                             v[None, offs_k[i]:offs_k[i + 1]], 0.25)[0] for i in ids])
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    d = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), d), torch.autograd.grad(want, (q, k, v), d)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(not _triton_runnable(), reason="triton backend not runnable here")
 def test_triton_packed_layouts_equal_reference():
     """backend='triton' through the public API: a packed batch of unequal lengths (offsets copied to the device),

@@ -101,7 +101,7 @@ if HAVE_GLUON:
         """Keys (windows of KS every ST keys) wholly inside a prefix of t + 1 keys, at most count."""
         return gl.minimum(count, gl.where(t + 1 >= KS, (t + 1 - KS) // ST + 1, 0))
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["stride_lt", "n_tiles"])
     def _lse_kernel_sm90(q_ptr, k1_desc, k2_desc, lse_ptr,
                          tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                          c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,

@@ -26,6 +26,11 @@ Pipeline (SPEC "Stage 1"), no gradients:
 Block scores at the same value are tied exactly as in the reference (lower index first); with
 bf16 inputs the scores themselves differ from the fp32 reference at bf16 resolution, so tests
 compare selections by score.
+
+Kernel arguments that change with a batch's lengths (counts, tile offsets, strides of per-head buffers) are marked
+``do_not_specialize`` here and in the other kernel files: Triton otherwise compiles a kernel again whenever such an
+integer equals 1 or turns divisible by 16, which in training on packed rows of varying documents cost 18
+compilations (0.5-1 s each) in the first 12 steps at 32K (benchmarks/README.md, "Thirty-third session").
 """
 from __future__ import annotations
 
@@ -175,7 +180,7 @@ def _pdl_start(PDL: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 # Compression
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["total_c"])
 def _compress_kernel(k_ptr, out_ptr, row_seq_ptr, k_start_ptr, c_start_ptr, c_len_ptr,
                      stride_kt, stride_kh, stride_ot, stride_oh, total_c, D,
                      KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -380,7 +385,7 @@ def _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask
     return m_new, s_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ls", "keys_per_split"])
 def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                 c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
@@ -429,7 +434,8 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ls", "stride_wh", "stride_wr", "tile_base", "n_tiles", "windows_per_split",
+                                 "nb_ws"])
 def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
@@ -564,7 +570,7 @@ def _forced_blocks(bq, INIT: tl.constexpr, LOCAL: tl.constexpr):
     return n_init, lo_local, tl.maximum(bq - lo_local + 1, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_wh", "stride_wr", "stride_oh", "tile_base"])
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,

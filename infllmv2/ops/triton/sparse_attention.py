@@ -151,7 +151,7 @@ def _load_kv(K, V, k0, blk, kpos, kmask, h, offs_d, stride_kt, stride_kh, stride
     return k, v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h", "n_tiles"])
 def _sparse_fwd_kernel(
     Q, K, V, O, R, LSE,
     UB, UBITS, UCNT,
@@ -236,7 +236,7 @@ def _sparse_fwd_kernel(
     tl.store(LSE + head.to(tl.int64) * stride_lse_h + qrow, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h", "n_tiles"])
 def _sparse_bwd_dq_kernel(
     Q, K, V, O, R, DO, LSE, DELTA, DQ,
     UB, UBITS, UCNT,
@@ -334,7 +334,7 @@ def _sparse_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lse_h", "stride_ch_h", "stride_e_h"])
 def _sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     CH_GB, CH_START, CH_END, E_TOK, GB_SEQ, GB_BLK, CU_Q, CU_K,
@@ -422,7 +422,7 @@ def _union_tile(TILE_Q0, TILE_NQ, TILE_POS0):
             tl.load(TILE_POS0 + pid_t))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bh", "stride_u_h", "stride_u_t", "stride_cnt_h", "u_cap"])
 def _tile_union_kernel(
     BI, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_bh, stride_bt, stride_u_h, stride_u_t, stride_cnt_h, budget, u_cap, block_size,
@@ -459,7 +459,7 @@ def _seg_or(v1, w1, v2, w2):
     return tl.where(w1 == w2, v1 | v2, v2), w2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "stride_bh", "stride_wh"])
 def _row_bitmap_kernel(BI, WORDS, n_rows, budget, stride_bh, stride_bt, stride_wh, stride_wt,
                        W: tl.constexpr, ROWS: tl.constexpr, BP: tl.constexpr):
     """One program per (ROWS query rows, KV head): each row's selected blocks as W 32-bit words (block b: bit b % 32 of
@@ -488,7 +488,7 @@ def _row_bitmap_kernel(BI, WORDS, n_rows, budget, stride_bh, stride_bt, stride_w
     tl.atomic_or(wptr, bit, mask=~row_sorted[:, None] & valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_wh", "stride_u_h", "stride_u_t", "stride_cnt_h", "u_cap"])
 def _tile_union_bitmap_kernel(
     WORDS, TILE_Q0, TILE_NQ, TILE_POS0, UB, UBITS, UCNT,
     stride_wh, stride_wt, stride_u_h, stride_u_t, stride_cnt_h, u_cap, block_size, W: tl.constexpr,

@@ -126,7 +126,7 @@ if HAVE_GLUON:
         lse = gl.where(has, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         gl.store(lse_ptr + ohead.to(gl.int64) * stride_lse_h + oqrow, lse, mask=o_ok)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h"])
     def _sparse_fwd_kernel_sm90(
         q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,
@@ -319,7 +319,7 @@ if HAVE_GLUON:
     def _ws_consumer2(args, G: gl.constexpr, T: gl.constexpr, D: gl.constexpr, STORE_RESID: gl.constexpr):
         _ws_consumer(args, G, T, D, STORE_RESID, 2)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["stride_lse_h", "stride_u_h", "stride_u_t", "stride_cnt_h"])
     def _sparse_fwd_kernel_sm90_ws(
         q_ptr, k_desc, v_desc, o_ptr, r_ptr, lse_ptr, ub_ptr, ubits_ptr, ucnt_ptr,
         tile_seq_ptr, tile_q0_ptr, tile_nq_ptr, tile_pos0_ptr, cu_k_ptr,

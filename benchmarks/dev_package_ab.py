@@ -35,6 +35,14 @@ def load_package(path: str, name: str):
     return mod
 
 
+def time_calls(pkg, q, k, v, grad) -> dict:
+    """do_bench medians (ms) of one package's forward and forward + backward."""
+    with torch.no_grad():
+        forward = bench(lambda: pkg.infllmv2_attention(q, k, v))
+    return {"forward": forward,
+            "forward_backward": bench(lambda: torch.autograd.grad(pkg.infllmv2_attention(q, k, v), (q, k, v), grad))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--other", required=True, help="directory of the other infllmv2 package")
@@ -57,10 +65,8 @@ def main():
         diff = (outs["this"].float() - outs["other"].float()).abs().max().item()
         for _ in range(args.rounds):
             for name, pkg in packages.items():
-                with torch.no_grad():
-                    times[name]["forward"].append(bench(lambda: pkg.infllmv2_attention(q, k, v)))
-                times[name]["forward_backward"].append(bench(
-                    lambda: torch.autograd.grad(pkg.infllmv2_attention(q, k, v), (q, k, v), grad)))
+                for part, ms in time_calls(pkg, q, k, v, grad).items():
+                    times[name][part].append(ms)
         for name in packages:
             row = {"seqlen": n, "pattern": args.pattern, "package": name, "max_abs_diff_vs_other": diff}
             row.update({f"{part}_ms": round(sorted(ts)[len(ts) // 2], 3) for part, ts in times[name].items()})

@@ -175,7 +175,7 @@ if HAVE_GLUON:
             mbarrier.expect(bars.index(slot), k_desc.block_type.nbytes)
             _tma_load(k_desc, [c1s + (i + STAGES) * BLOCK_N, h * D], bars.index(slot), k_smem.index(slot))
 
-    @gluon.jit(do_not_specialize=["stride_lt", "stride_wh", "stride_wr", "tile_base", "n_tiles", "nb_ws"])
+    @gluon.jit(do_not_specialize=["stride_lt", "tile_base", "n_tiles", "nb_ws"])
     def _score_kernel_sm90(q_ptr, k_desc, lse_ptr, ws_ptr,
                            tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                            stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles, nb_ws,
@@ -345,7 +345,7 @@ if HAVE_GLUON:
             else:
                 mbarrier.arrive(empty.index(slot), count=1)
 
-    @gluon.jit(do_not_specialize=["stride_lt", "stride_wh", "stride_wr", "tile_base", "n_tiles", "nb_ws"])
+    @gluon.jit(do_not_specialize=["stride_lt", "tile_base", "n_tiles", "nb_ws"])
     def _score_kernel_sm90_ws(q_ptr, k_desc, lse_ptr, ws_ptr,
                               tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr,
                               c1_len_ptr, stride_qt, stride_qh, stride_lt, stride_wh, stride_wr, tile_base, n_tiles,

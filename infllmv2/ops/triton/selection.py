@@ -434,8 +434,7 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
 
-@triton.jit(do_not_specialize=["stride_ls", "stride_wh", "stride_wr", "tile_base", "n_tiles", "windows_per_split",
-                                 "nb_ws"])
+@triton.jit(do_not_specialize=["stride_ls", "tile_base", "n_tiles", "windows_per_split", "nb_ws"])
 def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
@@ -570,7 +569,7 @@ def _forced_blocks(bq, INIT: tl.constexpr, LOCAL: tl.constexpr):
     return n_init, lo_local, tl.maximum(bq - lo_local + 1, 0)
 
 
-@triton.jit(do_not_specialize=["stride_wh", "stride_wr", "stride_oh", "tile_base"])
+@triton.jit(do_not_specialize=["stride_oh", "tile_base"])
 def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                    stride_wh, stride_wr, stride_oh, stride_ot, tile_base, budget,
                    BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_NB: tl.constexpr, BUDGET_P: tl.constexpr,
@@ -816,12 +815,16 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
         n_split = cdiv(n1max, wps)
     else:
         wps, n_split = 1 << 30, 1
-    tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * nb_ws * 4))
+    tpc = max(1, _WORKSPACE_BYTES // (hkv * BLOCK_T * cdiv(nb_ws, 16) * 16 * 4))
     tpc = min(tpc, n_tiles)
     overlap = (TOPK_OVERLAP and sm90 and n_tiles > (_OVERLAP_MIN_CHUNKS - 1) * tpc
                and not torch.cuda.is_current_stream_capturing())
     n_ws = 2 if overlap else 1  # the scoring of chunk i waits for the top-k of chunk i - 2
-    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_ws), dtype=torch.float32, device=dev) for _ in range(n_ws)]
+    # rows padded to a multiple of 16 floats: the row and head strides then stay divisible by 16 whatever the
+    # lengths, so the kernels keep them specialised (aligned, vectorised rows) without compiling again
+    nb_pad = cdiv(nb_ws, 16) * 16
+    wss = [torch.empty((hkv, tpc * BLOCK_T, nb_pad), dtype=torch.float32, device=dev)[..., :nb_ws]
+           for _ in range(n_ws)]
     released = [None] * n_ws  # per workspace: the event after the last top-k that read it
     if overlap:
         main, side = torch.cuda.current_stream(dev), _score_stream(dev)

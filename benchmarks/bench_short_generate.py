@@ -8,7 +8,7 @@ eager generate loop. Variants, interleaved over ``--rounds``:
 
 * ``dense``: transformers' own SDPA attention and cache;
 * ``infllmv2``: ``infllmv2.enable`` with the default config (dense below 8192 tokens): its decode steps call SDPA
-  with cuDNN left out (``attention.AVOID_CUDNN_PLANS``);
+  with cuDNN left out (``attention.AVOID_CUDNN_PLANS``), and since the thirty-third session its prefill too;
 * ``infllmv2_cudnn_plans``: the same with SDPA's default order, as before the thirty-second session: cuDNN builds
   an execution plan at each new key length.
 

@@ -246,8 +246,9 @@ def expand_kv_heads(k, v, hq: int):
 # SDPA's default order tries cuDNN first on Hopper, and cuDNN builds an execution plan for every new shape: 40-65 ms
 # a forward on the H200 (as much again a backward), against 0.05-0.6 ms to run a decode step or a 4K document
 # (benchmarks/dev_dense_docs.py). Calls whose shapes keep changing therefore leave cuDNN out (flash needs no plan):
-# decode steps and chunks against a cache (a new key length at every step) and a packed batch's documents (new
-# lengths at every step). Batches of equal-length sequences keep SDPA's default: their shapes recur.
+# decode steps and chunks against a cache (a new key length at every step), a packed batch's documents (new
+# lengths at every step) and prefills without gradients (inference: each prompt brings its own length). Batches of
+# equal-length sequences in training keep SDPA's default: their shapes recur, and a planned cuDNN call is faster.
 AVOID_CUDNN_PLANS = True  # benchmarks switch it off to measure what it saves
 _NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -266,7 +267,8 @@ def dense_attention_sdpa(q, k, v, scale):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
     if sq == sk:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+        with contextlib.nullcontext() if torch.is_grad_enabled() else no_cudnn_plans(q):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     elif sq == 1:
         with no_cudnn_plans(q):
             out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)

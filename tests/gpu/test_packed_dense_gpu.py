@@ -2,6 +2,8 @@
 run without cuDNN, which builds an execution plan (~70 ms) for every new document length."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,26 +56,28 @@ def test_packed_dense_documents_are_exact_and_skip_cudnn(lengths):
         torch.testing.assert_close(v.grad[a:b].float(), v32.grad[a:b], atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("n_queries", [1, 7], ids=["decode_step", "chunk_against_cache"])
-def test_queries_against_a_cache_below_dense_len_skip_cudnn(n_queries):
-    """Decoding below dense_len brings SDPA a new key length at every step: no cuDNN (a plan per step), and the
-    last queries' outputs equal a float32 reference."""
+@pytest.mark.parametrize("n_queries", [1, 7, None], ids=["decode_step", "chunk_against_cache", "prefill_no_grad"])
+def test_calls_of_new_lengths_below_dense_len_skip_cudnn(n_queries):
+    """Decoding below dense_len brings SDPA a new key length at every step, and an inference prefill (no gradients)
+    a new prompt length: no cuDNN (a plan per new shape), and the queries' outputs equal a float32 reference."""
     torch.manual_seed(0)
     hq, hkv, d, batch = 8, 2, 128, 2
     config = SparseConfig(window_size=512, topk=16, dense_len=8192)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         cases = []
         for n_keys in (1000, 1001, 4097):
-            q = torch.randn(batch, n_queries, hq, d, device="cuda", dtype=torch.bfloat16)
+            nq = n_keys if n_queries is None else n_queries
+            q = torch.randn(batch, nq, hq, d, device="cuda", dtype=torch.bfloat16)
             k, v = (torch.randn(batch, n_keys, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-            cases.append((q, k, v, infllmv2_attention(q, k, v, config)))
+            with torch.no_grad() if n_queries is None else contextlib.nullcontext():
+                cases.append((q, k, v, infllmv2_attention(q, k, v, config)))
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert kernels and not [n for n in kernels if "cudnn" in n.lower()], "a step against the cache ran through cuDNN"
+    assert kernels and not [n for n in kernels if "cudnn" in n.lower()], "a call of a new length ran through cuDNN"
     for q, k, v, out in cases:
-        n_keys = k.shape[1]
+        nq, n_keys = q.shape[1], k.shape[1]
         qt = q.float().transpose(1, 2)
         kt, vt = (x.float().repeat_interleave(hq // hkv, dim=2).transpose(1, 2) for x in (k, v))
-        mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device="cuda").tril(n_keys - n_queries)
+        mask = torch.ones(nq, n_keys, dtype=torch.bool, device="cuda").tril(n_keys - nq)
         ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

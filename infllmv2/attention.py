@@ -302,7 +302,8 @@ def _dense_plan(offs_q, offs_k, ids, device):
             group = []
         group.append(i)
     groups += [group] if group else []
-    groups += [[i] for i in ids if i not in set(equal)]
+    shared = set(equal)
+    groups += [[i] for i in ids if i not in shared]
     calls, start, base = [], {}, 0
     for group in groups:
         if len(group) == 1:
@@ -382,9 +383,8 @@ def infllmv2_attention(q, k, v, config: Optional[SparseConfig] = None, *, cu_seq
     if not any(sparse):  # all dense: straight to SDPA (the short-input fast path)
         if not packed_in:
             return dense_attention_sdpa(q, k, v, scale)
-        out = dense_documents(qp, kp, vp, offs_q, offs_k, list(range(n_seq)), scale,
-                              (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k))
-        return out
+        return dense_documents(qp, kp, vp, offs_q, offs_k, list(range(n_seq)), scale,
+                               (cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k))
 
     if all(sparse):
         cu = None

@@ -347,8 +347,8 @@ def dense_documents(qp, kp, vp, offs_q, offs_k, ids, scale, reuse_key=None) -> t
                 q, k, v = (x.index_select(0, r).view(n, L, *x.shape[1:])
                            for x, r in ((qp, q_rows), (kp, k_rows), (vp, k_rows)))
                 outs.append(dense_attention_sdpa(q, k, v, scale).reshape(n * L, *qp.shape[1:]))
-    if not outs:
-        return qp.new_zeros((0, *qp.shape[1:]))
+    if not outs:  # no query rows: an empty output, still in q's graph as a concatenation of empty pieces would be
+        return qp[:0].clone()
     flat = torch.cat(outs) if len(outs) > 1 else outs[0]
     return flat if take is None else flat.index_select(0, take)
 

@@ -1,6 +1,7 @@
 """Public API: layouts, the switch, varlen, decoding, backends, and clear errors on bad input."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from infllmv2 import SparseConfig, infllmv2_attention, select_blocks, sparse_attention
 from infllmv2.ops import naive
@@ -267,6 +268,37 @@ def test_dense_documents_share_padded_sdpa_calls_and_equal_each_alone(monkeypatc
     d = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), d), torch.autograd.grad(want, (q, k, v), d)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), slack=st.sampled_from([1.0, 1.25, 4.0]))
+def test_dense_documents_equal_each_alone_for_any_layout(data, slack):
+    """Any packed layout (empty sequences, sequences with a cache, any order and subset of ``ids``) and any padding
+    slack: dense_documents' outputs and gradients equal each sequence through SDPA alone."""
+    from unittest import mock
+
+    from infllmv2 import attention as A
+    n_seq = data.draw(st.integers(1, 7))
+    lengths_q = data.draw(st.lists(st.integers(0, 40), min_size=n_seq, max_size=n_seq))
+    lengths_k = [n + data.draw(st.sampled_from([0, 0, 0, 5])) for n in lengths_q]  # some with a cache
+    ids = data.draw(st.permutations(range(n_seq)))
+    ids = ids[:data.draw(st.integers(1, n_seq))]
+    offs_q, offs_k = _cu(lengths_q).tolist(), _cu(lengths_k).tolist()
+    g = torch.Generator().manual_seed(sum(lengths_q) + 31 * n_seq)
+    q = torch.randn(offs_q[-1], 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(offs_k[-1], 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with mock.patch.object(A, "_PAD_SLACK", slack):
+        out = A.dense_documents(q, k, v, offs_q, offs_k, list(ids), 0.3)
+    want = [A.dense_attention_sdpa(q[None, offs_q[i]:offs_q[i + 1]], k[None, offs_k[i]:offs_k[i + 1]],
+                                   v[None, offs_k[i]:offs_k[i + 1]], 0.3)[0] for i in ids]
+    want = torch.cat(want)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want)
+    d = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (q, k, v), d, allow_unused=True)
+    want_grads = torch.autograd.grad(want, (q, k, v), d, allow_unused=True)
+    for a, b, x in zip(got_grads, want_grads, (q, k, v)):
+        torch.testing.assert_close(torch.zeros_like(x) if a is None else a, torch.zeros_like(x) if b is None else b)
 
 
 @pytest.mark.skipif(not _triton_runnable(), reason="triton backend not runnable here")

@@ -61,7 +61,7 @@ def make_model(arm: str, seq_len: int, device, sparse: dict = RUN_SPARSE):
     model = LlamaForCausalLM(cfg).to(device)
     if arm == "infllmv2":
         enable(model, SparseConfig(**sparse))
-    elif arm == "dense":  # as `infllmv2 train --attention dense` runs packed rows (one SDPA call a sequence)
+    elif arm == "dense":  # as `infllmv2 train --attention dense` runs packed rows (padded SDPA batches)
         set_attention(model, "dense", SparseConfig(**sparse), packed_rows=True)
     model.config.use_cache = False
     return model.train()
@@ -145,8 +145,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps an arm (after 3 warm-up steps)")
     ap.add_argument("--arms", nargs="+", default=["dense", "infllmv2"], choices=["dense", "dense_sdpa", "infllmv2"],
                     help="dense: as `infllmv2 train --attention dense` runs packed rows since the thirty-second "
-                         "session (one SDPA call a sequence); dense_sdpa: transformers' SDPA over the packed rows (its "
-                         "block-diagonal masks), the dense arm before")
+                         "session (the sequences in a few right-padded SDPA batches); dense_sdpa: transformers' "
+                         "SDPA over the packed rows (its block-diagonal masks), the dense arm before")
     ap.add_argument("--attention-host", action="store_true",
                     help="also time the host inside the attention function during the timed forwards")
     ap.add_argument("--host-breakdown", type=int, default=0, metavar="N",

@@ -377,9 +377,10 @@ def set_attention(model, attention: str, sparse: SparseConfig, backend: str = "a
     """Switch ``model`` to ``attention`` (dense | infllmv2 | nsa) for training.
 
     packed_rows: the rows hold several sequences (position ids restart). The dense arm then runs InfLLM-V2's switch
-    with a ``dense_len`` no sequence reaches: the same attention, one SDPA call a sequence. transformers' SDPA
-    builds a block-diagonal n x n mask a row instead (at 32K with SmolLM2's shape it ran out of the H200's memory
-    at 2 rows). Its checkpoints keep the model's own ``sparse_config``.
+    with a ``dense_len`` no sequence reaches: the same attention, the sequences in a few right-padded SDPA batches
+    (``attention.dense_documents``). transformers' SDPA builds a block-diagonal n x n mask a row instead (at 32K
+    with SmolLM2's shape it ran out of the H200's memory at 2 rows). Its checkpoints keep the model's own
+    ``sparse_config``.
     """
     from .models.transformers import _transformers_model
     inner = _transformers_model(model)

@@ -29,6 +29,7 @@ import infllmv2.ops.triton.decode as decode_mod  # noqa: E402
 from bench_generate import build_model  # noqa: E402
 
 COMPILED: list = []
+REPRS: dict = {}  # kernel name -> each compilation's launch options and arguments' specialisation (_describe)
 SHAPE = dict(hidden=1024, layers=2, hq=32, hkv=2, d=128, inter=2048, vocab=1000)
 # (name, prompt lengths of the batch (left-padded to the longest), new tokens)
 CASES = [
@@ -41,8 +42,35 @@ CASES = [
 
 
 def _count(*args, **kwargs):
-    COMPILED.append(getattr(kwargs.get("fn"), "name", "?"))
+    name = getattr(kwargs.get("fn"), "name", "?")
+    COMPILED.append(name)
+    REPRS.setdefault(name, []).append(_describe(kwargs.get("compile") or {}))
     return None
+
+
+def _describe(info: dict) -> list:
+    """A compilation's launch options, then each argument as 'name type' with its specialisation: '/16' for an
+    integer or pointer known divisible by 16, '=value' for a constexpr or an integer specialised as 1."""
+    attrs = (info.get("configs") or [{}])[0] or {}
+    consts = info.get("constants") or {}
+    parts = [f"num_warps={info.get('num_warps')} num_stages={info.get('num_stages')}"]
+    for i, (arg, ty) in enumerate((info.get("signature") or {}).items()):
+        text = f"{arg} {ty}"
+        if any(a[0] == "tt.divisibility" for a in attrs.get((i,), [])):
+            text += " /16"
+        if (i,) in consts:
+            text += f" ={consts[(i,)]}"
+        parts.append(text)
+    return parts
+
+
+def variants() -> dict:
+    """Per kernel compiled more than once: what each compilation changed against the one before."""
+    out = {}
+    for name, reprs in REPRS.items():
+        if len(reprs) > 1:
+            out[name] = [sorted(set(b) - set(a)) for a, b in zip(reprs, reprs[1:])]
+    return out
 
 
 class StepNotes:
@@ -106,7 +134,8 @@ def main():
             rows.append(row)
             print(json.dumps(row))
     out = {"command": " ".join(["python3"] + sys.argv), "package": os.path.dirname(infllmv2.__file__),
-           "gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "shape": SHAPE, "rows": rows}
+           "gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "shape": SHAPE, "rows": rows,
+           "variants": variants()}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_compiles.json"), "w") as f:
             json.dump(out, f, indent=1)
@@ -115,6 +144,9 @@ def main():
         at = ", ".join(f"{s['step']}:{len(s['compiled'])}" for s in r["steps_with_compiles"])
         print(f"{r['case']:<20} {str(r['decode_graphs']):>6} {r['prefill_compiles']:>7} {r['decode_compiles']:>6} "
               f"{r['median_step_ms']:>9} {r['max_step_ms']:>8}  {at}")
+    print("\nwhat each further compilation of a kernel changed:")
+    for name, changes in out["variants"].items():
+        print(f"  {name}: {changes}")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,46 @@ def test_new_packed_layouts_compile_nothing():
     finally:
         triton.knobs.runtime.jit_cache_hook = hook
     assert compiled == [], f"kernels compiled again for new layouts: {compiled}"
+
+
+def test_decode_calls_on_caches_of_new_sizes_compile_nothing():
+    """Eager decoding replays a CUDA graph sized for the cache's room and its compressed-key buffers, which grow
+    with the sequence: calls on buffers of new sizes compile nothing while the key blocks stay within one power of
+    two (the top-k's tile width). The row counts of the compressed keys were specialised (a compilation within a
+    step of eager generate(), ~1 s), and so was the count of LSE partials the scoring reads
+    (``benchmarks/dev_decode_compiles.py``)."""
+    from infllmv2.ops.triton.decode import infllmv2_decode_triton
+
+    config = SparseConfig()  # MiniCPM4's: every cache here is past dense_len, so the sparse chain runs
+    hq, hkv, d = 16, 2, 128
+
+    def call(room, length, extra_rows):
+        k_cache, v_cache = (torch.randn(1, room, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        rows1 = (room - config.kernel_size) // config.kernel_stride + 1 + extra_rows
+        rows2 = (room - config.coarse_kernel_size) // config.coarse_kernel_stride + 1 + extra_rows
+        k_fine = torch.randn(1, rows1, hkv, d, device="cuda", dtype=torch.bfloat16)
+        k_coarse = torch.randn(1, rows2, hkv, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, hq, d, device="cuda", dtype=torch.bfloat16)
+        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            out = infllmv2_decode_triton(q, k_cache, v_cache, lens, config, k_fine=k_fine, k_coarse=k_coarse)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+
+    call(17000, 16500, 0)  # the first call compiles every kernel of the chain
+    compiled = []
+    hook = triton.knobs.runtime.jit_cache_hook
+
+    def count(*args, **kwargs):
+        compiled.append(getattr(kwargs.get("fn"), "name", "?"))
+        return None
+
+    triton.knobs.runtime.jit_cache_hook = count
+    try:
+        # rooms of 266 to 512 key blocks (the top-k's width stays 512), compressed-key row counts of other
+        # residues mod 16, and 5 to 9 LSE partials (with 64 LSE splits: a constexpr width of 8, then of 16)
+        for room, length, extra in ((17011, 16999, 3), (20000, 19000, 7), (24576, 24576, 16), (32760, 32001, 1)):
+            call(room, length, extra)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = hook
+    assert compiled == [], f"decode kernels compiled again for caches of new sizes: {compiled}"

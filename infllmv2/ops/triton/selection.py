@@ -385,7 +385,7 @@ def _lse_step(q, k_ptr, stride_kt, c_start, j0, j_hi, t, qk_scale, offs_d, dmask
     return m_new, s_acc
 
 
-@triton.jit(do_not_specialize=["stride_ls", "keys_per_split"])
+@triton.jit(do_not_specialize=["stride_ls", "keys_per_split", "rows1", "rows2"])
 def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
                 tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr,
                 c1_start_ptr, c1_len_ptr, c2_start_ptr, c2_len_ptr,
@@ -434,7 +434,8 @@ def _lse_kernel(q_ptr, k1_ptr, k2_ptr, lse_ptr,
     tl.store(lse_ptr + split * stride_ls + (qs + tok).to(tl.int64) * stride_lt + h * G + g, part, mask=rvalid)
 
 
-@triton.jit(do_not_specialize=["stride_ls", "tile_base", "n_tiles", "windows_per_split", "nb_ws"])
+@triton.jit(do_not_specialize=["stride_ls", "tile_base", "n_tiles", "n_lse_splits", "windows_per_split", "nb_ws",
+                              "rows1"])
 def _score_kernel(q_ptr, k1_ptr, lse_ptr, ws_ptr,
                   tile_seq_ptr, tile_off_ptr, q_start_ptr, q_len_ptr, k_len_ptr, c1_start_ptr, c1_len_ptr,
                   stride_qt, stride_qh, stride_k1t, stride_k1h, stride_ls, stride_lt,
@@ -803,6 +804,9 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
             ST2=4 * sc, LSE_APPROX=config.lse_approx, TO_F32=to_f32, PREC=prec, DECODE=decode, **kw, **pdl)
 
     # 2) pooled block scores per chunk of tiles, 3) top-k
+    # partials the scoring reads (a constexpr width): in decoding the most there can be, not the count at this
+    # length, so that a cache growing past a power of two compiles nothing (masked lanes cost nothing measurable)
+    nsp = _next_pow2(lse_splits if decode else n_lse)
     nb_ws = max(1, cdiv(max_seqlen_k, B))
     BLOCK_NB = _next_pow2(nb_ws)
     if BLOCK_NB > _MAX_BLOCKS_PER_ROW:
@@ -854,7 +858,7 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
                 ws.stride(0), ws.stride(1), c0, nt, n_lse, wps, nb_ws, qk_scale, d, rows1,
                 G=g, GP=GP, BLOCK_T=BLOCK_T, TG=TG, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KS1=lc, ST1=sc, R=R, L=L,
                 BS=B, LOCAL=config.local_blocks, INIT=config.init_blocks, TO_F32=to_f32, PREC=prec, TRANS=trans,
-                NSP=_next_pow2(n_lse), DECODE=decode, **kw, **pdl)
+                NSP=nsp, DECODE=decode, **kw, **pdl)
         _select_kernel[(nt * BLOCK_T // sel_t, hkv)](
             ws, out, tile_seq, tile_off, q_start, q_len, k_len,
             ws.stride(0), ws.stride(1), out.stride(0), out.stride(1), c0, budget,

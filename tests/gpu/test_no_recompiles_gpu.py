@@ -57,10 +57,10 @@ def test_decode_calls_on_caches_of_new_sizes_compile_nothing():
     config = SparseConfig()  # MiniCPM4's: every cache here is past dense_len, so the sparse chain runs
     hq, hkv, d = 16, 2, 128
 
-    def call(room, length, extra_rows):
+    def call(room, length, extra1, extra2):
         k_cache, v_cache = (torch.randn(1, room, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        rows1 = (room - config.kernel_size) // config.kernel_stride + 1 + extra_rows
-        rows2 = (room - config.coarse_kernel_size) // config.coarse_kernel_stride + 1 + extra_rows
+        rows1 = (room - config.kernel_size) // config.kernel_stride + 1 + extra1
+        rows2 = (room - config.coarse_kernel_size) // config.coarse_kernel_stride + 1 + extra2
         k_fine = torch.randn(1, rows1, hkv, d, device="cuda", dtype=torch.bfloat16)
         k_coarse = torch.randn(1, rows2, hkv, d, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(1, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -70,7 +70,7 @@ def test_decode_calls_on_caches_of_new_sizes_compile_nothing():
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
 
-    call(17000, 16500, 0)  # the first call compiles every kernel of the chain
+    call(17000, 16500, 0, 0)  # the first call compiles every kernel of the chain (1061 / 264 rows: not divisible by 16)
     compiled = []
     hook = triton.knobs.runtime.jit_cache_hook
 
@@ -81,9 +81,11 @@ def test_decode_calls_on_caches_of_new_sizes_compile_nothing():
     triton.knobs.runtime.jit_cache_hook = count
     try:
         # rooms of 266 to 512 key blocks (the top-k's width stays 512), compressed-key row counts of other
-        # residues mod 16, and 5 to 9 LSE partials (with 64 LSE splits: a constexpr width of 8, then of 16)
-        for room, length, extra in ((17011, 16999, 3), (20000, 19000, 7), (24576, 24576, 16), (32760, 32001, 1)):
-            call(room, length, extra)
+        # residues mod 16 (1264 / 320 rows: divisible by 16), and 5 to 9 LSE partials (with 64 LSE splits: a
+        # constexpr width of 8, then of 16)
+        for room, length, extra1, extra2 in ((17011, 16999, 3, 3), (20000, 19000, 15, 9), (24576, 24576, 16, 16),
+                                             (32760, 32001, 1, 1)):
+            call(room, length, extra1, extra2)
     finally:
         triton.knobs.runtime.jit_cache_hook = hook
     assert compiled == [], f"decode kernels compiled again for caches of new sizes: {compiled}"

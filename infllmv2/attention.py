@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -79,7 +80,7 @@ def _check_qkv(q, k, v, packed: bool) -> None:
     if q.shape[-1] == 0:
         raise ValueError("head_dim must be positive")
     hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
+    if hq == 0 or hkv == 0 or hq % hkv:
         raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
     if not packed:
         if q.shape[0] != k.shape[0]:
@@ -142,7 +143,8 @@ def _interpreting() -> bool:
 def _scale(softmax_scale, d) -> float:
     if softmax_scale is None:
         return d ** -0.5
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or softmax_scale <= 0:
+    if (not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or softmax_scale <= 0
+            or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
     return float(softmax_scale)
 
@@ -482,6 +484,8 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
     b, sq, hq, d = q.shape
     if sq < 1:
         raise ValueError(f"q must be (batch, seqlen_q >= 1, Hq, d), got {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x, (4,))
         if x.shape[0] != b or x.shape[3] != d or x.shape != k_cache.shape:
@@ -489,8 +493,8 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
         if x.dtype != q.dtype or x.device != q.device:
             raise ValueError(f"{name} must have q's dtype {q.dtype} and device {q.device}, got {x.dtype} {x.device}")
     hkv = k_cache.shape[2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q's heads ({hq}) must be a multiple of k_cache's ({hkv})")
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"q's heads ({hq}) must be a positive multiple of k_cache's ({hkv})")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new token's key and value) or both left out")
     for name, x in (("k", k), ("v", v)):
@@ -499,6 +503,8 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
             if tuple(x.shape) != (b, sq, hkv, d) or x.device != q.device:
                 raise ValueError(f"{name} must be (batch={b}, seqlen_q={sq}, Hkv={hkv}, d={d}) on {q.device}, got "
                                  f"{tuple(x.shape)} on {x.device}")
+            if x.dtype != k_cache.dtype:  # written into the cache: a cast would hide a mismatch
+                raise TypeError(f"{name} must have the caches' dtype {k_cache.dtype}, got {x.dtype}")
     for name, x in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if x is None and name == "cache_leftpad":
             continue
@@ -515,10 +521,13 @@ def _check_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, compressed_key
             want.append((config.coarse_kernel_size, config.coarse_kernel_stride))
         if list(compressed_keys.specs) != want:
             raise ValueError(f"compressed_keys hold windows {compressed_keys.specs}, config asks for {want}")
-        for buf in compressed_keys.buffers:
+        for buf, (_, stride) in zip(compressed_keys.buffers, compressed_keys.specs):
             if buf.shape[0] != b or buf.shape[2:] != k_cache.shape[2:] or buf.device != q.device:
                 raise ValueError(f"compressed_keys buffers must be (batch={b}, n, Hkv={hkv}, d={d}) on {q.device}, "
                                  f"got {tuple(buf.shape)} on {buf.device}")
+            if buf.shape[1] < max(1, k_cache.shape[1] // stride):  # windows past it would overwrite its last row
+                raise ValueError(f"compressed_keys were made for a cache of {buf.shape[1] * stride} slots, k_cache "
+                                 f"has {k_cache.shape[1]}: make them with max_len={k_cache.shape[1]}")
     # the cache's extent, read on the host unless a graph is being captured or compiled (then trusted)
     if not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         n = cache_seqlens.long() + (0 if k is None else sq)  # keys after the call; the first query sees n - sq + 1

@@ -135,6 +135,11 @@ def test_bad_inputs_name_the_argument():
         infllmv2_attention(q, k, v, config={"top_k": 3})
     with pytest.raises(ValueError, match="softmax_scale"):
         infllmv2_attention(q, k, v, softmax_scale=-1.0)
+    for scale in (float("nan"), float("inf")):  # passed a <= 0 check, then NaN (torch) or zeros (reference) came out
+        with pytest.raises(ValueError, match="softmax_scale"):
+            infllmv2_attention(q, k, v, softmax_scale=scale)
+    with pytest.raises(ValueError, match="positive multiple of the KV heads"):  # no query heads at all
+        infllmv2_attention(q[:, :, :0], k, v)
 
 
 def test_bad_cu_seqlens():
@@ -184,6 +189,21 @@ def test_bad_block_indices():
         sparse_attention(q, k, v, idx + 5, block_size=16)
     with pytest.raises(ValueError, match="block_size"):
         sparse_attention(q, k, v, idx, block_size=0)
+
+
+def test_packed_block_index_past_a_shorter_sequence_selects_nothing():
+    """An index below the longest sequence's block count but past a shorter one's last block (allowed by the range
+    check) is a block that sequence does not have: every backend treats it as -1 (the reference and torch paths
+    failed inside scatter_)."""
+    q, k, v = rand_qkv(120, 4, 2, 8, dtype=torch.float32)
+    cu = _cu([20, 100])  # 2 and 7 blocks of 16
+    idx = select_blocks(q, k, SMALL, cu_seqlens=cu)
+    past = idx.clone()
+    past[:, :20, -1] = 5  # the first sequence has blocks 0 and 1 only
+    for backend in ("reference", "torch"):
+        want = sparse_attention(q, k, v, idx, block_size=16, cu_seqlens=cu, backend=backend)
+        got = sparse_attention(q, k, v, past, block_size=16, cu_seqlens=cu, backend=backend)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_no_nan_from_finite_inputs_with_missing_current_block():

@@ -109,6 +109,25 @@ def test_with_kvcache_without_compressed_keys(backend):
         torch.testing.assert_close(a[i], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dense_len", [-1, 1000], ids=["sparse", "dense"])
+def test_with_kvcache_ignores_nan_in_unfilled_slots(backend, dense_len):
+    """Slots outside each row's keys may hold anything (a cache from torch.empty): NaN there changes nothing (the
+    torch path multiplied the zero weights of those slots by their values, NaN in every row)."""
+    config = SMALL.replace(dense_len=dense_len)
+    lens = [150, 90]
+    kc, vc, pad, _, _, ck = _start(lens, 224, 4, 2, 32, config, leftpad=True, seed=5)
+    q = torch.randn(2, 1, 4, 32, generator=torch.Generator().manual_seed(6))
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    want = infllmv2_with_kvcache(q, kc, vc, seqlens, config, compressed_keys=ck, cache_leftpad=pad, backend=backend)
+    for i, n in enumerate(lens):  # NaN before and after each row's keys
+        for x in (kc, vc):
+            x[i, :pad[i]] = float("nan")
+            x[i, pad[i] + n:] = float("nan")
+    got = infllmv2_with_kvcache(q, kc, vc, seqlens, config, compressed_keys=ck, cache_leftpad=pad, backend=backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
 def test_append_windows_writes_new_token_rounded_to_cache_dtype(fused):
     # an fp32 new key into a bf16 cache: the cache holds it rounded, and the windows pool the rounded key
@@ -174,6 +193,13 @@ def test_with_kvcache_rejects_bad_input():
                                                    "cpu")), "compressed_keys hold windows"),
         (dict(compressed_keys=StaticCompressedKeys(3, 64, 2, 16, config, torch.float32, "cpu")), "batch=2"),
         (dict(config=config.replace(use_nope=True)), "use_nope"),
+        (dict(q=q.int(), k_cache=kc.int(), v_cache=vc.int()), "q must be float16"),  # int32 ran, rounded nonsense
+        (dict(k=k.double(), v=k.double()), "k must have the caches' dtype"),  # was cast silently
+        (dict(q=torch.zeros(2, 1, 0, 16)), "positive multiple of k_cache"),
+        (dict(softmax_scale=float("nan")), "softmax_scale"),
+        # made for a smaller cache: windows past its rows were written onto its last row (a wrong selection)
+        (dict(compressed_keys=StaticCompressedKeys(2, 16, 2, 16, config, torch.float32, "cpu")),
+         "made for a cache of 16 slots"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(compressed_keys=StaticCompressedKeys(2, 64, 2, 16, config, torch.float64, "cpu"), backend="triton",
               q=torch.zeros(2, 1, 4, 32), k_cache=torch.zeros(2, 64, 2, 32), v_cache=torch.zeros(2, 64, 2, 32)),

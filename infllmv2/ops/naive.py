@@ -135,11 +135,12 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: SparseConfig, scale:
 
 
 def selection_mask(block_indices: torch.Tensor, nk: int, block_size: int) -> torch.Tensor:
-    """(Hkv, n, budget) block indices -> (Hkv, n, nk) bool: key u allowed iff selected and causal."""
+    """(Hkv, n, budget) block indices -> (Hkv, n, nk) bool: key u allowed iff selected and causal.
+    Indices past the sequence's last block (a shorter sequence of a packed batch) select nothing, as -1."""
     hkv, n, _ = block_indices.shape
     nb = -(-nk // block_size)
     blocks = torch.zeros(hkv, n, nb + 1, dtype=torch.bool, device=block_indices.device)
-    idx = torch.where(block_indices < 0, nb, block_indices.long())
+    idx = torch.where((block_indices < 0) | (block_indices >= nb), nb, block_indices.long())
     blocks.scatter_(-1, idx, True)
     allowed = blocks[..., :nb].repeat_interleave(block_size, dim=-1)[..., :nk]
     positions = torch.arange(nk - n, nk, device=block_indices.device)

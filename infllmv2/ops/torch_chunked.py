@@ -106,7 +106,7 @@ def _chunk_union(idx: torch.Tensor, nb: int, block_size: int, nk: int, pos: torc
     """
     hkv, c, _ = idx.shape
     sel = torch.zeros(hkv, c, nb + 1, dtype=torch.bool, device=idx.device)
-    sel.scatter_(-1, torch.where(idx < 0, nb, idx.long()), True)
+    sel.scatter_(-1, torch.where((idx < 0) | (idx >= nb), nb, idx.long()), True)  # past the sequence: nothing
     sel = sel[..., :nb]
     blocks = sel.any(dim=1).any(dim=0).nonzero().flatten()  # (U,)
     keys = (blocks[:, None] * block_size + torch.arange(block_size, device=idx.device)).flatten()

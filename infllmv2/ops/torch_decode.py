@@ -67,7 +67,8 @@ def _attend(qg, k, v, valid, scale):
     """qg (b, Hkv, G, d), k/v (b, Hkv, m, d), valid (b, Hkv, m) -> (b, Hkv, G, d)."""
     logits = scale * torch.einsum("bhgd,bhmd->bhgm", qg, k)
     p = torch.softmax(logits.masked_fill(~valid[:, :, None], -math.inf), dim=-1)
-    return torch.einsum("bhgm,bhmd->bhgd", p, v)
+    # slots outside a row's keys may hold anything (a cache from torch.empty): 0 * nan would leak into the sum
+    return torch.einsum("bhgm,bhmd->bhgd", p, v.masked_fill(~valid[..., None], 0.0))
 
 
 def decode_static(q, k_cache, v_cache, lens, leftpad, k_fine, k_coarse, config: SparseConfig,

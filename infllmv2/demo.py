@@ -327,17 +327,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def resolve_dtype(name: str, device):
     import torch
 
@@ -369,6 +358,7 @@ def run_demo(opts: Optional[DemoOptions] = None, **overrides) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
+    from .evaluation import resolve_device
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     os.makedirs(opts.out, exist_ok=True)

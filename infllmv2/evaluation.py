@@ -733,6 +733,16 @@ def run_compare(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> List[int]:
     try:
         vals = [int(x) for x in text.split(",") if x]
@@ -818,14 +828,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--lengths", type=_int_list, default=[4096, 16384], help="comma-separated lengths in tokens")
     g.add_argument("--tasks", type=_str_list(TASKS + ("ppl",)), default=list(TASKS) + ["ppl"],
                    help="comma-separated tasks: " + ", ".join(TASKS + ("ppl",)))
-    g.add_argument("--samples", type=int, default=8, help="samples per task, length and mode")
+    g.add_argument("--samples", type=_positive_int, default=8, help="samples per task, length and mode")
     g.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="passkey depths")
     g.add_argument("--haystack", choices=["noise", "code"], default="noise",
                    help="filler of the needle tasks: RULER noise sentences or standard-library code")
     g.add_argument("--ppl-data", nargs="*", default=None,
                    help="text folders for the perplexity documents ('stdlib', 'site-packages' or paths); "
                         "use text the model was not trained on")
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="cap on generated tokens per answer (default: 2x the reference answer's tokens + 4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="eval_out", help="output folder (results.json, results.md, results.png)")
@@ -836,10 +846,25 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_device(name: str, arg: str = "--device") -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch.device; a name torch
+    does not know, or CUDA this machine lacks, is a ValueError naming ``arg`` (the command line reports it)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{arg} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{arg} {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{arg} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _device_dtype(device: str, dtype: str):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:

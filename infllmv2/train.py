@@ -438,7 +438,8 @@ class _Dist:
             device_arg = "cuda" if torch.cuda.is_available() else "cpu"
         if device_arg == "cuda":
             device_arg = f"cuda:{self.local_rank}"
-        self.device = torch.device(device_arg)
+        from .evaluation import resolve_device
+        self.device = resolve_device(device_arg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.enabled and not dist.is_initialized():
@@ -814,6 +815,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.rope_theta is not None and not cfg.rope_theta > 0:  # a new model's too (set_rope_theta checks --init's)
+        raise ValueError(f"--rope-theta must be positive, got {cfg.rope_theta}")
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.parallel == "fsdp":

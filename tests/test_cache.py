@@ -543,6 +543,28 @@ def test_static_cache_equals_dynamic_cache():
             assert not pk.data[0, ref.shape[0]:].any()
 
 
+def test_static_generate_with_chunked_prefill_uses_the_infllmv2_static_cache():
+    """generate(cache_implementation="static", prefill_chunk_size=N): transformers 5 initialises its static cache
+    before the prefill, which kept it (no compressed keys: every step pooled them again, with a warning to call
+    enable()); now an InfLLMv2StaticCache initialised the same way, giving the dynamic cache's tokens. The second
+    static call also failed on transformers 4.x (AttributeError: it reused its own cache, which had never run)."""
+    import warnings
+
+    model = enable(_llama(), SPARSE)
+    prompt = _ids(150)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(prompt, **kw).sequences
+        for extra in (dict(), dict(prefill_chunk_size=32)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = model.generate(prompt, cache_implementation="static", **extra, **kw)
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            assert isinstance(cache, InfLLMv2StaticCache), (extra, type(cache))
+            assert not [w for w in caught if "keeps no compressed keys" in str(w.message)]
+            assert torch.equal(out.sequences, want), extra
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_static_cache_decode_step_compiles_fullgraph_and_equals_dynamic_cache(backend):
     """gpt-fast style: prefill eagerly into an InfLLMv2StaticCache, then decode with the whole model step under

@@ -45,6 +45,8 @@ def test_bad_options_are_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--passkey", "abc"])
     assert "depth" in capsys.readouterr().err
+    assert cli.main(["demo", "--device", "bogus", "--no-progress"]) == 2  # was torch's traceback
+    assert "--device 'bogus' is not a device" in capsys.readouterr().err
 
 
 def test_attended_fraction_counts_causal_keys():

@@ -163,6 +163,30 @@ def test_tiny_model_through_suite(tiny, tmp_path):
     assert "| dense | 1024 |" in (tmp_path / "ev" / "results.md").read_text()
 
 
+def test_eval_command_line_errors_name_the_flag(tiny, tmp_path, capsys):
+    """Counts that make no sense and devices torch cannot use are command-line errors naming the flag: --samples 0
+    ran the suite and failed in the plot, --max-new-tokens -4 answered nothing and exited 0, a bad --device came out
+    as torch's traceback."""
+    from infllmv2 import cli
+
+    folder = tmp_path / "model"
+    tiny.save_pretrained(folder)
+    (folder / "infllmv2_tokenizer.json").write_text('{"type": "byte"}')
+    argv = ["eval", "--model", str(folder), "--lengths", "300", "--modes", "dense", "--tasks", "passkey",
+            "--no-progress", "--out", str(tmp_path / "ev")]
+    for flags in (["--samples", "0"], ["--samples", "-2"], ["--max-new-tokens", "-4"], ["--max-new-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv + flags)
+        assert flags[0] in capsys.readouterr().err
+    devices = [("bogus", "--device 'bogus' is not a device")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "--device cuda: CUDA is not available"))
+    for device, message in devices:
+        assert cli.main(argv + ["--samples", "1", "--device", device]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()  # nothing ran
+
+
 def test_eval_command_runs_the_sparse_config_the_model_was_saved_with(tiny, tmp_path):
     import copy
 

@@ -342,6 +342,20 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16(tmp_path):
     assert half["loss_first_steps"][0] == pytest.approx(full["loss_first_steps"][0], rel=2e-2)
 
 
+def test_bad_rope_theta_and_device_are_named(tmp_path):
+    """A new model's --rope-theta of 0 or below ran until the loss was NaN; a device torch cannot use came out as
+    torch's own error. Both are ValueErrors naming the flag (the command line prints them), before any step."""
+    for theta in (0.0, -5.0):
+        with pytest.raises(ValueError, match="--rope-theta must be positive"):
+            train(_cfg(tmp_path / "a", rope_theta=theta))
+    with pytest.raises(ValueError, match="--device 'bogus' is not a device"):
+        train(_cfg(tmp_path / "b", device="bogus"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:0: CUDA is not available"):
+            train(_cfg(tmp_path / "c", device="cuda"))
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_lora_flags_are_checked(tmp_path):
     pytest.importorskip("peft")
     parser = add_train_args(argparse.ArgumentParser())

@@ -608,6 +608,19 @@ def test_sliding_window_model_is_rejected():
     torch.testing.assert_close(_logits(enable(model, FULL), ids), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_attention_model_is_rejected():
+    """Llama 4's chunked attention layers (each token sees its own chunk of attention_chunk_size) were widened to
+    the whole prefix silently: the logits changed past the first chunk even with a budget covering every key."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip("this transformers has no Llama 4")
+    cfg = transformers.Llama4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                        intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, attention_chunk_size=32,
+                                        max_position_embeddings=1024, pad_token_id=0)
+    with pytest.raises(ValueError, match="chunked_attention|attention_chunk_size"):
+        enable(transformers.Llama4ForCausalLM(cfg), FULL)
+
+
 def test_4d_mask_is_rejected():
     model = enable(_llama(), SPARSE)
     ids = _ids(40)

@@ -511,13 +511,20 @@ def attention_modules(model: torch.nn.Module) -> list:
     return [m for _, m in found]
 
 
-def _uses_sliding_window(cfg) -> bool:
+def _restricted_attention(cfg) -> Optional[str]:
+    """What keeps some layer of this config from full causal attention (sliding windows, Llama 4's chunks), or None:
+    InfLLM-V2 attends over the whole causal prefix, so it would silently widen such layers."""
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
-        return any("sliding" in str(t) for t in layer_types)
+        other = sorted({str(t) for t in layer_types} - {"full_attention"})
+        return f"layer_types {other}" if other else None
+    if getattr(cfg, "attention_chunk_size", None):
+        return f"chunked attention (attention_chunk_size={cfg.attention_chunk_size})"
     if getattr(cfg, "use_sliding_window", True) is False:
-        return False
-    return getattr(cfg, "sliding_window", None) is not None
+        return None
+    if getattr(cfg, "sliding_window", None) is not None:
+        return f"sliding-window attention (sliding_window={cfg.sliding_window})"
+    return None
 
 
 def enable(model, config=None, *, backend: str = "auto"):
@@ -544,10 +551,11 @@ def enable(model, config=None, *, backend: str = "auto"):
     for m in modules:
         configs.setdefault(id(m.config), m.config)
     for cfg in configs.values():
-        if _uses_sliding_window(cfg):
-            raise ValueError(f"{type(model).__name__} uses sliding-window attention (sliding_window="
-                             f"{getattr(cfg, 'sliding_window', None)}); InfLLM-V2 replaces full causal attention: set "
-                             "config.sliding_window = None (and layer_types to full attention) first")
+        restricted = _restricted_attention(cfg)
+        if restricted:
+            raise ValueError(f"{type(model).__name__} does not attend over the full causal prefix in every layer "
+                             f"({restricted}); InfLLM-V2 replaces full causal attention: set config.sliding_window = "
+                             "None (attention_chunk_size = None, layer_types all 'full_attention') first")
         dropout = getattr(cfg, "attention_dropout", 0.0) or 0.0
         if dropout:
             raise ValueError(f"config.attention_dropout = {dropout}: InfLLM-V2 has no attention dropout, set it to 0.0")
@@ -600,12 +608,21 @@ class _PrepareInfLLMv2Cache:
             made = model_kwargs.get(name)
             if type(made) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
                 model_kwargs[name] = InfLLMv2Cache()
-            # full-attention layers only (no sliding ones), and not already initialised (chunked prefill does)
-            elif (type(made) is StaticCache and not _cache_initialized(made)
-                  and all(type(layer) is StaticLayer for layer in made.layers)):
+            # full-attention layers only (no sliding ones)
+            elif type(made) is StaticCache and all(type(layer) is StaticLayer for layer in made.layers):
                 max_len = made.get_max_length() if hasattr(made, "get_max_length") else made.get_max_cache_shape()
-                model_kwargs[name] = InfLLMv2StaticCache(config=self.model.config.get_text_config(decoder=True),
-                                                         max_cache_len=max_len)
+                cache = InfLLMv2StaticCache(config=self.model.config.get_text_config(decoder=True),
+                                            max_cache_len=max_len)
+                if _cache_initialized(made):  # a chunked prefill's cache, initialised early: so is this one
+                    if not hasattr(cache, "early_initialization"):
+                        continue
+                    keys = [layer.keys for layer in made.layers]
+                    cache.early_initialization(batch_size=keys[0].shape[0], num_heads=[k.shape[1] for k in keys],
+                                               head_dim=[k.shape[-1] for k in keys], dtype=keys[0].dtype,
+                                               device=keys[0].device)
+                model_kwargs[name] = cache
+                if self.model.__dict__.get("_cache") is made:  # transformers 4.x reuses it at the next call
+                    self.model._cache = cache
         return result
 
 

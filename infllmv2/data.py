@@ -406,6 +406,9 @@ class Row:
     kind: str                 # "text" | "ruler"
 
 
+MIN_RULER_LEN = 512  # shortest segment a RULER training sample goes into
+
+
 class TrainingStream:
     """Deterministic rows of ``seq_len`` tokens: row ``i`` depends on ``(seed, i)`` only.
 
@@ -419,7 +422,7 @@ class TrainingStream:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, buckets: Optional[LengthBuckets] = None,
                  ruler_ratio: float = 0.0, tokenizer=None, ruler_tasks: Optional[Sequence[str]] = None,
-                 min_segment: int = 16, min_ruler_len: int = 512):
+                 min_segment: int = 16, min_ruler_len: int = MIN_RULER_LEN):
         tokens = np.asarray(tokens, dtype=np.int32)
         if seq_len <= 1:
             raise ValueError(f"seq_len must be > 1, got {seq_len}")

@@ -53,8 +53,8 @@ import torch
 
 from .attention import expand_kv_heads, no_cudnn_plans
 from .config import SparseConfig
-from .data import (PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents, encode_documents,
-                   save_tokenizer, source_roots)
+from .data import (MIN_RULER_LEN, PAPER_BUCKETS, ByteTokenizer, LengthBuckets, TrainingStream, build_documents,
+                   encode_documents, save_tokenizer, source_roots)
 
 __all__ = ["PRESETS", "TrainConfig", "build_model", "set_rope_theta", "lr_at", "train", "add_train_args",
            "config_from_args", "run_train", "main", "plot_losses", "read_loss_log", "latest_checkpoint",
@@ -450,13 +450,14 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: float) -> float:
+    def sum(self, value: float) -> float:
+        """``value`` summed over the ranks."""
         if not self.enabled:
             return value
         import torch.distributed as dist
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / self.world
+        return float(t)
 
     def barrier(self):
         if self.enabled:
@@ -524,6 +525,19 @@ def _is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def _check_untied_targets(model, targets: str) -> None:
+    """Refuse adapters on a weight another module shares (tied embeddings: lm_head and embed_tokens): merged into
+    the final model, the adapter would change the other module too, which was never trained that way."""
+    adapted = {id(m.base_layer.weight): name for name, m in model.named_modules()
+               if hasattr(m, "lora_A") and hasattr(getattr(m, "base_layer", None), "weight")}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = adapted.get(id(p))
+        if owner is not None and not name.startswith(owner + "."):
+            raise ValueError(f"--lora-targets {targets!r}: {owner.split('.')[-1]} shares its weight with "
+                             f"{name.rsplit('.', 1)[0].split('.')[-1]} (tied embeddings); merged into the final "
+                             "model its adapter would change both: leave it out")
+
+
 def _with_lora(model, cfg: TrainConfig, resume_from: Optional[str]):
     """Low-rank adapters on ``cfg.lora_targets`` (the rest frozen); from a checkpoint's adapters when resuming."""
     try:
@@ -538,6 +552,7 @@ def _with_lora(model, cfg: TrainConfig, resume_from: Optional[str]):
         model = get_peft_model(model, lora)
     except ValueError as err:  # no module matched
         raise ValueError(f"--lora-targets {cfg.lora_targets!r}: {err}") from None
+    _check_untied_targets(model, cfg.lora_targets)
     if resume_from:
         from safetensors.torch import load_file
 
@@ -815,8 +830,23 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
     for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.rope_theta is not None and not cfg.rope_theta > 0:  # a new model's too (set_rope_theta checks --init's)
-        raise ValueError(f"--rope-theta must be positive, got {cfg.rope_theta}")
+    # numbers the run would take silently (a negative learning rate climbs the loss, a NaN clip turns clipping off)
+    checks = [("--rope-theta", cfg.rope_theta, lambda x: x is None or 0 < x < math.inf, "positive and finite"),
+              ("--min-lr-ratio", cfg.min_lr_ratio, lambda x: 0 <= x <= 1, "in [0, 1]"),
+              ("--warmup", cfg.warmup, lambda x: x >= 0, ">= 0"),
+              ("--weight-decay", cfg.weight_decay, lambda x: 0 <= x < math.inf, ">= 0"),
+              ("--clip", cfg.clip, lambda x: 0 <= x < math.inf, ">= 0 (0: off)"),
+              ("--max-position", cfg.max_position, lambda x: x is None or x > 0, "positive"),
+              ("--save-every", cfg.save_every, lambda x: x >= 0, ">= 0 (0: at the end only)"),
+              ("--keep", cfg.keep, lambda x: x >= 1, ">= 1"),
+              ("--lora-alpha", cfg.lora_alpha, lambda x: x is None or 0 < x < math.inf, "positive"),
+              ("--data-max-chars", cfg.data_max_chars, lambda x: x is None or x > 0, "positive")]
+    for flag, value, ok, want in checks:
+        if not ok(value):
+            raise ValueError(f"{flag} must be {want}, got {value}")
+    if cfg.ruler_ratio > 0 and cfg.seq_len < MIN_RULER_LEN:
+        raise ValueError(f"--ruler-ratio needs --seq-len >= {MIN_RULER_LEN}: RULER samples go into segments of "
+                         f"{MIN_RULER_LEN} tokens or more (got --seq-len {cfg.seq_len})")
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.parallel == "fsdp":
@@ -939,21 +969,29 @@ def _train(cfg: TrainConfig, d: _Dist, stop_after: Optional[int]) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         total = 0.0
+        batches = []
         for m in range(cfg.grad_accum):
             first = step * global_rows + m * micro_rows + d.rank * cfg.micro_batch
-            batch = {k: v.to(d.device) for k, v in stream.batch(range(first, first + cfg.micro_batch)).items()}
+            batches.append(stream.batch(range(first, first + cfg.micro_batch)))
+        # the loss is the mean over the predicted tokens of the whole global batch, as one large batch would have it:
+        # each micro-batch's summed loss over the global count (packed rows predict one token fewer a document, so a
+        # mean of micro-batch means would weigh rows by their packing). DDP / FSDP average the ranks' gradients: the
+        # world size undoes that.
+        n_predicted = d.sum(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
+        for m, batch in enumerate(batches):
+            batch = {k: v.to(d.device) for k, v in batch.items()}
             sync = m == cfg.grad_accum - 1
             ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _nullcontext()
             with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = wrapped(**batch, use_cache=False).loss
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
+                loss = wrapped(**batch, use_cache=False, num_items_in_batch=max(n_predicted, 1.0)).loss
+            (loss * d.world).backward()
+            total += float(loss.detach())
         gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip if cfg.clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_mean = d.mean(total)
+        loss_mean = d.sum(total)
         last = {"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": float(gnorm),
                 "tokens": (step + 1) * global_rows * cfg.seq_len, "time": round(time.time() - t_start, 3),
                 "stage": stage, "attention": cfg.attention}
@@ -1043,7 +1081,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=c.data,
                    help="text sources: 'stdlib', 'site-packages', folders (files ending in --data-exts) or .jsonl "
                         "files (one JSON object a line; its --data-field text)")
-    g.add_argument("--data-max-chars", type=int, default=None, help="read at most this many characters")
+    g.add_argument("--data-max-chars", type=int, default=None,
+                   help="stop reading --data once this many characters are read (whole files and records)")
     g.add_argument("--data-exts", default=c.data_exts,
                    help="comma-separated endings of the files read under --data (e.g. .txt,.md for prose)")
     g.add_argument("--data-field", default=c.data_field, help="the text field of each record of a --data .jsonl file")
@@ -1054,7 +1093,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="length-bucket mix of the segments of a row: 'paper', 'none' or LO-HI:W,... (fractions of "
                         "--seq-len or absolute tokens); default none (one segment per row)")
     g.add_argument("--ruler-ratio", type=float, default=c.ruler_ratio,
-                   help="fraction of rows made of RULER-style retrieval samples")
+                   help=f"fraction of rows made of RULER-style retrieval samples (in each segment of {MIN_RULER_LEN} "
+                        "tokens or more of such a row; shorter segments of --buckets rows stay text)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=c.steps)
     g.add_argument("--micro-batch", type=int, default=c.micro_batch, help="rows per GPU per micro step")

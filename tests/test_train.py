@@ -95,8 +95,8 @@ def test_sparse_finetune_finite_grads(tmp_path):
     # through the loop: dense pretraining, then sparse fine-tuning from its weights (bucket mix + RULER rows)
     pre = train(_cfg(tmp_path / "pre", steps=2))
     ft = train(_cfg(tmp_path / "ft", init=str(tmp_path / "pre" / "final"), attention="infllmv2",
-                    sparse=SMALL.to_dict(), backend="torch", seq_len=256, micro_batch=2, steps=2, buckets="paper",
-                    ruler_ratio=0.5, grad_checkpointing=True))
+                    sparse=SMALL.to_dict(), backend="torch", seq_len=1024, micro_batch=2, steps=2, buckets="paper",
+                    ruler_ratio=0.5, grad_checkpointing=True))  # RULER samples need segments of 512 tokens or more
     assert ft["stage"] == "finetune" and ft["sparse_config"]["topk"] == 2
     assert all(math.isfinite(x) for x in ft["loss_first_steps"]) and pre["stage"] == "pretrain"
     # the fine-tuned model has exactly the parameters of the dense one (zero extra parameters)
@@ -342,6 +342,43 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16(tmp_path):
     assert half["loss_first_steps"][0] == pytest.approx(full["loss_first_steps"][0], rel=2e-2)
 
 
+def test_grad_accumulation_of_packed_rows_equals_one_batch(tmp_path):
+    """Packed rows (--buckets) predict one token fewer a document, so rows differ in their count of predicted
+    tokens: the loss is the mean over the global batch's predicted tokens, whatever its split into micro-batches
+    (a mean of the micro-batches' means drifted by ~1e-3 from one batch's loss). Checked against the token-weighted
+    loss of the step's rows under the initial model, computed here."""
+    from safetensors.torch import load_file
+
+    from infllmv2.data import ByteTokenizer, TrainingStream, build_documents, encode_documents, source_roots
+    from infllmv2.train import _buckets
+
+    runs = {}
+    for mb, ga in ((2, 1), (1, 2)):
+        out = tmp_path / f"mb{mb}_ga{ga}"
+        train(_cfg(out, seq_len=256, micro_batch=mb, grad_accum=ga, steps=2, buckets="paper"))
+        runs[mb, ga] = ([r["loss"] for r in read_loss_log(str(out / "loss.jsonl"))],
+                        load_file(str(out / "final" / "model.safetensors")))
+    (la, wa), (lb, wb) = runs[2, 1], runs[1, 2]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), atol=1e-6, rtol=1e-6)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5)
+    stream = TrainingStream(encode_documents(build_documents(source_roots([PKG]), min_chars=8192), ByteTokenizer()),
+                            256, seed=0, buckets=_buckets("paper"))
+    batch = stream.batch(range(2))
+    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    assert counts[0] != counts[1]  # rows of different packing: the case a mean of means gets wrong
+    model = build_model("tiny", max_position=256, seed=0).eval()  # the runs' initial model
+    nll = 0.0
+    with torch.no_grad():
+        for ids, pos, labels in zip(batch["input_ids"], batch["position_ids"], batch["labels"]):
+            starts = torch.nonzero(pos == 0).flatten().tolist() + [len(ids)]
+            for a, e in zip(starts, starts[1:]):  # each document of the row alone
+                logits = model(input_ids=ids[None, a:e]).logits[0]
+                nll += float(torch.nn.functional.cross_entropy(logits[:-1], labels[a + 1:e], ignore_index=-100,
+                                                               reduction="sum"))
+    assert abs(la[0] - nll / int(counts.sum())) < 1e-5
+
+
 def test_bad_rope_theta_and_device_are_named(tmp_path):
     """A new model's --rope-theta of 0 or below ran until the loss was NaN; a device torch cannot use came out as
     torch's own error. Both are ValueErrors naming the flag (the command line prints them), before any step."""
@@ -350,6 +387,17 @@ def test_bad_rope_theta_and_device_are_named(tmp_path):
             train(_cfg(tmp_path / "a", rope_theta=theta))
     with pytest.raises(ValueError, match="--device 'bogus' is not a device"):
         train(_cfg(tmp_path / "b", device="bogus"))
+    # taken silently before: a negative learning rate, a schedule started part-way, clipping off, a config written
+    # with no positions, a checkpoint every step, LoRA's alpha 0 turned into 2 x rank, RULER rows that never came
+    for kw, flag in ((dict(min_lr_ratio=-1.0), "--min-lr-ratio"), (dict(warmup=-3), "--warmup"),
+                     (dict(clip=float("nan")), "--clip"), (dict(clip=-1.0), "--clip"),
+                     (dict(weight_decay=-5.0), "--weight-decay"), (dict(max_position=-1), "--max-position"),
+                     (dict(save_every=-1), "--save-every"), (dict(keep=0), "--keep"),
+                     (dict(lora_rank=2, lora_alpha=0.0), "--lora-alpha"),
+                     (dict(rope_theta=float("inf")), "--rope-theta"), (dict(data_max_chars=0), "--data-max-chars"),
+                     (dict(ruler_ratio=0.3, seq_len=256), "--ruler-ratio")):
+        with pytest.raises(ValueError, match=flag):
+            train(_cfg(tmp_path / "b", **kw))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda:0: CUDA is not available"):
             train(_cfg(tmp_path / "c", device="cuda"))
@@ -370,6 +418,10 @@ def test_lora_flags_are_checked(tmp_path):
         train(_cfg(tmp_path / "c", lora_rank=4, attention="nsa"))
     with pytest.raises(ValueError, match="--lora-targets 'gate_projection'"):
         train(_cfg(tmp_path / "d", lora_rank=4, lora_targets="gate_projection", steps=1))
+    # the presets tie lm_head to embed_tokens: a merged adapter on either would change both (final != trained)
+    for targets in ("q_proj,lm_head", "embed_tokens"):
+        with pytest.raises(ValueError, match="tied embeddings"):
+            train(_cfg(tmp_path / "t", lora_rank=4, lora_targets=targets, steps=1))
     # targets by name: the adapters sit on those modules only
     summary = train(_cfg(tmp_path / "e", lora_rank=2, lora_targets="q_proj,v_proj", steps=1))
     layers = build_model("tiny").model.layers

@@ -1,4 +1,6 @@
 """The reference (ops/naive.py) against brute-force loops of the SPEC, and the SPEC's invariants."""
+import math
+
 import pytest
 import torch
 
@@ -72,6 +74,15 @@ def test_sparse_matches_masked_dense_forward_and_gradients():
     g2 = torch.autograd.grad(want, (q, k, v), dout)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def test_forced_blocks_outrank_scores_that_overflowed():
+    """Candidate scores of +inf (an fp32 overflow) tie with nothing: the forced blocks (first, local, current) are
+    always selected, as the Triton kernels do (a tie with their +inf rank let lower candidates push them out)."""
+    cfg = SparseConfig(block_size=16, kernel_size=16, kernel_stride=8, window_size=16, topk=3, init_blocks=1)
+    scores = torch.full((1, 1, 8), math.inf)
+    got = naive.topk_blocks(scores, torch.tensor([127]), cfg)  # token 127: block 7, window block 6, first block 0
+    assert got.flatten().tolist() == [0, 1, 6, 7]  # budget 4: the forced blocks, then a candidate, ties to the lower
 
 
 @pytest.mark.parametrize("lse_approx", [True, False])

@@ -82,6 +82,12 @@ def test_decode_given_compressed_keys_and_scale(lse_approx):
     # fine keys given, coarse ones computed from the cache
     out3 = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2, k_fine=kf)
     torch.testing.assert_close(out3, out2, rtol=1e-6, atol=1e-6)
+    # the same keys in buffers whose head dim is not unit-stride (read as unit-stride before: another output)
+    strided = [x.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0) for x in (kf, kco)]
+    assert strided[0].stride(-1) != 1
+    out4 = infllmv2_decode_triton(q, kc, vc, sl, cfg, softmax_scale=0.2, k_fine=strided[0],
+                                  k_coarse=strided[1] if lse_approx else None)
+    torch.testing.assert_close(out4, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("given", [False, True])

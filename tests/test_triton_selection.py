@@ -96,6 +96,17 @@ def test_select_fp32_exact(lse_approx, g, hkv, d):
         _structure(gi, lens_k[i], cfg)
 
 
+def test_select_reads_a_q_of_any_strides():
+    """A q whose head dim is not unit-stride (a permuted view) selects what its contiguous copy selects: the kernels
+    read the head dim as unit-stride, and such a q gave another selection, silently."""
+    cfg = SparseConfig(**SMALL)
+    q, k, cuq, cuk = _pack([150, 70], [150, 90], 4, 2, 32, torch.float32, seed=3)
+    strided = q.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # same values, head dim with stride total * Hq
+    assert strided.stride(-1) != 1 and torch.equal(strided, q)
+    want = select_blocks_triton(q, k, cfg, cuq, cuk, 150, 150)
+    assert torch.equal(select_blocks_triton(strided, k, cfg, cuq, cuk, 150, 150), want)
+
+
 @pytest.mark.parametrize("run,lens", [(16, [64, 9, 40]), (1, [300, 64]), (4, [300, 64])])
 def test_select_fp32_exact_scan_runs(run, lens, monkeypatch):
     """The top-k's output positions by a scan within runs of blocks, then over the runs: rows of fewer blocks (8)
@@ -230,6 +241,12 @@ def test_bad_inputs():
         select_blocks_triton(q, k, cfg, cuq, torch.tensor([0, 19], dtype=torch.int32), 20, 20)
     with pytest.raises(ValueError, match="len_q <= len_k"):
         select_blocks_triton(q, k[:10], cfg, cuq, torch.tensor([0, 10], dtype=torch.int32), 20, 20)
+    # tile widths are powers of two: other block geometries are refused by name (an interpreter or compile error in
+    # the kernel before); the torch backend runs them
+    for bad in (dict(block_size=48, kernel_size=32, kernel_stride=16, window_size=48),
+                dict(block_size=24, kernel_size=24, kernel_stride=12, window_size=24)):
+        with pytest.raises(NotImplementedError, match="powers of two"):
+            select_blocks_triton(q, k, SparseConfig(**{**SMALL, **bad}), cuq, cuk, 20, 20)
     # an empty batch is valid
     out = select_blocks_triton(q[:0], k[:0], cfg, torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                                0, 0)

@@ -111,9 +111,10 @@ def topk_blocks(scores: torch.Tensor, positions: torch.Tensor, config: SparseCon
         (b[None, :] >= bq[:, None] - config.local_blocks) & (b[None, :] <= bq[:, None]))
     candidate = (b[None, :] >= config.init_blocks) & (b[None, :] < bq[:, None] - config.local_blocks)
     forced = forced & (b[None, :] <= bq[:, None])
-    # Rank: forced first, then candidates by score (stable sort keeps lower index first on ties).
-    key = torch.where(candidate[None], scores.double(), torch.tensor(-1.0, dtype=torch.float64,
-                                                                       device=scores.device))
+    # Rank: forced first, then candidates by score (stable sort keeps lower index first on ties). A candidate's score
+    # that overflowed to +inf stays below the forced blocks' +inf.
+    finite = scores.double().clamp(max=torch.finfo(torch.float64).max)
+    key = torch.where(candidate[None], finite, torch.tensor(-1.0, dtype=torch.float64, device=scores.device))
     key = torch.where(forced[None], torch.tensor(math.inf, dtype=torch.float64, device=scores.device), key)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :budget]
     valid = torch.gather(forced[None].expand(hkv, -1, -1) | candidate[None], -1, order)

@@ -694,6 +694,10 @@ def _select_kernel(ws_ptr, out_ptr, tile_seq_ptr, tile_off_ptr, q_start_ptr, q_l
 def _check_pooling(config: SparseConfig) -> None:
     R = config.block_size // config.kernel_stride
     L = config.kernel_size // config.kernel_stride
+    if R & (R - 1) or config.block_size & (config.block_size - 1):  # tile widths (tl.arange) are powers of two
+        raise NotImplementedError(
+            f"the Triton kernels need block_size and block_size / kernel_stride to be powers of two (got block_size "
+            f"{config.block_size}, kernel_stride {config.kernel_stride}); backend='torch' runs any config")
     if L - 1 > R:
         raise NotImplementedError(
             f"select_blocks_triton needs kernel_size <= block_size + kernel_stride (got kernel_size "
@@ -716,6 +720,8 @@ def _select_core(q, k1, k2, q_start, q_len, k_len, c1_start, c1_len, c2_start, c
     tiles without a host synchronisation.
     Returns (Hkv, total_q, budget) int32."""
     decode = decode_rows is not None
+    # the kernels read the head dim as unit-stride (q given by a caller, compressed keys passed to a decode call)
+    q, k1, k2 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k1, k2))
     total_q, hq, d = q.shape
     hkv = k1.shape[1]
     g = hq // hkv

@@ -327,9 +327,11 @@ def pack_tokens(stream: np.ndarray, seq_len: int, drop_last: bool = True, pad_id
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LengthBuckets:
-    """Mix of segment lengths: bucket i covers lengths in ``(bounds[i], bounds[i+1]]`` tokens and gets
-    fraction ``weights[i]`` of the training TOKENS. Bounds may be absolute (ints) or, via
-    ``relative(...)``, fractions of the row length.
+    """Mix of segment lengths: bucket i covers lengths in ``(bounds[i], bounds[i+1]]`` tokens; a row draws bucket i
+    with probability ``weights[i]`` (``TrainingStream``). Its last segment is clipped to the row, so it can land in a
+    lower bucket: the longest buckets get somewhat less than their weight of the tokens (the paper's mix at 32K:
+    0.33 / 0.33 / 0.18 / 0.16 of the tokens for weights 0.3 / 0.3 / 0.2 / 0.2). Bounds may be absolute (ints) or,
+    via ``relative(...)``, fractions of the row length.
     """
 
     bounds: tuple
@@ -414,8 +416,8 @@ class TrainingStream:
 
     tokens: the int32 token stream (``encode_documents``). buckets: ``None`` = each row is one segment
     of ``seq_len`` (pretraining), else a ``LengthBuckets`` (absolute or relative bounds): each row draws
-    one bucket (so bucket weights are token fractions) and is filled with segments whose lengths are
-    uniform in the bucket (the last one clipped to the row). ruler_ratio: fraction of rows made of
+    one bucket (bucket weights are row fractions, close to token fractions) and is filled with segments whose
+    lengths are uniform in the bucket (the last one clipped to the row). ruler_ratio: fraction of rows made of
     RULER-style retrieval samples (see ``infllmv2.evaluation.training_sample``), lengths from the same
     bucket draw.
     """

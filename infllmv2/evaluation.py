@@ -374,9 +374,11 @@ def recall_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the first line, stripped of whitespace and trailing punctuation, equals ``", ".join(answers)``."""
+    """1.0 if the first line, stripped of whitespace and trailing punctuation, lists exactly the answers
+    (comma-separated, in any order: the prompt does not fix one for niah_multivalue's needles at random depths, nor
+    for cwe's words of equal counts)."""
     line = _first_line(prediction).strip().rstrip(".;,!").strip()
-    return float(line.lower() == ", ".join(answers).lower())
+    return float(sorted(x.strip() for x in line.lower().split(",")) == sorted(a.lower() for a in answers))
 
 
 def score_sample(sample: Sample, prediction: str) -> dict:
@@ -548,7 +550,9 @@ def evaluate(model, tokenizer, lengths: Sequence[int], modes: Sequence[str] = ("
                     vals.append(perplexity(model, _ppl_tokens(tok, L, seed + i, ppl_roots, ppl_cache)))
                     if bar:
                         bar.update(1)
-                ppl[mode][str(L)] = {k: float(np.exp(np.mean([math.log(v[k]) for v in vals]))) for k in vals[0]}
+                # documents of equal length: perplexities combine as exp(mean log), losses as their mean
+                ppl[mode][str(L)] = {k: float(np.mean([v[k] for v in vals])) if k.startswith("nll") else
+                                     float(np.exp(np.mean([math.log(v[k]) for v in vals]))) for k in vals[0]}
                 scores["ppl"] = ppl[mode][str(L)]["ppl"]
                 if log:
                     log(f"[{mode} L={L}] ppl {scores['ppl']:.3f}")
@@ -743,6 +747,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> List[int]:
     try:
         vals = [int(x) for x in text.split(",") if x]
@@ -837,7 +851,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "use text the model was not trained on")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="cap on generated tokens per answer (default: 2x the reference answer's tokens + 4)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--out", default="eval_out", help="output folder (results.json, results.md, results.png)")
     g.add_argument("--name", default="results", help="base name of the output files")
     g.add_argument("--no-progress", action="store_true")
@@ -897,11 +911,18 @@ def run_eval(args) -> dict:
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, device, dtype)
     from .models.transformers import sparse_config_of
 
+    from .train import NSA_KEY, is_nsa
+
+    if is_nsa(model) and sparse_flags_given(args):  # they would be recorded, and not run
+        raise ValueError(f"the sparse flags ({', '.join(sorted(sparse_flags_given(args)))}) set InfLLM-V2's config; an "
+                         f"NSA model runs the selection it was trained with ({NSA_KEY} in its config.json)")
     # flags over the model's own sparse_config: a model fine-tuned sparse is evaluated with the config it learned
     sparse = sparse_config_from_args(args, sparse_config_of(model.config))
     results = evaluate(model, tok, args.lengths, args.modes, args.tasks, args.samples, args.depths, args.seed,
                        sparse, args.backend, args.haystack, args.ppl_data,
                        progress=not args.no_progress, max_new_tokens=args.max_new_tokens)
+    if is_nsa(model):
+        results["sparse_config"] = dict(getattr(model.config, NSA_KEY))  # what ran
     results["command"] = getattr(args, "command_line", None)
     results["model"] = os.path.abspath(args.model)
     paths = write_outputs(results, args.out, args.name)

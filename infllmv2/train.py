@@ -840,10 +840,16 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> dict:
               ("--save-every", cfg.save_every, lambda x: x >= 0, ">= 0 (0: at the end only)"),
               ("--keep", cfg.keep, lambda x: x >= 1, ">= 1"),
               ("--lora-alpha", cfg.lora_alpha, lambda x: x is None or 0 < x < math.inf, "positive"),
-              ("--data-max-chars", cfg.data_max_chars, lambda x: x is None or x > 0, "positive")]
+              ("--data-max-chars", cfg.data_max_chars, lambda x: x is None or x > 0, "positive"),
+              ("--ruler-ratio", cfg.ruler_ratio, lambda x: 0 <= x <= 1, "in [0, 1]"),
+              ("--seed", cfg.seed, lambda x: 0 <= x < 2 ** 32, "in [0, 2**32)")]
     for flag, value, ok, want in checks:
         if not ok(value):
             raise ValueError(f"{flag} must be {want}, got {value}")
+    try:
+        _buckets(cfg.buckets)
+    except ValueError as err:
+        raise ValueError(f"--buckets {cfg.buckets!r}: {err}") from None
     if cfg.ruler_ratio > 0 and cfg.seq_len < MIN_RULER_LEN:
         raise ValueError(f"--ruler-ratio needs --seq-len >= {MIN_RULER_LEN}: RULER samples go into segments of "
                          f"{MIN_RULER_LEN} tokens or more (got --seq-len {cfg.seq_len})")

@@ -395,7 +395,8 @@ def test_bad_rope_theta_and_device_are_named(tmp_path):
                      (dict(save_every=-1), "--save-every"), (dict(keep=0), "--keep"),
                      (dict(lora_rank=2, lora_alpha=0.0), "--lora-alpha"),
                      (dict(rope_theta=float("inf")), "--rope-theta"), (dict(data_max_chars=0), "--data-max-chars"),
-                     (dict(ruler_ratio=0.3, seq_len=256), "--ruler-ratio")):
+                     (dict(ruler_ratio=0.3, seq_len=256), "--ruler-ratio"), (dict(ruler_ratio=2.0), "--ruler-ratio"),
+                     (dict(seed=-3), "--seed"), (dict(buckets="0-0.5:1,0.6-1:1"), "--buckets")):
         with pytest.raises(ValueError, match=flag):
             train(_cfg(tmp_path / "b", **kw))
     if not torch.cuda.is_available():

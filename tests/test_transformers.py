@@ -619,6 +619,37 @@ def test_chunked_attention_model_is_rejected():
                                         max_position_embeddings=1024, pad_token_id=0)
     with pytest.raises(ValueError, match="chunked_attention|attention_chunk_size"):
         enable(transformers.Llama4ForCausalLM(cfg), FULL)
+    # loaded with attn_implementation="infllmv2" (no enable()): the attention function refuses it at the first call
+    cfg.sparse_config = FULL.to_dict()
+    model = transformers.Llama4ForCausalLM._from_config(cfg, attn_implementation="infllmv2").eval()
+    with pytest.raises(ValueError, match="chunked_attention|attention_chunk_size"):
+        model(input_ids=_ids(40), use_cache=False)
+
+
+def test_use_nope_is_refused_by_enable_and_at_the_first_call():
+    """use_nope needs pre-RoPE q / k, which transformers' attention functions never get: refused by enable(), and
+    by the attention function of a model that carries it in its config (every forward raised, dense ones too)."""
+    with pytest.raises(ValueError, match="use_nope"):
+        enable(_llama(), SPARSE.replace(use_nope=True))
+    model = _llama()
+    model.config.sparse_config = SPARSE.replace(use_nope=True).to_dict()
+    model.set_attn_implementation("infllmv2")
+    with pytest.raises(ValueError, match="use_nope"):
+        _logits(model, _ids(20))
+
+
+def test_a_sparse_config_object_on_the_config_runs_and_saves(tmp_path):
+    """config.sparse_config may hold a SparseConfig (not only MiniCPM4's dict): it runs, and save_pretrained writes
+    it as the dict (it failed: a SparseConfig is not JSON serializable)."""
+    model = _llama()
+    model.config.sparse_config = SPARSE
+    model.set_attn_implementation("infllmv2")
+    ids = _ids(150)
+    out = _logits(model, ids)
+    model.save_pretrained(tmp_path / "m")
+    loaded = enable(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval())
+    assert loaded.config.sparse_config == SPARSE.to_dict()
+    torch.testing.assert_close(_logits(loaded, ids), out)
 
 
 def test_4d_mask_is_rejected():

@@ -54,7 +54,8 @@ def sparse_config_of(config: Any) -> SparseConfig:
     raw = getattr(config, "sparse_config", None)
     if raw is None:
         return SparseConfig()
-    if isinstance(raw, SparseConfig):
+    if isinstance(raw, SparseConfig):  # stored back as its dict, which save_pretrained can write
+        config.sparse_config = raw.to_dict()
         return raw
     if not isinstance(raw, dict):
         raise TypeError(f"config.sparse_config must be a dict (MiniCPM4 sparse_config) or a SparseConfig, "
@@ -73,8 +74,24 @@ def _layer_sparse_config(module) -> SparseConfig:
     if hit is not None and hit[0] == raw:
         return hit[1]
     config = sparse_config_of(module.config)
+    _check_supported(module.config, config, type(module).__name__)  # once a layer (a model loaded with
+    # attn_implementation="infllmv2" never went through enable()'s checks)
+    raw = getattr(module.config, "sparse_config", None)
     module._infllmv2_parsed = (dict(raw) if isinstance(raw, dict) else raw, config)
     return config
+
+
+def _check_supported(cfg, sparse: SparseConfig, owner: str) -> None:
+    """Refuse what InfLLM-V2 in a transformers model cannot run as asked: layers restricted to less than the causal
+    prefix (it would widen them silently), and ``use_nope`` (the attention function gets post-RoPE q / k only)."""
+    restricted = _restricted_attention(cfg)
+    if restricted:
+        raise ValueError(f"{owner} does not attend over the full causal prefix in every layer ({restricted}); "
+                         "InfLLM-V2 replaces full causal attention: set config.sliding_window = None "
+                         "(attention_chunk_size = None, layer_types all 'full_attention') first")
+    if sparse.use_nope:
+        raise ValueError("sparse_config use_nope=True needs pre-RoPE q / k for the selection, which transformers' "
+                         "attention functions do not receive: set use_nope to False")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,11 +568,7 @@ def enable(model, config=None, *, backend: str = "auto"):
     for m in modules:
         configs.setdefault(id(m.config), m.config)
     for cfg in configs.values():
-        restricted = _restricted_attention(cfg)
-        if restricted:
-            raise ValueError(f"{type(model).__name__} does not attend over the full causal prefix in every layer "
-                             f"({restricted}); InfLLM-V2 replaces full causal attention: set config.sliding_window = "
-                             "None (attention_chunk_size = None, layer_types all 'full_attention') first")
+        _check_supported(cfg, sparse, type(model).__name__)
         dropout = getattr(cfg, "attention_dropout", 0.0) or 0.0
         if dropout:
             raise ValueError(f"config.attention_dropout = {dropout}: InfLLM-V2 has no attention dropout, set it to 0.0")

@@ -913,9 +913,12 @@ def run_eval(args) -> dict:
 
     from .train import NSA_KEY, is_nsa
 
-    if is_nsa(model) and sparse_flags_given(args):  # they would be recorded, and not run
-        raise ValueError(f"the sparse flags ({', '.join(sorted(sparse_flags_given(args)))}) set InfLLM-V2's config; an "
-                         f"NSA model runs the selection it was trained with ({NSA_KEY} in its config.json)")
+    if is_nsa(model):  # flags that differ from the model's own selection would be recorded, and not run
+        own = SparseConfig.from_dict(getattr(model.config, NSA_KEY))
+        other = sorted(k for k, v in sparse_flags_given(args).items() if getattr(own, k) != v)
+        if other:
+            raise ValueError(f"the sparse flags for {', '.join(other)} differ from this NSA model's selection config; "
+                             f"an NSA model runs the selection it was trained with ({NSA_KEY} in its config.json)")
     # flags over the model's own sparse_config: a model fine-tuned sparse is evaluated with the config it learned
     sparse = sparse_config_from_args(args, sparse_config_of(model.config))
     results = evaluate(model, tok, args.lengths, args.modes, args.tasks, args.samples, args.depths, args.seed,

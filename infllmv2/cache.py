@@ -170,10 +170,12 @@ class InfLLMv2Layer:
         layout = row_layout(mask, length, b) if layout is None else layout
         st = self._infllmv2_state
         if st is not None and (st.config != config or len(st.seen) != b
-                               or any(n < s for (n, _), s in zip(layout, st.seen))
+                               or any(n < s or (s > 0 and first != old_first)
+                                      for (n, first), s, (_, old_first) in zip(layout, st.seen, st.layout))
                                or (st.fine.data.is_inference() and not torch.is_inference_mode_enabled())):
-            # config changed, the cache was cropped / reshaped, or its buffers were made under inference_mode and
-            # take no in-place write outside it: rebuild from scratch
+            # config changed, the cache was cropped / reshaped, a row's keys start elsewhere (its padding changed:
+            # the kept windows are another set of keys'), or its buffers were made under inference_mode and take
+            # no in-place write outside it: rebuild from scratch
             st = None
         if st is None:
             if not build and not any(config.is_sparse(n) for n, _ in layout):
@@ -237,15 +239,16 @@ def _append_in_room(layer, k_new: torch.Tensor, v_new: torch.Tensor):
     that another method replaced (crop keeps a prefix view; a batch reorder makes new tensors) are adopted into
     new buffers.
 
-    Keys that require grad are concatenated as ``DynamicLayer`` does: a later in-place write would change the
-    earlier views that autograd saved; so are traced ones (torch.compile: addresses are not traceable). Buffers
+    Under grad mode the keys are concatenated as ``DynamicLayer`` does: a later in-place write would bump the
+    version of earlier views that autograd saved (whenever anything downstream needs a gradient, the queries' alone
+    included, whatever the keys' own requires_grad); so are traced ones (torch.compile: addresses are not
+    traceable). Buffers
     made under ``torch.inference_mode`` are replaced outside it (no in-place write to an inference tensor there)."""
     keys, values = layer.keys, layer.values
     room = layer.__dict__.get("_infllmv2_room")
     n = keys.shape[-2] if keys.dim() == 4 else 0
     total = n + k_new.shape[-2]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad
-                                                                       or keys.requires_grad)):
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         layer._infllmv2_drop_room()
         return torch.cat([keys, k_new], dim=-2), torch.cat([values, v_new], dim=-2)
     fits = (room is not None and n > 0 and _is_prefix(keys, room[0]) and _is_prefix(values, room[1])

@@ -76,6 +76,7 @@ def _check_compressed(cache, config, rows=None):
 
 
 # --------------------------------------------------------------------------------------------------
+@torch.no_grad()  # as generate() runs: under grad mode the layers concatenate (autograd may hold the views)
 def test_dynamic_layer_writes_in_place_with_room_and_equals_concatenation():
     """InfLLMv2Cache's layers keep their keys / values as prefix views of buffers with room and write new tokens in
     place (no copy of the cache a step); what they return equals DynamicCache's concatenation through growth,
@@ -119,6 +120,7 @@ def test_dynamic_layer_writes_in_place_with_room_and_equals_concatenation():
     assert ours.get_seq_length() == ref.get_seq_length() == (0 if emptied else before) + 7
 
 
+@torch.no_grad()  # as generate() runs (under grad mode the caches concatenate: no room, no graph)
 def test_decode_graph_captured_at_second_step_on_same_caches_and_again_after_they_move(monkeypatch):
     """The eager decode path's graph policy (models/transformers.py ``_decode_graph``), with a stand-in for the
     CUDA graph: none at the first step on a layer's caches, captured at the second, reused while keys are appended
@@ -258,6 +260,48 @@ def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
         for t in range(30, 40):  # decode steps that complete new compressed windows
             out = model(input_ids=ids[:, t:t + 1], **{CACHE: cache}).logits
             torch.testing.assert_close(out, model(input_ids=ids[:, t:t + 1], **{CACHE: ref_cache}).logits)
+
+
+def test_room_under_grad_mode_when_only_the_queries_need_gradients():
+    """Only q_proj trained: the keys / values need no gradient, but attention saves their views for the queries'
+    backward, and the next step's in-place write into the room bumped those views' version (backward failed).
+    Under grad mode the cache concatenates, as DynamicCache: equal gradients."""
+    model = enable(_llama(), SPARSE.replace(dense_len=-1), backend="torch")
+    for name, p in model.named_parameters():
+        p.requires_grad_("q_proj" in name)
+    ids = _ids(40, seed=4)
+    grads = []
+    for make in (transformers.DynamicCache, InfLLMv2Cache):
+        model.zero_grad()
+        cache = make()
+        a = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
+        b = model(input_ids=ids[:, 30:], **{CACHE: cache}).logits
+        (a.square().mean() + b.square().mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change", ["more_padding", "less_padding"])
+def test_compressed_keys_follow_a_row_whose_padding_changed(change):
+    """A row whose first valid slot moves between calls (a caller that re-masks cached slots) while its count still
+    grows: the kept windows were of the old set of keys; now they are rebuilt, equal to compressing the row's
+    valid keys from scratch."""
+    cache = InfLLMv2Cache()
+    g = torch.Generator().manual_seed(5)
+    cache.update(torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g), 0)
+    masks = [torch.ones(1, 40, dtype=torch.bool), torch.ones(1, 60, dtype=torch.bool)]
+    masks[0 if change == "less_padding" else 1][0, :8] = False
+    layer = cache.layers[0]
+    for step, mask in enumerate(masks):
+        if step:
+            cache.update(torch.randn(1, 2, 20, 16, generator=g), torch.randn(1, 2, 20, 16, generator=g), 0)
+        n = layer.keys.shape[2]
+        st = layer.infllmv2_compressed(mask, SPARSE.replace(dense_len=-1), length=n)
+        valid = layer.keys[0].transpose(0, 1)[mask[0, :n]]
+        for pk in st.kinds():
+            torch.testing.assert_close(pk.rows(0), naive.compress_keys(valid, pk.kernel, pk.stride),
+                                       atol=1e-6, rtol=1e-6)
 
 
 def test_incremental_compressed_keys_equal_scratch_across_dense_len_switch():

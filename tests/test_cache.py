@@ -236,12 +236,9 @@ def test_filled_slots_and_row_layout_equal_a_python_reading_of_the_mask():
         assert got == [(c, f if ok else None) for c, f, ok in want]
 
 
-def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
-    """With grad, the cache concatenates (in-place writes would change views autograd saved): the gradients
-    through two cached forwards equal DynamicCache's. A cache filled under inference_mode takes the next step
-    outside it (its buffers are replaced, not written in place)."""
-    model = enable(_llama(), SPARSE.replace(dense_len=-1), backend="torch")
-    ids = _ids(40, seed=3)
+def _assert_cached_grads_equal_dynamic_cache(model, ids):
+    """The gradients through two cached forwards (30 tokens, then the rest) with an InfLLMv2Cache equal those with a
+    DynamicCache (the trained parameters')."""
     grads = []
     for make in (transformers.DynamicCache, InfLLMv2Cache):
         model.zero_grad()
@@ -249,9 +246,18 @@ def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
         a = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
         b = model(input_ids=ids[:, 30:], **{CACHE: cache}).logits
         (a.square().mean() + b.square().mean()).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for g_ref, g in zip(*grads):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_layer_room_keeps_autograd_and_inference_mode_working():
+    """With grad, the cache concatenates (in-place writes would change views autograd saved): the gradients
+    through two cached forwards equal DynamicCache's. A cache filled under inference_mode takes the next step
+    outside it (its buffers are replaced, not written in place)."""
+    model = enable(_llama(), SPARSE.replace(dense_len=-1), backend="torch")
+    ids = _ids(40, seed=3)
+    _assert_cached_grads_equal_dynamic_cache(model, ids)
     cache, ref_cache = InfLLMv2Cache(), InfLLMv2Cache()
     with torch.inference_mode():
         first = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
@@ -269,17 +275,7 @@ def test_room_under_grad_mode_when_only_the_queries_need_gradients():
     model = enable(_llama(), SPARSE.replace(dense_len=-1), backend="torch")
     for name, p in model.named_parameters():
         p.requires_grad_("q_proj" in name)
-    ids = _ids(40, seed=4)
-    grads = []
-    for make in (transformers.DynamicCache, InfLLMv2Cache):
-        model.zero_grad()
-        cache = make()
-        a = model(input_ids=ids[:, :30], **{CACHE: cache}).logits
-        b = model(input_ids=ids[:, 30:], **{CACHE: cache}).logits
-        (a.square().mean() + b.square().mean()).backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    for g_ref, g in zip(*grads):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    _assert_cached_grads_equal_dynamic_cache(model, _ids(40, seed=4))
 
 
 @pytest.mark.parametrize("change", ["more_padding", "less_padding"])

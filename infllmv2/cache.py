@@ -174,7 +174,7 @@ class InfLLMv2Layer:
                                       for (n, first), s, (_, old_first) in zip(layout, st.seen, st.layout))
                                or (st.fine.data.is_inference() and not torch.is_inference_mode_enabled())):
             # config changed, the cache was cropped / reshaped, a row's keys start elsewhere (its padding changed:
-            # the kept windows are another set of keys'), or its buffers were made under inference_mode and take
+            # the kept windows are of another set of keys), or its buffers were made under inference_mode and take
             # no in-place write outside it: rebuild from scratch
             st = None
         if st is None:

@@ -74,8 +74,8 @@ def _layer_sparse_config(module) -> SparseConfig:
     if hit is not None and hit[0] == raw:
         return hit[1]
     config = sparse_config_of(module.config)
-    _check_supported(module.config, config, type(module).__name__)  # once a layer (a model loaded with
-    # attn_implementation="infllmv2" never went through enable()'s checks)
+    # once a layer: a model loaded with attn_implementation="infllmv2" never went through enable()'s checks
+    _check_supported(module.config, config, type(module).__name__)
     raw = getattr(module.config, "sparse_config", None)
     module._infllmv2_parsed = (dict(raw) if isinstance(raw, dict) else raw, config)
     return config

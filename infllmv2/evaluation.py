@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import _positive_int
 from .config import SparseConfig
 from .data import (as_tokenizer, build_documents, check_tokenizer_fits, encode_documents, load_tokenizer,
                    source_roots)
@@ -737,16 +738,6 @@ def run_compare(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
